@@ -1,0 +1,1 @@
+"""Flax models, one file per family, each with its loss function."""
