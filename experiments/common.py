@@ -1,0 +1,76 @@
+"""Flags, data loading and reporting shared by the experiment entry points."""
+
+import argparse
+import os
+
+import numpy as np
+
+from lvm_jax import data
+from lvm_jax.train import TrainConfig
+
+QUICK_TRAIN, QUICK_TEST = 512, 256
+
+# Official CS294-158 test results (REFERENCE.md §2-3), in the course's units:
+# recon = summed squared error of images in [-1, 1], KL in nats.
+REFERENCE_RESULTS = {
+    ("vae", "svhn"): {"neg_elbo_sse": 104.04, "recon_sse": 79.38, "kl": 24.66},
+    ("vae", "cifar10"): {"neg_elbo_sse": 241.61, "recon_sse": 210.07, "kl": 31.54},
+    ("vlae", "svhn"): {"neg_elbo_sse": 102.57, "recon_sse": 80.25, "kl": 22.31},
+    ("vlae", "cifar10"): {"neg_elbo_sse": 238.92, "recon_sse": 210.33, "kl": 28.59},
+}
+REFERENCE_RESULTS.update({(m, f"deepul_{d}"): v for (m, d), v in list(REFERENCE_RESULTS.items())})
+
+
+def parser(experiment: str, description: str, datasets, default_dataset: str,
+           epochs: int) -> argparse.ArgumentParser:
+    """The common flags of DESIGN.md §5, with the REFERENCE.md defaults."""
+    p = argparse.ArgumentParser(prog=f"python -m experiments.{experiment}", description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default=default_dataset, choices=datasets)
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default=None,
+                   help=f"output directory; default runs/{experiment}/<dataset>. Rerunning with the "
+                        "same workdir resumes from its latest checkpoint.")
+    p.add_argument("--data_dir", default=None,
+                   help="where TFDS datasets are prepared, or where the course's .pkl files are")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke test: {QUICK_TRAIN} train / {QUICK_TEST} test examples, 2 epochs")
+    p.add_argument("--steps_per_call", type=int, default=100,
+                   help="training steps compiled into one call (progress and log granularity)")
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def workdir(args, experiment: str) -> str:
+    if args.workdir:
+        return args.workdir
+    return os.path.join("runs", experiment, args.dataset + ("_quick" if args.quick else ""))
+
+
+def load_dataset(args, name: str | None = None) -> data.Dataset:
+    """Loads the dataset the flags name; --quick keeps a small fixed subset."""
+    dataset = data.load(name or args.dataset, args.data_dir)
+    if args.quick:
+        dataset = data.Dataset(dataset.name, dataset.train[:QUICK_TRAIN], dataset.test[:QUICK_TEST],
+                               dataset.kind)
+    return dataset
+
+
+def train_config(args) -> TrainConfig:
+    epochs = 2 if args.quick else args.epochs
+    return TrainConfig(epochs=epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                       seed=args.seed, steps_per_call=args.steps_per_call,
+                       progress=not args.no_progress)
+
+
+def run_config(args, experiment: str, **model_settings) -> dict:
+    """What identifies a run: a resumed run must match it."""
+    return {"experiment": experiment, "dataset": args.dataset, "quick": bool(args.quick),
+            **model_settings}
+
+
+def as_float(metrics: dict) -> dict:
+    return {k: float(np.asarray(v)) for k, v in metrics.items()}

@@ -1,0 +1,125 @@
+"""Image VAE (REFERENCE.md §2): 16-dim latent, N(mu, I) decoder, images in [-1, 1].
+
+    python -m experiments.vae --dataset mnist_embedded
+
+Writes into the workdir: samples.png (100 prior samples), reconstructions.png
+(50 test images, each beside its reconstruction), interpolations.png (10 rows
+of 10 frames between the encodings of two test images), curves.png,
+metrics.csv, summary.json (test -ELBO, recon and KL in nats per example,
+bits/dim, and the course's summed-squared-error units) and checkpoints/.
+`experiments.vlae` runs the same with the MADE-flow prior.
+"""
+
+import functools
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import common
+from lvm_jax import data, viz
+from lvm_jax.models import likelihoods, vae
+from lvm_jax.models.priors import MADEFlowPrior, StandardNormalPrior
+from lvm_jax.train import Objective, fit, records
+
+LATENT_DIM = 16
+PRIORS = {"standard": StandardNormalPrior, "made": MADEFlowPrior}
+NATS = "nats per example"
+UNITS = {"neg_elbo": NATS, "recon": NATS, "kl": NATS, "loss": NATS,
+         "bits_per_dim": "bits per dimension (8-bit scale)",
+         "recon_sse": "summed squared error per example, images in [-1, 1] (course units)",
+         "neg_elbo_sse": "recon_sse + kl (course units)"}
+
+
+def build_model(dataset: data.Dataset, prior: str, likelihood: str) -> vae.VAE:
+    return vae.conv_vae(dataset.event_shape, LATENT_DIM, likelihoods.get(likelihood),
+                        prior=PRIORS[prior](LATENT_DIM))
+
+
+def make_objective(model: vae.VAE) -> Objective:
+    return Objective.stateless(
+        init=lambda rng, x: model.init(rng, x, rng),
+        loss_fn=functools.partial(vae.loss_fn, model),
+        preprocess=data.scale_images, units=UNITS)
+
+
+def summary_metrics(metrics: dict, num_dims: int) -> dict:
+    """Adds bits/dim and the course's units to test metrics in nats per example."""
+    return {**metrics, "bits_per_dim": float(vae.image_bits_per_dim(metrics["neg_elbo"], num_dims)),
+            **likelihoods.reference_units(metrics, num_dims)}
+
+
+def save_figures(model: vae.VAE, params, dataset: data.Dataset, workdir: str, seed: int,
+                 title: str) -> list[str]:
+    """The figures of REFERENCE.md §2: samples, reconstructions, interpolations, curves."""
+    variables = {"params": params}
+    test = data.scale_images(jnp.asarray(dataset.test[:70]))
+    samples = jax.jit(lambda r: model.apply(variables, r, 100, method=vae.VAE.sample))(
+        jax.random.key(seed + 1))
+    recons = model.apply(variables, test[:50], method=vae.VAE.reconstruct)
+
+    def interpolate(x_start, x_end):
+        z_start, z_end = (model.apply(variables, x, method=vae.VAE.encode)[0] for x in (x_start, x_end))
+        t = jnp.linspace(0.0, 1.0, 10)[:, None, None]
+        z = (1 - t) * z_start[None] + t * z_end[None]  # (frames, pairs, latent)
+        frames = jax.vmap(lambda zf: model.apply(variables, zf, method=_decode_mean))(z)
+        return jnp.swapaxes(frames, 0, 1).reshape(-1, *frames.shape[2:])  # a row per pair
+
+    return [
+        viz.save_image_grid(samples, os.path.join(workdir, "samples.png"),
+                            title=f"{title}: 100 samples (decoder mean)"),
+        viz.save_image_grid(viz.interleave_pairs(np.asarray(test[:50]), np.asarray(recons)),
+                            os.path.join(workdir, "reconstructions.png"),
+                            title=f"{title}: test images | reconstructions"),
+        viz.save_image_grid(interpolate(test[50:60], test[60:70]),
+                            os.path.join(workdir, "interpolations.png"),
+                            title=f"{title}: interpolations between test encodings"),
+        viz.save_curves(os.path.join(workdir, "metrics.csv"), os.path.join(workdir, "curves.png"),
+                        title=title),
+    ]
+
+
+def _decode_mean(model: vae.VAE, z):
+    return model.likelihood.mean(model.decode(z))
+
+
+def train_and_evaluate(args, experiment: str = "vae") -> dict:
+    workdir = common.workdir(args, experiment)
+    dataset = common.load_dataset(args)
+    if dataset.kind != "image":
+        raise data.DataError(f"{experiment} trains on images; {dataset.name} is not an image dataset.")
+    model = build_model(dataset, args.prior, args.likelihood)
+    result = fit(make_objective(model), dataset.train, dataset.test, common.train_config(args),
+                 workdir, common.run_config(args, experiment, prior=args.prior,
+                                            likelihood=args.likelihood, latent_dim=LATENT_DIM))
+    metrics = summary_metrics(result.test_metrics, dataset.num_dims)
+    title = f"{experiment.upper()} on {dataset.name}"
+    figures = save_figures(model, result.state.params, dataset, workdir, args.seed, title)
+    summary = records.update_json(os.path.join(workdir, "summary.json"), {
+        "test_metrics": metrics, "units": UNITS, "dataset": dataset.describe(),
+        "reference_results": common.REFERENCE_RESULTS.get((experiment, args.dataset)),
+        "figures": [os.path.basename(f) for f in figures]})
+    print(f"{title}: test -ELBO {metrics['neg_elbo']:.2f} nats ({metrics['bits_per_dim']:.3f} bits/dim), "
+          f"recon {metrics['recon']:.2f}, KL {metrics['kl']:.2f}; course units: -ELBO "
+          f"{metrics['neg_elbo_sse']:.2f} = SSE {metrics['recon_sse']:.2f} + KL {metrics['kl']:.2f}")
+    print(f"figures, metrics.csv and summary.json in {workdir}")
+    return summary
+
+
+def parser(experiment: str, description: str, default_prior: str):
+    p = common.parser(experiment, description, data.IMAGE_DATASETS, "mnist_embedded", epochs=20)
+    p.add_argument("--prior", default=default_prior, choices=sorted(PRIORS),
+                   help="p(z): N(0, I), or the MADE autoregressive flow (VLAE)")
+    p.add_argument("--likelihood", default="unit_gaussian", choices=sorted(likelihoods.LIKELIHOODS),
+                   help="p(x|z): N(mu, I) as in the course, or a learned diagonal variance")
+    return p
+
+
+def main(argv=None):
+    train_and_evaluate(parser("vae", __doc__, "standard").parse_args(argv), "vae")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

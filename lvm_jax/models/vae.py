@@ -1,0 +1,126 @@
+"""Variational autoencoder with a pluggable prior and likelihood (Kingma & Welling 2014).
+
+ELBO(x) = E_q(z|x)[log p(x|z)] - KL(q(z|x) || p(z)), with q(z|x) = N(mean, diag(exp(log_var))).
+The prior's `kl` gives the KL term: analytic for N(0, I), single-sample Monte
+Carlo log q(z|x) - log p(z) for the MADE flow of the VLAE.
+"""
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lvm_jax import losses
+from lvm_jax.models.likelihoods import Likelihood
+from lvm_jax.models.priors import StandardNormalPrior
+from lvm_jax.nn.conv import ConvDecoder, ConvEncoder
+from lvm_jax.nn.dense import MLP, GaussianHead
+
+
+class VAE(nn.Module):
+    """x -> q(z|x) -> z -> p(x|z), with p(z) from `prior`.
+
+    Attributes:
+      trunk: x (batch, *event_shape) -> features (batch, F).
+      decoder: z (batch, latent_dim) -> (batch, *event_shape * params_per_dim) flat
+        or spatial; reshaped to (batch, *event_shape, params_per_dim).
+      prior: a module with log_prob / sample / kl (models/priors.py).
+      likelihood: the observation model.
+      event_shape: shape of one example.
+      latent_dim: number of latent dimensions.
+    """
+
+    trunk: nn.Module
+    decoder: nn.Module
+    prior: nn.Module
+    likelihood: Likelihood
+    event_shape: tuple[int, ...]
+    latent_dim: int
+
+    def setup(self):
+        self.head = GaussianHead(self.latent_dim)
+
+    def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """q(z|x): (mean, log_var), each (batch, latent_dim)."""
+        return self.head(self.trunk(x))
+
+    def decode(self, z: jax.Array) -> jax.Array:
+        """Decoder output (batch, *event_shape, params_per_dim)."""
+        out = self.decoder(z)
+        return out.reshape(z.shape[0], *self.event_shape, self.likelihood.params_per_dim)
+
+    def __call__(self, x: jax.Array, rng: jax.Array) -> dict[str, jax.Array]:
+        """Per-example ELBO terms for one reparameterised sample z ~ q(z|x).
+
+        Returns a dict of (batch,) arrays in nats: `log_px_z` = log p(x|z),
+        `kl` = the KL term, and `log_qz_x`, `log_pz` (Monte Carlo values at z,
+        for importance weighting).
+        """
+        mean, log_var = self.encode(x)
+        z = mean + jnp.exp(0.5 * log_var) * jax.random.normal(rng, mean.shape)
+        return {
+            "log_px_z": self.likelihood.log_prob(x, self.decode(z)),
+            "kl": self.prior.kl(z, mean, log_var),
+            "log_qz_x": losses.gaussian_log_prob(z, mean, log_var),
+            "log_pz": self.prior.log_prob(z),
+        }
+
+    def sample(self, rng: jax.Array, num: int, noise: bool = False) -> jax.Array:
+        """`num` draws x ~ p(x|z), z ~ p(z); the decoder mean when `noise` is False."""
+        prior_rng, noise_rng = jax.random.split(rng)
+        out = self.decode(self.prior.sample(prior_rng, num))
+        return self.likelihood.sample(noise_rng, out) if noise else self.likelihood.mean(out)
+
+    def reconstruct(self, x: jax.Array) -> jax.Array:
+        """Decoder mean at the encoder mean, (batch, *event_shape)."""
+        return self.likelihood.mean(self.decode(self.encode(x)[0]))
+
+
+def loss_fn(model: VAE, params, x: jax.Array, rng: jax.Array, num_samples: int = 1):
+    """Negative ELBO averaged over the batch, with metrics in nats per example.
+
+    Args:
+      model: the VAE.
+      params: its parameters.
+      x: (batch, *event_shape) data in the model's range.
+      rng: PRNG key for the reparameterised samples.
+      num_samples: L samples z ~ q(z|x) per example; the terms are averaged over them.
+    Returns:
+      (loss, metrics): metrics `neg_elbo`, `recon` (= -log p(x|z)) and `kl`,
+      batch means in nats per example.
+    """
+    rngs = jax.random.split(rng, num_samples)
+    terms = jax.vmap(lambda r: model.apply({"params": params}, x, r))(rngs)
+    recon = -terms["log_px_z"].mean()
+    kl = terms["kl"].mean()
+    return recon + kl, {"neg_elbo": recon + kl, "recon": recon, "kl": kl}
+
+
+def mlp_vae(event_dim: int, latent_dim: int, hidden: Sequence[int], likelihood: Likelihood,
+            prior: nn.Module | None = None) -> VAE:
+    """VAE with MLP encoder and decoder on flat vectors (the 2D VAE: hidden (128, 128))."""
+    return VAE(trunk=MLP(tuple(hidden)),
+               decoder=MLP((*hidden, event_dim * likelihood.params_per_dim), zero_init_output=True),
+               prior=prior or StandardNormalPrior(latent_dim), likelihood=likelihood,
+               event_shape=(event_dim,), latent_dim=latent_dim)
+
+
+def conv_vae(image_shape: tuple[int, int, int], latent_dim: int, likelihood: Likelihood,
+             prior: nn.Module | None = None) -> VAE:
+    """The image VAE of REFERENCE.md §2 on 32x32 images in [-1, 1]."""
+    if image_shape[:2] != (32, 32):
+        raise ValueError(f"the convolutional VAE takes 32x32 images, got {image_shape}.")
+    return VAE(trunk=ConvEncoder(), decoder=ConvDecoder(image_shape[-1] * likelihood.params_per_dim),
+               prior=prior or StandardNormalPrior(latent_dim), likelihood=likelihood,
+               event_shape=tuple(image_shape), latent_dim=latent_dim)
+
+
+def image_bits_per_dim(neg_log_likelihood, num_dims: int):
+    """Bits/dim on the 8-bit scale of a density over images scaled to [-1, 1].
+
+    Scaling x in [0, 255] by 1/127.5 multiplies the density by 127.5 per dim,
+    so -log p_8bit = -log p_[-1,1] + D log 127.5.
+    """
+    return losses.bits_per_dim(neg_log_likelihood + num_dims * math.log(127.5), num_dims)

@@ -1,0 +1,88 @@
+"""Figures: image grids, 2D scatter plots and training curves, saved as PNG."""
+
+import math
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lvm_jax.data.dataset import unscale_images  # noqa: E402
+from lvm_jax.train.records import MetricsLog  # noqa: E402
+
+
+def image_grid(images: np.ndarray, ncols: int, pad: int = 2) -> np.ndarray:
+    """Tiles (N, H, W, C) uint8 images into one (rows*(H+pad)+pad, ...) uint8 image."""
+    n, h, w, c = images.shape
+    nrows = math.ceil(n / ncols)
+    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, ncols)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = image
+    return grid
+
+
+def save_image_grid(images, path: str, ncols: int = 10, title: str | None = None) -> str:
+    """Saves images in [-1, 1] (float) or [0, 255] (uint8), (N, H, W, C), as a PNG grid."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        images = unscale_images(images)
+    grid = image_grid(images, ncols)
+    scale = max(1.0, 640 / grid.shape[1])
+    fig = plt.figure(figsize=(grid.shape[1] * scale / 100, grid.shape[0] * scale / 100 + (0.4 if title else 0)))
+    ax = fig.add_axes([0, 0, 1, grid.shape[0] * scale / 100 / fig.get_figheight()])
+    ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255,
+              interpolation="nearest")
+    ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=11, y=0.995)
+    return _save(fig, path)
+
+
+def interleave_pairs(originals: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:
+    """(N, ...) and (N, ...) -> (2N, ...) ordered original_0, recon_0, original_1, ..."""
+    return np.stack([originals, reconstructions], axis=1).reshape(-1, *originals.shape[1:])
+
+
+def save_scatter(path: str, data: np.ndarray, panels: dict[str, np.ndarray], title: str) -> str:
+    """One panel per entry of `panels`: its points (N, 2) over the data points (grey)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
+    lim = np.percentile(np.abs(data), 99.5) * 1.2
+    for ax, (name, points) in zip(axes[0], panels.items()):
+        ax.scatter(data[:, 0], data[:, 1], s=2, c="0.75", label="test data")
+        ax.scatter(points[:, 0], points[:, 1], s=3, c="C0", label=name)
+        ax.set(title=name, xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal")
+        ax.legend(loc="upper left", markerscale=3)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def save_curves(metrics_csv: str, path: str, names=("neg_elbo", "recon", "kl"),
+                unit: str = "nats per example", title: str = "") -> str:
+    """Training curves: each metric per step (train) and per epoch (test), one panel each."""
+    rows = MetricsLog.read(metrics_csv)
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for split, style in (("train", dict(lw=0.6, alpha=0.7)), ("test", dict(marker="o", lw=1.5))):
+            points = [(int(r["step"]), float(r[name])) for r in rows if r["split"] == split and r[name]]
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, label=f"{split} (per {'step' if split == 'train' else 'epoch'})",
+                        **style)
+        values = [float(r[name]) for r in rows if r[name]]
+        if values:  # keep the first steps' large values from flattening the curve
+            low, high = np.percentile(values, [0, 97])
+            ax.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
+        ax.set(title=name, xlabel="step", ylabel=unit)
+        ax.legend()
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _save(fig, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path

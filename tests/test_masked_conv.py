@@ -1,0 +1,143 @@
+"""Masks, receptive fields and raster sampling of the PixelCNN priors."""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lvm_jax.nn.masked_conv import GatedPixelCNN, MaskedConv, PixelCNN, conv_mask, raster_sample
+
+
+@pytest.mark.parametrize(
+    "kernel_size, mask_type, expected",
+    [
+        (3, "A", [[1, 1, 1], [1, 0, 0], [0, 0, 0]]),
+        (3, "B", [[1, 1, 1], [1, 1, 0], [0, 0, 0]]),
+        (5, "A", [[1] * 5, [1] * 5, [1, 1, 0, 0, 0], [0] * 5, [0] * 5]),
+        (5, "B", [[1] * 5, [1] * 5, [1, 1, 1, 0, 0], [0] * 5, [0] * 5]),
+    ],
+)
+def test_conv_mask(kernel_size, mask_type, expected):
+    np.testing.assert_array_equal(conv_mask(kernel_size, mask_type), np.array(expected))
+
+
+@pytest.mark.parametrize("mask_type", ["A", "B"])
+def test_masked_conv_sees_exactly_its_mask(mask_type):
+    conv = MaskedConv(features=3, kernel_size=5, mask_type=mask_type)
+    x = jax.random.normal(jax.random.key(0), (1, 7, 7, 2))
+    params = conv.init(jax.random.key(1), x)
+    jac = jax.jacrev(lambda x: conv.apply(params, x)[0, 3, 3])(x)  # (3, 1, 7, 7, 2)
+    seen = np.abs(jac).sum(axis=(0, 1, 4))[1:6, 1:6] > 0
+    np.testing.assert_array_equal(seen, conv_mask(5, mask_type).astype(bool))
+
+
+def _dependence(model, params, x):
+    """(H*W, H*W) bool: logits at raster position p depend on the input at q."""
+    _, height, width, _ = x.shape
+    jac = jax.jacrev(lambda x: model.apply(params, x, method=model.logits)[0])(x)
+    return (np.abs(jac).sum(axis=(2, 3, 6)) > 0).reshape(height * width, height * width)
+
+
+def test_pixelcnn_is_causal_and_has_a_blind_spot():
+    model = PixelCNN(num_classes=4, embed_dim=8, num_residual_blocks=2, hidden=16)
+    codes = jax.random.randint(jax.random.key(0), (1, 8, 8), 0, 4)
+    params = model.init(jax.random.key(1), codes)
+    logits = model.apply(params, codes)
+    assert logits.shape == (1, 8, 8, 4)
+
+    x = jax.random.normal(jax.random.key(2), (1, 8, 8, 8))
+    dep = _dependence(model, params, x)
+    assert not np.any(np.triu(dep)), "logits see the current or a later position"
+
+    # Row i - 1 is reached only by the 7x7 type-A layer (3 columns to the right):
+    # type-B 3x3 layers reach further right only by going up a row as well.
+    (i, j) = (4, 2)
+    seen = dep[i * 8 + j].reshape(8, 8)
+    assert seen[i - 1, j + 3] and not seen[i - 1, j + 4], "blind spot at (i - 1, j + 4)"
+    assert seen[i - 2, j + 4]
+
+
+def test_gated_pixelcnn_sees_every_earlier_position():
+    # 5x5 kernels, 3 layers: rows i - 7 .. i and columns j - 6 .. j + 6, the whole 6x6 past.
+    model = GatedPixelCNN(num_classes=4, dim=8, num_layers=3, kernel_size=5, hidden=16)
+    codes = jax.random.randint(jax.random.key(0), (1, 6, 6), 0, 4)
+    params = model.init(jax.random.key(1), codes)
+    assert model.apply(params, codes).shape == (1, 6, 6, 4)
+
+    x = jax.random.normal(jax.random.key(2), (1, 6, 6, 8))
+    dep = _dependence(model, params, x)
+    np.testing.assert_array_equal(dep, np.tril(np.ones((36, 36), bool), k=-1))
+
+
+def test_raster_sample_reproduces_known_conditionals():
+    """Column 0 ~ a fixed distribution per row; every later code copies its left neighbour."""
+    p = jnp.array([[0.1, 0.6, 0.3], [0.5, 0.0, 0.5], [0.2, 0.2, 0.6]])
+    height, width, num = 3, 4, 4000
+
+    def logits_fn(codes):
+        left = jnp.pad(codes, ((0, 0), (0, 0), (1, 0)))[:, :, :-1]
+        copy = 30.0 * jax.nn.one_hot(left, 3)
+        first = jnp.broadcast_to(jnp.log(p)[None, :, None], copy[:, :, :1].shape)
+        return copy.at[:, :, :1].set(first)
+
+    sample = jax.jit(partial(raster_sample, logits_fn, num=num, height=height, width=width))
+    codes = np.asarray(sample(jax.random.key(0)))
+    assert codes.shape == (num, height, width) and codes.dtype == np.int32
+    np.testing.assert_array_equal(codes, np.repeat(codes[:, :, :1], width, axis=2))
+    freq = np.stack([np.bincount(codes[:, i, 0], minlength=3) / num for i in range(height)])
+    np.testing.assert_allclose(freq, p, atol=0.03)  # 4 standard errors
+
+
+@pytest.mark.parametrize("model_cls", [PixelCNN, GatedPixelCNN])
+def test_trained_prior_samples_its_training_patterns(model_cls):
+    """Trained on the two 6x6 checkerboards of codes 1 and 2, it samples only those."""
+    parity = np.indices((6, 6)).sum(0) % 2
+    patterns = jnp.asarray(np.stack([1 + parity, 2 - parity]), jnp.int32)
+    if model_cls is PixelCNN:
+        model = PixelCNN(num_classes=3, embed_dim=16, num_residual_blocks=2, hidden=32)
+    else:
+        model = GatedPixelCNN(num_classes=3, dim=16, num_layers=3, hidden=32)
+    params = model.init(jax.random.key(0), patterns)
+    optimizer = optax.adam(3e-3)
+
+    @jax.jit
+    def train_step(params, opt_state):
+        def nll(params):
+            logits = model.apply(params, patterns)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, patterns).mean()
+
+        loss, grads = jax.value_and_grad(nll)(params)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    opt_state = optimizer.init(params)
+    for _ in range(300):
+        params, opt_state, loss = train_step(params, opt_state)
+    # Only the first code is uncertain: log 2 nats over 36 positions.
+    assert loss < np.log(2) / 36 + 0.01
+
+    codes = raster_sample(lambda c: model.apply(params, c), jax.random.key(1), 16, 6, 6)
+    matches = np.all(np.asarray(codes)[:, None] == np.asarray(patterns)[None], axis=(2, 3))
+    assert np.all(matches.any(axis=1)), "every sample is one of the training patterns"
+    assert np.all(matches.any(axis=0)), "both patterns are sampled"
+
+
+def test_bad_input_is_rejected():
+    with pytest.raises(ValueError, match="mask_type"):
+        MaskedConv(4, 3, "C")
+    with pytest.raises(ValueError, match="odd"):
+        MaskedConv(4, 4, "A")
+    with pytest.raises(ValueError, match="odd"):
+        GatedPixelCNN(num_classes=4, kernel_size=2)
+    tiny = [
+        PixelCNN(4, embed_dim=4, num_residual_blocks=1, hidden=8),
+        GatedPixelCNN(4, dim=4, num_layers=1, hidden=8),
+    ]
+    for model in tiny:
+        with pytest.raises(TypeError, match="integer"):
+            model.init(jax.random.key(0), jnp.zeros((1, 4, 4)))
+        with pytest.raises(ValueError, match=r"\(batch, H, W\)"):
+            model.init(jax.random.key(0), jnp.zeros((4, 4), jnp.int32))
