@@ -3,6 +3,7 @@
 import argparse
 import os
 
+import jax
 import numpy as np
 
 from lvm_jax import data
@@ -38,8 +39,10 @@ def parser(experiment: str, description: str, datasets, default_dataset: str,
                    help="where TFDS datasets are prepared, or where the course's .pkl files are")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke test: {QUICK_TRAIN} train / {QUICK_TEST} test examples, 2 epochs")
-    p.add_argument("--steps_per_call", type=int, default=100,
-                   help="training steps compiled into one call (progress and log granularity)")
+    p.add_argument("--steps_per_call", type=int, default=None,
+                   help="training steps compiled into one lax.scan call; default 100, or 1 for "
+                        "convolutional models on CPU (XLA:CPU runs convolutions inside loops many "
+                        "times slower, jax-ml/jax#12868)")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -59,11 +62,13 @@ def load_dataset(args, name: str | None = None) -> data.Dataset:
     return dataset
 
 
-def train_config(args) -> TrainConfig:
-    epochs = 2 if args.quick else args.epochs
-    return TrainConfig(epochs=epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                       seed=args.seed, steps_per_call=args.steps_per_call,
-                       progress=not args.no_progress)
+def train_config(args, convolutional: bool) -> TrainConfig:
+    steps_per_call = args.steps_per_call
+    if steps_per_call is None:
+        steps_per_call = 1 if convolutional and jax.default_backend() == "cpu" else 100
+    return TrainConfig(epochs=2 if args.quick else args.epochs, batch_size=args.batch_size,
+                       learning_rate=args.learning_rate, seed=args.seed,
+                       steps_per_call=steps_per_call, progress=not args.no_progress)
 
 
 def run_config(args, experiment: str, **model_settings) -> dict:

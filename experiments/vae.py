@@ -91,7 +91,7 @@ def train_and_evaluate(args, experiment: str = "vae") -> dict:
     if dataset.kind != "image":
         raise data.DataError(f"{experiment} trains on images; {dataset.name} is not an image dataset.")
     model = build_model(dataset, args.prior, args.likelihood)
-    result = fit(make_objective(model), dataset.train, dataset.test, common.train_config(args),
+    result = fit(make_objective(model), dataset.train, dataset.test, common.train_config(args, convolutional=True),
                  workdir, common.run_config(args, experiment, prior=args.prior,
                                             likelihood=args.likelihood, latent_dim=LATENT_DIM))
     metrics = summary_metrics(result.test_metrics, dataset.num_dims)

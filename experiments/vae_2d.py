@@ -40,7 +40,7 @@ def train_and_evaluate(args) -> dict:
     workdir = common.workdir(args, EXPERIMENT)
     dataset = common.load_dataset(args, f"toy2d_{args.dataset}")
     model = build_model()
-    result = fit(make_objective(model), dataset.train, dataset.test, common.train_config(args),
+    result = fit(make_objective(model), dataset.train, dataset.test, common.train_config(args, convolutional=False),
                  workdir, common.run_config(args, EXPERIMENT))
 
     exact_nll = float(np.mean(data.toy2d.exact_nll(dataset.test, args.dataset)))

@@ -3,7 +3,6 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 # PyTorch's padding=1 on both sides; flax's "SAME" pads (0, 1) for stride 2,
 # which shifts the sampling grid by one pixel.
@@ -91,15 +90,3 @@ class ConvDecoder(nn.Module):
             h = nn.relu(SubPixelConvTranspose(width)(h))
         return nn.Conv(self.out_channels, (3, 3), padding=PAD1)(h)
 
-
-def conv_transpose_reference(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """PyTorch ConvTranspose2d(k=4, s=2, p=1) by its definition (scatter), in NumPy, for tests.
-
-    out[2i - 1 + a, 2j - 1 + b] += x[i, j] @ kernel[a, b], cropped to (2H, 2W).
-    """
-    bsz, h, w, _ = x.shape
-    out = np.zeros((bsz, 2 * h + 2, 2 * w + 2, kernel.shape[-1]))
-    for a in range(4):
-        for b in range(4):
-            out[:, a:a + 2 * h:2, b:b + 2 * w:2] += np.einsum("nhwc,cd->nhwd", x, kernel[a, b])
-    return out[:, 1:2 * h + 1, 1:2 * w + 1] + bias

@@ -49,6 +49,9 @@ class Checkpointer:
             self._manager.save(step, args=ocp.args.StandardSave(state))
         self._manager.wait_until_finished()
 
+    def close(self) -> None:
+        self._manager.close()
+
     def restore(self, like):
         """Restores the latest checkpoint with the structure and sharding of `like`."""
         step = self.latest_step()

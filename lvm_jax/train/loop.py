@@ -54,10 +54,15 @@ def make_train_chunk(objective: Objective, mesh):
         (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(
             state.params)
         state = state.apply_gradients(grads=grads, model_state=model_state)
-        return state, {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+        return state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
 
     @jax.jit
     def chunk(state, data, idx, key):
+        if idx.shape[0] == 1:
+            # One step needs no loop, and XLA:CPU runs convolutions inside loop
+            # bodies many times slower than outside (jax-ml/jax#12868).
+            state, metrics = step(state, idx[0], data, key)
+            return state, jax.tree.map(lambda v: v[None], metrics)
         return jax.lax.scan(lambda s, i: step(s, i, data, key), state, idx)
 
     return chunk
@@ -66,35 +71,26 @@ def make_train_chunk(objective: Objective, mesh):
 def make_evaluate(objective: Objective, mesh):
     """Returns evaluate(state, data, batch_size, key) -> test-set means of the loss metrics.
 
-    Full batches run as one scan; a trailing partial batch as one more call, so
-    every example counts exactly once. Batch j draws its noise from fold_in(key, j).
+    One compiled call per batch (evaluation is not a hot loop, and convolutions
+    run slowly inside compiled loops on CPU); a trailing partial batch counts
+    with its size, so every example counts exactly once. Batch j draws its noise
+    from fold_in(key, j), the same at every evaluation.
     """
 
     @jax.jit
-    def batches(state, data, idx, first, key):
-        def body(_, j_and_idx):
-            j, i = j_and_idx
-            batch = objective.preprocess(batching.gather(data, i, mesh))
-            loss, (metrics, _) = objective.loss(
-                state.params, state.model_state, batch, jax.random.fold_in(key, j), False)
-            return None, {"loss": loss, **metrics}
-
-        return jax.lax.scan(body, None, (first + jnp.arange(idx.shape[0]), idx))[1]
+    def batch_metrics(state, data, idx, key):
+        batch = objective.preprocess(batching.gather(data, idx[0], mesh))
+        loss, (metrics, _) = objective.loss(state.params, state.model_state, batch, key, False)
+        return {"loss": loss, **metrics}
 
     def evaluate(state, data, batch_size, key):
         n = data.shape[0]
-        batch_size = min(batch_size, n)
-        full = n // batch_size
-        idx = np.arange(n)
-        parts = [(batches(state, data, batching.put_indices(
-            idx[:full * batch_size].reshape(full, batch_size), mesh), 0, key), batch_size)]
-        if n % batch_size:
-            parts.append((batches(state, data, batching.put_indices(
-                idx[full * batch_size:][None], mesh), full, key), n % batch_size))
         totals = {}
-        for metrics, size in parts:
-            for name, values in jax.device_get(metrics).items():
-                totals[name] = totals.get(name, 0.0) + float(np.sum(values)) * size
+        for j, start in enumerate(range(0, n, batch_size)):
+            idx = batching.put_indices(np.arange(start, min(start + batch_size, n))[None], mesh)
+            metrics = jax.device_get(batch_metrics(state, data, idx, jax.random.fold_in(key, j)))
+            for name, value in metrics.items():
+                totals[name] = totals.get(name, 0.0) + float(value) * idx.shape[1]
         return {name: total / n for name, total in totals.items()}
 
     return evaluate
@@ -154,6 +150,16 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
     saved_config = {**run_config, "train": loop_config}
 
     checkpointer = Checkpointer(workdir)
+    try:
+        return _fit(objective, train_data, test_data, config, workdir, saved_config, tx, mesh,
+                    checkpointer, steps_per_epoch, total_steps)
+    finally:
+        checkpointer.close()
+
+
+def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, mesh,
+         checkpointer, steps_per_epoch, total_steps) -> FitResult:
+    num_train = len(train_data)
     checkpointer.check_config(saved_config)
 
     init_key, train_key, eval_key = _keys(config.seed)

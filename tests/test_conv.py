@@ -1,0 +1,65 @@
+"""Convolutional blocks: the sub-pixel transposed convolution equals PyTorch's definition."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from lvm_jax.nn.conv import ConvDecoder, ConvEncoder, SubPixelConvTranspose, depth_to_space
+
+
+def conv_transpose_reference(x, kernel, bias):
+    """PyTorch ConvTranspose2d(k=4, s=2, p=1) by its definition, a scatter, in NumPy:
+    out[2i - 1 + a, 2j - 1 + b] += x[i, j] @ kernel[a, b], cropped to (2H, 2W)."""
+    bsz, h, w, _ = x.shape
+    out = np.zeros((bsz, 2 * h + 2, 2 * w + 2, kernel.shape[-1]))
+    for a in range(4):
+        for b in range(4):
+            out[:, a:a + 2 * h:2, b:b + 2 * w:2] += np.einsum("nhwc,cd->nhwd", x, kernel[a, b])
+    return out[:, 1:2 * h + 1, 1:2 * w + 1] + bias
+
+
+@pytest.mark.parametrize("shape, features", [((2, 4, 4, 3), 5), ((1, 3, 7, 2), 4), ((2, 1, 1, 1), 1)])
+def test_subpixel_conv_transpose_equals_pytorch_definition(shape, features):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=shape).astype(np.float32)
+    layer = SubPixelConvTranspose(features)
+    params = layer.init(jax.random.key(0), x)
+    params = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+    expected = conv_transpose_reference(x, np.asarray(params["params"]["kernel"]),
+                                        np.asarray(params["params"]["bias"]))
+    np.testing.assert_allclose(layer.apply(params, x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_subpixel_matches_a_transposed_convolution_with_the_same_kernel():
+    """Same function as lax.conv_transpose with PyTorch's padding (k - 1 - p = 2)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 5, 6, 3)).astype(np.float32)
+    layer = SubPixelConvTranspose(4)
+    params = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32),
+                          layer.init(jax.random.key(0), x))
+    kernel = params["params"]["kernel"]
+    reference = jax.lax.conv_transpose(x, kernel[::-1, ::-1], (2, 2), ((2, 2), (2, 2)),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(layer.apply(params, x), reference + params["params"]["bias"],
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_depth_to_space_places_channels_as_row_and_column_phases():
+    x = np.arange(8, dtype=np.float32).reshape(1, 1, 2, 4)  # one row, two pixels, 2x2 blocks
+    np.testing.assert_array_equal(depth_to_space(x, 2)[0, ..., 0], [[0, 1, 4, 5], [2, 3, 6, 7]])
+
+
+def test_encoder_and_decoder_shapes_follow_the_reference_architecture():
+    x = np.zeros((3, 32, 32, 3), np.float32)
+    params = ConvEncoder().init(jax.random.key(0), x)
+    assert ConvEncoder().apply(params, x).shape == (3, 4 * 4 * 256)
+    kernels = [p.shape for p in jax.tree.leaves(params) if p.ndim == 4]
+    assert kernels == [(3, 3, 3, 32), (3, 3, 32, 64), (3, 3, 64, 128), (3, 3, 128, 256)]
+    decoder = ConvDecoder(out_channels=3)
+    dparams = decoder.init(jax.random.key(0), np.zeros((3, 16), np.float32))
+    assert decoder.apply(dparams, np.zeros((3, 16), np.float32)).shape == (3, 32, 32, 3)
+    kernels = [p.shape for p in jax.tree.leaves(dparams) if p.ndim == 4]
+    assert sorted(kernels) == sorted([(4, 4, 128, 128), (4, 4, 128, 64), (4, 4, 64, 32),
+                                      (3, 3, 32, 3)])
+    assert nn.tabulate  # flax present for users who want a table of the model

@@ -1,0 +1,137 @@
+"""The generic trainer: logs, checkpoints, resumption, failures and bad input."""
+
+import functools
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lvm_jax.data import toy2d
+from lvm_jax.models import likelihoods, vae
+from lvm_jax.train import CheckpointError, NonFiniteLossError, Objective, TrainConfig, fit
+from lvm_jax.train.records import MetricsLog
+
+TRAIN, TEST = toy2d.sample("1", 640, 0), toy2d.sample("1", 100, 1)
+CONFIG = TrainConfig(epochs=2, batch_size=64, steps_per_call=4, eval_batch_size=64, progress=False)
+
+
+def tiny_objective():
+    model = vae.mlp_vae(2, 2, (16,), likelihoods.get("gaussian"))
+    return Objective.stateless(init=lambda rng, x: model.init(rng, x, rng),
+                               loss_fn=functools.partial(vae.loss_fn, model),
+                               units={"neg_elbo": "nats per example"})
+
+
+def params_of(result):
+    return jax.tree.leaves(jax.device_get(result.state.params))
+
+
+def test_fit_writes_metrics_summary_and_checkpoints(tmp_path):
+    result = fit(tiny_objective(), TRAIN, TEST, CONFIG, str(tmp_path), {"model": "tiny"})
+    rows = MetricsLog.read(str(tmp_path / "metrics.csv"))
+    train_rows = [r for r in rows if r["split"] == "train"]
+    test_rows = [r for r in rows if r["split"] == "test"]
+    assert [int(r["step"]) for r in train_rows] == list(range(1, 21))  # 10 steps per epoch
+    assert [(int(r["epoch"]), int(r["step"])) for r in test_rows] == [(0, 0), (1, 10), (2, 20)]
+    assert float(test_rows[-1]["neg_elbo"]) < float(test_rows[0]["neg_elbo"])  # it learns
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 20 and summary["config"]["model"] == "tiny"
+    assert summary["test_metrics"]["neg_elbo"] == pytest.approx(float(test_rows[-1]["neg_elbo"]))
+    assert summary["units"]["neg_elbo"] == "nats per example" and "cpu" in summary["device"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10", "20"]
+    np.testing.assert_allclose(
+        summary["test_metrics"]["neg_elbo"],
+        summary["test_metrics"]["recon"] + summary["test_metrics"]["kl"], rtol=1e-5)
+    assert result.test_metrics == summary["test_metrics"]
+
+
+def test_evaluation_counts_every_test_example_once(tmp_path):
+    """A partial last batch is weighted by its size: batch 64 and batch 100 agree."""
+    one = fit(tiny_objective(), TRAIN, TEST, CONFIG, str(tmp_path / "a"))
+    whole = TrainConfig(**{**CONFIG.__dict__, "eval_batch_size": 100})
+    other = fit(tiny_objective(), TRAIN, TEST, whole, str(tmp_path / "b"))
+    assert one.test_metrics["kl"] == pytest.approx(other.test_metrics["kl"], rel=1e-5)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    full = fit(tiny_objective(), TRAIN, TEST, CONFIG, str(tmp_path / "full"))
+    first = TrainConfig(**{**CONFIG.__dict__, "epochs": 1})
+    fit(tiny_objective(), TRAIN, TEST, first, str(tmp_path / "resumed"))
+    resumed = fit(tiny_objective(), TRAIN, TEST, CONFIG, str(tmp_path / "resumed"))
+    assert resumed.summary["resumed_from_step"] == 10
+    for a, b in zip(params_of(full), params_of(resumed)):
+        np.testing.assert_array_equal(a, b)
+    assert full.test_metrics == resumed.test_metrics
+    rows = MetricsLog.read(str(tmp_path / "resumed" / "metrics.csv"))
+    assert [int(r["step"]) for r in rows if r["split"] == "train"] == list(range(1, 21))
+
+
+def test_resume_from_mid_epoch_checkpoint(tmp_path):
+    """Deleting the epoch-2 checkpoint and losing the log tail still resumes exactly."""
+    full = fit(tiny_objective(), TRAIN, TEST, CONFIG, str(tmp_path / "a"))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "20")
+    again = fit(tiny_objective(), TRAIN, TEST, CONFIG, str(tmp_path / "b"))
+    for a, b in zip(params_of(full), params_of(again)):
+        np.testing.assert_array_equal(a, b)
+    rows = MetricsLog.read(str(tmp_path / "b" / "metrics.csv"))
+    assert len(rows) == 23  # 20 train rows and 3 evaluations, none duplicated
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_good_state(tmp_path):
+    good = tiny_objective()
+
+    def poisoned_loss(params, model_state, batch, rng, train):
+        value, aux = good.loss(params, model_state, batch, rng, train)
+        return jnp.where(jnp.any(batch > 1e6), jnp.nan, value), aux
+
+    # 650 examples: each epoch drops 10. Poison one that epoch 1 drops and epoch 2 uses.
+    train = toy2d.sample("1", 650, 0)
+    dropped_in_epoch_1 = np.random.default_rng([0, 0]).permutation(650)[640:]
+    epoch_2 = list(np.random.default_rng([0, 1]).permutation(650))
+    poisoned = next(i for i in dropped_in_epoch_1 if epoch_2.index(i) < 640)
+    train[poisoned] = 1e7
+    bad_step = 10 + epoch_2.index(poisoned) // 64 + 1
+    last_good = 10 + (bad_step - 11) // 4 * 4  # start of the 4-step call that failed
+    with pytest.raises(NonFiniteLossError,
+                       match=f"at step {bad_step} \\(epoch 2\\).*\\(step {last_good}\\)"):
+        fit(Objective(init=good.init, loss=poisoned_loss), train, TEST, CONFIG, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == sorted({"10", str(last_good)})
+
+
+def test_workdir_of_another_run_is_refused_before_compute(tmp_path):
+    fit(tiny_objective(), TRAIN, TEST, TrainConfig(**{**CONFIG.__dict__, "epochs": 1}),
+        str(tmp_path), {"dataset": "1"})
+    with pytest.raises(CheckpointError, match="dataset: saved '1', now '2'.*another --workdir"):
+        fit(tiny_objective(), TRAIN, TEST, CONFIG, str(tmp_path), {"dataset": "2"})
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    fit(tiny_objective(), TRAIN, TEST, TrainConfig(**{**CONFIG.__dict__, "epochs": 1}), str(tmp_path))
+    bigger = vae.mlp_vae(2, 2, (32,), likelihoods.get("gaussian"))
+    objective = Objective.stateless(lambda rng, x: bigger.init(rng, x, rng),
+                                    functools.partial(vae.loss_fn, bigger))
+    with pytest.raises(CheckpointError, match="does not match this model"):
+        fit(objective, TRAIN, TEST, CONFIG, str(tmp_path))
+
+
+def test_corrupted_checkpoint_is_reported(tmp_path):
+    fit(tiny_objective(), TRAIN, TEST, TrainConfig(**{**CONFIG.__dict__, "epochs": 1}), str(tmp_path))
+    for root, _, files in os.walk(tmp_path / "checkpoints" / "10"):
+        for name in files:
+            if not name.startswith("_") and name != "commit_success.txt":
+                (tmp_path / root / name).write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupted"):
+        fit(tiny_objective(), TRAIN, TEST, CONFIG, str(tmp_path))
+
+
+def test_bad_sizes_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="exceeds the 640 training examples"):
+        fit(tiny_objective(), TRAIN, TEST, TrainConfig(batch_size=1000), str(tmp_path))
+    with pytest.raises(ValueError, match="test set is empty"):
+        fit(tiny_objective(), TRAIN, TEST[:0], CONFIG, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
