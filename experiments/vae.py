@@ -96,7 +96,7 @@ def train_and_evaluate(args, experiment: str = "vae") -> dict:
                                             likelihood=args.likelihood, latent_dim=LATENT_DIM))
     metrics = summary_metrics(result.test_metrics, dataset.num_dims)
     title = f"{experiment.upper()} on {dataset.name}"
-    figures = save_figures(model, result.state.params, dataset, workdir, args.seed, title)
+    figures = save_figures(model, result.state.eval_params, dataset, workdir, args.seed, title)
     summary = records.update_json(os.path.join(workdir, "summary.json"), {
         "test_metrics": metrics, "units": UNITS, "dataset": dataset.describe(),
         "reference_results": common.REFERENCE_RESULTS.get((experiment, args.dataset)),

@@ -135,3 +135,31 @@ def test_bad_sizes_are_refused(tmp_path):
     with pytest.raises(ValueError, match="test set is empty"):
         fit(tiny_objective(), TRAIN, TEST[:0], CONFIG, str(tmp_path))
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_ema_update_formula_with_warmup():
+    from lvm_jax.train import TrainState
+    import optax
+    state = TrainState.create(apply_fn=None, params={"w": jnp.ones(2)}, tx=optax.sgd(1.0),
+                              ema_params={"w": jnp.zeros(2)})
+    for step, expected_decay in ((0, 0.1), (90, 0.91), (10_000, 0.99)):
+        updated = state.replace(step=step).update_ema(0.99)
+        np.testing.assert_allclose(updated.ema_params["w"], 1 - expected_decay, rtol=1e-5)
+    assert state.replace(ema_params=None).eval_params is state.params
+
+
+def test_ema_is_evaluated_checkpointed_and_resumed_exactly(tmp_path):
+    ema = TrainConfig(**{**CONFIG.__dict__, "ema_decay": 0.9})
+    full = fit(tiny_objective(), TRAIN, TEST, ema, str(tmp_path / "full"))
+    ema_leaf = jax.tree.leaves(full.state.ema_params)[0]
+    assert not np.allclose(ema_leaf, jax.tree.leaves(full.state.params)[0])
+    plain = fit(tiny_objective(), TRAIN, TEST, CONFIG, str(tmp_path / "plain"))
+    for a, b in zip(params_of(full), params_of(plain)):  # EMA never changes the training path
+        np.testing.assert_array_equal(a, b)
+    assert full.test_metrics != plain.test_metrics  # ... but is what evaluation uses
+    fit(tiny_objective(), TRAIN, TEST, TrainConfig(**{**ema.__dict__, "epochs": 1}),
+        str(tmp_path / "resumed"))
+    resumed = fit(tiny_objective(), TRAIN, TEST, ema, str(tmp_path / "resumed"))
+    for a, b in zip(jax.tree.leaves(full.state.ema_params), jax.tree.leaves(resumed.state.ema_params)):
+        np.testing.assert_array_equal(a, b)
+    assert full.test_metrics == resumed.test_metrics

@@ -90,3 +90,63 @@ class ConvDecoder(nn.Module):
             h = nn.relu(SubPixelConvTranspose(width)(h))
         return nn.Conv(self.out_channels, (3, 3), padding=PAD1)(h)
 
+
+
+def _batch_norm(train: bool) -> nn.BatchNorm:
+    """BatchNorm over (batch, H, W) per channel; batch statistics in training, running ones after.
+
+    Momentum 0.9 is PyTorch's BatchNorm2d default (its 0.1 weights the new
+    batch). Flax's default 0.99 would leave the running statistics near their
+    initial values after the few hundred steps of a short run, and evaluation
+    uses them.
+    """
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+
+
+class ResidualBlock(nn.Module):
+    """x + Conv1x1(ReLU(BN(Conv3x3(ReLU(BN(x)))))), the VQ-VAE block of REFERENCE.md §4.
+
+    (batch, H, W, C) -> (batch, H, W, C). `train` selects batch statistics and
+    updates the running ones (collection 'batch_stats', apply with
+    mutable=['batch_stats']).
+    """
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        features = x.shape[-1]
+        h = nn.Conv(features, (3, 3), padding=PAD1)(nn.relu(_batch_norm(train)(x)))
+        h = nn.Conv(features, (1, 1))(nn.relu(_batch_norm(train)(h)))
+        return x + h
+
+
+class VQEncoder(nn.Module):
+    """Images (batch, H, W, C) -> z_e (batch, H/4, W/4, features), the VQ-VAE encoder of
+    REFERENCE.md §4: Conv 4x4 s2, BN, ReLU, Conv 4x4 s2, two ResidualBlocks."""
+
+    features: int = 256
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = nn.Conv(self.features, (4, 4), strides=(2, 2), padding=PAD1)(x)
+        x = nn.Conv(self.features, (4, 4), strides=(2, 2), padding=PAD1)(
+            nn.relu(_batch_norm(train)(x)))
+        for _ in range(2):
+            x = ResidualBlock()(x, train)
+        return x
+
+
+class VQDecoder(nn.Module):
+    """z_q (batch, h, w, D) -> images (batch, 4h, 4w, out_channels) in (-1, 1), the VQ-VAE
+    decoder of REFERENCE.md §4: two ResidualBlocks, BN, ReLU, ConvTranspose 4x4 s2 to
+    `features`, BN, ReLU, ConvTranspose 4x4 s2 to out_channels, tanh."""
+
+    features: int = 256
+    out_channels: int = 3
+
+    @nn.compact
+    def __call__(self, z: jax.Array, train: bool) -> jax.Array:
+        for _ in range(2):
+            z = ResidualBlock()(z, train)
+        h = SubPixelConvTranspose(self.features)(nn.relu(_batch_norm(train)(z)))
+        h = SubPixelConvTranspose(self.out_channels)(nn.relu(_batch_norm(train)(h)))
+        return jnp.tanh(h)

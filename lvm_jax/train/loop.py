@@ -41,7 +41,7 @@ def _keys(seed: int):
     return init_key, train_key, eval_key
 
 
-def make_train_chunk(objective: Objective, mesh):
+def make_train_chunk(objective: Objective, mesh, ema_decay: float | None = None):
     """jit((state, data, idx (n, batch), key) -> (state, metrics stacked over n steps))."""
 
     def step(state, idx, data, key):
@@ -54,6 +54,8 @@ def make_train_chunk(objective: Objective, mesh):
         (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(
             state.params)
         state = state.apply_gradients(grads=grads, model_state=model_state)
+        if ema_decay is not None:
+            state = state.update_ema(ema_decay)
         return state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
 
     @jax.jit
@@ -80,7 +82,7 @@ def make_evaluate(objective: Objective, mesh):
     @jax.jit
     def batch_metrics(state, data, idx, key):
         batch = objective.preprocess(batching.gather(data, idx[0], mesh))
-        loss, (metrics, _) = objective.loss(state.params, state.model_state, batch, key, False)
+        loss, (metrics, _) = objective.loss(state.eval_params, state.model_state, batch, key, False)
         return {"loss": loss, **metrics}
 
     def evaluate(state, data, batch_size, key):
@@ -167,7 +169,8 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
     variables = objective.init(init_key, example)
     params = variables.pop("params")
     state = TrainState.create(apply_fn=None, params=params, tx=tx or optax.adam(config.learning_rate),
-                              model_state=variables)
+                              model_state=variables,
+                              ema_params=params if config.ema_decay is not None else None)
     state = jax.device_put(state, batching.replicated(mesh))
     resume_step = checkpointer.latest_step()
     if resume_step is not None:
@@ -177,7 +180,7 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
 
     train_on_device = batching.put_replicated(train_data, mesh)
     test_on_device = batching.put_replicated(test_data, mesh)
-    train_chunk = make_train_chunk(objective, mesh)
+    train_chunk = make_train_chunk(objective, mesh, config.ema_decay)
     evaluate = make_evaluate(objective, mesh)
 
     metric_names = jax.eval_shape(

@@ -1,0 +1,206 @@
+"""What every benchmark shares: settings, result rows, timing, and the machine.
+
+Timing protocol (`compare`): each side is a *sampler*, a callable that runs
+the work once and returns its own wall time in seconds (so that setup such as
+initialisation can stay outside the timed region). Both sides are warmed up
+first (JIT compilation, allocator and oneDNN caches), then timed in
+alternation, lvm_jax then PyTorch, `repeats` times, so that a change in the
+load of a shared machine hits both alike; each side reports its median.
+
+Threads: XLA:CPU uses all cores by default. PyTorch is timed with
+`torch.set_num_threads(n)` for each n in `Settings.torch_threads` (default:
+the number of cores, then 1) and the faster is reported, with its thread
+count: on a busy machine OpenMP's barriers can make the multi-threaded run
+many times slower than a single thread, and the comparison should be against
+PyTorch at its best.
+"""
+
+import dataclasses
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import flax
+import jax
+import jaxlib
+import torch
+
+NUM_CORES = len(os.sched_getaffinity(0))
+
+Sampler = Callable[[], float]
+
+
+def default_torch_threads() -> tuple[int, ...]:
+    return (NUM_CORES, 1) if NUM_CORES > 1 else (1,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Options of one harness run.
+
+    Attributes:
+      quick: a smoke test: fewer repeats and smaller workloads (rows say so).
+      quality_epochs: epochs of the image-VAE quality comparison.
+      repeats: timed repetitions per side; medians are reported.
+      seed: seeds data order, initialisation and noise on both sides.
+      torch_threads: PyTorch intra-op thread counts to try; the fastest is reported.
+    """
+
+    quick: bool = False
+    quality_epochs: int = 5
+    repeats: int = 5
+    seed: int = 0
+    torch_threads: tuple[int, ...] = dataclasses.field(default_factory=default_torch_threads)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One line of the results table.
+
+    Attributes:
+      benchmark: registry name of the benchmark that produced it.
+      model, step, batch: what was measured.
+      lvm_jax, pytorch: the two measurements, in `unit`.
+      unit: e.g. "images/s", "s", "nats per example".
+      higher_is_better: direction of the unit; sets the direction of `ratio`.
+      device: where each side ran, with PyTorch's thread count.
+      goal: the least `ratio` the project aims for (e.g. 20.0), or None.
+      note: what exactly was measured, in a sentence.
+    """
+
+    benchmark: str
+    model: str
+    step: str
+    batch: int | str
+    lvm_jax: float
+    pytorch: float
+    unit: str
+    higher_is_better: bool
+    device: str
+    goal: float | None = None
+    note: str = ""
+
+    @property
+    def ratio(self) -> float:
+        """lvm_jax's advantage: > 1 means lvm_jax is better (faster, or a lower loss)."""
+        if self.higher_is_better:
+            return self.lvm_jax / self.pytorch
+        return self.pytorch / self.lvm_jax
+
+    @property
+    def goal_met(self) -> bool | None:
+        return None if self.goal is None else self.ratio >= self.goal
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "ratio": self.ratio, "goal_met": self.goal_met}
+
+
+def device(torch_threads: int | None = None) -> str:
+    """Where both sides ran, e.g. "cpu x2 (torch 1 thread)"."""
+    jax_device = jax.devices()[0]
+    threads = "" if torch_threads is None else f" (torch {torch_threads} thread" + (
+        "s)" if torch_threads > 1 else ")")
+    if jax_device.platform == "cpu":
+        return f"cpu x{NUM_CORES}{threads}"
+    return f"jax {len(jax.devices())} x {jax_device.device_kind}; torch cpu x{NUM_CORES}{threads}"
+
+
+def timer(fn: Callable[[], object], number: int = 1) -> Sampler:
+    """A sampler timing `number` calls of `fn` (which must block on its result):
+    returns mean seconds per call."""
+
+    def sample() -> float:
+        tic = time.perf_counter()
+        for _ in range(number):
+            fn()
+        return (time.perf_counter() - tic) / number
+
+    return sample
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """Median seconds of each side; `torch_threads` is the thread count reported,
+    `torch_by_threads` the median at every thread count tried."""
+
+    jax_seconds: float
+    torch_seconds: float
+    torch_threads: int
+    torch_by_threads: dict[int, float]
+
+    def torch_note(self) -> str:
+        """E.g. "PyTorch 2 threads: 1.2 s, 1 thread: 0.9 s"."""
+        return "PyTorch " + ", ".join(f"{n} thread{'s' if n > 1 else ''}: {format_seconds(s)}"
+                                      for n, s in self.torch_by_threads.items())
+
+
+def format_seconds(seconds: float) -> str:
+    """E.g. "1.23 s", "45.6 ms"."""
+    return f"{seconds:.3g} s" if seconds >= 1 else f"{1e3 * seconds:.3g} ms"
+
+
+# A PyTorch thread count this many times slower than the best one so far is not
+# timed further (its figure so far is kept for the note): on a busy machine a
+# multi-threaded run can be 10x slower and would dominate the harness's time.
+_DROP_SLOWER_THAN = 2.0
+
+
+def compare(jax_sample: Sampler, torch_sample: Sampler, settings: Settings,
+            warmup: int = 2) -> Comparison:
+    """Warms up, then times both samplers in alternation (see the module docstring)."""
+    warmup_times = {threads: [] for threads in settings.torch_threads}
+    torch_times = {threads: [] for threads in settings.torch_threads}
+
+    def estimate(threads: int) -> float:
+        return statistics.median(torch_times[threads] or warmup_times[threads] or [0.0])
+
+    def time_torch(into: dict):
+        best = min((estimate(n) for n in settings.torch_threads if estimate(n) > 0),
+                   default=0.0)
+        for threads in settings.torch_threads:
+            if best and estimate(threads) > _DROP_SLOWER_THAN * best:
+                continue
+            torch.set_num_threads(threads)
+            into[threads].append(torch_sample())
+        torch.set_num_threads(NUM_CORES)
+
+    for _ in range(warmup):
+        jax_sample()
+        time_torch(warmup_times)
+    jax_times = []
+    for _ in range(settings.repeats):
+        jax_times.append(jax_sample())
+        time_torch(torch_times)
+    by_threads = {threads: estimate(threads) for threads in settings.torch_threads}
+    best = min(by_threads, key=by_threads.get)
+    return Comparison(statistics.median(jax_times), by_threads[best], best, by_threads)
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo, or the platform's description."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """The machine and software the table was measured with."""
+    return {
+        "cpu": cpu_model(),
+        "cores": NUM_CORES,
+        "load_average_1min": os.getloadavg()[0],
+        "jax_devices": [f"{d.platform}:{d.device_kind}" for d in jax.devices()],
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }

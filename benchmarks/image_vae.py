@@ -1,0 +1,88 @@
+"""Image VAE (REFERENCE.md §2): training throughput at batch 128, lvm_jax against PyTorch.
+
+On 32x32x1 (embedded MNIST) and 32x32x3 (embedded photo patches): images per
+second of full training steps (forward, backward, Adam update, loss read back),
+lvm_jax as `fit` runs it on CPU (one compiled call per step) against the
+PyTorch loop. Before timing, the PyTorch model is loaded with lvm_jax's
+parameters and must compute the same encoder and decoder outputs.
+"""
+
+import jax
+import numpy as np
+import torch
+
+from benchmarks import torch_models
+from benchmarks.common import Row, Settings, compare, device, timer
+from benchmarks.trainers import JaxSteps, TorchSteps, scale_images, to_torch_images
+from experiments import vae as vae_experiment
+from lvm_jax import data
+from lvm_jax.models import vae
+
+NAME = "image_vae"
+BATCH = 128
+DATASETS = {1: "mnist_embedded", 3: "patches_embedded"}
+
+
+def jax_model(dataset: data.Dataset, prior: str) -> vae.VAE:
+    """lvm_jax's image VAE ("standard" prior) or VLAE ("made"), as the experiments build it."""
+    return vae_experiment.build_model(dataset, prior, "unit_gaussian")
+
+
+@torch.no_grad()
+def assert_same_function(model: vae.VAE, params, torch_model: torch_models.VAE,
+                         images: np.ndarray, tol: float = 1e-4):
+    """Raises AssertionError unless `torch_model`, loaded with `params`, gives lvm_jax's
+    encoder (mean, log_var), decoder means and log p(z) on `images` (uint8 NHWC)."""
+    torch_models.copy_flax_params(torch_model, params)
+    variables = {"params": params}
+    x = scale_images(to_torch_images(images))
+    mean, log_var = model.apply(variables, data.scale_images(images), method=vae.VAE.encode)
+    torch_mean, torch_log_var = torch_model.encode(x)
+    decoded = model.apply(variables, mean, method=vae.VAE.decode)[..., 0]
+    torch_decoded = torch_model.decoder(torch_mean).permute(0, 2, 3, 1)
+    pairs = {"encoder mean": (mean, torch_mean), "encoder log_var": (log_var, torch_log_var),
+             "decoder mean": (decoded, torch_decoded)}
+    if hasattr(torch_model.prior, "log_prob"):
+        log_pz = model.apply(variables, mean, method=lambda m, z: m.prior.log_prob(z))
+        pairs["prior log p(z)"] = (log_pz, torch_model.prior.log_prob(torch_mean))
+    for what, (a, b) in pairs.items():
+        error = float(np.max(np.abs(np.asarray(a) - b.numpy())))
+        assert error < tol * (1 + float(np.max(np.abs(np.asarray(a))))), (
+            f"PyTorch and lvm_jax {what} differ by {error}: the models are not the same")
+
+
+def train_step_rows(name: str, model_name: str, prior: str, settings: Settings,
+                    goal: float | None) -> list[Row]:
+    """Images/s of one training step at batch 128, on 1- and 3-channel images."""
+    rows = []
+    for channels, dataset_name in DATASETS.items():
+        dataset = data.load(dataset_name)
+        model = jax_model(dataset, prior)
+        jax_steps = JaxSteps(vae_experiment.make_objective(model), dataset.train, BATCH,
+                             settings.seed)
+        torch.manual_seed(settings.seed)
+        torch_model = torch_models.conv_vae(channels, prior)
+        assert_same_function(model, randomised(jax_steps.state.params, settings.seed),
+                             torch_models.conv_vae(channels, prior), dataset.test[:8])
+        torch_steps = TorchSteps(torch_model, dataset.train, BATCH, settings.seed)
+        number = 1 if settings.quick else 3
+        result = compare(timer(jax_steps.step, number), timer(torch_steps.step, number), settings)
+        rows.append(Row(
+            benchmark=name, model=f"{model_name}, 32x32x{channels} ({dataset_name})",
+            step="train step (fwd + bwd + Adam)", batch=BATCH, lvm_jax=BATCH / result.jax_seconds,
+            pytorch=BATCH / result.torch_seconds, unit="images/s", higher_is_better=True,
+            device=device(result.torch_threads), goal=goal,
+            note=f"{number} steps per sample; {result.torch_note()} per step"))
+    return rows
+
+
+def randomised(params, seed: int, scale: float = 0.05):
+    """`params` with every entry redrawn from N(0, scale^2): the zero-initialised layers
+    of lvm_jax would otherwise hide a wrong wiring from the equivalence check."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda p: (scale * rng.standard_normal(p.shape)).astype(np.float32),
+                        jax.device_get(params))
+
+
+def run(settings: Settings) -> list[Row]:
+    return train_step_rows(NAME, "image VAE", "standard", settings, goal=1.0)

@@ -1,0 +1,106 @@
+"""The results file: JSON with every row and the machine, and the Markdown table built from it.
+
+`benchmarks/results/latest.json` holds one entry per benchmark, each with the
+machine, settings and time it was measured; running a subset (`--only`)
+replaces those entries and keeps the others, so the table always shows the
+latest measurement of every benchmark.
+"""
+
+import json
+import os
+
+from benchmarks.common import Row
+
+COLUMNS = ("#", "benchmark", "model", "step", "batch", "device", "lvm_jax", "PyTorch", "ratio",
+           "unit", "goal", "met")
+
+
+def load(path: str) -> dict:
+    """The results file at `path`, or an empty one."""
+    if not os.path.exists(path):
+        return {"benchmarks": {}}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_atomically(path: str, text: str):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def save(results: dict, json_path: str, md_path: str):
+    os.makedirs(os.path.dirname(json_path), exist_ok=True)
+    _write_atomically(json_path, json.dumps(results, indent=2) + "\n")
+    _write_atomically(md_path, markdown(results))
+
+
+def _number(value: float) -> str:
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+
+
+def table_rows(results: dict) -> list[list[str]]:
+    """Table cells, one list per row, in COLUMNS order."""
+    cells = []
+    for entry in results["benchmarks"].values():
+        for row in entry["rows"]:
+            met = "" if row["goal_met"] is None else ("yes" if row["goal_met"] else "no")
+            cells.append([str(len(cells) + 1), row["benchmark"], row["model"], row["step"],
+                          str(row["batch"]), row["device"], _number(row["lvm_jax"]),
+                          _number(row["pytorch"]), f"{row['ratio']:.2f}x", row["unit"],
+                          "" if row["goal"] is None else f">= {row['goal']:g}x", met])
+    return cells
+
+
+def text_table(rows: list[Row]) -> str:
+    """A fixed-width table of `rows` for the terminal."""
+    cells = table_rows({"benchmarks": {"": {"rows": [r.as_dict() for r in rows]}}})
+    widths = [max(len(c) for c in column) for column in zip(COLUMNS, *cells)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [COLUMNS, *cells]]
+    return "\n".join(lines)
+
+
+def markdown(results: dict) -> str:
+    cells = table_rows(results)
+    notes = [row["note"] for entry in results["benchmarks"].values() for row in entry["rows"]]
+    lines = [
+        "# lvm_jax benchmarks: latest results",
+        "",
+        "Written by `python -m benchmarks.run`; do not edit by hand.",
+        "",
+        "`ratio` is lvm_jax's advantage: PyTorch time / lvm_jax time, lvm_jax throughput / "
+        "PyTorch throughput, or PyTorch loss / lvm_jax loss, so > 1 means lvm_jax is better. "
+        "`goal` is the least ratio the project's issues ask for. Timings are medians of "
+        "alternating lvm_jax / PyTorch repeats after warm-up. XLA uses all cores; PyTorch is "
+        "timed at `torch.set_num_threads(cores)` and at 1 thread and the faster is reported "
+        "(`device` names it, the notes give both).",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+        *("| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in cells),
+        "",
+        "## Notes",
+        "",
+        *(f"{i}. {note}" for i, note in enumerate(notes, 1)),
+        "",
+        "## Where and when",
+        "",
+    ]
+    for name, entry in results["benchmarks"].items():
+        m = entry["machine"]
+        lines.append(
+            f"- `{name}`: {m['date']}, {m['cpu']}, {m['cores']} cores, JAX devices "
+            f"{', '.join(m['jax_devices'])}; jax {m['jax']}, jaxlib {m['jaxlib']}, flax "
+            f"{m['flax']}, torch {m['torch']}, Python {m['python']}; 1-min load average "
+            f"{entry['load_before']:.1f} before, {entry['load_after']:.1f} after; "
+            f"{entry['seconds']:.0f} s; settings {json.dumps(entry['settings'])}.")
+    busy = [name for name, entry in results["benchmarks"].items()
+            if max(entry["load_before"], entry["load_after"]) > entry["machine"]["cores"]]
+    if busy:
+        lines += ["", f"The machine was busy during {', '.join(busy)} (load average above the "
+                      "core count): those timings are slower and noisier than on an idle "
+                      "machine, for both sides."]
+    if results.get("note"):
+        lines += ["", results["note"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,185 @@
+"""Importance-weighted evaluation of a trained VAE-style run.
+
+    python -m experiments.evaluate --workdir runs/vae/mnist_embedded [--num_samples 1000]
+
+Reads the run's config.json, rebuilds its model with the experiment's
+`build_model` (arguments taken from config.json by name; `dataset` is the
+loaded Dataset), restores the latest checkpoint and evaluates the test set.
+Adds to the run's summary.json:
+  test_metrics: iwae_nll and iwae_nll_stderr (nats per example),
+    iwae_bits_per_dim (images), iwae_num_samples, active_units;
+  latent_diagnostics: the activity Cov_x(E_q[z_u]) and, for the standard
+    normal prior, the KL of each latent dimension (nats per example);
+  iwae_evaluation: checkpoint step, wall time and throughput (examples x
+    samples per second, compilation excluded) of the IWAE pass, and device.
+"""
+
+import argparse
+import importlib
+import inspect
+import os
+import sys
+import time
+import types
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+
+from experiments import common
+from lvm_jax import data, evaluate
+from lvm_jax.models.priors import StandardNormalPrior
+from lvm_jax.train import Checkpointer, Objective, TrainState, device_description, records
+
+# Experiments whose config.json does not name their model's module or dataset directly.
+MODEL_MODULES = {"vlae": "vae"}  # the VLAE is experiments.vae's model with the MADE prior
+DATASET_NAMES = {"vae_2d": "toy2d_{}"}  # vae_2d's --dataset picks one of the toy2d sets
+NATS = "nats per example"
+UNITS = {"iwae_nll": f"{NATS}, importance-weighted bound with iwae_num_samples samples",
+         "iwae_nll_stderr": f"{NATS}, standard error of the mean over the test set",
+         "iwae_bits_per_dim": "bits per dimension (8-bit scale)",
+         "iwae_num_samples": "importance samples per example",
+         "active_units": "latent dimensions with Cov_x(E_q[z_u]) > the threshold (Burda et al.)"}
+
+
+class Run(NamedTuple):
+    """A trained run, rebuilt: its config.json, data, model, objective (for `preprocess`),
+    the parameters to evaluate and the step of their checkpoint."""
+
+    config: dict
+    dataset: data.Dataset
+    model: nn.Module
+    objective: Objective
+    params: Any
+    step: int
+
+
+def load_run(workdir: str, data_dir: str | None = None) -> Run:
+    """Rebuilds the run in `workdir` from its config.json and latest checkpoint.
+
+    Raises:
+      FileNotFoundError: no config.json or no checkpoint in `workdir`.
+      CheckpointError: the checkpoint does not match the rebuilt model.
+    """
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{workdir} holds no config.json: it is not a training run's workdir.")
+    config = records.read_json(config_path)
+    experiment = config["experiment"]
+    module = importlib.import_module(f"experiments.{MODEL_MODULES.get(experiment, experiment)}")
+    dataset_name = DATASET_NAMES.get(experiment, "{}").format(config["dataset"])
+    dataset = common.load_dataset(
+        types.SimpleNamespace(dataset=dataset_name, data_dir=data_dir, quick=config.get("quick", False)),
+        dataset_name)
+
+    kwargs = {}
+    for name in inspect.signature(module.build_model).parameters:
+        if name != "dataset" and name not in config:
+            raise ValueError(f"{config_path} lacks {name!r}, which {module.__name__}.build_model needs.")
+        kwargs[name] = dataset if name == "dataset" else config[name]
+    model = module.build_model(**kwargs)
+    objective = module.make_objective(model)
+    params, step = restore_eval_params(workdir, objective, dataset.test[:1], config["train"])
+    return Run(config, dataset, model, objective, params, step)
+
+
+def restore_eval_params(workdir: str, objective, example: np.ndarray, train_config: dict):
+    """(parameters to evaluate, step) of the latest checkpoint: the EMA when the run kept one.
+
+    The restore target is the TrainState `fit` saves, built the same way.
+    """
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # Checkpointer would create it
+        raise FileNotFoundError(f"{workdir} holds no checkpoints/: train the run first.")
+    checkpointer = Checkpointer(workdir)
+    try:
+        if checkpointer.latest_step() is None:
+            raise FileNotFoundError(f"{checkpointer.directory} holds no checkpoint: train the run first.")
+        variables = objective.init(jax.random.key(0), objective.preprocess(example))
+        params = variables.pop("params")
+        like = TrainState.create(
+            apply_fn=None, params=params, tx=optax.adam(train_config["learning_rate"]),
+            model_state=variables,
+            ema_params=params if train_config.get("ema_decay") is not None else None)
+        state = checkpointer.restore(like)
+    finally:
+        checkpointer.close()
+    return state.eval_params, int(state.step)
+
+
+def evaluate_run(args) -> dict:
+    """Evaluates the run in `args.workdir` and merges the results into its summary.json."""
+    run = load_run(args.workdir, args.data_dir)
+    dataset, model, params, preprocess = run.dataset, run.model, run.params, run.objective.preprocess
+
+    def iwae_nll(examples, num_samples, progress=False):
+        return evaluate.iwae_nll(model, params, examples, jax.random.key(args.seed), num_samples,
+                                 args.chunk, args.batch_size, preprocess, progress)
+
+    # One chunk of one (padded) batch compiles every call's shapes, so the timing leaves it out.
+    iwae_nll(dataset.test[:1], min(args.chunk, args.num_samples))
+    tic = time.perf_counter()
+    nll = iwae_nll(dataset.test, args.num_samples, progress=not args.no_progress)
+    seconds = time.perf_counter() - tic
+    num_active, activity = evaluate.active_units(model, params, dataset.test, args.active_threshold,
+                                                 preprocess=preprocess)
+    diagnostics = {"active_units_threshold": args.active_threshold,
+                   "unit_activity": activity.tolist()}
+    if isinstance(model.prior, StandardNormalPrior):
+        diagnostics["kl_per_dim"] = evaluate.per_dim_kl(model, params, dataset.test,
+                                                        preprocess=preprocess).tolist()
+
+    summary_path = os.path.join(args.workdir, "summary.json")
+    summary = records.read_json(summary_path) if os.path.exists(summary_path) else {}
+    metrics = {"iwae_nll": float(nll.mean()),
+               "iwae_nll_stderr": float(nll.std(ddof=1) / np.sqrt(len(nll))),
+               "iwae_num_samples": args.num_samples, "active_units": num_active}
+    if dataset.kind == "image":
+        metrics["iwae_bits_per_dim"] = float(
+            evaluate.image_bits_per_dim(metrics["iwae_nll"], dataset.num_dims, model.likelihood))
+    summary = records.update_json(summary_path, {
+        "test_metrics": {**summary.get("test_metrics", {}), **metrics},
+        "units": {**summary.get("units", {}), **UNITS},
+        "latent_diagnostics": diagnostics,
+        "iwae_evaluation": {
+            "checkpoint_step": run.step, "wall_time_seconds": seconds,
+            "samples_per_second": len(nll) * args.num_samples / seconds,
+            "device": device_description()}})
+
+    elbo = summary["test_metrics"].get("neg_elbo")
+    print(f"{run.config['experiment']} on {dataset.name}: IWAE NLL (k={args.num_samples}) "
+          f"{metrics['iwae_nll']:.3f} ± {metrics['iwae_nll_stderr']:.3f} nats"
+          + (f" ({metrics['iwae_bits_per_dim']:.4f} bits/dim)" if "iwae_bits_per_dim" in metrics else "")
+          + (f", -ELBO {elbo:.3f}" if elbo is not None else "")
+          + f"; active units {num_active}/{len(activity)}; {seconds:.1f} s")
+    return summary
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's layout and shows each flag's default."""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__,
+                                formatter_class=_HelpFormatter)
+    p.add_argument("--workdir", required=True, help="the training run's output directory")
+    p.add_argument("--num_samples", type=int, default=1000, help="importance samples k per example")
+    p.add_argument("--chunk", type=int, default=100,
+                   help="samples per compiled call (divides num_samples); bounds the memory")
+    p.add_argument("--batch_size", type=int, default=50, help="test examples per compiled call")
+    p.add_argument("--active_threshold", type=float, default=0.01,
+                   help="a latent dimension is active when Cov_x(E_q[z_u]) exceeds this")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data_dir", default=None,
+                   help="where TFDS datasets are prepared, or where the course's .pkl files are")
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def main(argv=None):
+    evaluate_run(parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,205 @@
+"""VQ-VAE (van den Oord et al. 2017) and the two-stage training of its prior.
+
+Stage 1 learns x -> z_e = encoder(x) -> z_q = nearest of K codebook vectors
+-> x_hat = decoder(z_q), with the decoder fed z_q by the straight-through
+estimator and
+
+    loss = ||x - x_hat||^2 + ||sg(z_e) - z_q||^2 + beta ||z_e - sg(z_q)||^2,
+
+each term a mean over elements (REFERENCE.md §4: beta = 1, images in [-1, 1]).
+Stage 2 encodes the whole dataset once into (h, w) grids of code indices and
+fits an autoregressive prior p(c) (PixelCNN or Gated PixelCNN) to them by
+maximum likelihood. A sample is a grid drawn from the prior in raster order,
+decoded to an image.
+"""
+
+import functools
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+
+from lvm_jax.nn.conv import VQDecoder, VQEncoder
+from lvm_jax.nn.masked_conv import GatedPixelCNN, PixelCNN, raster_sample
+from lvm_jax.nn.quantizer import VectorQuantizer
+
+NUM_CODES, CODE_DIM = 128, 256
+PRIORS = {"pixelcnn": PixelCNN, "gated": GatedPixelCNN}
+
+
+class VQVAE(nn.Module):
+    """x -> z_e -> z_q -> x_hat.
+
+    Attributes:
+      encoder: (x (batch, H, W, C), train) -> z_e (batch, h, w, D).
+      quantizer: K codes of D dims.
+      decoder: (z_q (batch, h, w, D), train) -> x_hat (batch, H, W, C).
+
+    Variables: 'params'; 'batch_stats', the BatchNorm running statistics; and
+    'vq_stats' with an EMA quantizer. Calls with train=True need
+    mutable=[those collections].
+    """
+
+    encoder: nn.Module
+    quantizer: VectorQuantizer
+    decoder: nn.Module
+
+    def __call__(self, x: jax.Array, train: bool = False, rng: jax.Array | None = None) -> dict:
+        """The quantizer's outputs (see VectorQuantizer) plus `reconstruction` x_hat.
+
+        Args:
+          x: (batch, H, W, C) images in [-1, 1].
+          train: BatchNorm on batch statistics, updating the running ones (and
+            the EMA codebook); otherwise inference mode, which changes nothing.
+          rng: PRNG key for the quantizer's restart of dead codes, if enabled.
+        """
+        vq = self.quantizer(self.encoder(x, train), train, rng)
+        return {**vq, "reconstruction": self.decoder(vq["quantized"], train)}
+
+    def encode(self, x: jax.Array) -> jax.Array:
+        """Images (batch, H, W, C) in [-1, 1] -> code grid (batch, h, w) int32, inference mode."""
+        return self.quantizer(self.encoder(x, False))["indices"]
+
+    def decode(self, codes: jax.Array) -> jax.Array:
+        """Code grid (batch, h, w) int -> images (batch, H, W, C) in (-1, 1), inference mode."""
+        return self.decoder(self.quantizer.lookup(codes), False)
+
+
+def conv_vqvae(image_shape: tuple[int, int, int], num_codes: int = NUM_CODES,
+               code_dim: int = CODE_DIM, ema: bool = False) -> VQVAE:
+    """The VQ-VAE of REFERENCE.md §4 on (H, W, C) images: an (H/4, W/4) grid of codes
+    (8x8 for 32x32 images), conv width = code_dim.
+
+    beta = 1 with the gradient-trained codebook (the course's choice); with
+    ema=True the codebook follows moving averages and beta = 0.25 (van den
+    Oord et al. 2017, DeepMind's VectorQuantizerEMA).
+    """
+    height, width, channels = image_shape
+    if height % 4 or width % 4:
+        raise ValueError(f"the VQ-VAE downsamples by 4: image height and width must be "
+                         f"multiples of 4, got {image_shape}.")
+    quantizer = VectorQuantizer(num_codes, code_dim, commitment_cost=0.25 if ema else 1.0, ema=ema)
+    return VQVAE(VQEncoder(code_dim), quantizer, VQDecoder(code_dim, channels))
+
+
+def loss_fn(model: VQVAE, params, model_state, x: jax.Array, rng: jax.Array, train: bool):
+    """The stage-1 objective on a batch, with the signature of `train.Objective.loss`.
+
+    Args:
+      model: the VQVAE.
+      params: its parameters.
+      model_state: its other collections ('batch_stats', and 'vq_stats' with EMA).
+      x: (batch, H, W, C) images in [-1, 1].
+      rng: PRNG key (only used by a quantizer that restarts dead codes).
+      train: training mode, which returns the updated model_state; evaluation
+        runs in inference mode and returns model_state unchanged.
+    Returns:
+      (loss, (metrics, model_state)) with loss = recon_mse + vq_loss and the
+      batch means (per element: of the B*H*W*C image values, or of the
+      B*h*w*D latent values):
+        recon_mse: mean squared error of x_hat, images in [-1, 1];
+        codebook_loss, commitment_loss: ||sg(z_e) - z_q||^2, ||z_e - sg(z_q)||^2;
+        vq_loss: their part of the objective, codebook + beta * commitment
+          (beta * commitment with an EMA codebook);
+        perplexity: exp of the entropy of this batch's code usage (it grows
+          with the batch size; use `code_statistics` for a whole dataset).
+    """
+    variables = {"params": params, **model_state}
+    if train:
+        out, model_state = model.apply(variables, x, True, rng, mutable=list(model_state))
+    else:
+        out = model.apply(variables, x)
+    # The quantizer sums its terms over one example's latent elements.
+    latent_size = out["quantized"][0].size
+    metrics = {
+        "recon_mse": ((out["reconstruction"] - x) ** 2).mean(),
+        "vq_loss": out["loss"].mean() / latent_size,
+        "codebook_loss": out["codebook_loss"].mean() / latent_size,
+        "commitment_loss": out["commitment_loss"].mean() / latent_size,
+        "perplexity": out["perplexity"],
+    }
+    return metrics["recon_mse"] + metrics["vq_loss"], (metrics, model_state)
+
+
+def _identity(x):
+    return x
+
+
+@functools.partial(jax.jit, static_argnames=("model", "preprocess"))
+def _encode_batch(model: VQVAE, variables, images: jax.Array, preprocess: Callable) -> jax.Array:
+    return model.apply(variables, preprocess(images), method=VQVAE.encode)
+
+
+def encode_dataset(model: VQVAE, variables, images: np.ndarray, batch_size: int = 500,
+                   preprocess: Callable = _identity) -> np.ndarray:
+    """Code grids of a whole dataset, in inference mode: (N, H, W, C) -> (N, h, w) int32.
+
+    One compiled call per batch; the last batch is zero-padded to the same
+    size, so the function compiles once (inference mode treats every example
+    independently, so the padding changes no code).
+
+    Args:
+      model, variables: the trained VQVAE and all its collections.
+      images: (N, H, W, C) as stored, e.g. uint8.
+      batch_size: examples per call.
+      preprocess: applied inside the compiled call, e.g. `data.scale_images`.
+    """
+    n = len(images)
+    batch_size = min(batch_size, n)
+    grids = []
+    for start in range(0, n, batch_size):
+        batch = images[start:start + batch_size]
+        padded = np.pad(batch, [(0, batch_size - len(batch))] + [(0, 0)] * (batch.ndim - 1))
+        grids.append(np.asarray(_encode_batch(model, variables, padded, preprocess))[:len(batch)])
+    return np.concatenate(grids)
+
+
+def code_statistics(codes: np.ndarray, num_codes: int) -> dict[str, float]:
+    """Codebook use over a whole set of code grids (any shape of ints in [0, num_codes)).
+
+    Returns:
+      codebook_usage: fraction of the K codes that occur at least once.
+      perplexity: exp of the entropy of the code frequencies, between 1 and K.
+    """
+    counts = np.bincount(np.ravel(codes), minlength=num_codes)
+    p = counts[counts > 0] / counts.sum()
+    return {"codebook_usage": float(np.mean(counts > 0)),
+            "perplexity": float(np.exp(-np.sum(p * np.log(p))))}
+
+
+def prior_loss_fn(prior: nn.Module, params, codes: jax.Array, rng: jax.Array):
+    """Stage 2: -log p(codes) under the autoregressive prior, in nats per code.
+
+    Args:
+      prior: a PixelCNN or GatedPixelCNN over the K codes.
+      params: its parameters.
+      codes: (batch, h, w) int code grids.
+      rng: unused; the prior is deterministic.
+    Returns:
+      (nll, {"prior_nll": nll}), nll the mean cross-entropy over the batch's codes.
+    """
+    del rng
+    logits = prior.apply({"params": params}, codes)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, codes).mean()
+    return nll, {"prior_nll": nll}
+
+
+@functools.partial(jax.jit, static_argnames=("model", "prior", "num", "grid_shape"))
+def sample(model: VQVAE, variables, prior: nn.Module, prior_params, rng: jax.Array, num: int,
+           grid_shape: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+    """Draws `num` images in one compiled call: code grids from the prior, then decoded.
+
+    Args:
+      model, variables: the trained VQVAE and all its collections.
+      prior, prior_params: the trained prior.
+      rng: PRNG key.
+      num: number of samples.
+      grid_shape: (h, w) of the code grid, e.g. (8, 8) for 32x32 images.
+    Returns:
+      (codes (num, h, w) int32, images (num, H, W, C) in (-1, 1)).
+    """
+    codes = raster_sample(lambda c: prior.apply({"params": prior_params}, c), rng, num,
+                          *grid_shape)
+    return codes, model.apply(variables, codes, method=VQVAE.decode)
