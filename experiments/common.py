@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 from lvm_jax import data
-from lvm_jax.train import TrainConfig
+from lvm_jax.train import CheckpointError, NonFiniteLossError, TrainConfig
 
 QUICK_TRAIN, QUICK_TEST = 512, 256
 
@@ -48,6 +48,16 @@ def parser(experiment: str, description: str, datasets, default_dataset: str,
                         "the parameters with this decay (e.g. 0.999); 0 turns it off")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return p
+
+
+def run(parser: argparse.ArgumentParser, train_and_evaluate, argv=None, *extra):
+    """Parses flags and runs; a problem with the data, the workdir or the numerics ends the
+    program with its one-line message (exit status 1) instead of a traceback."""
+    args = parser.parse_args(argv)
+    try:
+        return train_and_evaluate(args, *extra)
+    except (data.DataError, CheckpointError, NonFiniteLossError) as err:
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
 
 
 def workdir(args, experiment: str) -> str:

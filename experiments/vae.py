@@ -118,7 +118,7 @@ def parser(experiment: str, description: str, default_prior: str):
 
 
 def main(argv=None):
-    train_and_evaluate(parser("vae", __doc__, "standard").parse_args(argv), "vae")
+    common.run(parser("vae", __doc__, "standard"), train_and_evaluate, argv, "vae")
 
 
 if __name__ == "__main__":

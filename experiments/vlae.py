@@ -10,11 +10,11 @@ inside one compiled loop.
 
 import sys
 
-from experiments import vae
+from experiments import common, vae
 
 
 def main(argv=None):
-    vae.train_and_evaluate(vae.parser("vlae", __doc__, "made").parse_args(argv), "vlae")
+    common.run(vae.parser("vlae", __doc__, "made"), vae.train_and_evaluate, argv, "vlae")
 
 
 if __name__ == "__main__":

@@ -61,3 +61,13 @@ def test_help_and_bad_flags(capsys):
         vlae.main(["--dataset", "imagenet"])
     assert done.value.code == 2
     assert "invalid choice: 'imagenet'" in capsys.readouterr().err
+
+
+def test_missing_data_file_ends_with_one_clear_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        vlae.main(["--dataset", "deepul_cifar10", "--data_dir", str(tmp_path),
+                   "--workdir", str(tmp_path / "run")])
+    assert done.value.code == 1
+    err = capsys.readouterr().err
+    assert "error: deepul_cifar10: data file" in err and "cifar10.pkl not found" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
