@@ -133,7 +133,7 @@ def step_rows(settings: Settings) -> list[Row]:
             step="train step (fwd + bwd + Adam)", batch=BATCH, lvm_jax=BATCH / result.jax_seconds,
             pytorch=BATCH / result.torch_seconds, unit="images/s", higher_is_better=True,
             device=device(result.torch_threads),
-            note=f"{number} steps per sample; {result.torch_note()} per step"))
+            note=f"steps per sample: {number}; {result.torch_note()} per step"))
     return rows
 
 

@@ -72,7 +72,7 @@ def train_step_rows(name: str, model_name: str, prior: str, settings: Settings,
             step="train step (fwd + bwd + Adam)", batch=BATCH, lvm_jax=BATCH / result.jax_seconds,
             pytorch=BATCH / result.torch_seconds, unit="images/s", higher_is_better=True,
             device=device(result.torch_threads), goal=goal,
-            note=f"{number} steps per sample; {result.torch_note()} per step"))
+            note=f"steps per sample: {number}; {result.torch_note()} per step"))
     return rows
 
 

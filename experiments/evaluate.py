@@ -31,7 +31,8 @@ import optax
 from experiments import common
 from lvm_jax import data, evaluate
 from lvm_jax.models.priors import StandardNormalPrior
-from lvm_jax.train import Checkpointer, Objective, TrainState, device_description, records
+from lvm_jax.train import (CheckpointError, Checkpointer, Objective, TrainState,
+                           device_description, records)
 
 # Experiments whose config.json does not name their model's module or dataset directly.
 MODEL_MODULES = {"vlae": "vae"}  # the VLAE is experiments.vae's model with the MADE prior
@@ -60,24 +61,26 @@ def load_run(workdir: str, data_dir: str | None = None) -> Run:
     """Rebuilds the run in `workdir` from its config.json and latest checkpoint.
 
     Raises:
-      FileNotFoundError: no config.json or no checkpoint in `workdir`.
-      CheckpointError: the checkpoint does not match the rebuilt model.
+      CheckpointError: `workdir` holds no config.json or no checkpoint, or one that does
+        not match the rebuilt model.
+      DataError: the run's dataset cannot be loaded.
     """
     config_path = os.path.join(workdir, "config.json")
     if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{workdir} holds no config.json: it is not a training run's workdir.")
+        raise CheckpointError(f"{workdir} holds no config.json: it is not a training run's workdir.")
     config = records.read_json(config_path)
     experiment = config["experiment"]
     module = importlib.import_module(f"experiments.{MODEL_MODULES.get(experiment, experiment)}")
     dataset_name = DATASET_NAMES.get(experiment, "{}").format(config["dataset"])
-    dataset = common.load_dataset(
-        types.SimpleNamespace(dataset=dataset_name, data_dir=data_dir, quick=config.get("quick", False)),
-        dataset_name)
+    flags = types.SimpleNamespace(dataset=dataset_name, data_dir=data_dir,
+                                  quick=config.get("quick", False))
+    dataset = common.load_dataset(flags, dataset_name)
 
     kwargs = {}
     for name in inspect.signature(module.build_model).parameters:
         if name != "dataset" and name not in config:
-            raise ValueError(f"{config_path} lacks {name!r}, which {module.__name__}.build_model needs.")
+            raise CheckpointError(
+                f"{config_path} lacks {name!r}, which {module.__name__}.build_model needs.")
         kwargs[name] = dataset if name == "dataset" else config[name]
     model = module.build_model(**kwargs)
     objective = module.make_objective(model)
@@ -91,11 +94,12 @@ def restore_eval_params(workdir: str, objective, example: np.ndarray, train_conf
     The restore target is the TrainState `fit` saves, built the same way.
     """
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # Checkpointer would create it
-        raise FileNotFoundError(f"{workdir} holds no checkpoints/: train the run first.")
+        raise CheckpointError(f"{workdir} holds no checkpoints/: train the run first.")
     checkpointer = Checkpointer(workdir)
     try:
         if checkpointer.latest_step() is None:
-            raise FileNotFoundError(f"{checkpointer.directory} holds no checkpoint: train the run first.")
+            raise CheckpointError(
+                f"{checkpointer.directory} holds no checkpoint: train the run first.")
         variables = objective.init(jax.random.key(0), objective.preprocess(example))
         params = variables.pop("params")
         like = TrainState.create(
@@ -111,7 +115,8 @@ def restore_eval_params(workdir: str, objective, example: np.ndarray, train_conf
 def evaluate_run(args) -> dict:
     """Evaluates the run in `args.workdir` and merges the results into its summary.json."""
     run = load_run(args.workdir, args.data_dir)
-    dataset, model, params, preprocess = run.dataset, run.model, run.params, run.objective.preprocess
+    dataset, model, params = run.dataset, run.model, run.params
+    preprocess = run.objective.preprocess
 
     def iwae_nll(examples, num_samples, progress=False):
         return evaluate.iwae_nll(model, params, examples, jax.random.key(args.seed), num_samples,
@@ -147,10 +152,11 @@ def evaluate_run(args) -> dict:
             "samples_per_second": len(nll) * args.num_samples / seconds,
             "device": device_description()}})
 
+    bits = metrics.get("iwae_bits_per_dim")
     elbo = summary["test_metrics"].get("neg_elbo")
     print(f"{run.config['experiment']} on {dataset.name}: IWAE NLL (k={args.num_samples}) "
           f"{metrics['iwae_nll']:.3f} ± {metrics['iwae_nll_stderr']:.3f} nats"
-          + (f" ({metrics['iwae_bits_per_dim']:.4f} bits/dim)" if "iwae_bits_per_dim" in metrics else "")
+          + (f" ({bits:.4f} bits/dim)" if bits is not None else "")
           + (f", -ELBO {elbo:.3f}" if elbo is not None else "")
           + f"; active units {num_active}/{len(activity)}; {seconds:.1f} s")
     return summary
@@ -178,7 +184,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    evaluate_run(parser().parse_args(argv))
+    return common.run(parser(), evaluate_run, argv)
 
 
 if __name__ == "__main__":

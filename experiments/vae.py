@@ -38,10 +38,14 @@ def build_model(dataset: data.Dataset, prior: str, likelihood: str) -> vae.VAE:
                         prior=PRIORS[prior](LATENT_DIM))
 
 
-def make_objective(model: vae.VAE) -> Objective:
+def make_objective(model: vae.VAE, num_samples: int = 1, beta: float = 1.0,
+                   free_bits: float = 0.0) -> Objective:
+    """Trains on the beta / free-bits objective; evaluates the true ELBO."""
     return Objective.stateless(
         init=lambda rng, x: model.init(rng, x, rng),
-        loss_fn=functools.partial(vae.loss_fn, model),
+        loss_fn=functools.partial(vae.loss_fn, model, num_samples=num_samples, beta=beta,
+                                  free_bits=free_bits),
+        eval_loss_fn=functools.partial(vae.loss_fn, model),
         preprocess=data.scale_images, units=UNITS)
 
 
@@ -91,9 +95,12 @@ def train_and_evaluate(args, experiment: str = "vae") -> dict:
     if dataset.kind != "image":
         raise data.DataError(f"{experiment} trains on images; {dataset.name} is not an image dataset.")
     model = build_model(dataset, args.prior, args.likelihood)
-    result = fit(make_objective(model), dataset.train, dataset.test, common.train_config(args, convolutional=True),
+    objective = make_objective(model, args.num_samples, args.beta, args.free_bits)
+    result = fit(objective, dataset.train, dataset.test, common.train_config(args, convolutional=True),
                  workdir, common.run_config(args, experiment, prior=args.prior,
-                                            likelihood=args.likelihood, latent_dim=LATENT_DIM))
+                                            likelihood=args.likelihood, latent_dim=LATENT_DIM,
+                                            num_samples=args.num_samples, beta=args.beta,
+                                            free_bits=args.free_bits))
     metrics = summary_metrics(result.test_metrics, dataset.num_dims)
     title = f"{experiment.upper()} on {dataset.name}"
     figures = save_figures(model, result.state.eval_params, dataset, workdir, args.seed, title)
@@ -114,6 +121,12 @@ def parser(experiment: str, description: str, default_prior: str):
                    help="p(z): N(0, I), or the MADE autoregressive flow (VLAE)")
     p.add_argument("--likelihood", default="unit_gaussian", choices=sorted(likelihoods.LIKELIHOODS),
                    help="p(x|z): N(mu, I) as in the course, or a learned diagonal variance")
+    p.add_argument("--num_samples", type=int, default=1,
+                   help="reparameterised samples z ~ q(z|x) per example in training")
+    p.add_argument("--beta", type=float, default=1.0, help="weight of the KL term (beta-VAE)")
+    p.add_argument("--free_bits", type=float, default=0.0,
+                   help="floor in nats on the batch-mean KL of each latent group (each dimension "
+                        "for N(0, I), the whole latent for the flow); the reported ELBO excludes it")
     return p
 
 

@@ -73,13 +73,15 @@ def build_models(args, dataset: data.Dataset):
     return model, prior
 
 
+# Inits are compiled whole: run op by op, every initialiser's shape would compile alone.
 def vqvae_objective(model: vqvae.VQVAE) -> Objective:
     return Objective(init=jax.jit(model.init), loss=functools.partial(vqvae.loss_fn, model),
                      preprocess=data.scale_images, units=UNITS)
 
 
 def prior_objective(prior) -> Objective:
-    return Objective.stateless(init=jax.jit(prior.init), loss_fn=functools.partial(vqvae.prior_loss_fn, prior),
+    return Objective.stateless(init=jax.jit(prior.init),
+                               loss_fn=functools.partial(vqvae.prior_loss_fn, prior),
                                units=PRIOR_UNITS)
 
 
@@ -124,18 +126,19 @@ def train_and_evaluate(args) -> dict:
         vqvae.encode_dataset(model, variables, images, config.eval_batch_size, data.scale_images)
         for images in (dataset.train, dataset.test))
 
-    prior_config = dataclasses.replace(config, epochs=config.epochs if args.quick else args.prior_epochs)
+    prior_config = dataclasses.replace(config,
+                                       epochs=config.epochs if args.quick else args.prior_epochs)
     # The codes depend on the VQ-VAE's step: a prior must not resume on another's codes.
     stage2 = fit(prior_objective(prior), train_codes, test_codes, prior_config,
                  os.path.join(workdir, "prior"),
                  common.run_config(args, "vqvae_prior", prior=args.prior, **model_settings,
                                    vqvae_step=int(stage1.state.step)))
 
-    codes, samples = vqvae.sample(model, variables, prior, stage2.state.params,
-                                  jax.random.key(args.seed + 1), NUM_SAMPLES, test_codes.shape[1:])
-    reconstructions = model.apply(variables, test_codes[:NUM_RECONSTRUCTIONS],
-                                  method=vqvae.VQVAE.decode)
+    _, samples = vqvae.sample(model, variables, prior, stage2.state.params,
+                              jax.random.key(args.seed + 1), NUM_SAMPLES, test_codes.shape[1:])
+    reconstructions = vqvae.decode(model, variables, test_codes[:NUM_RECONSTRUCTIONS])
     vq = stage1.test_metrics
+    # Usage and perplexity over the whole test set replace the batch means of `fit`.
     metrics = {**vq, **vqvae.code_statistics(test_codes, model.quantizer.num_codes),
                "reference_loss": vq["recon_mse"] + vq["codebook_loss"] + vq["commitment_loss"],
                "prior_nll": stage2.test_metrics["prior_nll"]}

@@ -43,13 +43,18 @@ def bernoulli_log_prob(x: jax.Array, logits: jax.Array) -> jax.Array:
     return _sum_events(x * logits - jax.nn.softplus(logits))
 
 
+def kl_std_normal_per_dim(mean: jax.Array, log_var: jax.Array) -> jax.Array:
+    """Analytic KL(N(mu_i, sigma_i^2) || N(0, 1)) of each dimension in nats, shape of `mean`:
+    1/2 (sigma_i^2 + mu_i^2 - 1 - log sigma_i^2)."""
+    return 0.5 * (jnp.exp(log_var) + jnp.square(mean) - 1.0 - log_var)
+
+
 def kl_std_normal(mean: jax.Array, log_var: jax.Array) -> jax.Array:
     """Analytic KL(N(mean, diag(exp(log_var))) || N(0, I)) in nats, shape (batch,).
 
-    KL = 1/2 sum_i (sigma_i^2 + mu_i^2 - 1 - log sigma_i^2), summed (never
-    averaged) over the latent dimensions, so that recon + KL is the ELBO.
+    Summed (never averaged) over the latent dimensions, so that recon + KL is the ELBO.
     """
-    return 0.5 * _sum_events(jnp.exp(log_var) + jnp.square(mean) - 1.0 - log_var)
+    return _sum_events(kl_std_normal_per_dim(mean, log_var))
 
 
 def straight_through(z_e: jax.Array, z_q: jax.Array) -> jax.Array:

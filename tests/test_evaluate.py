@@ -51,8 +51,9 @@ def ppca_fit(x: np.ndarray, q: int):
     c = w @ w.T + sigma2 * np.eye(d)
     # The closed form log L = -N/2 [d log 2 pi + log|C| + tr(C^-1 S)], and at the
     # maximum tr(C^-1 S) = d.
-    log_l = -0.5 * n * (d * np.log(2 * np.pi) + np.linalg.slogdet(c)[1] + np.trace(np.linalg.solve(c, s)))
-    np.testing.assert_allclose(np.trace(np.linalg.solve(c, s)), d, rtol=1e-8)
+    trace = np.trace(np.linalg.solve(c, s))
+    np.testing.assert_allclose(trace, d, rtol=1e-8)
+    log_l = -0.5 * n * (d * np.log(2 * np.pi) + np.linalg.slogdet(c)[1] + trace)
     log_px = stats.multivariate_normal(mu, c).logpdf(x)
     np.testing.assert_allclose(log_px.sum(), log_l, rtol=1e-10)
     return mu, w, sigma2, log_px
@@ -67,18 +68,21 @@ def linear_gaussian_vae(x: np.ndarray, q: int):
     m_diag = np.diag(w.T @ w) + sigma2
     model = vae.VAE(trunk=Identity(), decoder=nn.Dense(2 * d), prior=StandardNormalPrior(q),
                     likelihood=likelihoods.get("gaussian"), event_shape=(d,), latent_dim=q)
-    # The decoder's flat output reshapes to (d, 2): (mean, raw log-variance) per dimension.
+    # z -> (W z + mu, raw log sigma2) per dimension, flat: VAE.decode reshapes it to (d, 2).
     decoder_kernel = np.zeros((q, d, 2))
     decoder_kernel[..., 0] = w.T
     decoder_bias = np.stack(
         [mu, np.full(d, inverse_soft_clamp(np.log(sigma2), likelihoods.LOG_VAR_BOUND))], -1)
-    head_kernel = np.concatenate([w / m_diag, np.zeros((d, q))], axis=1)  # x -> (mean, log_var)
-    head_bias = np.concatenate([-(w / m_diag).T @ mu,
-                                inverse_soft_clamp(np.log(sigma2 / m_diag), GaussianHead.log_var_bound)])
-    params = {"decoder": {"kernel": decoder_kernel.reshape(q, 2 * d), "bias": decoder_bias.reshape(-1)},
+    # x -> (mean, raw log-variance) of the exact posterior: M^-1 W^T (x - mu), log(sigma2 / M).
+    head_kernel = np.concatenate([w / m_diag, np.zeros((d, q))], axis=1)
+    log_var = inverse_soft_clamp(np.log(sigma2 / m_diag), GaussianHead.log_var_bound)
+    head_bias = np.concatenate([-(w / m_diag).T @ mu, log_var])
+    params = {"decoder": {"kernel": decoder_kernel.reshape(q, 2 * d),
+                          "bias": decoder_bias.reshape(-1)},
               "head": {"Dense_0": {"kernel": head_kernel, "bias": head_bias}}}
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
-    init = jax.eval_shape(model.init, jax.random.key(0), x[:1].astype(np.float32), jax.random.key(0))
+    key = jax.random.key(0)
+    init = jax.eval_shape(model.init, key, x[:1].astype(np.float32), key)
     assert jax.tree.structure(init["params"]) == jax.tree.structure(params)
     return model, params, log_px
 
@@ -141,14 +145,14 @@ def trained_digits_vae():
     train, test = jnp.asarray(digits[:1500]), digits[1500:]
     model = vae.mlp_vae(64, 4, (64,), likelihoods.get("bernoulli"))
     params = jax.jit(model.init)(jax.random.key(0), train[:1], jax.random.key(0))["params"]
-    tx = optax.adam(3e-3)
+    tx, loss = optax.adam(3e-3), functools.partial(vae.loss_fn, model)
 
     @jax.jit
     def train_steps(params, opt_state, key):
         def step(carry, key):
             params, opt_state = carry
-            idx = jax.random.choice(key, len(train), (100,), replace=False)
-            grads = jax.grad(lambda p: vae.loss_fn(model, p, train[idx], jax.random.fold_in(key, 1))[0])(params)
+            batch = train[jax.random.choice(key, len(train), (100,), replace=False)]
+            grads = jax.grad(lambda p: loss(p, batch, jax.random.fold_in(key, 1))[0])(params)
             updates, opt_state = tx.update(grads, opt_state)
             return (optax.apply_updates(params, updates), opt_state), None
         return jax.lax.scan(step, (params, opt_state), jax.random.split(key, 400))[0]
@@ -171,7 +175,8 @@ def test_iwae_bound_is_above_the_elbo_and_grows_with_k(trained_digits_vae):
 
     @jax.jit
     def elbo(key):  # the training objective: analytic KL, averaged over 1000 draws of z
-        terms = jax.vmap(lambda k: model.apply({"params": params}, test, k))(jax.random.split(key, 1000))
+        keys = jax.random.split(key, 1000)
+        terms = jax.vmap(lambda k: model.apply({"params": params}, test, k))(keys)
         return (terms["log_px_z"] - terms["kl"]).mean(0)
 
     elbo_value = elbo(jax.random.key(6))
@@ -203,14 +208,16 @@ def test_a_dimension_forced_to_the_prior_counts_as_collapsed():
     assert kl[2] == 0.0 and np.all(np.delete(kl, 2) > 0.01)
     mean, log_var = model.apply({"params": params}, jnp.asarray(x), method=vae.VAE.encode)
     np.testing.assert_allclose(kl.sum(), losses.kl_std_normal(mean, log_var).mean(), rtol=1e-5)
-    made = vae.mlp_vae(6, 4, (16,), likelihoods.get("gaussian"), prior=MADEFlowPrior(4, hidden=(8,)))
+    made = vae.mlp_vae(6, 4, (16,), likelihoods.get("gaussian"),
+                       prior=MADEFlowPrior(4, hidden=(8,)))
     with pytest.raises(ValueError, match="standard normal prior"):
         evaluate.per_dim_kl(made, params, x)
 
 
 def test_image_bits_per_dim_counts_discrete_likelihoods_as_they_are():
     d, one_bit = 1024, 1024 * np.log(2.0)  # nats per example
-    assert float(evaluate.image_bits_per_dim(one_bit, d, likelihoods.get("dmol"))) == pytest.approx(1.0)
+    dmol_bits = evaluate.image_bits_per_dim(one_bit, d, likelihoods.get("dmol"))
+    assert float(dmol_bits) == pytest.approx(1.0)
     # The uniform density on [-1, 1] (ln 2 nats per dim) is uniform on [0, 255]: log2(255) bits/dim.
     uniform = evaluate.image_bits_per_dim(one_bit, d, likelihoods.get("unit_gaussian"))
     assert float(uniform) == pytest.approx(np.log2(255.0))
@@ -218,10 +225,12 @@ def test_image_bits_per_dim_counts_discrete_likelihoods_as_they_are():
 
 def test_evaluate_cli_writes_the_iwae_nll_into_the_run_summary(tmp_path, capsys):
     workdir = str(tmp_path / "run")
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(SystemExit) as done:
         evaluate_cli.main(["--workdir", workdir])
+    assert done.value.code == 1 and "no config.json" in capsys.readouterr().err
     vae_2d.main(["--quick", "--workdir", workdir, "--no_progress"])
-    evaluate_cli.main(["--workdir", workdir, "--num_samples", "50", "--chunk", "25", "--no_progress"])
+    evaluate_cli.main(["--workdir", workdir, "--num_samples", "50", "--chunk", "25",
+                       "--no_progress"])
     summary = json.load(open(tmp_path / "run" / "summary.json"))
     metrics = summary["test_metrics"]
     assert metrics["iwae_num_samples"] == 50 and metrics["iwae_nll"] <= metrics["neg_elbo"] + 0.05
@@ -232,5 +241,6 @@ def test_evaluate_cli_writes_the_iwae_nll_into_the_run_summary(tmp_path, capsys)
     empty = tmp_path / "untrained"
     empty.mkdir()
     (empty / "config.json").write_text((tmp_path / "run" / "config.json").read_text())
-    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+    with pytest.raises(SystemExit) as done:
         evaluate_cli.main(["--workdir", str(empty)])
+    assert done.value.code == 1 and "no checkpoints/" in capsys.readouterr().err

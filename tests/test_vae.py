@@ -22,7 +22,9 @@ def test_terms_are_per_example_and_the_elbo_adds_up():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)), jnp.float32)
     params = model.init(jax.random.key(0), x, jax.random.key(1))["params"]
     terms = model.apply({"params": params}, x, jax.random.key(2))
-    assert all(v.shape == (5,) for v in terms.values())
+    assert all(v.shape == (5,) for k, v in terms.items() if k != "kl_groups")
+    assert terms["kl_groups"].shape == (5, 2)  # one group per latent dimension
+    np.testing.assert_allclose(terms["kl_groups"].sum(-1), terms["kl"], rtol=1e-6)
     loss, metrics = vae.loss_fn(model, params, x, jax.random.key(2))
     np.testing.assert_allclose(loss, -(terms["log_px_z"] - terms["kl"]).mean(), rtol=1e-6)
     np.testing.assert_allclose(metrics["neg_elbo"], metrics["recon"] + metrics["kl"], rtol=1e-6)
@@ -81,3 +83,27 @@ def test_gaussian_likelihood_log_variance_is_bounded():
     out = jnp.stack([jnp.zeros((1, 2)), jnp.full((1, 2), -1e4)], axis=-1)
     value = likelihoods.get("gaussian").log_prob(jnp.ones((1, 2)), out)
     assert np.isfinite(value).all()
+
+
+def test_beta_and_free_bits_change_the_objective_not_the_reported_elbo():
+    model = small_mlp_vae()
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(6, 3)), jnp.float32)
+    params = model.init(jax.random.key(0), x, jax.random.key(1))["params"]
+    params = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(jax.random.key(5), p.shape), params)
+    rng = jax.random.key(2)
+    base, metrics = vae.loss_fn(model, params, x, rng)
+    mean, log_var = model.apply({"params": params}, x, method=vae.VAE.encode)
+    kl_dims = np.asarray(losses.kl_std_normal_per_dim(mean, log_var)).mean(0)
+    beta, beta_metrics = vae.loss_fn(model, params, x, rng, beta=3.0)
+    np.testing.assert_allclose(beta, metrics["recon"] + 3.0 * metrics["kl"], rtol=1e-5)
+    floor = float(np.sort(kl_dims)[0] + np.sort(kl_dims)[1]) / 2  # between the two dims' KLs
+    free, free_metrics = vae.loss_fn(model, params, x, rng, free_bits=floor)
+    np.testing.assert_allclose(free, metrics["recon"] + np.maximum(floor, kl_dims).sum(), rtol=1e-5)
+    assert float(free) > float(base)
+    for m in (beta_metrics, free_metrics):
+        assert m == metrics
+    # With every group under the floor the KL passes no gradient: only reconstruction trains.
+    grad = jax.grad(lambda p: vae.loss_fn(model, p, x, rng, free_bits=1e3)[0])(params)
+    recon_grad = jax.grad(lambda p: vae.loss_fn(model, p, x, rng)[1]["recon"])(params)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(recon_grad)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -20,6 +20,9 @@ IMAGE_SHAPE = (8, 8, 3)  # a 2x2 code grid
 
 # Compiled once per configuration: op-by-op execution would compile every primitive.
 loss_fn = jax.jit(vqvae.loss_fn, static_argnums=(0, 5))
+# Initialisers drawn with the 'rbg' generator compile about 4x faster on CPU than with
+# threefry (partitionable, JAX's default); the tests need parameters, not a generator.
+INIT_KEY = jax.random.key(1, impl="rbg")
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,7 @@ def tiny():
     """A tiny VQ-VAE, its variables, and a batch of images in [-1, 1]."""
     model = vqvae.conv_vqvae(IMAGE_SHAPE, num_codes=K, code_dim=D)
     x = jax.random.uniform(jax.random.key(0), (6, *IMAGE_SHAPE), minval=-1.0, maxval=1.0)
-    return model, jax.jit(model.init)(jax.random.key(1), x), x
+    return model, jax.jit(model.init)(INIT_KEY, x), x
 
 
 def _encoder(module, x):
@@ -110,7 +113,7 @@ def test_loss_metrics_are_means_over_elements(tiny):
 def test_ema_codebook_state_updates_in_training_and_only_commitment_is_a_loss():
     model = vqvae.conv_vqvae(IMAGE_SHAPE, num_codes=K, code_dim=D, ema=True)
     x = jax.random.uniform(jax.random.key(0), (4, *IMAGE_SHAPE), minval=-1.0, maxval=1.0)
-    variables = jax.jit(model.init)(jax.random.key(1), x)
+    variables = jax.jit(model.init)(INIT_KEY, x)
     params = variables.pop("params")
     assert "quantizer" not in params and set(variables) == {"batch_stats", "vq_stats"}
     _, (metrics, state) = loss_fn(model, params, variables, x, jax.random.key(2), True)
@@ -169,7 +172,7 @@ def test_codes_are_the_nearest_codebook_vectors_and_decode_to_the_reconstruction
 
     codes = model.apply(variables, x, method=vqvae.VQVAE.encode)
     np.testing.assert_array_equal(codes, nearest)
-    decoded = model.apply(variables, codes, method=vqvae.VQVAE.decode)
+    decoded = vqvae.decode(model, variables, codes)
     np.testing.assert_allclose(decoded, model.apply(variables, x)["reconstruction"], atol=1e-6)
 
     # Whole datasets: stored uint8 images, batches that do not divide N (zero-padded).
@@ -191,19 +194,18 @@ def test_prior_loss_is_the_cross_entropy_in_nats_and_samples_decode(tiny):
     model, variables, _ = tiny
     prior = PixelCNN(K, embed_dim=4, num_residual_blocks=1, hidden=8)
     codes = jax.random.randint(jax.random.key(0), (5, 2, 2), 0, K)
-    prior_params = jax.jit(prior.init)(jax.random.key(1), codes)["params"]
+    prior_params = jax.jit(prior.init)(INIT_KEY, codes)["params"]
     nll, metrics = vqvae.prior_loss_fn(prior, prior_params, codes, jax.random.key(2))
     log_p = jax.nn.log_softmax(prior.apply({"params": prior_params}, codes))
     expected = -np.mean(np.take_along_axis(np.asarray(log_p), np.asarray(codes)[..., None], -1))
     np.testing.assert_allclose(nll, expected, rtol=1e-5)
     assert metrics == {"prior_nll": nll}
 
-    sampled, images = vqvae.sample(model, variables, prior, prior_params, jax.random.key(3), 3,
+    sampled, images = vqvae.sample(model, variables, prior, prior_params, jax.random.key(3), 6,
                                    (2, 2))
-    assert sampled.shape == (3, 2, 2) and sampled.dtype == jnp.int32
+    assert sampled.shape == (6, 2, 2) and sampled.dtype == jnp.int32
     assert np.all((np.asarray(sampled) >= 0) & (np.asarray(sampled) < K))
-    np.testing.assert_allclose(images, model.apply(variables, sampled, method=vqvae.VQVAE.decode),
-                               atol=1e-6)
+    np.testing.assert_allclose(images, vqvae.decode(model, variables, sampled), atol=1e-6)
 
 
 def test_experiment_quick_smoke(tmp_path):

@@ -166,8 +166,8 @@ class DiscretizedLogisticMixture(Likelihood):
         """out with the component offsets added, as the flat layout of `losses`."""
         m = self.num_components
         centres = (2.0 * jnp.arange(m) + 1.0) / m - 1.0
-        offset = jnp.zeros(out.shape[-1]).at[m:m + num_channels * m].set(jnp.tile(centres, num_channels))
-        return out + offset
+        means = slice(m, m + num_channels * m)  # after the M logits, channel-major
+        return out + jnp.zeros(out.shape[-1]).at[means].set(jnp.tile(centres, num_channels))
 
     def log_prob(self, x, out):
         return losses.discretized_logistic_mixture_log_prob(x, self._with_offsets(out, x.shape[-1]))
@@ -191,7 +191,8 @@ class DiscretizedLogisticMixture(Likelihood):
         """An exact draw: a component, then each channel's logistic given the channels
         already drawn, rounded to the 8-bit grid (the tails fall on -1 and 1)."""
         c = self._num_channels(out)
-        log_pi, means, log_scales, coeffs = losses.logistic_mixture_params(self._with_offsets(out, c), c)
+        log_pi, means, log_scales, coeffs = losses.logistic_mixture_params(
+            self._with_offsets(out, c), c)
         component_rng, noise_rng = jax.random.split(rng)
         component = jax.random.categorical(component_rng, log_pi)[..., None, None]
         means, log_scales, coeffs = (jnp.take_along_axis(a, component, axis=-1)

@@ -5,6 +5,8 @@ Every prior is a Flax module with three methods:
   sample(rng, num)        -> (num, D) draws from p(z)
   kl(z, mean, log_var)    (batch,) the KL term of the ELBO for the posterior
                           N(mean, exp(log_var)) and its sample z, in nats
+  kl_groups(z, mean, log_var)  (batch, G) the same KL split into the groups that
+                          free bits apply to; sums to `kl`
 """
 
 from collections.abc import Sequence
@@ -31,6 +33,11 @@ class StandardNormalPrior(nn.Module):
     def kl(self, z: jax.Array, mean: jax.Array, log_var: jax.Array) -> jax.Array:
         del z  # the analytic KL needs no sample
         return losses.kl_std_normal(mean, log_var)
+
+    def kl_groups(self, z: jax.Array, mean: jax.Array, log_var: jax.Array) -> jax.Array:
+        """One group per latent dimension: the dimensions are independent under N(0, I)."""
+        del z
+        return losses.kl_std_normal_per_dim(mean, log_var)
 
     def __call__(self, z: jax.Array) -> jax.Array:
         return self.log_prob(z)
@@ -73,6 +80,11 @@ class MADEFlowPrior(nn.Module):
     def kl(self, z: jax.Array, mean: jax.Array, log_var: jax.Array) -> jax.Array:
         """Single-sample Monte Carlo KL: log q(z | x) - log p(z), z ~ q(z | x)."""
         return losses.gaussian_log_prob(z, mean, log_var) - self.log_prob(z)
+
+    def kl_groups(self, z: jax.Array, mean: jax.Array, log_var: jax.Array) -> jax.Array:
+        """A single group: the flow couples the dimensions, so per-dimension terms of the
+        Monte Carlo KL are not separate quantities to hold above a floor."""
+        return self.kl(z, mean, log_var)[:, None]
 
     def sample(self, rng: jax.Array, num: int) -> jax.Array:
         """Draws (num, D) samples by inverting the flow one dimension at a time.

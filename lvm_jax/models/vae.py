@@ -56,13 +56,16 @@ class VAE(nn.Module):
 
         Returns a dict of (batch,) arrays in nats: `log_px_z` = log p(x|z),
         `kl` = the KL term, and `log_qz_x`, `log_pz` (Monte Carlo values at z,
-        for importance weighting).
+        for importance weighting); and `kl_groups` (batch, G), the KL split into
+        the prior's free-bits groups.
         """
         mean, log_var = self.encode(x)
         z = mean + jnp.exp(0.5 * log_var) * jax.random.normal(rng, mean.shape)
+        kl_groups = self.prior.kl_groups(z, mean, log_var)
         return {
             "log_px_z": self.likelihood.log_prob(x, self.decode(z)),
-            "kl": self.prior.kl(z, mean, log_var),
+            "kl": kl_groups.sum(axis=-1),
+            "kl_groups": kl_groups,
             "log_qz_x": losses.gaussian_log_prob(z, mean, log_var),
             "log_pz": self.prior.log_prob(z),
         }
@@ -78,24 +81,36 @@ class VAE(nn.Module):
         return self.likelihood.mean(self.decode(self.encode(x)[0]))
 
 
-def loss_fn(model: VAE, params, x: jax.Array, rng: jax.Array, num_samples: int = 1):
-    """Negative ELBO averaged over the batch, with metrics in nats per example.
+def loss_fn(model: VAE, params, x: jax.Array, rng: jax.Array, num_samples: int = 1,
+            beta: float = 1.0, free_bits: float = 0.0):
+    """The training objective and the ELBO terms, in nats per example.
+
+    objective = recon + beta * sum_g max(free_bits, E_batch[KL_g]), averaged over
+    `num_samples` reparameterised samples per example; beta = 1 and free_bits = 0
+    give the negative ELBO. Free bits (Kingma et al. 2016) stop each KL group
+    from being pushed below `free_bits` nats; the groups are the prior's
+    (`kl_groups`: each latent dimension under N(0, I)). The reported metrics are
+    always those of the true ELBO.
 
     Args:
       model: the VAE.
       params: its parameters.
       x: (batch, *event_shape) data in the model's range.
       rng: PRNG key for the reparameterised samples.
-      num_samples: L samples z ~ q(z|x) per example; the terms are averaged over them.
+      num_samples: L samples z ~ q(z|x) per example.
+      beta: weight of the KL term (beta-VAE, Higgins et al. 2017).
+      free_bits: floor in nats of the batch-mean KL of each group.
     Returns:
-      (loss, metrics): metrics `neg_elbo`, `recon` (= -log p(x|z)) and `kl`,
+      (objective, metrics): metrics `neg_elbo`, `recon` (= -log p(x|z)) and `kl`,
       batch means in nats per example.
     """
     rngs = jax.random.split(rng, num_samples)
     terms = jax.vmap(lambda r: model.apply({"params": params}, x, r))(rngs)
     recon = -terms["log_px_z"].mean()
     kl = terms["kl"].mean()
-    return recon + kl, {"neg_elbo": recon + kl, "recon": recon, "kl": kl}
+    kl_objective = jnp.maximum(free_bits, terms["kl_groups"].mean(axis=(0, 1))).sum()
+    objective = recon + beta * kl_objective
+    return objective, {"neg_elbo": recon + kl, "recon": recon, "kl": kl}
 
 
 def mlp_vae(event_dim: int, latent_dim: int, hidden: Sequence[int], likelihood: Likelihood,

@@ -186,6 +186,15 @@ def prior_loss_fn(prior: nn.Module, params, codes: jax.Array, rng: jax.Array):
     return nll, {"prior_nll": nll}
 
 
+@functools.partial(jax.jit, static_argnames="model")
+def decode(model: VQVAE, variables, codes: jax.Array) -> jax.Array:
+    """Code grids (batch, h, w) int -> images (batch, H, W, C) in (-1, 1); inference mode, compiled.
+
+    `variables` holds all the VQVAE's collections (params and batch_stats at least).
+    """
+    return model.apply(variables, codes, method=VQVAE.decode)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "prior", "num", "grid_shape"))
 def sample(model: VQVAE, variables, prior: nn.Module, prior_params, rng: jax.Array, num: int,
            grid_shape: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
@@ -202,4 +211,4 @@ def sample(model: VQVAE, variables, prior: nn.Module, prior_params, rng: jax.Arr
     """
     codes = raster_sample(lambda c: prior.apply({"params": prior_params}, c), rng, num,
                           *grid_shape)
-    return codes, model.apply(variables, codes, method=VQVAE.decode)
+    return codes, decode(model, variables, codes)

@@ -1,0 +1,424 @@
+"""Ladder VAE (Sønderby et al. 2016) with spatial latents, in the style of Dittadi's
+PyTorch implementation (REFERENCE.md §5, seeds/003).
+
+Layers are numbered 1 (nearest the data) to L (top). The generative model is
+top-down,
+  p(x, z) = p(x | z_1) p(z_L) prod_{i<L} p(z_i | z_{>i}),
+with z_i spatial (h_i, w_i, latent_channels) and every p(z_i | .) a diagonal
+Gaussian computed from the deterministic top-down features h_i. With `skip`,
+h_i is computed from z_{i+1} *and* h_{i+1}, so layer i conditions on all the
+layers above it; without, p(z_i | z_{i+1}) is a Markov chain as in the paper.
+
+Inference shares the top-down path. A deterministic bottom-up pass gives
+features d_i at every layer; q(z_L | x) = N(mu^_L, sigma^_L^2) is read from d_L
+alone, and below the top the bottom-up estimate N(mu^_i, sigma^_i^2) is merged
+with the top-down prior N(mu_p, sigma_p^2) by precision weighting (the paper's
+eqs. 18-19):
+  sigma_q^2 = 1 / (sigma^^-2 + sigma_p^-2),   mu_q = (mu^ sigma^^-2 + mu_p sigma_p^-2) sigma_q^2.
+(Dittadi's implementation instead computes q from a learned merge of d_i and
+h_i; precision weighting is the paper's form and needs no extra parameters.)
+
+The KL term of layer i is the single-sample Monte Carlo value
+  log q(z_i | x, z_{>i}) - log p(z_i | z_{>i})   at the sampled z_i,
+never an analytic KL: then log p(x | z) + log p(z) - log q(z | x) is the log
+of an unbiased importance weight and the importance-weighted bound of
+`lvm_jax.evaluate` stays valid (REFERENCE.md §5).
+
+Free bits (Kingma et al. 2016) clamp each layer's batch-mean KL from below in
+the training objective only; the reported -ELBO never includes them.
+
+Resolution schedule for 32x32 inputs: a 5x5 stride-2 stem halves to 16x16,
+then `downsample[i]` stride-2 convolutions start bottom-up layer i (mirrored
+by sub-pixel transposed convolutions that end top-down layer i). The default
+spreads two halvings evenly over the layers, so the top latents are 4x4.
+"""
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lvm_jax import losses
+from lvm_jax.models.likelihoods import Likelihood
+from lvm_jax.nn.conv import PAD1, SubPixelConvTranspose
+from lvm_jax.nn.dense import soft_clamp
+
+LOG_VAR_BOUND = 10.0  # latent log-variances live in (-10, 10) nats, as in GaussianHead
+STEM_PAD = ((2, 2), (2, 2))  # a 5x5 stride-2 convolution that exactly halves H and W
+
+
+class DiagNormal(NamedTuple):
+    """A diagonal Gaussian; each field (batch, h, w, latent_channels), log_var in nats."""
+
+    mean: jax.Array
+    log_var: jax.Array
+
+
+def precision_weighted(bottom_up: DiagNormal, top_down: DiagNormal) -> DiagNormal:
+    """The product of two Gaussians, normalised: Sønderby et al. (2016), eqs. 18-19.
+
+    Written with the share of the bottom-up precision,
+    w = sigma^^-2 / (sigma^^-2 + sigma_p^-2) = sigmoid(log_var_p - log_var^),
+    so mu_q = w mu^ + (1 - w) mu_p and log sigma_q^2 = -logaddexp(-log_var^, -log_var_p),
+    neither of which exponentiates a log-variance.
+    """
+    w = jax.nn.sigmoid(top_down.log_var - bottom_up.log_var)
+    return DiagNormal(w * bottom_up.mean + (1.0 - w) * top_down.mean,
+                      -jnp.logaddexp(-bottom_up.log_var, -top_down.log_var))
+
+
+def _diag_normal(params: jax.Array) -> DiagNormal:
+    """Splits (..., 2 C) raw parameters into a mean and a soft-clamped log-variance."""
+    mean, log_var = jnp.split(params, 2, axis=-1)
+    return DiagNormal(mean, soft_clamp(log_var, LOG_VAR_BOUND))
+
+
+def downsampling_schedule(num_layers: int, halvings: int = 2) -> tuple[int, ...]:
+    """Stride-2 steps at the start of each layer, `halvings` in all, spread evenly.
+
+    Layer i (0-based, bottom first) ends after ceil((i + 1) halvings / L) halvings,
+    e.g. L = 1: (2,); L = 3: (1, 1, 0); L = 6: (1, 0, 0, 1, 0, 0).
+    """
+    done = [math.ceil((i + 1) * halvings / num_layers) for i in range(num_layers)]
+    return tuple(b - a for a, b in zip([0, *done[:-1]], done))
+
+
+def _normalised_at_init(layer: nn.Module, x: jax.Array, data_init: bool) -> jax.Array:
+    """layer(x); with `data_init`, during `init` the layer's kernel and bias are first
+    rescaled so that its output has zero mean and unit variance per channel on this
+    batch (the data-dependent initialisation of Salimans & Kingma 2016, §3).
+
+    Works for any layer whose output is linear in a `kernel` with the output
+    channels last plus a `bias` (nn.Conv, SubPixelConvTranspose). Flax's `init`
+    is a forward pass, so each layer sees the already normalised outputs of the
+    layers before it: the sequential initialisation of the paper in one call.
+    """
+    y = layer(x)
+    if not (data_init and layer.is_initializing()):
+        return y
+    axes = tuple(range(y.ndim - 1))
+    mean, std = y.mean(axes), y.std(axes)
+    # A channel constant on the batch (an all-zero init batch) keeps its scale
+    # rather than being blown up by 1/0.
+    scale = jnp.where(std > 1e-4, 1.0 / std, 1.0)
+    layer.put_variable("params", "kernel", layer.get_variable("params", "kernel") * scale)
+    layer.put_variable("params", "bias", (layer.get_variable("params", "bias") - mean) * scale)
+    return (y - mean) * scale
+
+
+def _conv(features: int, kernel: int = 3, **kwargs) -> nn.Conv:
+    """A 'same' convolution with PyTorch's symmetric padding."""
+    padding = PAD1 if kernel == 3 else "SAME"
+    return nn.Conv(features, (kernel, kernel), padding=padding, **kwargs)
+
+
+class ResBlock(nn.Module):
+    """x + f(x), f = Conv3x3(ELU(Conv3x3(ELU(x)))), (batch, h, w, C) -> same shape.
+
+    Unlike `nn.conv.ResidualBlock` it has no BatchNorm: every example's terms
+    must depend on that example alone, or importance weights are not per
+    example. With `gated` the last convolution emits 2C channels (a, g) and f =
+    a * sigmoid(g), a gated linear unit (Dauphin et al. 2017), the seed's
+    "gated residual blocks".
+    """
+
+    gated: bool = True
+    data_init: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        h = _normalised_at_init(_conv(channels), nn.elu(x), self.data_init)
+        h = _normalised_at_init(_conv(2 * channels if self.gated else channels), nn.elu(h),
+                                self.data_init)
+        if self.gated:
+            a, g = jnp.split(h, 2, axis=-1)
+            h = a * jax.nn.sigmoid(g)
+        return x + h
+
+
+class BottomUpLayer(nn.Module):
+    """`downsample` stride-2 convolutions, then `num_blocks` residual blocks: d_{i-1} -> d_i."""
+
+    hidden: int
+    num_blocks: int
+    downsample: int
+    gated: bool
+    data_init: bool
+
+    @nn.compact
+    def __call__(self, d: jax.Array) -> jax.Array:
+        for _ in range(self.downsample):
+            d = _normalised_at_init(_conv(self.hidden, strides=(2, 2)), nn.elu(d), self.data_init)
+        for _ in range(self.num_blocks):
+            d = ResBlock(self.gated, self.data_init)(d)
+        return d
+
+
+class TopDownLayer(nn.Module):
+    """One stochastic layer of the top-down path, generative or inference.
+
+    p(z_i | .) is read from the top-down features h (a learned or fixed
+    N(mu, sigma^2) at the top); with bottom-up features d, z_i is drawn from q
+    instead. Then z_i (merged with h when `skip`) passes through `num_blocks`
+    residual blocks and `upsample` sub-pixel transposed convolutions, giving the
+    features of the layer below.
+
+    Attributes:
+      latent_shape: (h, w, latent_channels) of z_i.
+      is_top: the top layer (no h; prior from `learn_prior`).
+      learn_prior: at the top, learn a mean and log-variance per latent (zero at
+        init, i.e. N(0, I)); otherwise p(z_L) = N(0, I).
+    """
+
+    latent_shape: tuple[int, int, int]
+    hidden: int
+    num_blocks: int
+    upsample: int
+    is_top: bool
+    learn_prior: bool
+    skip: bool
+    gated: bool
+    data_init: bool
+
+    @nn.compact
+    def __call__(self, h: jax.Array | None, d: jax.Array | None, eps: jax.Array | None):
+        """
+        Args:
+          h: (batch, h_i, w_i, hidden) top-down features; None at the top.
+          d: (batch, h_i, w_i, hidden) bottom-up features to infer z_i from q;
+            None to generate it from p.
+          eps: (batch, *latent_shape) standard normal noise; None takes the mean.
+        Returns:
+          (features for the layer below (batch, 2^upsample h_i, ..., hidden),
+           z_i (batch, *latent_shape), the distribution z_i was drawn from (q, or p
+           when generating), p(z_i | .)).
+        """
+        channels = 2 * self.latent_shape[-1]
+        # Zero-initialised heads start q and p at N(0, I) whatever the features' scale.
+        head = lambda name: _conv(channels, kernel_init=nn.initializers.zeros, name=name)  # noqa: E731
+        if self.is_top:
+            batch = (d if d is not None else eps).shape[0]
+            top = (self.param("prior", nn.initializers.zeros, (*self.latent_shape[:2], channels))
+                   if self.learn_prior else jnp.zeros((*self.latent_shape[:2], channels)))
+            prior = _diag_normal(jnp.broadcast_to(top, (batch, *top.shape)))
+        else:
+            prior = _diag_normal(head("prior")(h))
+        if d is None:
+            dist = prior
+        else:
+            bottom_up = _diag_normal(head("posterior")(d))
+            dist = bottom_up if self.is_top else precision_weighted(bottom_up, prior)
+        z = dist.mean if eps is None else dist.mean + jnp.exp(0.5 * dist.log_var) * eps
+
+        out = _normalised_at_init(_conv(self.hidden), z, self.data_init)
+        if self.skip and h is not None:
+            out = _normalised_at_init(_conv(self.hidden, kernel=1),
+                                      jnp.concatenate([out, h], axis=-1), self.data_init)
+        for _ in range(self.num_blocks):
+            out = ResBlock(self.gated, self.data_init)(out)
+        for _ in range(self.upsample):
+            out = _normalised_at_init(SubPixelConvTranspose(self.hidden), nn.elu(out),
+                                      self.data_init)
+        return out, z, dist, prior
+
+
+class LVAE(nn.Module):
+    """Ladder VAE on images (batch, H, W, C) in the likelihood's range ([-1, 1]).
+
+    Attributes:
+      image_shape: (H, W, C); H and W divisible by 2^(1 + sum(downsample)).
+      likelihood: p(x | z_1), e.g. `likelihoods.get("bernoulli")` or "dmol".
+      num_layers: L stochastic layers.
+      latent_channels: channels of every z_i.
+      hidden: channels of the deterministic paths.
+      blocks_per_layer: residual blocks per layer in each path.
+      downsample: stride-2 steps per layer, bottom first; default
+        `downsampling_schedule(num_layers)` (latents at 8x8 and 4x4 for 32x32).
+      skip: condition each layer on all layers above (else on the one above).
+      gated: gated residual blocks.
+      learn_top_prior: learn p(z_L) (else N(0, I)).
+      data_init: data-dependent initialisation; `init` must then see a real
+        batch of data (a few hundred examples), whose statistics set the scales.
+    """
+
+    image_shape: tuple[int, int, int]
+    likelihood: Likelihood
+    num_layers: int = 3
+    latent_channels: int = 32
+    hidden: int = 64
+    blocks_per_layer: int = 2
+    downsample: tuple[int, ...] | None = None
+    skip: bool = True
+    gated: bool = True
+    learn_top_prior: bool = True
+    data_init: bool = False
+
+    @property
+    def schedule(self) -> tuple[int, ...]:
+        """Stride-2 steps per layer, bottom first."""
+        return tuple(self.downsample) if self.downsample is not None else downsampling_schedule(
+            self.num_layers)
+
+    def latent_shapes(self) -> list[tuple[int, int, int]]:
+        """(h_i, w_i, latent_channels) of z_1 ... z_L."""
+        height, width, _ = self.image_shape
+        shapes, factor = [], 2  # the stem halves
+        for steps in self.schedule:
+            factor *= 2 ** steps
+            shapes.append((height // factor, width // factor, self.latent_channels))
+        return shapes
+
+    def setup(self):
+        if self.num_layers < 1 or len(self.schedule) != self.num_layers:
+            raise ValueError(f"need num_layers >= 1 and one downsampling entry per layer; got "
+                             f"num_layers={self.num_layers}, downsample={self.schedule}.")
+        factor = 2 ** (1 + sum(self.schedule))
+        if len(self.image_shape) != 3 or self.image_shape[0] % factor or self.image_shape[1] % factor:
+            raise ValueError(f"image_shape {self.image_shape} must be (H, W, C) with H and W "
+                             f"divisible by {factor} for the downsampling schedule {self.schedule}.")
+        common = dict(hidden=self.hidden, num_blocks=self.blocks_per_layer, gated=self.gated,
+                      data_init=self.data_init)
+        self.stem = nn.Conv(self.hidden, (5, 5), strides=(2, 2), padding=STEM_PAD)
+        self.bottom_up_layers = [BottomUpLayer(downsample=s, **common) for s in self.schedule]
+        self.top_down_layers = [
+            TopDownLayer(latent_shape=shape, upsample=s, is_top=i == self.num_layers - 1,
+                         learn_prior=self.learn_top_prior, skip=self.skip, **common)
+            for i, (shape, s) in enumerate(zip(self.latent_shapes(), self.schedule))]
+        self.output_head = SubPixelConvTranspose(self.likelihood.channels_per_pixel(self.image_shape))
+
+    def bottom_up(self, x: jax.Array) -> list[jax.Array]:
+        """Deterministic features d_1 ... d_L, d_i (batch, h_i, w_i, hidden)."""
+        if x.shape[1:] != tuple(self.image_shape):
+            raise ValueError(f"expected images (batch, {', '.join(map(str, self.image_shape))}), "
+                             f"got {x.shape}.")
+        d = _normalised_at_init(self.stem, x, self.data_init)
+        features = []
+        for layer in self.bottom_up_layers:
+            d = layer(d)
+            features.append(d)
+        return features
+
+    def _top_down(self, noise: Sequence[jax.Array | None], features: Sequence[jax.Array] | None):
+        """The top-down pass, z_L first.
+
+        Args:
+          noise: per layer, bottom first, standard normal (batch, *latent_shape_i)
+            noise, or None for the mean of that layer's distribution.
+          features: the bottom-up d_i to draw from q; None draws from p.
+        Returns:
+          (decoder output (batch, *likelihood.out_shape(image_shape)), per layer,
+          bottom first, (z_i, sampling distribution, prior)).
+        """
+        h, layers = None, []
+        for i in reversed(range(self.num_layers)):
+            d = None if features is None else features[i]
+            h, *layer = self.top_down_layers[i](h, d, noise[i])
+            layers.append(layer)
+        out = self.output_head(nn.elu(h))
+        return out.reshape(out.shape[0], *self.likelihood.out_shape(self.image_shape)), layers[::-1]
+
+    def _noise(self, rng: jax.Array, num: int) -> list[jax.Array]:
+        """Independent standard normal noise for every layer, bottom first."""
+        return [jax.random.normal(key, (num, *shape))
+                for key, shape in zip(jax.random.split(rng, self.num_layers), self.latent_shapes())]
+
+    def __call__(self, x: jax.Array, rng: jax.Array) -> dict[str, jax.Array]:
+        """Per-example ELBO terms for one reparameterised sample z ~ q(z | x).
+
+        Returns a dict of arrays in nats: `log_px_z` = log p(x | z_1), `log_qz_x`
+        = sum_i log q(z_i | x, z_{>i}), `log_pz` = log p(z_L) + sum_{i<L} log
+        p(z_i | z_{>i}), each (batch,), all Monte Carlo values at z;
+        `kl_layers` (batch, L), layer 1 first, the Monte Carlo log q - log p of
+        each layer; and `kl` (batch,) their sum.
+        """
+        out, layers = self._top_down(self._noise(rng, x.shape[0]), self.bottom_up(x))
+        log_q = jnp.stack([losses.gaussian_log_prob(z, *q) for z, q, _ in layers], axis=-1)
+        log_p = jnp.stack([losses.gaussian_log_prob(z, *p) for z, _, p in layers], axis=-1)
+        kl_layers = log_q - log_p
+        return {"log_px_z": self.likelihood.log_prob(x, out), "kl": kl_layers.sum(axis=-1),
+                "log_qz_x": log_q.sum(axis=-1), "log_pz": log_p.sum(axis=-1),
+                "kl_layers": kl_layers}
+
+    def generate(self, noise: Sequence[jax.Array | None]) -> jax.Array:
+        """Decoder output of the generative pass z_i = mu_p + sigma_p * noise[i].
+
+        noise: per layer, bottom first, (batch, *latent_shape_i) or None for the
+        mean of p(z_i | z_{>i}); the top layer needs noise (it sets the batch).
+        """
+        return self._top_down(noise, None)[0]
+
+    def sample(self, rng: jax.Array, num: int, noise: bool = False) -> jax.Array:
+        """`num` draws x ~ p(x | z), z ~ p(z); the decoder mean when `noise` is False."""
+        latent_rng, noise_rng = jax.random.split(rng)
+        out = self.generate(self._noise(latent_rng, num))
+        return self.likelihood.sample(noise_rng, out) if noise else self.likelihood.mean(out)
+
+    def reconstruct(self, x: jax.Array) -> jax.Array:
+        """Decoder mean with every z_i at the mean of q, (batch, *image_shape)."""
+        out, _ = self._top_down([None] * self.num_layers, self.bottom_up(x))
+        return self.likelihood.mean(out)
+
+    def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(mean, log_var) of q(z_i | x, z_{>i}) with every z_{>i} at its mean, flattened and
+        concatenated over the layers (layer 1 first): each (batch, sum_i h_i w_i C).
+
+        For latent diagnostics such as `evaluate.active_units`.
+        """
+        _, layers = self._top_down([None] * self.num_layers, self.bottom_up(x))
+        flat = lambda a: a.reshape(a.shape[0], -1)  # noqa: E731
+        return (jnp.concatenate([flat(q.mean) for _, q, _ in layers], axis=-1),
+                jnp.concatenate([flat(q.log_var) for _, q, _ in layers], axis=-1))
+
+    def layer_samples(self, rng: jax.Array, layer: int, num_rows: int, num_cols: int) -> jax.Array:
+        """The seed's view of what layer `layer` (1 = bottom, L = top) encodes.
+
+        Each row draws z_{>layer} ~ p once; its columns draw z_layer ~ p(. | z_{>layer})
+        independently; the layers below take the mean of p; the images are the
+        decoder mean. Shared noise above makes z_{>layer} identical within a row.
+
+        Returns:
+          (num_rows * num_cols, *image_shape), row-major.
+        """
+        if not 1 <= layer <= self.num_layers:
+            raise ValueError(f"layer must be in 1..{self.num_layers}, got {layer}.")
+        keys = jax.random.split(rng, self.num_layers)
+        noise = []
+        for i, (key, shape) in enumerate(zip(keys, self.latent_shapes()), start=1):
+            if i > layer:
+                noise.append(jnp.repeat(jax.random.normal(key, (num_rows, *shape)), num_cols, axis=0))
+            elif i == layer:
+                noise.append(jax.random.normal(key, (num_rows * num_cols, *shape)))
+            else:
+                noise.append(None)
+        return self.likelihood.mean(self.generate(noise))
+
+
+def loss_fn(model: LVAE, params, x: jax.Array, rng: jax.Array, free_bits: float = 0.5):
+    """Training objective and metrics, batch means in nats per example.
+
+    loss = recon + sum_i max(KL_i, free_bits), with KL_i the batch mean of layer
+    i's Monte Carlo KL: a layer whose KL is below `free_bits` nats gets no
+    gradient pushing it further down, which keeps layers from collapsing early
+    in training. The metrics are the true ELBO's terms, free bits excluded.
+
+    Args:
+      model: the LVAE; params: its parameters.
+      x: (batch, *image_shape) data in the model's range.
+      rng: PRNG key for the reparameterised samples.
+      free_bits: nats per layer (0 trains on the ELBO itself).
+    Returns:
+      (loss, metrics): `neg_elbo` = `recon` + `kl`, `recon` = -log p(x | z),
+      `kl` = sum of the layers' KLs, and `kl_layer_1` ... `kl_layer_L`.
+    """
+    terms = model.apply({"params": params}, x, rng)
+    recon = -terms["log_px_z"].mean()
+    kl_layers = terms["kl_layers"].mean(axis=0)
+    kl = kl_layers.sum()
+    loss = recon + jnp.maximum(kl_layers, free_bits).sum()
+    metrics = {"neg_elbo": recon + kl, "recon": recon, "kl": kl}
+    metrics.update({f"kl_layer_{i + 1}": kl_layers[i] for i in range(model.num_layers)})
+    return loss, metrics
