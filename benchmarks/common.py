@@ -20,7 +20,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import flax
 import jax
@@ -94,7 +94,10 @@ class Row:
         return None if self.goal is None else self.ratio >= self.goal
 
     def as_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "ratio": self.ratio, "goal_met": self.goal_met}
+        met = self.goal_met
+        return {**dataclasses.asdict(self), "lvm_jax": float(self.lvm_jax),
+                "pytorch": float(self.pytorch), "ratio": float(self.ratio),
+                "goal_met": None if met is None else bool(met)}
 
 
 def device(torch_threads: int | None = None) -> str:

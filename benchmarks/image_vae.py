@@ -38,7 +38,7 @@ def assert_same_function(model: vae.VAE, params, torch_model: torch_models.VAE,
     x = scale_images(to_torch_images(images))
     mean, log_var = model.apply(variables, data.scale_images(images), method=vae.VAE.encode)
     torch_mean, torch_log_var = torch_model.encode(x)
-    decoded = model.apply(variables, mean, method=vae.VAE.decode)[..., 0]
+    decoded = model.apply(variables, mean, method=lambda m, z: m.likelihood.mean(m.decode(z)))
     torch_decoded = torch_model.decoder(torch_mean).permute(0, 2, 3, 1)
     pairs = {"encoder mean": (mean, torch_mean), "encoder log_var": (log_var, torch_log_var),
              "decoder mean": (decoded, torch_decoded)}

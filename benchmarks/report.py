@@ -65,7 +65,7 @@ def markdown(results: dict) -> str:
     cells = table_rows(results)
     notes = [row["note"] for entry in results["benchmarks"].values() for row in entry["rows"]]
     lines = [
-        "# lvm_jax benchmarks: latest results",
+        "# lvm_jax benchmarks against PyTorch",
         "",
         "Written by `python -m benchmarks.run`; do not edit by hand.",
         "",
@@ -73,8 +73,9 @@ def markdown(results: dict) -> str:
         "PyTorch throughput, or PyTorch loss / lvm_jax loss, so > 1 means lvm_jax is better. "
         "`goal` is the least ratio the project's issues ask for. Timings are medians of "
         "alternating lvm_jax / PyTorch repeats after warm-up. XLA uses all cores; PyTorch is "
-        "timed at `torch.set_num_threads(cores)` and at 1 thread and the faster is reported "
-        "(`device` names it, the notes give both).",
+        "timed at each of the settings' thread counts (`torch.set_num_threads`; default the "
+        "core count, then 1) and the fastest is reported: `device` names it, the notes give "
+        "each.",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),

@@ -18,7 +18,7 @@ import sys
 import time
 
 from benchmarks import conv_transpose, image_vae, image_vae_quality, report, vae2d, vlae
-from benchmarks.common import NUM_CORES, Settings, machine
+from benchmarks.common import NUM_CORES, Settings, default_torch_threads, machine
 
 BENCHMARKS = {
     "vae2d": vae2d.run,
@@ -48,6 +48,8 @@ def parse_args(argv):
                    help="training epochs of the image_vae_quality comparison")
     p.add_argument("--repeats", type=int, default=Settings.repeats,
                    help="timed repetitions per side (medians are reported)")
+    p.add_argument("--torch_threads", type=int, nargs="+", default=default_torch_threads(),
+                   help="PyTorch thread counts to time; the fastest is reported")
     p.add_argument("--seed", type=int, default=Settings.seed)
     p.add_argument("--note", default=None,
                    help="a sentence about the conditions, written into the results file")
@@ -57,7 +59,8 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     settings = Settings(quick=args.quick, quality_epochs=args.quality_epochs,
-                        repeats=1 if args.quick else args.repeats, seed=args.seed)
+                        repeats=1 if args.quick else args.repeats, seed=args.seed,
+                        torch_threads=tuple(args.torch_threads))
     name = "quick" if args.quick else "latest"
     json_path = os.path.join(RESULTS_DIR, f"{name}.json")
     results = report.load(json_path)

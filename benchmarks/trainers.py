@@ -45,7 +45,6 @@ class JaxSteps:
         self.key = jax.random.key(seed)
         variables = dict(objective.init(self.key, objective.preprocess(jnp.asarray(train[:1]))))
         params = variables.pop("params")
-        self.initial_params = params
         state = TrainState.create(apply_fn=None, params=params, tx=optax.adam(LEARNING_RATE),
                                   model_state=variables)
         self.state = jax.device_put(state, batching.replicated(self.mesh))

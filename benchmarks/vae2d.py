@@ -1,21 +1,33 @@
 """2D VAE (REFERENCE.md §1): wall time of a whole training run, lvm_jax against PyTorch.
 
 10 epochs over the 10,000 points of toy2d dataset 1 at batch 128 (78 steps
-per epoch, the remainder dropped), Adam 1e-3, on both sides.
+per epoch, the remainder dropped), Adam 1e-3, on both sides; both shuffle with
+the same per-epoch permutations and read every step's metrics to the host.
 
 * lvm_jax: the compiled chunk of `fit` (`make_train_chunk`), called as `fit`
   calls it: a whole epoch (78 steps) as one `lax.scan` over batches gathered on
-  the device, its metrics read back to the host after each call.
+  the device.
 * PyTorch: the per-batch loop a PyTorch user writes, with the data held as one
   tensor and indexed per batch (no DataLoader, which would only slow it down).
 
-Both sides shuffle with the same per-epoch permutations. Initialisation is
-outside the timed region; evaluation, checkpoints and logs are not run.
-"Cold" includes JAX's tracing and XLA compilation (after `jax.clear_caches`);
-PyTorch compiles nothing, so its cold run is a run without warm-up. "Warm"
-reruns the same compiled function from a fresh initial state.
+Rows:
+* "cold": includes JAX's tracing and XLA compilation (after `jax.clear_caches`);
+  PyTorch compiles nothing, so its cold run is a run without warm-up.
+* "warm": the same compiled function rerun from a fresh initial state.
+  Initialisation is outside the timed region of both rows.
+* "end to end": `fit` itself, as `python -m experiments.vae_2d` runs it (init,
+  compilation, test-set evaluation before training and after every epoch,
+  metrics.csv, a checkpoint per epoch), against the PyTorch loop doing the same:
+  evaluation on the 2,500 test points with as many z samples per point, a CSV
+  line per step and per evaluation, `torch.save` of model and optimizer per epoch.
 """
 
+import contextlib
+import csv
+import dataclasses
+import io
+import os
+import tempfile
 import time
 
 import jax
@@ -28,12 +40,12 @@ from benchmarks.common import Row, Settings, compare, device
 from experiments import vae_2d
 from lvm_jax import data
 from lvm_jax.data import batching
-from lvm_jax.train import TrainConfig
+from lvm_jax.train import TrainConfig, fit
 from lvm_jax.train.loop import make_train_chunk
 from lvm_jax.train.state import TrainState
 
 NAME = "vae2d"
-EPOCHS, BATCH, LEARNING_RATE = 10, 128, 1e-3
+EPOCHS, BATCH, LEARNING_RATE, EVAL_BATCH = 10, 128, 1e-3, 500
 
 
 class JaxRun:
@@ -46,14 +58,18 @@ class JaxRun:
         self.num, self.seed = len(train), seed
         self.key = jax.random.key(seed)
         self.chunk = make_train_chunk(self.objective, self.mesh)
+        # One optimizer object for every run: it is static data of the state's
+        # pytree, so a new one per run would make every run recompile.
+        self.tx = optax.adam(LEARNING_RATE)
+        self.last_loss = float("nan")
 
     def initial_state(self) -> TrainState:
         params = self.objective.init(self.key, jnp.asarray(self.train[:1]))["params"]
-        state = TrainState.create(apply_fn=None, params=params, tx=optax.adam(LEARNING_RATE))
+        state = TrainState.create(apply_fn=None, params=params, tx=self.tx)
         return jax.block_until_ready(jax.device_put(state, batching.replicated(self.mesh)))
 
-    def fit(self, state: TrainState, epochs: int) -> float:
-        """Trains for `epochs`; returns the last step's loss (nats per example)."""
+    def fit(self, state: TrainState, epochs: int):
+        """Trains for `epochs`; keeps the last step's loss (nats per example)."""
         steps = self.num // BATCH
         per_call = min(TrainConfig().steps_per_call, steps)
         for epoch in range(epochs):
@@ -61,8 +77,7 @@ class JaxRun:
             for offset in range(0, steps, per_call):
                 idx = batching.put_indices(order[offset:offset + per_call], self.mesh)
                 state, metrics = self.chunk(state, self.train, idx, self.key)
-                loss = jax.device_get(metrics)["loss"][-1]
-        return float(loss)
+                self.last_loss = float(jax.device_get(metrics)["loss"][-1])
 
 
 class TorchRun:
@@ -71,24 +86,58 @@ class TorchRun:
     def __init__(self, train, seed: int):
         self.train = torch.from_numpy(train)
         self.num, self.seed = len(train), seed
+        self.last_loss = float("nan")
 
     def initial_state(self):
         torch.manual_seed(self.seed)
         model = torch_models.mlp_vae()
         return model, torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
 
-    def fit(self, state, epochs: int) -> float:
+    def train_epoch(self, state, epoch: int) -> list[dict[str, float]]:
+        """One epoch; every step's metrics (nats per example), read to the host."""
         model, optimizer = state
         steps = self.num // BATCH
+        order = torch.from_numpy(batching.epoch_order(self.seed, epoch, self.num, steps, BATCH))
+        logged = []
+        for idx in order:
+            loss, metrics = torch_models.loss_fn(model, self.train[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            logged.append({k: v.item() for k, v in metrics.items()})
+        self.last_loss = logged[-1]["neg_elbo"]
+        return logged
+
+    def fit(self, state, epochs: int):
         for epoch in range(epochs):
-            order = torch.from_numpy(batching.epoch_order(self.seed, epoch, self.num, steps, BATCH))
-            for idx in order:
-                loss, _ = torch_models.loss_fn(model, self.train[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                last = loss.item()  # the loop logs every step's loss, as fit does
-        return last
+            self.train_epoch(state, epoch)
+
+    @torch.no_grad()
+    def evaluate(self, state, test: torch.Tensor) -> dict[str, float]:
+        """Test-set means of the metrics, in batches of 500, averaged over as many
+        z samples per point as `experiments.vae_2d` evaluates with."""
+        sums = {}
+        for start in range(0, len(test), EVAL_BATCH):
+            x = test[start:start + EVAL_BATCH]
+            repeated = x.repeat(vae_2d.EVAL_SAMPLES, 1)
+            for k, v in torch_models.loss_fn(state[0], repeated)[1].items():
+                sums[k] = sums.get(k, 0.0) + v.item() * len(x)
+        return {k: v / len(test) for k, v in sums.items()}
+
+    def experiment(self, test, epochs: int, workdir: str):
+        """What `fit` does around the training steps, the PyTorch way."""
+        state = self.initial_state()
+        test = torch.from_numpy(test)
+        with open(os.path.join(workdir, "metrics.csv"), "w", newline="") as f:
+            log = csv.writer(f)
+            initial = self.evaluate(state, test)
+            log.writerows([["split", "epoch", *initial], ["test", 0, *initial.values()]])
+            for epoch in range(epochs):
+                for metrics in self.train_epoch(state, epoch):
+                    log.writerow(["train", epoch + 1, *metrics.values()])
+                log.writerow(["test", epoch + 1, *self.evaluate(state, test).values()])
+                torch.save({"model": state[0].state_dict(), "optimizer": state[1].state_dict()},
+                           os.path.join(workdir, f"checkpoint_{epoch + 1}.pt"))
 
 
 def _sampler(run, epochs: int):
@@ -97,17 +146,37 @@ def _sampler(run, epochs: int):
     def sample() -> float:
         state = run.initial_state()
         tic = time.perf_counter()
-        run.last_loss = run.fit(state, epochs)
+        run.fit(state, epochs)
         return time.perf_counter() - tic
 
     return sample
 
 
+def _end_to_end_samplers(dataset: data.Dataset, epochs: int, seed: int):
+    """Samplers timing `fit` and its PyTorch counterpart, each in a fresh temporary workdir."""
+    objective = vae_2d.make_objective(vae_2d.build_model())
+    config = TrainConfig(epochs=epochs, batch_size=BATCH, learning_rate=LEARNING_RATE, seed=seed,
+                         progress=False)
+    torch_run = TorchRun(dataset.train, seed)
+
+    def timed(run_in) -> float:
+        with tempfile.TemporaryDirectory() as workdir:
+            tic = time.perf_counter()
+            run_in(workdir)
+            return time.perf_counter() - tic
+
+    def jax_sample() -> float:
+        with contextlib.redirect_stdout(io.StringIO()):  # fit's per-epoch lines
+            return timed(lambda w: fit(objective, dataset.train, dataset.test, config, w))
+
+    return jax_sample, lambda: timed(lambda w: torch_run.experiment(dataset.test, epochs, w))
+
+
 def run(settings: Settings) -> list[Row]:
-    """Cold and warm training wall time, seconds for the whole run."""
+    """Training wall time, seconds for the whole run: cold, warm and end to end."""
     epochs = 2 if settings.quick else EPOCHS
-    train = data.load("toy2d_1").train
-    jax_run, torch_run = JaxRun(train, settings.seed), TorchRun(train, settings.seed)
+    dataset = data.load("toy2d_1")
+    jax_run, torch_run = JaxRun(dataset.train, settings.seed), TorchRun(dataset.train, settings.seed)
     warm_jax = _sampler(jax_run, epochs)
 
     def cold_jax() -> float:
@@ -115,10 +184,13 @@ def run(settings: Settings) -> list[Row]:
         jax_run.chunk = make_train_chunk(jax_run.objective, jax_run.mesh)
         return warm_jax()
 
-    cold = compare(cold_jax, _sampler(TorchRun(train, settings.seed), epochs), settings, warmup=0)
+    few = dataclasses.replace(settings, repeats=min(settings.repeats, 3))
+    cold = compare(cold_jax, _sampler(TorchRun(dataset.train, settings.seed), epochs), few,
+                   warmup=0)
     warm = compare(warm_jax, _sampler(torch_run, epochs), settings)
+    end_to_end = compare(*_end_to_end_samplers(dataset, epochs, settings.seed), few, warmup=0)
 
-    step = f"train {epochs} epochs x {len(train) // BATCH} steps"
+    step = f"train {epochs} epochs x {len(dataset.train) // BATCH} steps"
     common = dict(benchmark=NAME, model="2D VAE (MLP 128-128, 2-d latent)", batch=BATCH,
                   unit="s", higher_is_better=False, goal=20.0)
     return [
@@ -130,4 +202,9 @@ def run(settings: Settings) -> list[Row]:
             note=(f"compiled function rerun from a fresh state; {warm.torch_note()}; final batch "
                   f"loss {jax_run.last_loss:.3f} (lvm_jax), {torch_run.last_loss:.3f} (PyTorch) "
                   "nats"), **common),
+        Row(step=f"{step}, end to end", lvm_jax=end_to_end.jax_seconds,
+            pytorch=end_to_end.torch_seconds, device=device(end_to_end.torch_threads),
+            note=("lvm_jax `fit` (compile, eval each epoch, metrics.csv, orbax checkpoints) vs "
+                  f"the PyTorch loop with the same eval, CSV and torch.save; "
+                  f"{end_to_end.torch_note()}"), **common),
     ]

@@ -67,7 +67,7 @@ def load_run(workdir: str, data_dir: str | None = None) -> Run:
     """
     config_path = os.path.join(workdir, "config.json")
     if not os.path.exists(config_path):
-        raise CheckpointError(f"{workdir} holds no config.json: it is not a training run's workdir.")
+        raise CheckpointError(f"{workdir} holds no config.json: it is no training run's workdir.")
     config = records.read_json(config_path)
     experiment = config["experiment"]
     module = importlib.import_module(f"experiments.{MODEL_MODULES.get(experiment, experiment)}")

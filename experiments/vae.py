@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
-from lvm_jax import data, viz
+from lvm_jax import data, evaluate, viz
 from lvm_jax.models import likelihoods, vae
 from lvm_jax.models.priors import MADEFlowPrior, StandardNormalPrior
 from lvm_jax.train import Objective, fit, records
@@ -49,10 +49,12 @@ def make_objective(model: vae.VAE, num_samples: int = 1, beta: float = 1.0,
         preprocess=data.scale_images, units=UNITS)
 
 
-def summary_metrics(metrics: dict, num_dims: int) -> dict:
-    """Adds bits/dim and the course's units to test metrics in nats per example."""
-    return {**metrics, "bits_per_dim": float(vae.image_bits_per_dim(metrics["neg_elbo"], num_dims)),
-            **likelihoods.reference_units(metrics, num_dims)}
+def summary_metrics(metrics: dict, num_dims: int, likelihood: str) -> dict:
+    """Adds bits/dim, and the course's units for its N(mu, I) decoder, to test metrics in nats
+    per example."""
+    bits = evaluate.image_bits_per_dim(metrics["neg_elbo"], num_dims, likelihoods.get(likelihood))
+    course = likelihoods.reference_units(metrics, num_dims) if likelihood == "unit_gaussian" else {}
+    return {**metrics, "bits_per_dim": float(bits), **course}
 
 
 def save_figures(model: vae.VAE, params, dataset: data.Dataset, workdir: str, seed: int,
@@ -101,7 +103,7 @@ def train_and_evaluate(args, experiment: str = "vae") -> dict:
                                             likelihood=args.likelihood, latent_dim=LATENT_DIM,
                                             num_samples=args.num_samples, beta=args.beta,
                                             free_bits=args.free_bits))
-    metrics = summary_metrics(result.test_metrics, dataset.num_dims)
+    metrics = summary_metrics(result.test_metrics, dataset.num_dims, args.likelihood)
     title = f"{experiment.upper()} on {dataset.name}"
     figures = save_figures(model, result.state.eval_params, dataset, workdir, args.seed, title)
     summary = records.update_json(os.path.join(workdir, "summary.json"), {
@@ -109,8 +111,9 @@ def train_and_evaluate(args, experiment: str = "vae") -> dict:
         "reference_results": common.REFERENCE_RESULTS.get((experiment, args.dataset)),
         "figures": [os.path.basename(f) for f in figures]})
     print(f"{title}: test -ELBO {metrics['neg_elbo']:.2f} nats ({metrics['bits_per_dim']:.3f} bits/dim), "
-          f"recon {metrics['recon']:.2f}, KL {metrics['kl']:.2f}; course units: -ELBO "
-          f"{metrics['neg_elbo_sse']:.2f} = SSE {metrics['recon_sse']:.2f} + KL {metrics['kl']:.2f}")
+          f"recon {metrics['recon']:.2f}, KL {metrics['kl']:.2f}"
+          + (f"; course units: -ELBO {metrics['neg_elbo_sse']:.2f} = SSE {metrics['recon_sse']:.2f} "
+             f"+ KL {metrics['kl']:.2f}" if "neg_elbo_sse" in metrics else ""))
     print(f"figures, metrics.csv and summary.json in {workdir}")
     return summary
 
@@ -120,7 +123,9 @@ def parser(experiment: str, description: str, default_prior: str):
     p.add_argument("--prior", default=default_prior, choices=sorted(PRIORS),
                    help="p(z): N(0, I), or the MADE autoregressive flow (VLAE)")
     p.add_argument("--likelihood", default="unit_gaussian", choices=sorted(likelihoods.LIKELIHOODS),
-                   help="p(x|z): N(mu, I) as in the course, or a learned diagonal variance")
+                   help="p(x|z): N(mu, I) as in the course (unit_gaussian), a learned diagonal "
+                        "variance (gaussian), Bernoulli for binarized images, or the discretized "
+                        "mixture of 10 logistics of PixelCNN++ (dmol), a true 8-bit likelihood")
     p.add_argument("--num_samples", type=int, default=1,
                    help="reparameterised samples z ~ q(z|x) per example in training")
     p.add_argument("--beta", type=float, default=1.0, help="weight of the KL term (beta-VAE)")

@@ -176,7 +176,5 @@ def per_dim_kl(model, params, data: np.ndarray, batch_size: int = 500,
         raise ValueError(f"the per-dimension KL is analytic only for the standard normal prior; "
                          f"this model's prior is {type(model.prior).__name__}.")
     means, log_vars = _posteriors(model, params, data, batch_size, preprocess)
-    # One "example" per (x, u) pair makes kl_std_normal's sum over dims a single term.
-    kl = losses.kl_std_normal(means.reshape(-1, 1), log_vars.reshape(-1, 1))
-    return np.asarray(kl, np.float64).reshape(means.shape).mean(axis=0)
+    return np.asarray(losses.kl_std_normal_per_dim(means, log_vars), np.float64).mean(axis=0)
 

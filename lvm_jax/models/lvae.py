@@ -185,26 +185,27 @@ class TopDownLayer(nn.Module):
     data_init: bool
 
     @nn.compact
-    def __call__(self, h: jax.Array | None, d: jax.Array | None, eps: jax.Array | None):
+    def __call__(self, h: jax.Array | None, d: jax.Array | None, eps: jax.Array):
         """
         Args:
           h: (batch, h_i, w_i, hidden) top-down features; None at the top.
           d: (batch, h_i, w_i, hidden) bottom-up features to infer z_i from q;
             None to generate it from p.
-          eps: (batch, *latent_shape) standard normal noise; None takes the mean.
+          eps: (batch, *latent_shape) standard normal noise, z_i = mean + sigma * eps
+            (zeros give the mean).
         Returns:
           (features for the layer below (batch, 2^upsample h_i, ..., hidden),
            z_i (batch, *latent_shape), the distribution z_i was drawn from (q, or p
            when generating), p(z_i | .)).
         """
         channels = 2 * self.latent_shape[-1]
-        # Zero-initialised heads start q and p at N(0, I) whatever the features' scale.
+        # Zero-initialised heads start p and the bottom-up estimate of q at N(0, I),
+        # whatever the scale of the features.
         head = lambda name: _conv(channels, kernel_init=nn.initializers.zeros, name=name)  # noqa: E731
         if self.is_top:
-            batch = (d if d is not None else eps).shape[0]
             top = (self.param("prior", nn.initializers.zeros, (*self.latent_shape[:2], channels))
                    if self.learn_prior else jnp.zeros((*self.latent_shape[:2], channels)))
-            prior = _diag_normal(jnp.broadcast_to(top, (batch, *top.shape)))
+            prior = _diag_normal(jnp.broadcast_to(top, (eps.shape[0], *top.shape)))
         else:
             prior = _diag_normal(head("prior")(h))
         if d is None:
@@ -212,7 +213,7 @@ class TopDownLayer(nn.Module):
         else:
             bottom_up = _diag_normal(head("posterior")(d))
             dist = bottom_up if self.is_top else precision_weighted(bottom_up, prior)
-        z = dist.mean if eps is None else dist.mean + jnp.exp(0.5 * dist.log_var) * eps
+        z = dist.mean + jnp.exp(0.5 * dist.log_var) * eps
 
         out = _normalised_at_init(_conv(self.hidden), z, self.data_init)
         if self.skip and h is not None:
@@ -302,12 +303,12 @@ class LVAE(nn.Module):
             features.append(d)
         return features
 
-    def _top_down(self, noise: Sequence[jax.Array | None], features: Sequence[jax.Array] | None):
+    def _top_down(self, noise: Sequence[jax.Array], features: Sequence[jax.Array] | None):
         """The top-down pass, z_L first.
 
         Args:
-          noise: per layer, bottom first, standard normal (batch, *latent_shape_i)
-            noise, or None for the mean of that layer's distribution.
+          noise: per layer, bottom first, standard normal noise (batch,
+            *latent_shape_i); zeros take the mean of that layer's distribution.
           features: the bottom-up d_i to draw from q; None draws from p.
         Returns:
           (decoder output (batch, *likelihood.out_shape(image_shape)), per layer,
@@ -326,6 +327,11 @@ class LVAE(nn.Module):
         return [jax.random.normal(key, (num, *shape))
                 for key, shape in zip(jax.random.split(rng, self.num_layers), self.latent_shapes())]
 
+    def _at_means(self, x: jax.Array):
+        """The inference pass with every z_i at the mean of q: (decoder output, layers)."""
+        zeros = [jnp.zeros((x.shape[0], *shape)) for shape in self.latent_shapes()]
+        return self._top_down(zeros, self.bottom_up(x))
+
     def __call__(self, x: jax.Array, rng: jax.Array) -> dict[str, jax.Array]:
         """Per-example ELBO terms for one reparameterised sample z ~ q(z | x).
 
@@ -343,12 +349,9 @@ class LVAE(nn.Module):
                 "log_qz_x": log_q.sum(axis=-1), "log_pz": log_p.sum(axis=-1),
                 "kl_layers": kl_layers}
 
-    def generate(self, noise: Sequence[jax.Array | None]) -> jax.Array:
-        """Decoder output of the generative pass z_i = mu_p + sigma_p * noise[i].
-
-        noise: per layer, bottom first, (batch, *latent_shape_i) or None for the
-        mean of p(z_i | z_{>i}); the top layer needs noise (it sets the batch).
-        """
+    def generate(self, noise: Sequence[jax.Array]) -> jax.Array:
+        """Decoder output (batch, *likelihood.out_shape(image_shape)) of the generative pass
+        z_i = mu_p + sigma_p * noise[i], noise bottom first, each (batch, *latent_shape_i)."""
         return self._top_down(noise, None)[0]
 
     def sample(self, rng: jax.Array, num: int, noise: bool = False) -> jax.Array:
@@ -359,8 +362,7 @@ class LVAE(nn.Module):
 
     def reconstruct(self, x: jax.Array) -> jax.Array:
         """Decoder mean with every z_i at the mean of q, (batch, *image_shape)."""
-        out, _ = self._top_down([None] * self.num_layers, self.bottom_up(x))
-        return self.likelihood.mean(out)
+        return self.likelihood.mean(self._at_means(x)[0])
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(mean, log_var) of q(z_i | x, z_{>i}) with every z_{>i} at its mean, flattened and
@@ -368,32 +370,31 @@ class LVAE(nn.Module):
 
         For latent diagnostics such as `evaluate.active_units`.
         """
-        _, layers = self._top_down([None] * self.num_layers, self.bottom_up(x))
+        _, layers = self._at_means(x)
         flat = lambda a: a.reshape(a.shape[0], -1)  # noqa: E731
         return (jnp.concatenate([flat(q.mean) for _, q, _ in layers], axis=-1),
                 jnp.concatenate([flat(q.log_var) for _, q, _ in layers], axis=-1))
 
-    def layer_samples(self, rng: jax.Array, layer: int, num_rows: int, num_cols: int) -> jax.Array:
+    def layer_samples(self, rng: jax.Array, layer, num_rows: int, num_cols: int) -> jax.Array:
         """The seed's view of what layer `layer` (1 = bottom, L = top) encodes.
 
         Each row draws z_{>layer} ~ p once; its columns draw z_layer ~ p(. | z_{>layer})
         independently; the layers below take the mean of p; the images are the
         decoder mean. Shared noise above makes z_{>layer} identical within a row.
+        `layer` may be traced, so one compilation serves every layer.
 
         Returns:
           (num_rows * num_cols, *image_shape), row-major.
         """
-        if not 1 <= layer <= self.num_layers:
+        if isinstance(layer, int) and not 1 <= layer <= self.num_layers:
             raise ValueError(f"layer must be in 1..{self.num_layers}, got {layer}.")
-        keys = jax.random.split(rng, self.num_layers)
         noise = []
-        for i, (key, shape) in enumerate(zip(keys, self.latent_shapes()), start=1):
-            if i > layer:
-                noise.append(jnp.repeat(jax.random.normal(key, (num_rows, *shape)), num_cols, axis=0))
-            elif i == layer:
-                noise.append(jax.random.normal(key, (num_rows * num_cols, *shape)))
-            else:
-                noise.append(None)
+        for i, (key, shape) in enumerate(
+                zip(jax.random.split(rng, self.num_layers), self.latent_shapes()), start=1):
+            row_key, col_key = jax.random.split(key)
+            per_row = jnp.repeat(jax.random.normal(row_key, (num_rows, *shape)), num_cols, axis=0)
+            per_image = jax.random.normal(col_key, (num_rows * num_cols, *shape))
+            noise.append(jnp.where(i > layer, per_row, jnp.where(i == layer, per_image, 0.0)))
         return self.likelihood.mean(self.generate(noise))
 
 

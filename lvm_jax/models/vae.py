@@ -24,8 +24,8 @@ class VAE(nn.Module):
 
     Attributes:
       trunk: x (batch, *event_shape) -> features (batch, F).
-      decoder: z (batch, latent_dim) -> (batch, *event_shape * params_per_dim) flat
-        or spatial; reshaped to (batch, *event_shape, params_per_dim).
+      decoder: z (batch, latent_dim) -> the likelihood's parameters, flat or spatial;
+        reshaped to (batch, *likelihood.out_shape(event_shape)).
       prior: a module with log_prob / sample / kl (models/priors.py).
       likelihood: the observation model.
       event_shape: shape of one example.
@@ -47,9 +47,9 @@ class VAE(nn.Module):
         return self.head(self.trunk(x))
 
     def decode(self, z: jax.Array) -> jax.Array:
-        """Decoder output (batch, *event_shape, params_per_dim)."""
+        """Decoder output (batch, *likelihood.out_shape(event_shape))."""
         out = self.decoder(z)
-        return out.reshape(z.shape[0], *self.event_shape, self.likelihood.params_per_dim)
+        return out.reshape(z.shape[0], *self.likelihood.out_shape(self.event_shape))
 
     def __call__(self, x: jax.Array, rng: jax.Array) -> dict[str, jax.Array]:
         """Per-example ELBO terms for one reparameterised sample z ~ q(z|x).
@@ -117,7 +117,8 @@ def mlp_vae(event_dim: int, latent_dim: int, hidden: Sequence[int], likelihood: 
             prior: nn.Module | None = None) -> VAE:
     """VAE with MLP encoder and decoder on flat vectors (the 2D VAE: hidden (128, 128))."""
     return VAE(trunk=MLP(tuple(hidden)),
-               decoder=MLP((*hidden, event_dim * likelihood.params_per_dim), zero_init_output=True),
+               decoder=MLP((*hidden, math.prod(likelihood.out_shape((event_dim,)))),
+                           zero_init_output=True),
                prior=prior or StandardNormalPrior(latent_dim), likelihood=likelihood,
                event_shape=(event_dim,), latent_dim=latent_dim)
 
@@ -127,7 +128,7 @@ def conv_vae(image_shape: tuple[int, int, int], latent_dim: int, likelihood: Lik
     """The image VAE of REFERENCE.md §2 on 32x32 images in [-1, 1]."""
     if image_shape[:2] != (32, 32):
         raise ValueError(f"the convolutional VAE takes 32x32 images, got {image_shape}.")
-    return VAE(trunk=ConvEncoder(), decoder=ConvDecoder(image_shape[-1] * likelihood.params_per_dim),
+    return VAE(trunk=ConvEncoder(), decoder=ConvDecoder(likelihood.channels_per_pixel(image_shape)),
                prior=prior or StandardNormalPrior(latent_dim), likelihood=likelihood,
                event_shape=tuple(image_shape), latent_dim=latent_dim)
 

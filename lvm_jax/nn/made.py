@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lvm_jax.nn.dense import soft_clamp
+
 
 def autoregressive_order(order: Sequence[int] | None, dim: int) -> np.ndarray:
     """The ordering as an int array of shape (dim,); None means 0..dim-1.
@@ -137,5 +139,4 @@ class MADE(nn.Module):
             name="out",
         )(h)
         shift, raw_log_scale = jnp.split(out, 2, axis=-1)
-        bound = self.log_scale_bound
-        return shift, bound * jnp.tanh(raw_log_scale / bound)
+        return shift, soft_clamp(raw_log_scale, self.log_scale_bound)
