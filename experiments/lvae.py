@@ -94,27 +94,34 @@ def iwae_metrics(model: lvae.LVAE, params, test: np.ndarray, preprocess, num_sam
             "iwae_num_samples": num_samples}
 
 
+@functools.partial(jax.jit, static_argnames="model")
+def figure_images(model: lvae.LVAE, variables, rng: jax.Array, test: jax.Array) -> dict:
+    """Every image of the figures in one compiled call: 100 samples, the reconstructions of
+    `test` (preprocessed), and the per-layer views (L, rows * cols, H, W, C), layer 1 first."""
+    sample_rng, layers_rng = jax.random.split(rng)
+    # vmap over a traced layer index: one generative pass serves every layer.
+    layer_views = jax.vmap(lambda layer: model.apply(
+        variables, layers_rng, layer, LAYER_ROWS, LAYER_COLS, method=lvae.LVAE.layer_samples))(
+        jnp.arange(1, model.num_layers + 1))
+    return {"samples": model.apply(variables, sample_rng, 100, method=lvae.LVAE.sample),
+            "reconstructions": model.apply(variables, test, method=lvae.LVAE.reconstruct),
+            "layers": layer_views}
+
+
 def save_figures(model: lvae.LVAE, params, test: jax.Array, workdir: str, seed: int,
                  title: str) -> list[str]:
     """Samples, reconstructions, the per-layer views and the curves; `test` preprocessed."""
-    variables = {"params": params}
-    keys = jax.random.split(jax.random.key(seed + 1), 2 + model.num_layers)
-    samples = jax.jit(lambda v, r: model.apply(v, r, 100, method=lvae.LVAE.sample))(variables, keys[0])
-    recons = jax.jit(lambda v, x: model.apply(v, x, method=lvae.LVAE.reconstruct))(variables, test[:50])
-    # `layer` is traced: one compilation serves every layer.
-    layer_samples = jax.jit(lambda v, r, layer: model.apply(
-        v, r, layer, LAYER_ROWS, LAYER_COLS, method=lvae.LVAE.layer_samples))
+    images = jax.device_get(figure_images(model, {"params": params}, jax.random.key(seed + 1), test))
     figures = [
-        viz.save_image_grid(samples, os.path.join(workdir, "samples.png"),
+        viz.save_image_grid(images["samples"], os.path.join(workdir, "samples.png"),
                             title=f"{title}: 100 samples (decoder mean)"),
-        viz.save_image_grid(viz.interleave_pairs(np.asarray(test[:50]), np.asarray(recons)),
+        viz.save_image_grid(viz.interleave_pairs(np.asarray(test), images["reconstructions"]),
                             os.path.join(workdir, "reconstructions.png"),
                             title=f"{title}: test images | reconstructions"),
     ]
-    for layer in range(1, model.num_layers + 1):
+    for layer, view in enumerate(images["layers"], start=1):
         figures.append(viz.save_image_grid(
-            layer_samples(variables, keys[1 + layer], jnp.int32(layer)),
-            os.path.join(workdir, f"layer_{layer}.png"), ncols=LAYER_COLS,
+            view, os.path.join(workdir, f"layer_{layer}.png"), ncols=LAYER_COLS,
             title=f"{title}: layer {layer} of {model.num_layers} (rows fix the layers above)"))
     metrics_csv = os.path.join(workdir, "metrics.csv")
     figures.append(viz.save_curves(metrics_csv, os.path.join(workdir, "curves.png"), title=title))

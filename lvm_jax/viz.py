@@ -81,6 +81,37 @@ def save_curves(metrics_csv: str, path: str, names=("neg_elbo", "recon", "kl"),
     return _save(fig, path)
 
 
+def save_histogram(values: np.ndarray, path: str, threshold: float, title: str) -> str:
+    """Histogram of per-dimension KL values (nats), marking those below `threshold` as collapsed."""
+    values = np.asarray(values)
+    collapsed = int(np.sum(values < threshold))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(values, bins=30, color="C0")
+    ax.axvline(threshold, color="C3", ls="--",
+               label=f"{collapsed} of {len(values)} dims below {threshold} nats (collapsed)")
+    ax.set(xlabel="average KL per latent dimension (nats)", ylabel="dimensions", title=title)
+    ax.legend()
+    return _save(fig, path)
+
+
+def save_curve_comparison(metrics_csvs: dict[str, str], path: str, name: str, unit: str,
+                          title: str) -> str:
+    """One metric of several runs: train per step (thin) and test per epoch (markers)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (label, csv_path) in enumerate(metrics_csvs.items()):
+        rows = MetricsLog.read(csv_path)
+        for split, style in (("train", dict(lw=0.5, alpha=0.5)), ("test", dict(marker="o", lw=1.5))):
+            points = [(int(r["step"]), float(r[name])) for r in rows if r["split"] == split and r[name]]
+            steps, values = zip(*points)
+            ax.plot(steps, values, color=f"C{i}", label=f"{label} ({split})", **style)
+    values = [float(r[name]) for p in metrics_csvs.values() for r in MetricsLog.read(p) if r[name]]
+    low, high = np.percentile(values, [0, 95])
+    ax.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
+    ax.set(xlabel="step", ylabel=unit, title=title)
+    ax.legend()
+    return _save(fig, path)
+
+
 def _save(fig, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")

@@ -115,9 +115,13 @@ def loss_fn(model: VAE, params, x: jax.Array, rng: jax.Array, num_samples: int =
 
 def mlp_vae(event_dim: int, latent_dim: int, hidden: Sequence[int], likelihood: Likelihood,
             prior: nn.Module | None = None) -> VAE:
-    """VAE with MLP encoder and decoder on flat vectors (the 2D VAE: hidden (128, 128))."""
+    """VAE with MLP encoder and decoder on flat vectors (the 2D VAE: hidden (128, 128)).
+
+    The encoder's hidden widths are `hidden`, the decoder's the same reversed;
+    `hidden=()` gives single-layer (linear) encoder and decoder.
+    """
     return VAE(trunk=MLP(tuple(hidden)),
-               decoder=MLP((*hidden, math.prod(likelihood.out_shape((event_dim,)))),
+               decoder=MLP((*reversed(hidden), math.prod(likelihood.out_shape((event_dim,)))),
                            zero_init_output=True),
                prior=prior or StandardNormalPrior(latent_dim), likelihood=likelihood,
                event_shape=(event_dim,), latent_dim=latent_dim)

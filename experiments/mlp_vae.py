@@ -1,0 +1,194 @@
+"""MLP VAE studies on MNIST (seeds 001 and 004).
+
+    python -m experiments.mlp_vae                  # both studies
+    python -m experiments.mlp_vae --study decoders
+
+* decoders (seed 001, Kingma & Welling 2014): one hidden layer of 400 ReLU
+  units, a 20-dim latent, L = 5 samples per example; three decoders side by
+  side: Bernoulli (binarized digits), Gaussian with learned diagonal variance,
+  and the identity-covariance Gaussian N(mu, I).
+* depth (seed 004): a baseline whose encoder and decoder have no hidden layer
+  against a deeper MLP VAE (512-256 hidden), same latent size and decoder
+  N(mu, I): parameter counts, ELBO curves, a reconstruction tableau, the
+  histogram of per-dimension KL (collapsed dimensions), 64 prior samples, and
+  the limiting-distribution chain decode -> sample -> encode -> sample, 100
+  steps from 64 prior draws, as an animated GIF.
+
+Digits are 28x28 (the embedded 32x32 digits are cropped back), flattened to
+784 dimensions in [-1, 1]; the Bernoulli decoder sees them binarized at 0.5.
+"""
+
+import functools
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from experiments import common
+from lvm_jax import data, evaluate, viz
+from lvm_jax.models import likelihoods, vae
+from lvm_jax.train import Objective, fit, records
+
+EXPERIMENT = "mlp_vae"
+NATS = "nats per example"
+COLLAPSE_NATS = 0.01  # a latent dimension whose average KL is below this carries no information
+UNITS = {"neg_elbo": NATS, "recon": NATS, "kl": NATS, "loss": NATS,
+         "bits_per_dim": "bits per dimension (8-bit scale)", "parameters": "count",
+         "collapsed_dims": f"latent dimensions with average KL < {COLLAPSE_NATS} nats"}
+DECODERS = {"bernoulli": "Bernoulli (binarized)", "gaussian": "Gaussian, learned variance",
+            "unit_gaussian": "Gaussian N(mu, I)"}
+DEPTHS = {"baseline": (), "deep": (512, 256)}
+
+
+def digits_784(x_uint8, binarize: bool):
+    """uint8 (N, 32, 32, 1) -> float (N, 784) in [-1, 1]; {-1, 1} when binarized."""
+    x = data.scale_images(x_uint8)[:, 2:30, 2:30, 0].reshape(x_uint8.shape[0], 784)
+    return jnp.where(x > 0, 1.0, -1.0) if binarize else x
+
+
+def build_model(likelihood: str, hidden, latent_dim: int) -> vae.VAE:
+    return vae.mlp_vae(784, latent_dim, tuple(hidden), likelihoods.get(likelihood))
+
+
+def make_objective(model: vae.VAE, num_samples: int) -> Objective:
+    binarize = isinstance(model.likelihood, likelihoods.Bernoulli)
+    return Objective.stateless(
+        init=lambda rng, x: model.init(rng, x, rng),
+        loss_fn=functools.partial(vae.loss_fn, model, num_samples=num_samples),
+        preprocess=functools.partial(digits_784, binarize=binarize), units=UNITS)
+
+
+def count_parameters(params) -> int:
+    return int(sum(p.size for p in jax.tree.leaves(params)))
+
+
+def train_variant(args, dataset, workdir, likelihood, hidden, num_samples):
+    model = build_model(likelihood, hidden, args.latent_dim)
+    objective = make_objective(model, num_samples)
+    result = fit(objective, dataset.train, dataset.test, common.train_config(args, convolutional=False),
+                 workdir, common.run_config(args, EXPERIMENT, likelihood=likelihood,
+                                            hidden=list(hidden), latent_dim=args.latent_dim,
+                                            num_samples=num_samples))
+    return model, objective, result
+
+
+def to_images(x_flat) -> np.ndarray:
+    return np.asarray(x_flat).reshape(-1, 28, 28, 1)
+
+
+def decoder_study(args, dataset, root) -> dict:
+    rows, panels = {}, []
+    test = dataset.test[:16]
+    for name in DECODERS:
+        workdir = os.path.join(root, "decoders", name)
+        model, objective, result = train_variant(args, dataset, workdir, name, (400,), num_samples=5)
+        params = result.state.eval_params
+        x = objective.preprocess(jnp.asarray(test))
+        recon = model.apply({"params": params}, x, method=vae.VAE.reconstruct)
+        panels.append(viz.interleave_pairs(to_images(x), to_images(recon)))
+        metrics = dict(result.test_metrics)
+        metrics["bits_per_dim"] = float(evaluate.image_bits_per_dim(
+            metrics["neg_elbo"], 784, model.likelihood))
+        rows[name] = metrics
+    figure = viz.save_image_grid(np.concatenate(panels), os.path.join(root, "decoders.png"), ncols=8,
+                                 title="original | reconstruction; rows of 4 pairs: "
+                                       + ", then ".join(DECODERS.values()))
+    return {"metrics": rows, "figure": os.path.basename(figure)}
+
+
+def limiting_chain(model, params, rng, num=64, steps=100) -> np.ndarray:
+    """Decoder means mu_t of the chain z -> mu = d(z) -> x ~ p(x|z) -> z ~ q(z|x), (steps, num, 784)."""
+    variables = {"params": params}
+
+    def step(z, key):
+        noise_key, latent_key = jax.random.split(key)
+        out = model.apply(variables, z, method=vae.VAE.decode)
+        x = model.likelihood.sample(noise_key, out)
+        mean, log_var = model.apply(variables, x, method=vae.VAE.encode)
+        z_next = mean + jnp.exp(0.5 * log_var) * jax.random.normal(latent_key, mean.shape)
+        return z_next, model.likelihood.mean(out)
+
+    z0 = jax.random.normal(rng, (num, model.latent_dim))
+    _, means = jax.jit(lambda z, keys: jax.lax.scan(step, z, keys))(
+        z0, jax.random.split(jax.random.fold_in(rng, 1), steps))
+    return np.asarray(means)
+
+
+def save_gif(frames: np.ndarray, path: str) -> str:
+    """(T, 64, 784) decoder means -> an animated GIF of the 8x8 tableau, 10 frames per second."""
+    images = [Image.fromarray(viz.image_grid(data.unscale_images(to_images(f)), 8).squeeze(-1))
+              for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=100, loop=0)
+    return path
+
+
+def depth_study(args, dataset, root) -> dict:
+    rows, curves = {}, {}
+    rng = jax.random.key(args.seed + 1)
+    for name, hidden in DEPTHS.items():
+        workdir = os.path.join(root, "depth", name)
+        model, objective, result = train_variant(args, dataset, workdir, "unit_gaussian", hidden, 1)
+        params = result.state.eval_params
+        variables = {"params": params}
+        x = objective.preprocess(jnp.asarray(dataset.test[:256]))
+        mean, log_var = model.apply(variables, x, method=vae.VAE.encode)
+        z = mean + jnp.exp(0.5 * log_var) * jax.random.normal(rng, mean.shape)
+        recon = model.likelihood.mean(model.apply(variables, z, method=vae.VAE.decode))
+        kl_dims = np.asarray(evaluate.per_dim_kl(model, params, dataset.test[:256],
+                                                 preprocess=objective.preprocess))
+        samples = model.apply(variables, rng, 64, method=vae.VAE.sample)
+        figures = [
+            viz.save_image_grid(viz.interleave_pairs(to_images(x[:16]), to_images(recon[:16])),
+                                os.path.join(root, f"{name}_reconstructions.png"), ncols=8,
+                                title=f"{name}: test digits | reconstructions (z ~ q)"),
+            viz.save_image_grid(to_images(samples), os.path.join(root, f"{name}_samples.png"),
+                                ncols=8, title=f"{name}: decoded prior samples"),
+            viz.save_histogram(kl_dims, os.path.join(root, f"{name}_kl_histogram.png"),
+                               threshold=COLLAPSE_NATS,
+                               title=f"{name}: KL per latent dimension (256 test digits)"),
+            save_gif(limiting_chain(model, params, rng), os.path.join(root, f"{name}_chain.gif")),
+        ]
+        rows[name] = {**result.test_metrics, "parameters": count_parameters(params),
+                      "collapsed_dims": int(np.sum(kl_dims < COLLAPSE_NATS)),
+                      "figures": [os.path.basename(f) for f in figures]}
+        curves[name] = os.path.join(workdir, "metrics.csv")
+    figure = viz.save_curve_comparison(curves, os.path.join(root, "depth_elbo_curves.png"),
+                                       name="neg_elbo", unit=NATS,
+                                       title="test -ELBO: baseline vs deep MLP VAE")
+    return {"metrics": rows, "figure": os.path.basename(figure)}
+
+
+def train_and_evaluate(args) -> dict:
+    root = common.workdir(args, EXPERIMENT)
+    dataset = common.load_dataset(args)
+    if dataset.event_shape != (32, 32, 1):
+        raise data.DataError(f"{EXPERIMENT} takes MNIST digits; {dataset.name} has shape "
+                             f"{dataset.event_shape}.")
+    studies = {}
+    if args.study in ("decoders", "all"):
+        studies["decoders"] = decoder_study(args, dataset, root)
+    if args.study in ("depth", "all"):
+        studies["depth"] = depth_study(args, dataset, root)
+    summary = records.update_json(os.path.join(root, "summary.json"), {
+        "studies": studies, "units": UNITS, "dataset": dataset.describe()})
+    for study, result in studies.items():
+        for variant, metrics in result["metrics"].items():
+            extra = "".join(f", {k} {metrics[k]}" for k in ("parameters", "collapsed_dims") if k in metrics)
+            print(f"{study}/{variant}: test -ELBO {metrics['neg_elbo']:.2f} nats "
+                  f"(recon {metrics['recon']:.2f}, KL {metrics['kl']:.2f}){extra}")
+    print(f"figures and summary.json in {root}")
+    return summary
+
+
+def main(argv=None):
+    p = common.parser(EXPERIMENT, __doc__, ["mnist_embedded", "mnist"], "mnist_embedded", epochs=20)
+    p.add_argument("--study", default="all", choices=["all", "decoders", "depth"])
+    p.add_argument("--latent_dim", type=int, default=20)
+    common.run(p, train_and_evaluate, argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
