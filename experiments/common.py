@@ -43,6 +43,8 @@ def parser(experiment: str, description: str, datasets, default_dataset: str,
                    help="training steps compiled into one lax.scan call; default 100, or 1 for "
                         "convolutional models on CPU (XLA:CPU runs convolutions inside loops many "
                         "times slower, jax-ml/jax#12868)")
+    p.add_argument("--grad_clip", type=float, default=None,
+                   help="clip the global gradient norm to this before each Adam step")
     p.add_argument("--ema_decay", type=float, default=None,
                    help="evaluate, checkpoint and sample with an exponential moving average of "
                         "the parameters with this decay (e.g. 0.999); 0 turns it off")
@@ -81,7 +83,8 @@ def train_config(args, convolutional: bool) -> TrainConfig:
         steps_per_call = 1 if convolutional and jax.default_backend() == "cpu" else 100
     return TrainConfig(epochs=2 if args.quick else args.epochs, batch_size=args.batch_size,
                        learning_rate=args.learning_rate, seed=args.seed,
-                       steps_per_call=steps_per_call, ema_decay=args.ema_decay or None,
+                       steps_per_call=steps_per_call, grad_clip_norm=args.grad_clip,
+                       ema_decay=args.ema_decay or None,
                        progress=not args.no_progress)
 
 

@@ -46,7 +46,8 @@ MSE = "mean squared error per element"
 UNITS = {
     "loss": f"{MSE}: recon_mse + vq_loss, the training objective",
     "recon_mse": f"{MSE}, images in [-1, 1]",
-    "vq_loss": f"{MSE} of the latents: codebook + beta * commitment (beta * commitment with --ema)",
+    "vq_loss": f"{MSE} of the latents: codebook + beta * commitment (beta * commitment with "
+               "--ema_codebook)",
     "codebook_loss": f"{MSE} of the latents: ||sg(z_e) - z_q||^2",
     "commitment_loss": f"{MSE} of the latents: ||z_e - sg(z_q)||^2",
     "reference_loss": "recon_mse + codebook_loss + commitment_loss: the course's total test loss",
@@ -67,7 +68,7 @@ REFERENCE_RESULTS = {
 def build_models(args, dataset: data.Dataset):
     """The VQ-VAE and the prior the flags name, narrower with --quick."""
     code_dim = QUICK_CODE_DIM if args.quick else vqvae.CODE_DIM
-    model = vqvae.conv_vqvae(dataset.event_shape, vqvae.NUM_CODES, code_dim, ema=args.ema)
+    model = vqvae.conv_vqvae(dataset.event_shape, vqvae.NUM_CODES, code_dim, ema=args.ema_codebook)
     prior_settings = QUICK_PRIORS[args.prior] if args.quick else {}
     prior = vqvae.PRIORS[args.prior](vqvae.NUM_CODES, **prior_settings)
     return model, prior
@@ -116,12 +117,12 @@ def train_and_evaluate(args) -> dict:
         raise data.DataError(f"vqvae trains on images; {dataset.name} is not an image dataset.")
     model, prior = build_models(args, dataset)
     model_settings = dict(num_codes=model.quantizer.num_codes, code_dim=model.quantizer.code_dim,
-                          ema=args.ema)
+                          ema_codebook=args.ema_codebook)
 
     config = common.train_config(args, convolutional=True)
     stage1 = fit(vqvae_objective(model), dataset.train, dataset.test, config,
                  os.path.join(workdir, "vqvae"), common.run_config(args, "vqvae", **model_settings))
-    variables = {"params": stage1.state.params, **stage1.state.model_state}
+    variables = {"params": stage1.state.eval_params, **stage1.state.model_state}
     train_codes, test_codes = (
         vqvae.encode_dataset(model, variables, images, config.eval_batch_size, data.scale_images)
         for images in (dataset.train, dataset.test))
@@ -134,9 +135,11 @@ def train_and_evaluate(args) -> dict:
                  common.run_config(args, "vqvae_prior", prior=args.prior, **model_settings,
                                    vqvae_step=int(stage1.state.step)))
 
-    _, samples = vqvae.sample(model, variables, prior, stage2.state.params,
+    _, samples = vqvae.sample(model, variables, prior, stage2.state.eval_params,
                               jax.random.key(args.seed + 1), NUM_SAMPLES, test_codes.shape[1:])
-    reconstructions = vqvae.decode(model, variables, test_codes[:NUM_RECONSTRUCTIONS])
+    # Evenly spaced test images: a test set cut from photos in order starts with 50 of sky.
+    shown = np.linspace(0, len(dataset.test) - 1, NUM_RECONSTRUCTIONS).astype(int)
+    reconstructions = vqvae.decode(model, variables, test_codes[shown])
     vq = stage1.test_metrics
     # Usage and perplexity over the whole test set replace the batch means of `fit`.
     metrics = {**vq, **vqvae.code_statistics(test_codes, model.quantizer.num_codes),
@@ -144,7 +147,7 @@ def train_and_evaluate(args) -> dict:
                "prior_nll": stage2.test_metrics["prior_nll"]}
 
     title = f"VQ-VAE + {args.prior} on {dataset.name}"
-    test_images = data.scale_images(dataset.test[:NUM_RECONSTRUCTIONS])
+    test_images = data.scale_images(dataset.test[shown])
     figures = save_figures(workdir, title, samples, test_images, np.asarray(reconstructions))
     summary = records.update_json(os.path.join(workdir, "summary.json"), {
         "config": {"vqvae": stage1.summary["config"], "prior": stage2.summary["config"]},
@@ -168,14 +171,14 @@ def parser():
                    help="the autoregressive prior over the code grid (stage 2)")
     p.add_argument("--prior_epochs", type=int, default=20,
                    help="epochs of stage 2 (--epochs sets stage 1); --quick runs 2")
-    p.add_argument("--ema", action="store_true",
-                   help="learn the codebook by exponential moving averages (beta = 0.25) instead "
-                        "of by gradient (beta = 1, the course's VQ-VAE)")
+    p.add_argument("--ema_codebook", action="store_true",
+                   help="learn the codebook by exponential moving averages of the encoder outputs "
+                        "(beta = 0.25) instead of by gradient (beta = 1, the course's VQ-VAE)")
     return p
 
 
 def main(argv=None):
-    return train_and_evaluate(parser().parse_args(argv))
+    return common.run(parser(), train_and_evaluate, argv)
 
 
 if __name__ == "__main__":

@@ -163,3 +163,15 @@ def test_ema_is_evaluated_checkpointed_and_resumed_exactly(tmp_path):
     for a, b in zip(jax.tree.leaves(full.state.ema_params), jax.tree.leaves(resumed.state.ema_params)):
         np.testing.assert_array_equal(a, b)
     assert full.test_metrics == resumed.test_metrics
+
+
+def test_gradient_clipping_bounds_the_first_update(tmp_path):
+    import optax
+    one_step = TrainConfig(epochs=1, batch_size=640, steps_per_call=1, progress=False)
+    start = fit(tiny_objective(), TRAIN, TEST, TrainConfig(epochs=0, progress=False),
+                str(tmp_path / "start"))
+    clipped = fit(tiny_objective(), TRAIN, TEST,
+                  TrainConfig(**{**one_step.__dict__, "grad_clip_norm": 1e-3}),
+                  str(tmp_path / "clipped"), tx=optax.sgd(1.0))
+    step = [a - b for a, b in zip(params_of(clipped), params_of(start))]
+    assert float(optax.tree.norm(step)) == pytest.approx(1e-3, rel=1e-3)  # sgd(1) moves by the clip

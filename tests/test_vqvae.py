@@ -7,10 +7,12 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import matplotlib.image
 import numpy as np
 import optax
 import pytest
 
+from experiments import vqvae as vqvae_experiment
 from lvm_jax import data
 from lvm_jax.models import vqvae
 from lvm_jax.nn.masked_conv import PixelCNN
@@ -210,10 +212,8 @@ def test_prior_loss_is_the_cross_entropy_in_nats_and_samples_decode(tiny):
 
 def test_experiment_quick_smoke(tmp_path):
     """`python -m experiments.vqvae --quick`: both stages, figures and summary (about 20 s)."""
-    from experiments import vqvae as experiment
-
     workdir = str(tmp_path / "run")
-    experiment.main(["--quick", "--workdir", workdir, "--no_progress", "--batch_size", "128"])
+    vqvae_experiment.main(["--quick", "--workdir", workdir, "--no_progress"])
     with open(os.path.join(workdir, "summary.json")) as f:
         summary = json.load(f)
     metrics = summary["test_metrics"]
@@ -222,7 +222,10 @@ def test_experiment_quick_smoke(tmp_path):
         assert np.isfinite(metrics[key]) and key in summary["units"], key
     assert 0 < metrics["codebook_usage"] <= 1 and 1 <= metrics["perplexity"] <= 128
     assert summary["reference_results"]["cifar10"] == {"reference_loss": 0.0474, "prior_nll": 2.753}
-    for name in ("samples.png", "reconstructions.png", "curves_vqvae.png", "curves_prior.png"):
-        assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+    assert sorted(summary["figures"]) == ["curves_prior.png", "curves_vqvae.png",
+                                          "reconstructions.png", "samples.png"]
+    for name in summary["figures"]:
+        image = matplotlib.image.imread(os.path.join(workdir, name))
+        assert image.shape[0] > 100 and image.std() > 0.05, f"{name} looks blank"
     for stage in ("vqvae", "prior"):
         assert os.path.isdir(os.path.join(workdir, stage, "checkpoints")), stage

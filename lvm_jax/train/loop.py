@@ -127,7 +127,8 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
       config: loop hyperparameters.
       workdir: output directory.
       run_config: the experiment's settings; a resumed run must have the same.
-      tx: optimizer, default Adam(config.learning_rate).
+      tx: optimizer, default Adam(config.learning_rate); preceded by gradient clipping
+        when config.grad_clip_norm is set.
       mesh: a Mesh with a "data" axis; default all devices.
     Raises:
       ValueError: bad sizes (batch larger than the data, not divisible by the devices).
@@ -168,7 +169,10 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
     example = objective.preprocess(jnp.asarray(train_data[:1]))
     variables = objective.init(init_key, example)
     params = variables.pop("params")
-    state = TrainState.create(apply_fn=None, params=params, tx=tx or optax.adam(config.learning_rate),
+    tx = tx or optax.adam(config.learning_rate)
+    if config.grad_clip_norm is not None:
+        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+    state = TrainState.create(apply_fn=None, params=params, tx=tx,
                               model_state=variables,
                               ema_params=params if config.ema_decay is not None else None)
     state = jax.device_put(state, batching.replicated(mesh))

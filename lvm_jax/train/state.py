@@ -86,6 +86,9 @@ class TrainConfig:
         convolutional models on CPU, where XLA runs convolutions inside loops
         many times slower (jax-ml/jax#12868); 100 elsewhere.
       eval_batch_size: batch size of test-set evaluation.
+      grad_clip_norm: clip the global gradient norm to this before the optimizer
+        (None: off); keeps ill-posed objectives such as a learned-variance
+        Gaussian decoder on images from diverging.
       ema_decay: keep an exponential moving average of the parameters with this
         decay and evaluate, checkpoint and sample with it (None: off).
       progress: show a tqdm progress bar.
@@ -97,6 +100,7 @@ class TrainConfig:
     seed: int = 0
     steps_per_call: int = 100
     eval_batch_size: int = 500
+    grad_clip_norm: float | None = None
     ema_decay: float | None = None
     progress: bool = True
 
