@@ -74,14 +74,13 @@ def build_models(args, dataset: data.Dataset):
     return model, prior
 
 
-# Inits are compiled whole: run op by op, every initialiser's shape would compile alone.
 def vqvae_objective(model: vqvae.VQVAE) -> Objective:
-    return Objective(init=jax.jit(model.init), loss=functools.partial(vqvae.loss_fn, model),
+    return Objective(init=model.init, loss=functools.partial(vqvae.loss_fn, model),
                      preprocess=data.scale_images, units=UNITS)
 
 
 def prior_objective(prior) -> Objective:
-    return Objective.stateless(init=jax.jit(prior.init),
+    return Objective.stateless(init=prior.init,
                                loss_fn=functools.partial(vqvae.prior_loss_fn, prior),
                                units=PRIOR_UNITS)
 

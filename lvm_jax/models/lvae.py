@@ -33,6 +33,7 @@ by sub-pixel transposed convolutions that end top-down layer i). The default
 spreads two halvings evenly over the layers, so the top latents are 4x4.
 """
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -43,11 +44,10 @@ import jax.numpy as jnp
 
 from lvm_jax import losses
 from lvm_jax.models.likelihoods import Likelihood
-from lvm_jax.nn.conv import PAD1, SubPixelConvTranspose
+from lvm_jax.nn.conv import SubPixelConvTranspose
 from lvm_jax.nn.dense import soft_clamp
 
 LOG_VAR_BOUND = 10.0  # latent log-variances live in (-10, 10) nats, as in GaussianHead
-STEM_PAD = ((2, 2), (2, 2))  # a 5x5 stride-2 convolution that exactly halves H and W
 
 
 class DiagNormal(NamedTuple):
@@ -110,9 +110,10 @@ def _normalised_at_init(layer: nn.Module, x: jax.Array, data_init: bool) -> jax.
 
 
 def _conv(features: int, kernel: int = 3, **kwargs) -> nn.Conv:
-    """A 'same' convolution with PyTorch's symmetric padding."""
-    padding = PAD1 if kernel == 3 else "SAME"
-    return nn.Conv(features, (kernel, kernel), padding=padding, **kwargs)
+    """A k x k convolution padded by k // 2 on every side, like PyTorch's padding=k//2
+    (flax's "SAME" pads (0, 1) at stride 2, which shifts the grid by a pixel). At stride
+    1 it keeps H and W; at stride 2 it halves them."""
+    return nn.Conv(features, (kernel, kernel), padding=((kernel // 2,) * 2,) * 2, **kwargs)
 
 
 class ResBlock(nn.Module):
@@ -201,17 +202,17 @@ class TopDownLayer(nn.Module):
         channels = 2 * self.latent_shape[-1]
         # Zero-initialised heads start p and the bottom-up estimate of q at N(0, I),
         # whatever the scale of the features.
-        head = lambda name: _conv(channels, kernel_init=nn.initializers.zeros, name=name)  # noqa: E731
+        head = functools.partial(_conv, channels, kernel_init=nn.initializers.zeros)
         if self.is_top:
             top = (self.param("prior", nn.initializers.zeros, (*self.latent_shape[:2], channels))
                    if self.learn_prior else jnp.zeros((*self.latent_shape[:2], channels)))
             prior = _diag_normal(jnp.broadcast_to(top, (eps.shape[0], *top.shape)))
         else:
-            prior = _diag_normal(head("prior")(h))
+            prior = _diag_normal(head(name="prior")(h))
         if d is None:
             dist = prior
         else:
-            bottom_up = _diag_normal(head("posterior")(d))
+            bottom_up = _diag_normal(head(name="posterior")(d))
             dist = bottom_up if self.is_top else precision_weighted(bottom_up, prior)
         z = dist.mean + jnp.exp(0.5 * dist.log_var) * eps
 
@@ -283,7 +284,7 @@ class LVAE(nn.Module):
                              f"divisible by {factor} for the downsampling schedule {self.schedule}.")
         common = dict(hidden=self.hidden, num_blocks=self.blocks_per_layer, gated=self.gated,
                       data_init=self.data_init)
-        self.stem = nn.Conv(self.hidden, (5, 5), strides=(2, 2), padding=STEM_PAD)
+        self.stem = _conv(self.hidden, 5, strides=(2, 2))
         self.bottom_up_layers = [BottomUpLayer(downsample=s, **common) for s in self.schedule]
         self.top_down_layers = [
             TopDownLayer(latent_shape=shape, upsample=s, is_top=i == self.num_layers - 1,
@@ -410,7 +411,7 @@ def loss_fn(model: LVAE, params, x: jax.Array, rng: jax.Array, free_bits: float 
       model: the LVAE; params: its parameters.
       x: (batch, *image_shape) data in the model's range.
       rng: PRNG key for the reparameterised samples.
-      free_bits: nats per layer (0 trains on the ELBO itself).
+      free_bits: nats per layer; 0 trains on the ELBO itself.
     Returns:
       (loss, metrics): `neg_elbo` = `recon` + `kl`, `recon` = -log p(x | z),
       `kl` = sum of the layers' KLs, and `kl_layer_1` ... `kl_layer_L`.
@@ -419,7 +420,10 @@ def loss_fn(model: LVAE, params, x: jax.Array, rng: jax.Array, free_bits: float 
     recon = -terms["log_px_z"].mean()
     kl_layers = terms["kl_layers"].mean(axis=0)
     kl = kl_layers.sum()
-    loss = recon + jnp.maximum(kl_layers, free_bits).sum()
+    # free_bits = 0 is the ELBO itself: a Monte Carlo KL can be negative on a batch, and
+    # clamping it at 0 would change the objective.
+    clamped = jnp.where(free_bits > 0, jnp.maximum(kl_layers, free_bits), kl_layers)
+    loss = recon + clamped.sum()
     metrics = {"neg_elbo": recon + kl, "recon": recon, "kl": kl}
     metrics.update({f"kl_layer_{i + 1}": kl_layers[i] for i in range(model.num_layers)})
     return loss, metrics

@@ -167,7 +167,7 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
 
     init_key, train_key, eval_key = _keys(config.seed)
     example = objective.preprocess(jnp.asarray(train_data[:1]))
-    variables = objective.init(init_key, example)
+    variables = jax.jit(objective.init)(init_key, example)  # one compiled op, not hundreds
     params = variables.pop("params")
     tx = tx or optax.adam(config.learning_rate)
     if config.grad_clip_norm is not None:
