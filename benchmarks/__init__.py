@@ -1,0 +1,1 @@
+"""Speed and quality benchmarks of lvm_jax against PyTorch: `python -m benchmarks.run`."""

@@ -107,3 +107,15 @@ def test_beta_and_free_bits_change_the_objective_not_the_reported_elbo():
     recon_grad = jax.grad(lambda p: vae.loss_fn(model, p, x, rng)[1]["recon"])(params)
     for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(recon_grad)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_mlp_encoder_applies_relu_before_the_gaussian_head():
+    """Dense-ReLU-Dense-ReLU-Dense (REFERENCE.md §1): a purely negative hidden layer gives
+    the head nothing but its bias."""
+    model = vae.mlp_vae(2, 2, (4,), likelihoods.get("gaussian"))
+    x = jnp.ones((1, 2))
+    params = model.init(jax.random.key(0), x, jax.random.key(1))["params"]
+    params["trunk"]["Dense_0"]["kernel"] = -jnp.ones((2, 4))
+    params["head"]["Dense_0"]["kernel"] = jnp.ones((4, 4))
+    mean, _ = model.apply({"params": params}, x, method=vae.VAE.encode)
+    np.testing.assert_allclose(mean, 0.0)

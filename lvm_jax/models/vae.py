@@ -120,7 +120,7 @@ def mlp_vae(event_dim: int, latent_dim: int, hidden: Sequence[int], likelihood: 
     The encoder's hidden widths are `hidden`, the decoder's the same reversed;
     `hidden=()` gives single-layer (linear) encoder and decoder.
     """
-    return VAE(trunk=MLP(tuple(hidden)),
+    return VAE(trunk=MLP(tuple(hidden), activate_final=True),
                decoder=MLP((*reversed(hidden), math.prod(likelihood.out_shape((event_dim,)))),
                            zero_init_output=True),
                prior=prior or StandardNormalPrior(latent_dim), likelihood=likelihood,

@@ -17,7 +17,8 @@ def soft_clamp(x: jax.Array, bound: float) -> jax.Array:
 
 
 class MLP(nn.Module):
-    """Dense layers with ReLU between them (none after the last).
+    """Dense layers with ReLU between them, and after the last when `activate_final`
+    (for a trunk that feeds another layer, as Haiku's MLP).
 
     `zero_init_output` starts the last layer at zero, so an output that
     parameterises a distribution starts at a neutral value (mean 0,
@@ -25,6 +26,7 @@ class MLP(nn.Module):
     """
 
     features: Sequence[int]
+    activate_final: bool = False
     zero_init_output: bool = False
 
     @nn.compact
@@ -33,7 +35,7 @@ class MLP(nn.Module):
             last = i == len(self.features) - 1
             init = nn.initializers.zeros if last and self.zero_init_output else nn.initializers.lecun_normal()
             x = nn.Dense(width, kernel_init=init)(x)
-            if not last:
+            if not last or self.activate_final:
                 x = nn.relu(x)
         return x
 
