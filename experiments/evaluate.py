@@ -26,13 +26,12 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import numpy as np
-import optax
 
 from experiments import common
 from lvm_jax import data, evaluate
 from lvm_jax.models.priors import StandardNormalPrior
-from lvm_jax.train import (CheckpointError, Checkpointer, Objective, TrainState,
-                           device_description, records)
+from lvm_jax.train import (CheckpointError, Checkpointer, Objective, TrainConfig,
+                           device_description, initial_state, records)
 
 # Experiments whose config.json does not name their model's module or dataset directly.
 MODEL_MODULES = {"vlae": "vae"}  # the VLAE is experiments.vae's model with the MADE prior
@@ -102,13 +101,7 @@ def restore_eval_params(workdir: str, objective, example: np.ndarray, train_conf
         if checkpointer.latest_step() is None:
             raise CheckpointError(
                 f"{checkpointer.directory} holds no checkpoint: train the run first.")
-        variables = objective.init(jax.random.key(0), objective.preprocess(example))
-        params = variables.pop("params")
-        like = TrainState.create(
-            apply_fn=None, params=params, tx=optax.adam(train_config["learning_rate"]),
-            model_state=variables,
-            ema_params=params if train_config.get("ema_decay") is not None else None)
-        state = checkpointer.restore(like)
+        state = checkpointer.restore(initial_state(objective, example, TrainConfig(**train_config)))
     finally:
         checkpointer.close()
     return state.eval_params, int(state.step)

@@ -53,7 +53,7 @@ def build_model(likelihood: str, hidden, latent_dim: int) -> vae.VAE:
     return vae.mlp_vae(784, latent_dim, tuple(hidden), likelihoods.get(likelihood))
 
 
-def make_objective(model: vae.VAE, num_samples: int) -> Objective:
+def make_objective(model: vae.VAE, num_samples: int = 1) -> Objective:
     binarize = isinstance(model.likelihood, likelihoods.Bernoulli)
     return Objective.stateless(
         init=lambda rng, x: model.init(rng, x, rng),
@@ -191,7 +191,7 @@ def main(argv=None):
     # let the variance shrink without limit); unclipped, its gradient norms reach 1e5 and
     # the test -ELBO swings by 1000 nats between epochs.
     p.set_defaults(grad_clip=1000.0)
-    common.run(p, train_and_evaluate, argv)
+    return common.run(p, train_and_evaluate, argv)
 
 
 if __name__ == "__main__":

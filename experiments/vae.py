@@ -136,7 +136,7 @@ def parser(experiment: str, description: str, default_prior: str):
 
 
 def main(argv=None):
-    common.run(parser("vae", __doc__, "standard"), train_and_evaluate, argv, "vae")
+    return common.run(parser("vae", __doc__, "standard"), train_and_evaluate, argv, "vae")
 
 
 if __name__ == "__main__":

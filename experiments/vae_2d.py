@@ -77,7 +77,7 @@ def train_and_evaluate(args) -> dict:
 def main(argv=None):
     p = common.parser(EXPERIMENT, __doc__, ["1", "2", "1b", "2b"], "1", epochs=10)
     p.set_defaults(ema_decay=0.99)
-    common.run(p, train_and_evaluate, argv)
+    return common.run(p, train_and_evaluate, argv)
 
 
 if __name__ == "__main__":

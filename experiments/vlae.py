@@ -14,7 +14,7 @@ from experiments import common, vae
 
 
 def main(argv=None):
-    common.run(vae.parser("vlae", __doc__, "made"), vae.train_and_evaluate, argv, "vlae")
+    return common.run(vae.parser("vlae", __doc__, "made"), vae.train_and_evaluate, argv, "vlae")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,10 @@ of an unbiased importance weight and the importance-weighted bound of
 Free bits (Kingma et al. 2016) clamp each layer's batch-mean KL from below in
 the training objective only; the reported -ELBO never includes them.
 
+Residual blocks carry no BatchNorm (each example's terms must depend on that
+example alone); the seed's data-dependent initialisation (`data_init`) scales
+every hidden convolution to unit-variance outputs on a batch of data instead.
+
 Resolution schedule for 32x32 inputs: a 5x5 stride-2 stem halves to 16x16,
 then `downsample[i]` stride-2 convolutions start bottom-up layer i (mirrored
 by sub-pixel transposed convolutions that end top-down layer i). The default
@@ -262,8 +266,9 @@ class LVAE(nn.Module):
     @property
     def schedule(self) -> tuple[int, ...]:
         """Stride-2 steps per layer, bottom first."""
-        return tuple(self.downsample) if self.downsample is not None else downsampling_schedule(
-            self.num_layers)
+        if self.downsample is None:
+            return downsampling_schedule(self.num_layers)
+        return tuple(self.downsample)
 
     def latent_shapes(self) -> list[tuple[int, int, int]]:
         """(h_i, w_i, latent_channels) of z_1 ... z_L."""

@@ -41,6 +41,28 @@ def _keys(seed: int):
     return init_key, train_key, eval_key
 
 
+def initial_state(objective: Objective, example: np.ndarray, config: TrainConfig,
+                  tx: optax.GradientTransformation | None = None) -> TrainState:
+    """The TrainState `fit` starts from, and the target a checkpoint restores into.
+
+    Args:
+      objective: the model's init and loss.
+      example: one stored example batch (1, ...), e.g. `dataset.train[:1]`.
+      config: the run's TrainConfig (seed, optimizer, clipping, EMA).
+      tx: optimizer, default Adam(config.learning_rate); preceded by gradient clipping
+        when config.grad_clip_norm is set.
+    """
+    init_key = _keys(config.seed)[0]
+    example = objective.preprocess(jnp.asarray(example))
+    variables = jax.jit(objective.init)(init_key, example)  # one compiled op, not hundreds
+    params = variables.pop("params")
+    tx = tx or optax.adam(config.learning_rate)
+    if config.grad_clip_norm is not None:
+        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+    return TrainState.create(apply_fn=None, params=params, tx=tx, model_state=variables,
+                             ema_params=params if config.ema_decay is not None else None)
+
+
 def make_train_chunk(objective: Objective, mesh, ema_decay: float | None = None):
     """jit((state, data, idx (n, batch), key) -> (state, metrics stacked over n steps))."""
 
@@ -127,8 +149,7 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
       config: loop hyperparameters.
       workdir: output directory.
       run_config: the experiment's settings; a resumed run must have the same.
-      tx: optimizer, default Adam(config.learning_rate); preceded by gradient clipping
-        when config.grad_clip_norm is set.
+      tx: optimizer, default Adam(config.learning_rate) (see `initial_state`).
       mesh: a Mesh with a "data" axis; default all devices.
     Raises:
       ValueError: bad sizes (batch larger than the data, not divisible by the devices).
@@ -165,17 +186,9 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
     num_train = len(train_data)
     checkpointer.check_config(saved_config)
 
-    init_key, train_key, eval_key = _keys(config.seed)
-    example = objective.preprocess(jnp.asarray(train_data[:1]))
-    variables = jax.jit(objective.init)(init_key, example)  # one compiled op, not hundreds
-    params = variables.pop("params")
-    tx = tx or optax.adam(config.learning_rate)
-    if config.grad_clip_norm is not None:
-        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
-    state = TrainState.create(apply_fn=None, params=params, tx=tx,
-                              model_state=variables,
-                              ema_params=params if config.ema_decay is not None else None)
-    state = jax.device_put(state, batching.replicated(mesh))
+    _, train_key, eval_key = _keys(config.seed)
+    state = jax.device_put(initial_state(objective, train_data[:1], config, tx),
+                           batching.replicated(mesh))
     resume_step = checkpointer.latest_step()
     if resume_step is not None:
         state = checkpointer.restore(state)
