@@ -26,7 +26,7 @@ from experiments import vae as vae_experiment
 from lvm_jax import data
 from lvm_jax.models import likelihoods, vae
 from lvm_jax.models.priors import StandardNormalPrior
-from lvm_jax.nn.conv import PAD1, ConvDecoder, ConvEncoder, SubPixelConvTranspose
+from lvm_jax.nn.conv import ConvDecoder, ConvEncoder, SubPixelConvTranspose
 
 NAME = "conv_transpose"
 IN_CHANNELS, OUT_CHANNELS, SIZE = 128, 64, 8
@@ -37,19 +37,6 @@ TORCH_PADDING = ((2, 2), (2, 2))  # k - 1 - p for kernel 4, padding 1
 def flax_conv_transpose(features: int) -> nn.ConvTranspose:
     """flax's transposed convolution with PyTorch's ConvTranspose2d(k=4, s=2, p=1) geometry."""
     return nn.ConvTranspose(features, (4, 4), strides=(2, 2), padding=TORCH_PADDING)
-
-
-class FlaxConvTransposeDecoder(nn.Module):
-    """lvm_jax's ConvDecoder with `nn.ConvTranspose` in place of `SubPixelConvTranspose`."""
-
-    out_channels: int
-
-    @nn.compact
-    def __call__(self, z: jax.Array) -> jax.Array:
-        h = nn.relu(nn.Dense(4 * 4 * 128)(z)).reshape(z.shape[0], 4, 4, 128)
-        for width in (128, 64, 32):
-            h = nn.relu(flax_conv_transpose(width)(h))
-        return nn.Conv(self.out_channels, (3, 3), padding=PAD1)(h)
 
 
 def _assert_same_layer(x: jax.Array):
@@ -119,7 +106,7 @@ def _image_vae(decoder: nn.Module) -> vae.VAE:
 
 def step_rows(settings: Settings) -> list[Row]:
     train = data.load("patches_embedded").train
-    models = {"flax nn.ConvTranspose": _image_vae(FlaxConvTransposeDecoder(3)),
+    models = {"flax nn.ConvTranspose": _image_vae(ConvDecoder(3, upsample=flax_conv_transpose)),
               "lvm_jax SubPixelConvTranspose": _image_vae(ConvDecoder(3))}
     number = 1 if settings.quick else 3
     rows = []

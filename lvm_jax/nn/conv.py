@@ -1,5 +1,7 @@
 """Convolutional encoders and decoders of the image models (REFERENCE.md §2), NHWC."""
 
+from collections.abc import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -79,15 +81,20 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """Latents (batch, L) -> (batch, 32, 32, out_channels), the decoder of REFERENCE.md §2."""
+    """Latents (batch, L) -> (batch, 32, 32, out_channels), the decoder of REFERENCE.md §2.
+
+    `upsample(features)` builds each ConvTranspose(4x4, stride 2, padding 1) layer;
+    the benchmarks swap in flax's `nn.ConvTranspose` to compare.
+    """
 
     out_channels: int
+    upsample: Callable[[int], nn.Module] = SubPixelConvTranspose
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
         h = nn.relu(nn.Dense(4 * 4 * 128)(z)).reshape(z.shape[0], 4, 4, 128)
         for width in (128, 64, 32):
-            h = nn.relu(SubPixelConvTranspose(width)(h))
+            h = nn.relu(self.upsample(width)(h))
         return nn.Conv(self.out_channels, (3, 3), padding=PAD1)(h)
 
 
