@@ -54,11 +54,11 @@ def binarize(x):
 
 
 def build_model(dataset: data.Dataset, latent_layers: int, likelihood: str, latent_channels: int,
-                hidden: int, blocks_per_layer: int, skip: bool, gated: bool,
+                hidden: int, blocks_per_layer: int, merge: str, skip: bool, gated: bool,
                 learn_top_prior: bool, data_init: bool) -> lvae.LVAE:
     return lvae.LVAE(image_shape=dataset.event_shape, likelihood=likelihoods.get(likelihood),
                      num_layers=latent_layers, latent_channels=latent_channels, hidden=hidden,
-                     blocks_per_layer=blocks_per_layer, skip=skip, gated=gated,
+                     blocks_per_layer=blocks_per_layer, merge=merge, skip=skip, gated=gated,
                      learn_top_prior=learn_top_prior, data_init=data_init)
 
 
@@ -151,7 +151,8 @@ def train_and_evaluate(args) -> dict:
     free_bits = default_free_bits(args.latent_layers) if args.free_bits is None else args.free_bits
     settings = dict(latent_layers=args.latent_layers, likelihood=likelihood,
                     latent_channels=args.latent_channels, hidden=args.hidden,
-                    blocks_per_layer=args.blocks_per_layer, skip=args.skip, gated=args.gated,
+                    blocks_per_layer=args.blocks_per_layer, merge=args.merge, skip=args.skip,
+                    gated=args.gated,
                     learn_top_prior=args.learn_top_prior, data_init=args.data_init)
     model = build_model(dataset, **settings)
     objective = make_objective(model, free_bits,
@@ -174,7 +175,7 @@ def train_and_evaluate(args) -> dict:
                                             f"({ELBO_SAMPLES} samples each)",
                      iwae_num_samples="importance samples per example",
                      iwae_num_examples="test examples evaluated")
-    title = f"LVAE ({args.latent_layers} layers) on {dataset.name}"
+    title = f"LVAE ({args.latent_layers} layer{'s' if args.latent_layers > 1 else ''}) on {dataset.name}"
     test_images = objective.preprocess(jnp.asarray(dataset.test[:50]))
     figures = save_figures(model, params, test_images, workdir, args.seed, title)
     kl_per_layer = [metrics[f"kl_layer_{i}"] for i in range(1, args.latent_layers + 1)]
@@ -205,6 +206,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=64, help="channels of the deterministic paths")
     p.add_argument("--blocks_per_layer", type=int, default=2,
                    help="residual blocks per layer in each path (the seed uses 4)")
+    p.add_argument("--merge", default="learned", choices=lvae.MERGES,
+                   help="how q combines the bottom-up and top-down paths below the top layer: "
+                        "a learned merge (the seed's) or precision weighting (the paper's)")
     p.add_argument("--skip", action=argparse.BooleanOptionalAction, default=True,
                    help="condition each layer on all layers above (else on the one above)")
     p.add_argument("--gated", action=argparse.BooleanOptionalAction, default=True,

@@ -56,14 +56,15 @@ def model_and_params():
     return model, params, moved, x
 
 
-@pytest.mark.parametrize("num_layers, latent_shapes", [
-    (1, [(1, 1, 4)]),
-    (2, [(2, 2, 4), (1, 1, 4)]),
-    (3, [(2, 2, 4), (1, 1, 4), (1, 1, 4)]),
+@pytest.mark.parametrize("num_layers, latent_shapes, merge", [
+    (1, [(1, 1, 4)], "learned"),
+    (2, [(2, 2, 4), (1, 1, 4)], "learned"),
+    (3, [(2, 2, 4), (1, 1, 4), (1, 1, 4)], "learned"),
+    (3, [(2, 2, 4), (1, 1, 4), (1, 1, 4)], "precision"),
 ])
-def test_shapes_for_several_depths(num_layers, latent_shapes):
+def test_shapes_for_several_depths(num_layers, latent_shapes, merge):
     """Shapes only (jax.eval_shape traces without compiling)."""
-    model = tiny_lvae(num_layers)
+    model = tiny_lvae(num_layers, merge=merge)
     assert model.latent_shapes() == latent_shapes
     x, rng = binary_images(5), jax.random.key(0)
     variables = jax.eval_shape(model.init, rng, x, rng)
@@ -103,6 +104,19 @@ def test_bad_shapes_are_refused_before_any_compute():
         jax.eval_shape(tiny_lvae(2).init, rng, jnp.zeros((1, 8, 8, 3)), rng)
     with pytest.raises(ValueError, match="one downsampling entry per layer"):
         jax.eval_shape(tiny_lvae(2, downsample=(2,)).init, rng, jnp.zeros((1, *IMAGE)), rng)
+    with pytest.raises(ValueError, match="merge must be one of"):
+        jax.eval_shape(tiny_lvae(2, merge="sum").init, rng, jnp.zeros((1, *IMAGE)), rng)
+
+
+def test_precision_weighting_is_the_normalised_product_of_the_two_gaussians():
+    rng = np.random.default_rng(0)
+    mean_hat, mean_p = rng.normal(size=(2, 5))
+    var_hat, var_p = np.exp(rng.normal(scale=2.0, size=(2, 5)))
+    q = lvae.precision_weighted(lvae.DiagNormal(jnp.asarray(mean_hat), jnp.log(var_hat)),
+                                lvae.DiagNormal(jnp.asarray(mean_p), jnp.log(var_p)))
+    var_q = 1.0 / (1.0 / var_hat + 1.0 / var_p)
+    np.testing.assert_allclose(np.exp(q.log_var), var_q, rtol=1e-5)
+    np.testing.assert_allclose(q.mean, (mean_hat / var_hat + mean_p / var_p) * var_q, rtol=1e-5)
 
 
 def test_data_dependent_init_normalises_the_first_layer(model_and_params):
