@@ -22,7 +22,8 @@ With "learned", q = p = N(0, I) at initialisation, so every layer starts at zero
 KL as the top one does. Precision weighting cannot start there with a usable
 bottom-up signal: at equal precisions q has half p's variance, which costs
 about 0.1 nats per latent dimension (~200 nats for an 8x8x32 layer) from the
-first step, and in our runs its lower layers collapsed early.
+first step. In 5-epoch runs on embedded MNIST its lower layers collapsed (3
+layers: 0.01 and 0.8 nats of KL below a 25-nat top; the learned merge: 22, 10, 9).
 
 The KL term of layer i is the single-sample Monte Carlo value
   log q(z_i | x, z_{>i}) - log p(z_i | z_{>i})   at the sampled z_i,
@@ -400,11 +401,13 @@ class LVAE(nn.Module):
         For latent diagnostics such as `evaluate.active_units`.
         """
         _, layers = self._at_means(x)
-        flat = lambda a: a.reshape(a.shape[0], -1)  # noqa: E731
-        return (jnp.concatenate([flat(q.mean) for _, q, _ in layers], axis=-1),
-                jnp.concatenate([flat(q.log_var) for _, q, _ in layers], axis=-1))
+        posteriors = [q for _, q, _ in layers]
+        # zip(*posteriors) groups the layers' means, then their log-variances.
+        return tuple(jnp.concatenate([part.reshape(x.shape[0], -1) for part in parts], axis=-1)
+                     for parts in zip(*posteriors))
 
-    def layer_samples(self, rng: jax.Array, layer, num_rows: int, num_cols: int) -> jax.Array:
+    def layer_samples(self, rng: jax.Array, layer: int | jax.Array, num_rows: int,
+                      num_cols: int) -> jax.Array:
         """The seed's view of what layer `layer` (1 = bottom, L = top) encodes.
 
         Each row draws z_{>layer} ~ p once; its columns draw z_layer ~ p(. | z_{>layer})
