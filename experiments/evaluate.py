@@ -128,7 +128,7 @@ def evaluate_run(args) -> dict:
                                                  preprocess=preprocess)
     diagnostics = {"active_units_threshold": args.active_threshold,
                    "unit_activity": activity.tolist()}
-    if isinstance(model.prior, StandardNormalPrior):
+    if isinstance(getattr(model, "prior", None), StandardNormalPrior):  # the LVAE has none
         diagnostics["kl_per_dim"] = evaluate.per_dim_kl(model, params, dataset.test,
                                                         preprocess=preprocess).tolist()
 

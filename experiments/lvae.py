@@ -70,12 +70,11 @@ def make_objective(model: lvae.LVAE, free_bits: float = 0.5,
     data-dependent initialisation; None initialises on the trainer's example.
     """
     preprocess = binarize if isinstance(model.likelihood, likelihoods.Bernoulli) else data.scale_images
-    init_model = jax.jit(model.init)
 
     def init(rng, x):
         if init_data is not None:
             x = preprocess(jnp.asarray(init_data))
-        return init_model(rng, x, rng)
+        return model.init(rng, x, rng)
 
     units = {"neg_elbo": NATS, "recon": NATS, "kl": NATS,
              "loss": f"{NATS}, the training objective (KL of each layer clamped at free_bits)",
@@ -102,7 +101,7 @@ def iwae_metrics(model: lvae.LVAE, params, examples: np.ndarray, preprocess, num
                            for i in range(0, len(examples), IWAE_BATCH)])
     return {"iwae_nll": float(nll.mean()), "iwae_nll_stderr": float(nll.std(ddof=1) / np.sqrt(len(nll))),
             "iwae_num_samples": num_samples, "iwae_num_examples": len(examples),
-            "iwae_examples_neg_elbo": float(-elbo.mean())}
+            "neg_elbo_iwae_examples": float(-elbo.mean())}
 
 
 @functools.partial(jax.jit, static_argnames="model")
@@ -171,7 +170,7 @@ def train_and_evaluate(args) -> dict:
         units.update(iwae_nll=f"{NATS}, importance-weighted bound with iwae_num_samples samples "
                               "on the first iwae_num_examples test examples",
                      iwae_nll_stderr=f"{NATS}, standard error of the mean over those examples",
-                     iwae_examples_neg_elbo=f"{NATS}, -ELBO of the same examples "
+                     neg_elbo_iwae_examples=f"{NATS}, -ELBO of the same examples "
                                             f"({ELBO_SAMPLES} samples each)",
                      iwae_num_samples="importance samples per example",
                      iwae_num_examples="test examples evaluated")
