@@ -6,6 +6,8 @@ initialisation can stay outside the timed region). Both sides are warmed up
 first (JIT compilation, allocator and oneDNN caches), then timed in
 alternation, lvm_jax then PyTorch, `repeats` times, so that a change in the
 load of a shared machine hits both alike; each side reports its median.
+A measurement of lvm_jax alone (`measure`, reported in a Row with
+pytorch=None) keeps the same warm-up and median.
 
 Threads: XLA:CPU uses all cores by default. PyTorch is timed with
 `torch.set_num_threads(n)` for each n in `Settings.torch_threads` (default:
@@ -55,14 +57,15 @@ class Settings:
     torch_threads: tuple[int, ...] = dataclasses.field(default_factory=default_torch_threads)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Row:
-    """One line of the results table.
+    """One line of the results table (fields are keyword-only).
 
     Attributes:
       benchmark: registry name of the benchmark that produced it.
       model, step, batch: what was measured.
-      lvm_jax, pytorch: the two measurements, in `unit`.
+      lvm_jax, pytorch: the two measurements, in `unit`; pytorch is None for a
+        measurement of lvm_jax alone (no PyTorch counterpart), whose ratio is None.
       unit: e.g. "images/s", "s", "nats per example".
       higher_is_better: direction of the unit; sets the direction of `ratio`.
       device: where each side ran, with PyTorch's thread count.
@@ -75,7 +78,7 @@ class Row:
     step: str
     batch: int | str
     lvm_jax: float
-    pytorch: float
+    pytorch: float | None = None
     unit: str
     higher_is_better: bool
     device: str
@@ -83,20 +86,26 @@ class Row:
     note: str = ""
 
     @property
-    def ratio(self) -> float:
-        """lvm_jax's advantage: > 1 means lvm_jax is better (faster, or a lower loss)."""
+    def ratio(self) -> float | None:
+        """lvm_jax's advantage: > 1 means lvm_jax is better (faster, or a lower loss);
+        None without a PyTorch figure."""
+        if self.pytorch is None:
+            return None
         if self.higher_is_better:
             return self.lvm_jax / self.pytorch
         return self.pytorch / self.lvm_jax
 
     @property
     def goal_met(self) -> bool | None:
-        return None if self.goal is None else self.ratio >= self.goal
+        ratio = self.ratio
+        return None if self.goal is None or ratio is None else ratio >= self.goal
 
     def as_dict(self) -> dict:
-        met = self.goal_met
+        """The row as JSON values (None for an absent PyTorch figure and its ratio)."""
+        met, ratio = self.goal_met, self.ratio
         return {**dataclasses.asdict(self), "lvm_jax": float(self.lvm_jax),
-                "pytorch": float(self.pytorch), "ratio": float(self.ratio),
+                "pytorch": None if self.pytorch is None else float(self.pytorch),
+                "ratio": None if ratio is None else float(ratio),
                 "goal_met": None if met is None else bool(met)}
 
 
@@ -179,6 +188,14 @@ def compare(jax_sample: Sampler, torch_sample: Sampler, settings: Settings,
     by_threads = {threads: estimate(threads) for threads in settings.torch_threads}
     best = min(by_threads, key=by_threads.get)
     return Comparison(statistics.median(jax_times), by_threads[best], best, by_threads)
+
+
+def measure(sample: Sampler, settings: Settings, warmup: int = 2) -> float:
+    """Median seconds of `sample` after `warmup` calls: `compare`'s protocol for a
+    measurement of lvm_jax alone (a row without a PyTorch side)."""
+    for _ in range(warmup):
+        sample()
+    return statistics.median(sample() for _ in range(settings.repeats))
 
 
 def cpu_model() -> str:

@@ -34,9 +34,10 @@ LATENT_DIM = 16
 TORCH_PADDING = ((2, 2), (2, 2))  # k - 1 - p for kernel 4, padding 1
 
 
-def flax_conv_transpose(features: int) -> nn.ConvTranspose:
-    """flax's transposed convolution with PyTorch's ConvTranspose2d(k=4, s=2, p=1) geometry."""
-    return nn.ConvTranspose(features, (4, 4), strides=(2, 2), padding=TORCH_PADDING)
+def flax_conv_transpose(features: int, dtype=jnp.float32) -> nn.ConvTranspose:
+    """flax's transposed convolution with PyTorch's ConvTranspose2d(k=4, s=2, p=1) geometry,
+    computing in `dtype` (ConvDecoder passes its own)."""
+    return nn.ConvTranspose(features, (4, 4), strides=(2, 2), padding=TORCH_PADDING, dtype=dtype)
 
 
 def _assert_same_layer(x: jax.Array):

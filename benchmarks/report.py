@@ -36,7 +36,12 @@ def save(results: dict, json_path: str, md_path: str):
     _write_atomically(md_path, markdown(results))
 
 
-def _number(value: float) -> str:
+ABSENT = "—"  # a cell with no figure: a row without a PyTorch counterpart
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return ABSENT
     return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
 
 
@@ -48,7 +53,8 @@ def table_rows(results: dict) -> list[list[str]]:
             met = "" if row["goal_met"] is None else ("yes" if row["goal_met"] else "no")
             cells.append([str(len(cells) + 1), row["benchmark"], row["model"], row["step"],
                           str(row["batch"]), row["device"], _number(row["lvm_jax"]),
-                          _number(row["pytorch"]), f"{row['ratio']:.2f}x", row["unit"],
+                          _number(row["pytorch"]),
+                          ABSENT if row["ratio"] is None else f"{row['ratio']:.2f}x", row["unit"],
                           "" if row["goal"] is None else f">= {row['goal']:g}x", met])
     return cells
 
@@ -75,7 +81,7 @@ def markdown(results: dict) -> str:
         "alternating lvm_jax / PyTorch repeats after warm-up. XLA uses all cores; PyTorch is "
         "timed at each of the settings' thread counts (`torch.set_num_threads`; default the "
         "core count, then 1) and the fastest is reported: `device` names it, the notes give "
-        "each.",
+        f"each. Rows with {ABSENT} as PyTorch figure and ratio measure lvm_jax alone.",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),

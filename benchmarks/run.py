@@ -17,7 +17,8 @@ import os
 import sys
 import time
 
-from benchmarks import conv_transpose, image_vae, image_vae_quality, report, vae2d, vlae
+from benchmarks import conv_transpose, image_vae, image_vae_quality, report, vae2d, vlae, vqvae
+from benchmarks import lvae, scaling
 from benchmarks.common import NUM_CORES, Settings, default_torch_threads, machine
 
 BENCHMARKS = {
@@ -26,7 +27,11 @@ BENCHMARKS = {
     "image_vae_quality": image_vae_quality.run,
     "vlae_sampling": vlae.sampling,
     "vlae_step": vlae.train_step,
+    "vqvae_sampling": vqvae.sampling,
+    "vqvae_step": vqvae.train_step,
     "conv_transpose": conv_transpose.run,
+    "lvae_step": lvae.run,
+    "scaling": scaling.run,
 }
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")

@@ -1,11 +1,12 @@
 """PyTorch versions of lvm_jax's models, written the way a PyTorch user would.
 
-Same layers, widths, bounds and losses as lvm_jax (REFERENCE.md §1-3), in
+Same layers, widths, bounds and losses as lvm_jax (REFERENCE.md §1-4), in
 PyTorch's conventions: NCHW images, `nn.Module`s, PyTorch's default
 initialisation, a Python loop over the latent dimensions to sample the MADE
-prior. `copy_flax_params` loads an lvm_jax parameter tree into these modules,
-so the benchmarks can check that both sides compute the same function before
-timing them.
+prior and over the grid positions to sample the PixelCNNs. `copy_flax_params`
+(and the `copy_flax_*_params` of the other models) loads an lvm_jax parameter
+tree into these modules, so the benchmarks can check that both sides compute
+the same function before timing them.
 
 All log-densities are per example, summed over the event dimensions, in nats.
 """
@@ -265,3 +266,310 @@ def copy_flax_made_params(made: MADE, params: dict) -> MADE:
         _linear(layer, params[f"hidden_{i}"])
     _linear(made.out, params["out"])
     return made
+
+
+# --- VQ-VAE and its autoregressive priors (REFERENCE.md §4) ---
+
+
+def pixelcnn_mask(kernel_size: int, mask_type: str) -> torch.Tensor:
+    """Spatial (k, k) raster-order mask: rows above the centre, and left of the centre on
+    the centre row; type "B" keeps the centre too."""
+    c = kernel_size // 2
+    mask = torch.zeros(kernel_size, kernel_size)
+    mask[:c] = 1.0
+    mask[c, : c + (mask_type == "B")] = 1.0
+    return mask
+
+
+class MaskedConv2d(nn.Conv2d):
+    """nn.Conv2d whose weight is multiplied by a fixed 0/1 spatial mask (kh, kw)."""
+
+    def __init__(self, in_channels: int, out_channels: int, mask: torch.Tensor, padding=0):
+        super().__init__(in_channels, out_channels, tuple(mask.shape), padding=padding)
+        self.register_buffer("mask", mask[None, None])
+
+    def forward(self, x):
+        return nn.functional.conv2d(x, self.weight * self.mask, self.bias, padding=self.padding)
+
+
+class OutputHead(nn.Sequential):
+    """ReLU, 1x1 conv to `hidden`, ReLU, 1x1 conv to the logits of `num_classes`."""
+
+    def __init__(self, channels: int, hidden: int, num_classes: int):
+        super().__init__(nn.ReLU(), nn.Conv2d(channels, hidden, 1), nn.ReLU(),
+                         nn.Conv2d(hidden, num_classes, 1))
+
+
+class PixelCNNBlock(nn.Module):
+    """x + 1x1(ReLU(B(ReLU(1x1(ReLU(x)))))), B a type-B masked convolution."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.conv_in = nn.Conv2d(channels, channels, 1)
+        self.masked = MaskedConv2d(channels, channels, pixelcnn_mask(kernel_size, "B"),
+                                   padding=kernel_size // 2)
+        self.conv_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        h = self.masked(torch.relu(self.conv_in(torch.relu(x))))
+        return x + self.conv_out(torch.relu(h))
+
+
+class AutoregressivePrior(nn.Module):
+    """Shared by the priors: codes (batch, H, W) long -> logits (batch, K, H, W), and
+    sampling in raster order with one full forward pass per position."""
+
+    num_classes: int
+
+    @torch.no_grad()
+    def sample(self, num: int, height: int, width: int) -> torch.Tensor:
+        """(num, height, width) codes; code (i, j) drawn from the softmax at (i, j)."""
+        codes = torch.zeros(num, height, width, dtype=torch.long)
+        for i in range(height):
+            for j in range(width):
+                probs = torch.softmax(self(codes)[:, :, i, j], dim=1)
+                codes[:, i, j] = torch.multinomial(probs, 1).squeeze(1)
+        return codes
+
+
+class PixelCNN(AutoregressivePrior):
+    """Embedding to embed_dim channels, 7x7 type-A masked conv, residual blocks around
+    type-B masked convs, 1x1 head; like lvm_jax.nn.masked_conv.PixelCNN."""
+
+    def __init__(self, num_classes: int, embed_dim: int = 64, num_residual_blocks: int = 12,
+                 hidden: int = 512, kernel_size: int = 3):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed = nn.Embedding(num_classes, embed_dim)
+        self.input_conv = MaskedConv2d(embed_dim, embed_dim, pixelcnn_mask(7, "A"), padding=3)
+        self.blocks = nn.Sequential(*(PixelCNNBlock(embed_dim, kernel_size)
+                                      for _ in range(num_residual_blocks)))
+        self.head = OutputHead(embed_dim, hidden, num_classes)
+
+    def forward(self, codes):
+        x = self.embed(codes).permute(0, 3, 1, 2)
+        return self.head(self.blocks(self.input_conv(x)))
+
+
+def gate(x: torch.Tensor) -> torch.Tensor:
+    """tanh(a) * sigmoid(b) for the two channel halves a, b."""
+    a, b = x.chunk(2, dim=1)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
+class GatedLayer(nn.Module):
+    """One gated layer on the (vertical, horizontal) stacks, van den Oord et al. (2016b).
+
+    Vertical: (k//2 + 1) x k conv over the rows up to the current one; horizontal:
+    1 x (k//2 + 1) conv up to the current column (excluded in the first layer), plus a
+    1x1 link from the vertical stack shifted down a row; gates; 1x1 conv and (after the
+    first layer) a residual on the horizontal stack.
+    """
+
+    def __init__(self, dim: int, kernel_size: int, first: bool):
+        super().__init__()
+        c = self.c = kernel_size // 2
+        self.first = first
+        self.vertical = nn.Conv2d(dim, 2 * dim, (c + 1, kernel_size))
+        mask = torch.ones(1, c + 1)
+        if first:
+            mask[0, c] = 0.0
+        self.horizontal = MaskedConv2d(dim, 2 * dim, mask)
+        self.link = nn.Conv2d(2 * dim, 2 * dim, 1)
+        self.out = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, v, h):
+        c = self.c
+        v_pre = self.vertical(nn.functional.pad(v, (c, c, c, 0)))
+        h_pre = self.horizontal(nn.functional.pad(h, (c, 0, 0, 0)))
+        h_pre = h_pre + self.link(nn.functional.pad(v_pre, (0, 0, 1, 0))[:, :, :-1])
+        h_out = self.out(gate(h_pre))
+        return gate(v_pre), h_out if self.first else h + h_out
+
+
+class GatedPixelCNN(AutoregressivePrior):
+    """Embedding to `dim` channels feeding both stacks, num_layers gated layers, 1x1 head on
+    the horizontal stack; like lvm_jax.nn.masked_conv.GatedPixelCNN."""
+
+    def __init__(self, num_classes: int, dim: int = 128, num_layers: int = 15,
+                 kernel_size: int = 3, hidden: int = 512):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed = nn.Embedding(num_classes, dim)
+        self.layers = nn.ModuleList(GatedLayer(dim, kernel_size, first=(i == 0))
+                                    for i in range(num_layers))
+        self.head = OutputHead(dim, hidden, num_classes)
+
+    def forward(self, codes):
+        v = h = self.embed(codes).permute(0, 3, 1, 2)
+        for layer in self.layers:
+            v, h = layer(v, h)
+        return self.head(h)
+
+
+def prior_loss_fn(prior: AutoregressivePrior, codes: torch.Tensor):
+    """Cross-entropy of the codes (batch, H, W) under the prior, nats per code."""
+    nll = nn.functional.cross_entropy(prior(codes), codes)
+    return nll, {"prior_nll": nll}
+
+
+class VQResidualBlock(nn.Module):
+    """x + Conv1x1(ReLU(BN(Conv3x3(ReLU(BN(x))))))."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.BatchNorm2d(channels), nn.ReLU(), nn.Conv2d(channels, channels, 3, 1, 1),
+            nn.BatchNorm2d(channels), nn.ReLU(), nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x):
+        return x + self.net(x)
+
+
+class VQEncoder(nn.Sequential):
+    """(batch, C, H, W) -> z_e (batch, D, H/4, W/4), REFERENCE.md §4."""
+
+    def __init__(self, channels: int, dim: int = 256):
+        super().__init__(
+            nn.Conv2d(channels, dim, 4, 2, 1), nn.BatchNorm2d(dim), nn.ReLU(),
+            nn.Conv2d(dim, dim, 4, 2, 1), VQResidualBlock(dim), VQResidualBlock(dim))
+
+
+class VQDecoder(nn.Sequential):
+    """z_q (batch, D, h, w) -> images (batch, C, 4h, 4w) in (-1, 1), REFERENCE.md §4."""
+
+    def __init__(self, channels: int, dim: int = 256):
+        super().__init__(
+            VQResidualBlock(dim), VQResidualBlock(dim), nn.BatchNorm2d(dim), nn.ReLU(),
+            nn.ConvTranspose2d(dim, dim, 4, 2, 1), nn.BatchNorm2d(dim), nn.ReLU(),
+            nn.ConvTranspose2d(dim, channels, 4, 2, 1), nn.Tanh())
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest of K learned codes (codebook U(-1/K, 1/K)), straight-through gradient."""
+
+    def __init__(self, num_codes: int, dim: int):
+        super().__init__()
+        self.embedding = nn.Embedding(num_codes, dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / num_codes, 1.0 / num_codes)
+
+    def forward(self, z_e):
+        """z_e (batch, D, h, w) -> (straight-through z_q, z_q, indices (batch, h, w))."""
+        z = z_e.permute(0, 2, 3, 1)
+        flat = z.reshape(-1, z.shape[-1])
+        e = self.embedding.weight
+        distances = (flat**2).sum(1, keepdim=True) - 2.0 * flat @ e.T + (e**2).sum(1)
+        indices = distances.argmin(1).view(z.shape[:-1])
+        z_q = self.embedding(indices).permute(0, 3, 1, 2)
+        return z_e + (z_q - z_e).detach(), z_q, indices
+
+
+class VQVAE(nn.Module):
+    """x -> z_e -> nearest code z_q -> x_hat, like lvm_jax.models.vqvae.VQVAE."""
+
+    def __init__(self, channels: int = 3, num_codes: int = 128, dim: int = 256,
+                 beta: float = 1.0):
+        super().__init__()
+        self.encoder = VQEncoder(channels, dim)
+        self.quantizer = VectorQuantizer(num_codes, dim)
+        self.decoder = VQDecoder(channels, dim)
+        self.beta = beta
+
+    def forward(self, x):
+        """Reconstruction, z_e, z_q and the code indices."""
+        z_e = self.encoder(x)
+        quantized, z_q, indices = self.quantizer(z_e)
+        return self.decoder(quantized), z_e, z_q, indices
+
+
+def vqvae_loss_fn(model: VQVAE, x: torch.Tensor):
+    """recon MSE + ||sg(z_e) - z_q||^2 + beta ||z_e - sg(z_q)||^2, each a mean over elements."""
+    x_hat, z_e, z_q, _ = model(x)
+    recon = ((x_hat - x) ** 2).mean()
+    codebook = ((z_e.detach() - z_q) ** 2).mean()
+    commitment = ((z_e - z_q.detach()) ** 2).mean()
+    loss = recon + codebook + model.beta * commitment
+    return loss, {"loss": loss, "recon_mse": recon, "codebook_loss": codebook,
+                  "commitment_loss": commitment}
+
+
+def _sub(tree: dict | None, key: str) -> dict | None:
+    return None if tree is None else tree[key]
+
+
+def _batch_norm(layer: nn.BatchNorm2d, params: dict, stats: dict | None):
+    """flax BatchNorm {scale, bias} and {mean, var} -> nn.BatchNorm2d."""
+    layer.weight.copy_(torch.from_numpy(np.asarray(params["scale"]).copy()))
+    layer.bias.copy_(torch.from_numpy(np.asarray(params["bias"]).copy()))
+    if stats is not None:
+        layer.running_mean.copy_(torch.from_numpy(np.asarray(stats["mean"]).copy()))
+        layer.running_var.copy_(torch.from_numpy(np.asarray(stats["var"]).copy()))
+
+
+def _vq_residual_block(block: VQResidualBlock, params: dict, stats: dict | None):
+    bn0, _, conv0, bn1, _, conv1 = block.net
+    _batch_norm(bn0, params["BatchNorm_0"], _sub(stats, "BatchNorm_0"))
+    _batch_norm(bn1, params["BatchNorm_1"], _sub(stats, "BatchNorm_1"))
+    _conv(conv0, params["Conv_0"], transposed=False)
+    _conv(conv1, params["Conv_1"], transposed=False)
+
+
+@torch.no_grad()
+def copy_flax_vqvae_params(model: VQVAE, params: dict, batch_stats: dict | None = None) -> VQVAE:
+    """Loads lvm_jax's VQ-VAE (`conv_vqvae`, gradient-trained codebook) parameters and, if
+    given, its BatchNorm running statistics into `model`, in place."""
+    enc, dec = params["encoder"], params["decoder"]
+    enc_stats = _sub(batch_stats, "encoder")
+    dec_stats = _sub(batch_stats, "decoder")
+    conv0, bn, _, conv1, res0, res1 = model.encoder
+    _conv(conv0, enc["Conv_0"], transposed=False)
+    _batch_norm(bn, enc["BatchNorm_0"], _sub(enc_stats, "BatchNorm_0"))
+    _conv(conv1, enc["Conv_1"], transposed=False)
+    for i, block in enumerate((res0, res1)):
+        _vq_residual_block(block, enc[f"ResidualBlock_{i}"],
+                           _sub(enc_stats, f"ResidualBlock_{i}"))
+    model.quantizer.embedding.weight.copy_(
+        torch.from_numpy(np.asarray(params["quantizer"]["embeddings"]).copy()))
+    res0, res1, bn0, _, up0, bn1, _, up1, _ = model.decoder
+    for i, block in enumerate((res0, res1)):
+        _vq_residual_block(block, dec[f"ResidualBlock_{i}"],
+                           _sub(dec_stats, f"ResidualBlock_{i}"))
+    for i, (norm, up) in enumerate(((bn0, up0), (bn1, up1))):
+        _batch_norm(norm, dec[f"BatchNorm_{i}"], _sub(dec_stats, f"BatchNorm_{i}"))
+        _conv(up, dec[f"SubPixelConvTranspose_{i}"], transposed=True)
+    return model
+
+
+def _embedding(layer: nn.Embedding, params: dict):
+    layer.weight.copy_(torch.from_numpy(np.asarray(params["embedding"]).copy()))
+
+
+def _output_head(head: OutputHead, params: dict):
+    _conv(head[1], params["Conv_0"], transposed=False)
+    _conv(head[3], params["Conv_1"], transposed=False)
+
+
+@torch.no_grad()
+def copy_flax_pixelcnn_params(prior: PixelCNN, params: dict) -> PixelCNN:
+    """Loads lvm_jax's PixelCNN parameters (embed, input_conv, blocks_i, head) into `prior`."""
+    _embedding(prior.embed, params["embed"])
+    _conv(prior.input_conv, params["input_conv"]["Conv_0"], transposed=False)
+    for i, block in enumerate(prior.blocks):
+        p = params[f"blocks_{i}"]
+        _conv(block.conv_in, p["Conv_0"], transposed=False)
+        _conv(block.masked, p["MaskedConv_0"]["Conv_0"], transposed=False)
+        _conv(block.conv_out, p["Conv_1"], transposed=False)
+    _output_head(prior.head, params["head"])
+    return prior
+
+
+@torch.no_grad()
+def copy_flax_gated_pixelcnn_params(prior: GatedPixelCNN, params: dict) -> GatedPixelCNN:
+    """Loads lvm_jax's GatedPixelCNN parameters (embed, layers_i, head) into `prior`."""
+    _embedding(prior.embed, params["embed"])
+    for i, layer in enumerate(prior.layers):
+        p = params[f"layers_{i}"]
+        for j, conv in enumerate((layer.vertical, layer.horizontal, layer.link, layer.out)):
+            _conv(conv, p[f"Conv_{j}"], transposed=False)
+    _output_head(prior.head, params["head"])
+    return prior

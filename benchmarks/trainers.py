@@ -40,18 +40,28 @@ class JaxSteps:
 
     def __init__(self, objective: Objective, train: np.ndarray, batch_size: int, seed: int):
         self.mesh = batching.data_mesh()
-        self.data = batching.put_replicated(train, self.mesh)
+        self.data = batching.put_host_shard(train, self.mesh)
         self.chunk = make_train_chunk(objective, self.mesh)
         self.key = jax.random.key(seed)
-        variables = dict(objective.init(self.key, objective.preprocess(jnp.asarray(train[:1]))))
+        example = objective.preprocess(jnp.asarray(train[:1]))
+        # Compiled, as `fit` initialises: a data-dependent init runs hundreds of ops.
+        variables = dict(jax.jit(objective.init)(self.key, example))
         params = variables.pop("params")
         state = TrainState.create(apply_fn=None, params=params, tx=optax.adam(LEARNING_RATE),
                                   model_state=variables)
         self.state = jax.device_put(state, batching.replicated(self.mesh))
+        self.batch_size = batch_size
         self.batches = epoch_batches(seed, len(train), batch_size)
 
+    def compile(self) -> jax.stages.Compiled:
+        """Compiles the step ahead of time and runs it from now on; the executable's
+        `memory_analysis()` gives the memory XLA assigned to it."""
+        idx = batching.put_host_indices(np.zeros((1, self.batch_size), np.int32), self.mesh)
+        self.chunk = self.chunk.lower(self.state, self.data, idx, self.key).compile()
+        return self.chunk
+
     def step(self) -> float:
-        idx = batching.put_indices(next(self.batches)[None], self.mesh)
+        idx = batching.put_host_indices(next(self.batches)[None], self.mesh)
         self.state, metrics = self.chunk(self.state, self.data, idx, self.key)
         return float(jax.device_get(metrics)["loss"][0])
 
@@ -67,17 +77,22 @@ def scale_images(x: torch.Tensor) -> torch.Tensor:
 
 
 class TorchSteps:
-    """One PyTorch training step of an image model per call of `step` (returns the loss)."""
+    """One PyTorch training step of an image model per call of `step` (returns the loss).
 
-    def __init__(self, model: torch_models.VAE, train: np.ndarray, batch_size: int, seed: int):
+    `loss_fn(model, x) -> (loss, metrics)` on a batch scaled to [-1, 1]; default the VAEs'.
+    """
+
+    def __init__(self, model: torch.nn.Module, train: np.ndarray, batch_size: int, seed: int,
+                 loss_fn=torch_models.loss_fn):
         self.model = model
+        self.loss_fn = loss_fn
         self.images = to_torch_images(train)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
         self.batches = epoch_batches(seed, len(train), batch_size)
 
     def step(self) -> float:
         x = scale_images(self.images[torch.from_numpy(next(self.batches))])
-        loss, _ = torch_models.loss_fn(self.model, x)
+        loss, _ = self.loss_fn(self.model, x)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -54,7 +54,7 @@ class JaxRun:
     def __init__(self, train, seed: int):
         self.mesh = batching.data_mesh()
         self.objective = vae_2d.make_objective(vae_2d.build_model())
-        self.train = batching.put_replicated(train, self.mesh)
+        self.train = batching.put_host_shard(train, self.mesh)
         self.num, self.seed = len(train), seed
         self.key = jax.random.key(seed)
         self.chunk = make_train_chunk(self.objective, self.mesh)
@@ -75,7 +75,7 @@ class JaxRun:
         for epoch in range(epochs):
             order = batching.epoch_order(self.seed, epoch, self.num, steps, BATCH)
             for offset in range(0, steps, per_call):
-                idx = batching.put_indices(order[offset:offset + per_call], self.mesh)
+                idx = batching.put_host_indices(order[offset:offset + per_call], self.mesh)
                 state, metrics = self.chunk(state, self.train, idx, self.key)
                 self.last_loss = float(jax.device_get(metrics)["loss"][-1])
 

@@ -2,11 +2,13 @@
 
 import argparse
 import os
+from collections.abc import Callable
 
 import jax
 import numpy as np
 
 from lvm_jax import data
+from lvm_jax.models import likelihoods
 from lvm_jax.train import CheckpointError, NonFiniteLossError, TrainConfig
 
 QUICK_TRAIN, QUICK_TEST = 512, 256
@@ -49,6 +51,14 @@ def parser(experiment: str, description: str, datasets, default_dataset: str,
                    help="evaluate, checkpoint and sample with an exponential moving average of "
                         "the parameters with this decay (e.g. 0.999); 0 turns it off")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the model's activations: bfloat16 runs the convolutions and "
+                        "matrix multiplies at bfloat16 speed on GPUs and TPUs, while parameters, "
+                        "optimizer state, losses and metrics stay float32 (no faster on CPU)")
+    p.add_argument("--multihost", action="store_true",
+                   help="one process of a multi-host run (TPU pod, SLURM or Open MPI job): calls "
+                        "jax.distributed.initialize(), which finds the other hosts; --workdir "
+                        "must be a directory every host sees")
     return p
 
 
@@ -56,6 +66,9 @@ def run(parser: argparse.ArgumentParser, train_and_evaluate, argv=None, *extra):
     """Parses flags and runs; a problem with the data, the workdir or the numerics ends the
     program with its one-line message (exit status 1) instead of a traceback."""
     args = parser.parse_args(argv)
+    # Before any JAX computation, as JAX requires; evaluate's parser has no --multihost.
+    if getattr(args, "multihost", False):
+        jax.distributed.initialize()
     try:
         return train_and_evaluate(args, *extra)
     except (data.DataError, CheckpointError, NonFiniteLossError) as err:
@@ -77,6 +90,12 @@ def load_dataset(args, name: str | None = None) -> data.Dataset:
     return dataset
 
 
+def image_preprocess(likelihood) -> Callable:
+    """How the compiled step reads stored uint8 images for `likelihood`: binarized to {-1, 1}
+    for a Bernoulli (so its log-probability is an exact mass), else scaled to [-1, 1]."""
+    return data.binarize_images if isinstance(likelihood, likelihoods.Bernoulli) else data.scale_images
+
+
 def train_config(args, convolutional: bool) -> TrainConfig:
     steps_per_call = args.steps_per_call
     if steps_per_call is None:
@@ -91,7 +110,7 @@ def train_config(args, convolutional: bool) -> TrainConfig:
 def run_config(args, experiment: str, **model_settings) -> dict:
     """What identifies a run: a resumed run must match it."""
     return {"experiment": experiment, "dataset": args.dataset, "quick": bool(args.quick),
-            **model_settings}
+            "dtype": args.dtype, **model_settings}
 
 
 def as_float(metrics: dict) -> dict:

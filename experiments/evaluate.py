@@ -4,7 +4,8 @@
 
 Reads the run's config.json, rebuilds its model with the experiment's
 `build_model` (arguments taken from config.json by name; `dataset` is the
-loaded Dataset), restores the latest checkpoint and evaluates the test set.
+loaded Dataset; an argument with a default that an older config.json lacks
+takes that default), restores the latest checkpoint and evaluates the test set.
 Adds to the run's summary.json:
   test_metrics: iwae_nll and iwae_nll_stderr (nats per example),
     iwae_bits_per_dim (images), iwae_num_samples, active_units;
@@ -78,11 +79,16 @@ def load_run(workdir: str, data_dir: str | None = None) -> Run:
     dataset = common.load_dataset(flags, dataset_name)
 
     kwargs = {}
-    for name in inspect.signature(module.build_model).parameters:
-        if name != "dataset" and name not in config:
+    for name, parameter in inspect.signature(module.build_model).parameters.items():
+        if name == "dataset":
+            kwargs[name] = dataset
+        elif name in config:
+            kwargs[name] = config[name]
+        elif parameter.default is inspect.Parameter.empty:
             raise CheckpointError(
                 f"{config_path} lacks {name!r}, which {module.__name__}.build_model needs.")
-        kwargs[name] = dataset if name == "dataset" else config[name]
+        # Otherwise the setting is newer than this config.json (e.g. dtype): the run used
+        # its default.
     model = module.build_model(**kwargs)
     objective = module.make_objective(model)
     params, step = restore_eval_params(workdir, objective, dataset.test[:1], config["train"])

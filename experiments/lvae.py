@@ -47,19 +47,13 @@ def default_free_bits(latent_layers: int) -> float:
     return 0.5 if latent_layers <= 6 else 1.0
 
 
-def binarize(x):
-    """uint8 images -> {-1, 1}: scaled to [0, 1], white where above 0.5 (the Bernoulli
-    likelihood reads -1 as 0 and 1 as 1)."""
-    return jnp.where(x.astype(jnp.float32) / 255.0 > 0.5, 1.0, -1.0)
-
-
 def build_model(dataset: data.Dataset, latent_layers: int, likelihood: str, latent_channels: int,
                 hidden: int, blocks_per_layer: int, merge: str, skip: bool, gated: bool,
-                learn_top_prior: bool, data_init: bool) -> lvae.LVAE:
+                learn_top_prior: bool, data_init: bool, dtype: str = "float32") -> lvae.LVAE:
     return lvae.LVAE(image_shape=dataset.event_shape, likelihood=likelihoods.get(likelihood),
                      num_layers=latent_layers, latent_channels=latent_channels, hidden=hidden,
                      blocks_per_layer=blocks_per_layer, merge=merge, skip=skip, gated=gated,
-                     learn_top_prior=learn_top_prior, data_init=data_init)
+                     learn_top_prior=learn_top_prior, data_init=data_init, dtype=dtype)
 
 
 def make_objective(model: lvae.LVAE, free_bits: float = 0.5,
@@ -69,7 +63,7 @@ def make_objective(model: lvae.LVAE, free_bits: float = 0.5,
     init_data: stored training examples (N, H, W, C) to initialise on, for the
     data-dependent initialisation; None initialises on the trainer's example.
     """
-    preprocess = binarize if isinstance(model.likelihood, likelihoods.Bernoulli) else data.scale_images
+    preprocess = common.image_preprocess(model.likelihood)
 
     def init(rng, x):
         if init_data is not None:
@@ -153,7 +147,7 @@ def train_and_evaluate(args) -> dict:
                     blocks_per_layer=args.blocks_per_layer, merge=args.merge, skip=args.skip,
                     gated=args.gated,
                     learn_top_prior=args.learn_top_prior, data_init=args.data_init)
-    model = build_model(dataset, **settings)
+    model = build_model(dataset, **settings, dtype=args.dtype)
     objective = make_objective(model, free_bits,
                                dataset.train[:INIT_EXAMPLES] if args.data_init else None)
     result = fit(objective, dataset.train, dataset.test, common.train_config(args, convolutional=True),

@@ -45,12 +45,12 @@ DEPTHS = {"baseline": (), "deep": (512, 256)}
 
 def digits_784(x_uint8, binarize: bool):
     """uint8 (N, 32, 32, 1) -> float (N, 784) in [-1, 1]; {-1, 1} when binarized."""
-    x = data.scale_images(x_uint8)[:, 2:30, 2:30, 0].reshape(x_uint8.shape[0], 784)
-    return jnp.where(x > 0, 1.0, -1.0) if binarize else x
+    x = (data.binarize_images if binarize else data.scale_images)(x_uint8)
+    return x[:, 2:30, 2:30, 0].reshape(x_uint8.shape[0], 784)
 
 
-def build_model(likelihood: str, hidden, latent_dim: int) -> vae.VAE:
-    return vae.mlp_vae(784, latent_dim, tuple(hidden), likelihoods.get(likelihood))
+def build_model(likelihood: str, hidden, latent_dim: int, dtype: str = "float32") -> vae.VAE:
+    return vae.mlp_vae(784, latent_dim, tuple(hidden), likelihoods.get(likelihood), dtype=dtype)
 
 
 def make_objective(model: vae.VAE, num_samples: int = 1) -> Objective:
@@ -66,7 +66,7 @@ def count_parameters(params) -> int:
 
 
 def train_variant(args, dataset, workdir, likelihood, hidden, num_samples):
-    model = build_model(likelihood, hidden, args.latent_dim)
+    model = build_model(likelihood, hidden, args.latent_dim, args.dtype)
     objective = make_objective(model, num_samples)
     result = fit(objective, dataset.train, dataset.test, common.train_config(args, convolutional=False),
                  workdir, common.run_config(args, EXPERIMENT, likelihood=likelihood,
@@ -117,6 +117,7 @@ def limiting_chain(model, params, rng, num=64, steps=100) -> np.ndarray:
     return np.asarray(means)
 
 
+@records.primary_only
 def save_gif(frames: np.ndarray, path: str) -> str:
     """(T, 64, 784) decoder means -> an animated GIF of the 8x8 tableau, 10 frames per second."""
     images = [Image.fromarray(viz.image_grid(data.unscale_images(to_images(f)), 8).squeeze(-1))

@@ -33,9 +33,11 @@ UNITS = {"neg_elbo": NATS, "recon": NATS, "kl": NATS, "loss": NATS,
          "neg_elbo_sse": "recon_sse + kl (course units)"}
 
 
-def build_model(dataset: data.Dataset, prior: str, likelihood: str) -> vae.VAE:
+def build_model(dataset: data.Dataset, prior: str, likelihood: str,
+                dtype: str = "float32") -> vae.VAE:
+    prior_settings = {"dtype": dtype} if prior == "made" else {}  # N(0, I) has no layers
     return vae.conv_vae(dataset.event_shape, LATENT_DIM, likelihoods.get(likelihood),
-                        prior=PRIORS[prior](LATENT_DIM))
+                        prior=PRIORS[prior](LATENT_DIM, **prior_settings), dtype=dtype)
 
 
 def make_objective(model: vae.VAE, num_samples: int = 1, beta: float = 1.0,
@@ -46,7 +48,7 @@ def make_objective(model: vae.VAE, num_samples: int = 1, beta: float = 1.0,
         loss_fn=functools.partial(vae.loss_fn, model, num_samples=num_samples, beta=beta,
                                   free_bits=free_bits),
         eval_loss_fn=functools.partial(vae.loss_fn, model),
-        preprocess=data.scale_images, units=UNITS)
+        preprocess=common.image_preprocess(model.likelihood), units=UNITS)
 
 
 def summary_metrics(metrics: dict, num_dims: int, likelihood: str) -> dict:
@@ -61,7 +63,7 @@ def save_figures(model: vae.VAE, params, dataset: data.Dataset, workdir: str, se
                  title: str) -> list[str]:
     """The figures of REFERENCE.md §2: samples, reconstructions, interpolations, curves."""
     variables = {"params": params}
-    test = data.scale_images(jnp.asarray(dataset.test[:70]))
+    test = common.image_preprocess(model.likelihood)(jnp.asarray(dataset.test[:70]))
     samples = jax.jit(lambda r: model.apply(variables, r, 100, method=vae.VAE.sample))(
         jax.random.key(seed + 1))
     recons = model.apply(variables, test[:50], method=vae.VAE.reconstruct)
@@ -96,7 +98,7 @@ def train_and_evaluate(args, experiment: str = "vae") -> dict:
     dataset = common.load_dataset(args)
     if dataset.kind != "image":
         raise data.DataError(f"{experiment} trains on images; {dataset.name} is not an image dataset.")
-    model = build_model(dataset, args.prior, args.likelihood)
+    model = build_model(dataset, args.prior, args.likelihood, args.dtype)
     objective = make_objective(model, args.num_samples, args.beta, args.free_bits)
     result = fit(objective, dataset.train, dataset.test, common.train_config(args, convolutional=True),
                  workdir, common.run_config(args, experiment, prior=args.prior,
@@ -124,7 +126,7 @@ def parser(experiment: str, description: str, default_prior: str):
                    help="p(z): N(0, I), or the MADE autoregressive flow (VLAE)")
     p.add_argument("--likelihood", default="unit_gaussian", choices=sorted(likelihoods.LIKELIHOODS),
                    help="p(x|z): N(mu, I) as in the course (unit_gaussian), a learned diagonal "
-                        "variance (gaussian), Bernoulli for binarized images, or the discretized "
+                        "variance (gaussian), Bernoulli (images binarized at half intensity), or the discretized "
                         "mixture of 10 logistics of PixelCNN++ (dmol), a true 8-bit likelihood")
     p.add_argument("--num_samples", type=int, default=1,
                    help="reparameterised samples z ~ q(z|x) per example in training")

@@ -25,9 +25,9 @@ UNITS = {"neg_elbo": "nats per example", "recon": "nats per example", "kl": "nat
          "gap_to_exact_nll": "nats per example"}
 
 
-def build_model() -> vae.VAE:
+def build_model(dtype: str = "float32") -> vae.VAE:
     return vae.mlp_vae(event_dim=2, latent_dim=2, hidden=(128, 128),
-                       likelihood=likelihoods.get("gaussian"))
+                       likelihood=likelihoods.get("gaussian"), dtype=dtype)
 
 
 # The single-sample -ELBO of one test point varies by about a nat with the noise, so
@@ -46,7 +46,7 @@ def make_objective(model: vae.VAE) -> Objective:
 def train_and_evaluate(args) -> dict:
     workdir = common.workdir(args, EXPERIMENT)
     dataset = common.load_dataset(args, f"toy2d_{args.dataset}")
-    model = build_model()
+    model = build_model(args.dtype)
     result = fit(make_objective(model), dataset.train, dataset.test, common.train_config(args, convolutional=False),
                  workdir, common.run_config(args, EXPERIMENT))
 

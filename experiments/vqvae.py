@@ -1,24 +1,27 @@
 """VQ-VAE with a PixelCNN or Gated PixelCNN prior (REFERENCE.md §4), trained in two stages.
 
     python -m experiments.vqvae --prior pixelcnn
-    python -m experiments.vqvae --prior gated --dataset mnist_embedded
+    python -m experiments.vqvae --prior pixelcnn gated --dataset mnist_embedded
 
 Stage 1 trains the VQ-VAE (K = 128 codes of 256 dims, an 8x8 code grid for
 32x32 images) in <workdir>/vqvae; the whole dataset is then encoded once to
-code grids, and stage 2 trains the prior on them in <workdir>/prior. Each
-stage resumes from its own checkpoints; a prior trained on the codes of an
-earlier VQ-VAE checkpoint is refused rather than silently reused.
+code grids, and stage 2 trains each prior named by --prior on the same codes,
+in <workdir>/prior_<name>. Each stage resumes from its own checkpoints, so a
+later run with another --prior reuses the trained VQ-VAE; a prior trained on
+the codes of an earlier VQ-VAE checkpoint is refused rather than silently
+reused.
 
 The default dataset, patches_embedded, holds RGB 32x32 photo patches: the
 architecture and the official numbers are for RGB images (SVHN, CIFAR-10),
 and natural-image patches are closer to those than MNIST's mostly black
 digits.
 
-Writes into the workdir: samples.png (100 decoded prior samples),
+Writes into the workdir: samples_<prior>.png (100 decoded prior samples),
 reconstructions.png (50 test images, each beside its reconstruction),
-curves_vqvae.png and curves_prior.png (training curves of both stages) and
-summary.json (test recon_mse, vq_loss, codebook_usage, perplexity, prior_nll,
-the course's total VQ-VAE loss, their units, and the official results).
+curves_vqvae.png and curves_prior_<prior>.png (training curves of both
+stages) and summary.json (test recon_mse, vq_loss, codebook_usage,
+perplexity, the course's total VQ-VAE loss, prior_nll of every prior trained
+on the current codes, their units, and the official results).
 """
 
 import dataclasses
@@ -53,9 +56,9 @@ UNITS = {
     "reference_loss": "recon_mse + codebook_loss + commitment_loss: the course's total test loss",
     "codebook_usage": "fraction of the K codes used over the whole test set",
     "perplexity": "codes: exp of the entropy of the code frequencies over the whole test set",
-    "prior_nll": "nats per code",
+    "prior_nll": "nats per code, for each prior",
 }
-PRIOR_UNITS = {"loss": UNITS["prior_nll"], "prior_nll": UNITS["prior_nll"]}
+PRIOR_UNITS = {"loss": "nats per code", "prior_nll": "nats per code"}
 
 # Official CS294-158 test results (REFERENCE.md §4), in the units above.
 REFERENCE_RESULTS = {
@@ -65,13 +68,11 @@ REFERENCE_RESULTS = {
 }
 
 
-def build_models(args, dataset: data.Dataset):
-    """The VQ-VAE and the prior the flags name, narrower with --quick."""
+def build_model(args, dataset: data.Dataset) -> vqvae.VQVAE:
+    """The VQ-VAE the flags name, narrower with --quick."""
     code_dim = QUICK_CODE_DIM if args.quick else vqvae.CODE_DIM
-    model = vqvae.conv_vqvae(dataset.event_shape, vqvae.NUM_CODES, code_dim, ema=args.ema_codebook)
-    prior_settings = QUICK_PRIORS[args.prior] if args.quick else {}
-    prior = vqvae.PRIORS[args.prior](vqvae.NUM_CODES, **prior_settings)
-    return model, prior
+    return vqvae.conv_vqvae(dataset.event_shape, vqvae.NUM_CODES, code_dim, ema=args.ema_codebook,
+                            dtype=args.dtype)
 
 
 def vqvae_objective(model: vqvae.VQVAE) -> Objective:
@@ -85,11 +86,9 @@ def prior_objective(prior) -> Objective:
                                units=PRIOR_UNITS)
 
 
-def save_figures(workdir: str, title: str, samples, test_images, reconstructions) -> list[str]:
-    """samples.png, reconstructions.png and the training curves of both stages."""
+def save_stage1_figures(workdir: str, title: str, test_images, reconstructions) -> list[str]:
+    """reconstructions.png and the VQ-VAE's training curves."""
     return [
-        viz.save_image_grid(samples, os.path.join(workdir, "samples.png"),
-                            title=f"{title}: {len(samples)} samples"),
         viz.save_image_grid(viz.interleave_pairs(test_images, reconstructions),
                             os.path.join(workdir, "reconstructions.png"),
                             title=f"{title}: test images | reconstructions"),
@@ -97,10 +96,18 @@ def save_figures(workdir: str, title: str, samples, test_images, reconstructions
                         os.path.join(workdir, "curves_vqvae.png"),
                         names=("loss", "recon_mse", "vq_loss"), unit=MSE,
                         title=f"{title}: stage 1, VQ-VAE"),
-        viz.save_curves(os.path.join(workdir, "prior", "metrics.csv"),
-                        os.path.join(workdir, "curves_prior.png"),
+    ]
+
+
+def save_prior_figures(workdir: str, title: str, prior_name: str, samples) -> list[str]:
+    """samples_<prior>.png (decoded prior samples) and the prior's training curves."""
+    return [
+        viz.save_image_grid(samples, os.path.join(workdir, f"samples_{prior_name}.png"),
+                            title=f"{title} + {prior_name}: {len(samples)} samples"),
+        viz.save_curves(os.path.join(workdir, f"prior_{prior_name}", "metrics.csv"),
+                        os.path.join(workdir, f"curves_prior_{prior_name}.png"),
                         names=("prior_nll",), unit=UNITS["prior_nll"],
-                        title=f"{title}: stage 2, prior"),
+                        title=f"{title}: stage 2, {prior_name} prior"),
     ]
 
 
@@ -109,12 +116,26 @@ def _timing(summary: dict) -> dict:
                                     "train_steps_per_second", "train_examples_per_second")}
 
 
+def train_prior(args, prior_name: str, config, train_codes, test_codes, workdir: str,
+                model_settings: dict):
+    """Stage 2 for one prior, in <workdir>/prior_<name>; returns its FitResult."""
+    prior = vqvae.PRIORS[prior_name](vqvae.NUM_CODES, **(QUICK_PRIORS[prior_name] if args.quick
+                                                         else {}), dtype=args.dtype)
+    prior_config = dataclasses.replace(config,
+                                       epochs=config.epochs if args.quick else args.prior_epochs)
+    # The codes depend on the VQ-VAE's step: a prior must not resume on another's codes.
+    result = fit(prior_objective(prior), train_codes, test_codes, prior_config,
+                 os.path.join(workdir, f"prior_{prior_name}"),
+                 common.run_config(args, "vqvae_prior", prior=prior_name, **model_settings))
+    return prior, result
+
+
 def train_and_evaluate(args) -> dict:
     workdir = common.workdir(args, "vqvae")
     dataset = common.load_dataset(args)
     if dataset.kind != "image":
         raise data.DataError(f"vqvae trains on images; {dataset.name} is not an image dataset.")
-    model, prior = build_models(args, dataset)
+    model = build_model(args, dataset)
     model_settings = dict(num_codes=model.quantizer.num_codes, code_dim=model.quantizer.code_dim,
                           ema_codebook=args.ema_codebook)
 
@@ -125,49 +146,58 @@ def train_and_evaluate(args) -> dict:
     train_codes, test_codes = (
         vqvae.encode_dataset(model, variables, images, config.eval_batch_size, data.scale_images)
         for images in (dataset.train, dataset.test))
+    model_settings["vqvae_step"] = int(stage1.state.step)
 
-    prior_config = dataclasses.replace(config,
-                                       epochs=config.epochs if args.quick else args.prior_epochs)
-    # The codes depend on the VQ-VAE's step: a prior must not resume on another's codes.
-    stage2 = fit(prior_objective(prior), train_codes, test_codes, prior_config,
-                 os.path.join(workdir, "prior"),
-                 common.run_config(args, "vqvae_prior", prior=args.prior, **model_settings,
-                                   vqvae_step=int(stage1.state.step)))
-
-    _, samples = vqvae.sample(model, variables, prior, stage2.state.eval_params,
-                              jax.random.key(args.seed + 1), NUM_SAMPLES, test_codes.shape[1:])
+    title = f"VQ-VAE on {dataset.name}"
     # Evenly spaced test images: a test set cut from photos in order starts with 50 of sky.
     shown = np.linspace(0, len(dataset.test) - 1, NUM_RECONSTRUCTIONS).astype(int)
     reconstructions = vqvae.decode(model, variables, test_codes[shown])
+    figures = save_stage1_figures(workdir, title, data.scale_images(dataset.test[shown]),
+                                  np.asarray(reconstructions))
+
+    # Priors trained earlier in this workdir on the same codes stay in the summary.
+    summary_path = os.path.join(workdir, "summary.json")
+    previous = records.read_json(summary_path).get("priors", {}) if os.path.exists(
+        summary_path) else {}
+    priors = {name: entry for name, entry in previous.items()
+              if entry["vqvae_step"] == model_settings["vqvae_step"]}
+    for prior_name in args.prior:
+        prior, stage2 = train_prior(args, prior_name, config, train_codes, test_codes, workdir,
+                                    model_settings)
+        _, samples = vqvae.sample(model, variables, prior, stage2.state.eval_params,
+                                  jax.random.key(args.seed + 1), NUM_SAMPLES, test_codes.shape[1:])
+        prior_figures = save_prior_figures(workdir, title, prior_name, samples)
+        priors[prior_name] = {"prior_nll": stage2.test_metrics["prior_nll"],
+                              "vqvae_step": model_settings["vqvae_step"],
+                              "config": stage2.summary["config"], "stage": _timing(stage2.summary),
+                              "figures": [os.path.basename(f) for f in prior_figures]}
+
     vq = stage1.test_metrics
     # Usage and perplexity over the whole test set replace the batch means of `fit`.
     metrics = {**vq, **vqvae.code_statistics(test_codes, model.quantizer.num_codes),
                "reference_loss": vq["recon_mse"] + vq["codebook_loss"] + vq["commitment_loss"],
-               "prior_nll": stage2.test_metrics["prior_nll"]}
-
-    title = f"VQ-VAE + {args.prior} on {dataset.name}"
-    test_images = data.scale_images(dataset.test[shown])
-    figures = save_figures(workdir, title, samples, test_images, np.asarray(reconstructions))
-    summary = records.update_json(os.path.join(workdir, "summary.json"), {
-        "config": {"vqvae": stage1.summary["config"], "prior": stage2.summary["config"]},
-        "test_metrics": metrics, "units": UNITS, "dataset": dataset.describe(),
+               "prior_nll": {name: entry["prior_nll"] for name, entry in priors.items()}}
+    summary = records.update_json(summary_path, {
+        "config": stage1.summary["config"], "test_metrics": metrics, "units": UNITS,
+        "dataset": dataset.describe(), "priors": priors,
         "reference_results": {"source": "CS294-158 official solutions, REFERENCE.md §4",
-                              **REFERENCE_RESULTS[args.prior]},
-        "stages": {"vqvae": _timing(stage1.summary), "prior": _timing(stage2.summary)},
-        "device": stage1.summary["device"],
+                              **REFERENCE_RESULTS},
+        "stage": _timing(stage1.summary), "device": stage1.summary["device"],
         "figures": [os.path.basename(f) for f in figures]})
     print(f"{title}: test recon_mse {metrics['recon_mse']:.4f}, vq_loss {metrics['vq_loss']:.4f}, "
           f"course total {metrics['reference_loss']:.4f} ({MSE}); codebook usage "
-          f"{metrics['codebook_usage']:.2f}, perplexity {metrics['perplexity']:.1f} codes; "
-          f"prior {metrics['prior_nll']:.3f} nats per code")
+          f"{metrics['codebook_usage']:.2f}, perplexity {metrics['perplexity']:.1f} codes; prior "
+          + ", ".join(f"{name} {nll:.3f}" for name, nll in metrics["prior_nll"].items())
+          + " nats per code")
     print(f"figures and summary.json in {workdir}")
     return summary
 
 
 def parser():
     p = common.parser("vqvae", __doc__, data.IMAGE_DATASETS, "patches_embedded", epochs=20)
-    p.add_argument("--prior", default="pixelcnn", choices=sorted(vqvae.PRIORS),
-                   help="the autoregressive prior over the code grid (stage 2)")
+    p.add_argument("--prior", nargs="+", default=["pixelcnn"], choices=sorted(vqvae.PRIORS),
+                   help="the autoregressive prior(s) over the code grid (stage 2), each trained "
+                        "on the same codes: --prior pixelcnn gated compares them")
     p.add_argument("--prior_epochs", type=int, default=20,
                    help="epochs of stage 2 (--epochs sets stage 1); --quick runs 2")
     p.add_argument("--ema_codebook", action="store_true",

@@ -1,4 +1,8 @@
-"""Figures: image grids, 2D scatter plots and training curves, saved as PNG."""
+"""Figures: image grids, 2D scatter plots and training curves, saved as PNG.
+
+Each `save_*` returns the path it wrote; in a multi-host run only process 0
+writes (`records.primary_only`), the others return the path alone.
+"""
 
 import math
 import os
@@ -10,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lvm_jax.data.dataset import unscale_images  # noqa: E402
-from lvm_jax.train.records import MetricsLog  # noqa: E402
+from lvm_jax.train.records import MetricsLog, primary_only  # noqa: E402
 
 
 def image_grid(images: np.ndarray, ncols: int, pad: int = 2) -> np.ndarray:
@@ -24,6 +28,7 @@ def image_grid(images: np.ndarray, ncols: int, pad: int = 2) -> np.ndarray:
     return grid
 
 
+@primary_only
 def save_image_grid(images, path: str, ncols: int = 10, title: str | None = None) -> str:
     """Saves images in [-1, 1] (float) or [0, 255] (uint8), (N, H, W, C), as a PNG grid."""
     images = np.asarray(images)
@@ -46,6 +51,7 @@ def interleave_pairs(originals: np.ndarray, reconstructions: np.ndarray) -> np.n
     return np.stack([originals, reconstructions], axis=1).reshape(-1, *originals.shape[1:])
 
 
+@primary_only
 def save_scatter(path: str, data: np.ndarray, panels: dict[str, np.ndarray], title: str) -> str:
     """One panel per entry of `panels`: its points (N, 2) over the data points (grey)."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
@@ -59,6 +65,7 @@ def save_scatter(path: str, data: np.ndarray, panels: dict[str, np.ndarray], tit
     return _save(fig, path)
 
 
+@primary_only
 def save_curves(metrics_csv: str, path: str, names=("neg_elbo", "recon", "kl"),
                 unit: str = "nats per example", title: str = "") -> str:
     """Training curves: each metric per step (train) and per epoch (test), one panel each."""
@@ -81,6 +88,7 @@ def save_curves(metrics_csv: str, path: str, names=("neg_elbo", "recon", "kl"),
     return _save(fig, path)
 
 
+@primary_only
 def save_histogram(values: np.ndarray, path: str, threshold: float, title: str) -> str:
     """Histogram of per-dimension KL values (nats), marking those below `threshold` as collapsed."""
     values = np.asarray(values)
@@ -94,6 +102,7 @@ def save_histogram(values: np.ndarray, path: str, threshold: float, title: str) 
     return _save(fig, path)
 
 
+@primary_only
 def save_curve_comparison(metrics_csvs: dict[str, str], path: str, name: str, unit: str,
                           title: str) -> str:
     """One metric of several runs: train per step (thin) and test per epoch (markers)."""

@@ -3,6 +3,7 @@
 import math
 import pickle
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -123,3 +124,10 @@ def test_scale_round_trip():
     scaled = data.scale_images(x)
     assert scaled.min() == -1.0 and scaled.max() == 1.0
     np.testing.assert_array_equal(data.unscale_images(scaled), x)
+
+
+def test_binarize_images_thresholds_at_half_the_range():
+    x = np.array([0, 127, 128, 255], dtype=np.uint8).reshape(1, 2, 2, 1)
+    for binary in (data.binarize_images(x), np.asarray(data.binarize_images(jnp.asarray(x)))):
+        assert binary.dtype == np.float32
+        np.testing.assert_array_equal(binary.ravel(), [-1.0, -1.0, 1.0, 1.0])

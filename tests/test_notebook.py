@@ -25,4 +25,4 @@ def test_notebook_trains_restores_and_samples(tmp_path, monkeypatch):
     assert namespace["samples"].shape == (16, 32, 32, 1)
     assert set(namespace["vlae_summary"]["test_metrics"]) >= {"neg_elbo", "bits_per_dim"}
     assert "prior_nll" in namespace["vq_summary"]["test_metrics"]
-    assert os.path.exists(tmp_path / "vqvae" / "mnist_embedded" / "samples.png")
+    assert os.path.exists(tmp_path / "vqvae" / "mnist_embedded" / "samples_pixelcnn.png")

@@ -211,21 +211,29 @@ def test_prior_loss_is_the_cross_entropy_in_nats_and_samples_decode(tiny):
 
 
 def test_experiment_quick_smoke(tmp_path):
-    """`python -m experiments.vqvae --quick`: both stages, figures and summary (about 20 s)."""
+    """`python -m experiments.vqvae --quick`: both stages, figures and summary; a second run
+    with another prior reuses the VQ-VAE and adds its prior to the summary (about 30 s)."""
     workdir = str(tmp_path / "run")
     vqvae_experiment.main(["--quick", "--workdir", workdir, "--no_progress"])
+    summary = vqvae_experiment.main(["--quick", "--workdir", workdir, "--no_progress",
+                                     "--prior", "gated"])
     with open(os.path.join(workdir, "summary.json")) as f:
-        summary = json.load(f)
+        assert json.load(f) == summary
     metrics = summary["test_metrics"]
-    for key in ("recon_mse", "vq_loss", "codebook_usage", "perplexity", "prior_nll",
-                "reference_loss"):
+    for key in ("recon_mse", "vq_loss", "codebook_usage", "perplexity", "reference_loss"):
         assert np.isfinite(metrics[key]) and key in summary["units"], key
+    assert set(metrics["prior_nll"]) == {"pixelcnn", "gated"}
+    assert all(np.isfinite(v) for v in metrics["prior_nll"].values())
     assert 0 < metrics["codebook_usage"] <= 1 and 1 <= metrics["perplexity"] <= 128
-    assert summary["reference_results"]["cifar10"] == {"reference_loss": 0.0474, "prior_nll": 2.753}
-    assert sorted(summary["figures"]) == ["curves_prior.png", "curves_vqvae.png",
-                                          "reconstructions.png", "samples.png"]
-    for name in summary["figures"]:
+    assert summary["priors"]["pixelcnn"]["vqvae_step"] == summary["priors"]["gated"]["vqvae_step"]
+    assert summary["reference_results"]["pixelcnn"]["cifar10"] == {"reference_loss": 0.0474,
+                                                                 "prior_nll": 2.753}
+    figures = summary["figures"] + [f for p in summary["priors"].values() for f in p["figures"]]
+    assert sorted(figures) == ["curves_prior_gated.png", "curves_prior_pixelcnn.png",
+                               "curves_vqvae.png", "reconstructions.png", "samples_gated.png",
+                               "samples_pixelcnn.png"]
+    for name in figures:
         image = matplotlib.image.imread(os.path.join(workdir, name))
         assert image.shape[0] > 100 and image.std() > 0.05, f"{name} looks blank"
-    for stage in ("vqvae", "prior"):
+    for stage in ("vqvae", "prior_pixelcnn", "prior_gated"):
         assert os.path.isdir(os.path.join(workdir, stage, "checkpoints")), stage

@@ -5,7 +5,7 @@
 
 from lvm_jax.data import embedded, pickles, tfds_source, toy2d
 from lvm_jax.data.dataset import (DataError, Dataset, as_float_vectors, as_uint8_images,
-                                  scale_images, unscale_images)
+                                  binarize_images, scale_images, unscale_images)
 
 _EMBEDDED = {"mnist_embedded": embedded.mnist, "patches_embedded": embedded.photo_patches}
 _TOY2D = {f"toy2d_{k}": k for k in toy2d.SPECS}
@@ -31,5 +31,5 @@ def load(name: str, data_dir: str | None = None) -> Dataset:
                    as_uint8_images(test, f"{name} test"), "image")
 
 
-__all__ = ["DATASETS", "IMAGE_DATASETS", "DataError", "Dataset", "load", "scale_images",
-           "toy2d", "unscale_images"]
+__all__ = ["DATASETS", "IMAGE_DATASETS", "DataError", "Dataset", "binarize_images", "load",
+           "scale_images", "toy2d", "unscale_images"]

@@ -96,6 +96,13 @@ def scale_images(x):
     return x.astype("float32") / 127.5 - 1.0
 
 
+def binarize_images(x):
+    """uint8 images -> float32 in {-1, 1}: white where the intensity exceeds half the range
+    (x / 255 > 0.5), a fixed binarization (works on NumPy and JAX arrays). The Bernoulli
+    likelihood reads -1 as 0 and 1 as 1."""
+    return (scale_images(x) > 0).astype("float32") * 2 - 1
+
+
 def unscale_images(x) -> np.ndarray:
     """Images in [-1, 1] (clipped) -> uint8 in [0, 255], for figures."""
     return np.round((np.clip(np.asarray(x), -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)

@@ -52,18 +52,20 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from lvm_jax import losses
 from lvm_jax.models.likelihoods import Likelihood
 from lvm_jax.nn.conv import SubPixelConvTranspose
 from lvm_jax.nn.dense import soft_clamp
+from lvm_jax.nn.precision import to_float32
 
 LOG_VAR_BOUND = 10.0  # latent log-variances live in (-10, 10) nats, as in GaussianHead
 MERGES = ("learned", "precision")
 
 
 class DiagNormal(NamedTuple):
-    """A diagonal Gaussian; each field (batch, h, w, latent_channels), log_var in nats."""
+    """A diagonal Gaussian; each field (batch, h, w, latent_channels) float32, log_var in nats."""
 
     mean: jax.Array
     log_var: jax.Array
@@ -83,8 +85,9 @@ def precision_weighted(bottom_up: DiagNormal, top_down: DiagNormal) -> DiagNorma
 
 
 def _diag_normal(params: jax.Array) -> DiagNormal:
-    """Splits (..., 2 C) raw parameters into a mean and a soft-clamped log-variance."""
-    mean, log_var = jnp.split(params, 2, axis=-1)
+    """Splits (..., 2 C) raw parameters into a mean and a soft-clamped log-variance, float32
+    whatever the computation dtype: z and the log-densities of the KL derive from them."""
+    mean, log_var = jnp.split(to_float32(params), 2, axis=-1)
     return DiagNormal(mean, soft_clamp(log_var, LOG_VAR_BOUND))
 
 
@@ -112,20 +115,23 @@ def _normalised_at_init(layer: nn.Module, x: jax.Array, data_init: bool) -> jax.
     if not (data_init and layer.is_initializing()):
         return y
     axes = tuple(range(y.ndim - 1))
-    mean, std = y.mean(axes), y.std(axes)
+    # Statistics in float32 whatever the computation dtype: they set float32 parameters.
+    y32 = to_float32(y)
+    mean, std = y32.mean(axes), y32.std(axes)
     # A channel constant on the batch (an all-zero init batch) keeps its scale
     # rather than being blown up by 1/0.
     scale = jnp.where(std > 1e-4, 1.0 / std, 1.0)
     layer.put_variable("params", "kernel", layer.get_variable("params", "kernel") * scale)
     layer.put_variable("params", "bias", (layer.get_variable("params", "bias") - mean) * scale)
-    return (y - mean) * scale
+    return ((y - mean) * scale).astype(y.dtype)
 
 
-def _conv(features: int, kernel: int = 3, **kwargs) -> nn.Conv:
+def _conv(features: int, kernel: int = 3, *, dtype: DTypeLike, **kwargs) -> nn.Conv:
     """A k x k convolution padded by k // 2 on every side, like PyTorch's padding=k//2
     (flax's "SAME" pads (0, 1) at stride 2, which shifts the grid by a pixel). At stride
-    1 it keeps H and W; at stride 2 it halves them."""
-    return nn.Conv(features, (kernel, kernel), padding=((kernel // 2,) * 2,) * 2, **kwargs)
+    1 it keeps H and W; at stride 2 it halves them. Computes in `dtype`, float32 parameters."""
+    return nn.Conv(features, (kernel, kernel), padding=((kernel // 2,) * 2,) * 2, dtype=dtype,
+                   **kwargs)
 
 
 class ResBlock(nn.Module):
@@ -140,13 +146,14 @@ class ResBlock(nn.Module):
 
     gated: bool = True
     data_init: bool = False
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         channels = x.shape[-1]
-        h = _normalised_at_init(_conv(channels), nn.elu(x), self.data_init)
-        h = _normalised_at_init(_conv(2 * channels if self.gated else channels), nn.elu(h),
-                                self.data_init)
+        h = _normalised_at_init(_conv(channels, dtype=self.dtype), nn.elu(x), self.data_init)
+        h = _normalised_at_init(_conv(2 * channels if self.gated else channels, dtype=self.dtype),
+                                nn.elu(h), self.data_init)
         if self.gated:
             a, g = jnp.split(h, 2, axis=-1)
             h = a * jax.nn.sigmoid(g)
@@ -161,13 +168,15 @@ class BottomUpLayer(nn.Module):
     downsample: int
     gated: bool
     data_init: bool
+    dtype: DTypeLike
 
     @nn.compact
     def __call__(self, d: jax.Array) -> jax.Array:
         for _ in range(self.downsample):
-            d = _normalised_at_init(_conv(self.hidden, strides=(2, 2)), nn.elu(d), self.data_init)
+            d = _normalised_at_init(_conv(self.hidden, strides=(2, 2), dtype=self.dtype), nn.elu(d),
+                                    self.data_init)
         for _ in range(self.num_blocks):
-            d = ResBlock(self.gated, self.data_init)(d)
+            d = ResBlock(self.gated, self.data_init, dtype=self.dtype)(d)
         return d
 
 
@@ -198,6 +207,7 @@ class TopDownLayer(nn.Module):
     skip: bool
     gated: bool
     data_init: bool
+    dtype: DTypeLike
 
     @nn.compact
     def __call__(self, h: jax.Array | None, d: jax.Array | None, eps: jax.Array):
@@ -216,7 +226,8 @@ class TopDownLayer(nn.Module):
         channels = 2 * self.latent_shape[-1]
         # Zero-initialised heads start p and q (with "precision": q's bottom-up estimate)
         # at N(0, I), whatever the scale of the features.
-        head = functools.partial(_conv, channels, kernel_init=nn.initializers.zeros)
+        head = functools.partial(_conv, channels, kernel_init=nn.initializers.zeros,
+                                 dtype=self.dtype)
         if self.is_top:
             top = (self.param("prior", nn.initializers.zeros, (*self.latent_shape[:2], channels))
                    if self.learn_prior else jnp.zeros((*self.latent_shape[:2], channels)))
@@ -232,21 +243,25 @@ class TopDownLayer(nn.Module):
         elif self.merge == "precision":
             dist = precision_weighted(_diag_normal(head(name="posterior")(d)), prior)
         else:
-            merged = _normalised_at_init(_conv(self.hidden, kernel=1, name="merge_in"),
+            merged = _normalised_at_init(_conv(self.hidden, kernel=1, dtype=self.dtype,
+                                               name="merge_in"),
                                          jnp.concatenate([d, h], axis=-1), self.data_init)
-            merged = ResBlock(self.gated, self.data_init, name="merge_block")(merged)
+            merged = ResBlock(self.gated, self.data_init, dtype=self.dtype,
+                              name="merge_block")(merged)
             dist = _diag_normal(head(name="posterior")(merged))
         z = dist.mean + jnp.exp(0.5 * dist.log_var) * eps
 
-        out = _normalised_at_init(_conv(self.hidden, name="z_in"), z, self.data_init)
+        out = _normalised_at_init(_conv(self.hidden, dtype=self.dtype, name="z_in"), z,
+                                  self.data_init)
         if self.skip and h is not None:
-            out = _normalised_at_init(_conv(self.hidden, kernel=1, name="skip"),
+            out = _normalised_at_init(_conv(self.hidden, kernel=1, dtype=self.dtype, name="skip"),
                                       jnp.concatenate([out, h], axis=-1), self.data_init)
         for j in range(self.num_blocks):
-            out = ResBlock(self.gated, self.data_init, name=f"block_{j}")(out)
+            out = ResBlock(self.gated, self.data_init, dtype=self.dtype, name=f"block_{j}")(out)
         for j in range(self.upsample):
-            out = _normalised_at_init(SubPixelConvTranspose(self.hidden, name=f"upsample_{j}"),
-                                      nn.elu(out), self.data_init)
+            out = _normalised_at_init(
+                SubPixelConvTranspose(self.hidden, dtype=self.dtype, name=f"upsample_{j}"),
+                nn.elu(out), self.data_init)
         return out, z, dist, prior
 
 
@@ -269,6 +284,9 @@ class LVAE(nn.Module):
       learn_top_prior: learn p(z_L) (else N(0, I)).
       data_init: data-dependent initialisation; `init` must then see a real
         batch of data (a few hundred examples), whose statistics set the scales.
+      dtype: computation dtype of every layer. The latent distributions, z, the
+        decoder output and every ELBO term are float32 whatever it is
+        (lvm_jax.nn.precision).
     """
 
     image_shape: tuple[int, int, int]
@@ -283,6 +301,7 @@ class LVAE(nn.Module):
     gated: bool = True
     learn_top_prior: bool = True
     data_init: bool = False
+    dtype: DTypeLike = jnp.float32
 
     @property
     def schedule(self) -> tuple[int, ...]:
@@ -311,15 +330,16 @@ class LVAE(nn.Module):
             raise ValueError(f"image_shape {self.image_shape} must be (H, W, C) with H and W "
                              f"divisible by {factor} for the downsampling schedule {self.schedule}.")
         common = dict(hidden=self.hidden, num_blocks=self.blocks_per_layer, gated=self.gated,
-                      data_init=self.data_init)
-        self.stem = _conv(self.hidden, 5, strides=(2, 2))
+                      data_init=self.data_init, dtype=self.dtype)
+        self.stem = _conv(self.hidden, 5, strides=(2, 2), dtype=self.dtype)
         self.bottom_up_layers = [BottomUpLayer(downsample=s, **common) for s in self.schedule]
         self.top_down_layers = [
             TopDownLayer(latent_shape=shape, upsample=s, is_top=i == self.num_layers - 1,
                          learn_prior=self.learn_top_prior, merge=self.merge, skip=self.skip,
                          **common)
             for i, (shape, s) in enumerate(zip(self.latent_shapes(), self.schedule))]
-        self.output_head = SubPixelConvTranspose(self.likelihood.channels_per_pixel(self.image_shape))
+        self.output_head = SubPixelConvTranspose(
+            self.likelihood.channels_per_pixel(self.image_shape), dtype=self.dtype)
 
     def bottom_up(self, x: jax.Array) -> list[jax.Array]:
         """Deterministic features d_1 ... d_L, d_i (batch, h_i, w_i, hidden)."""
@@ -341,15 +361,15 @@ class LVAE(nn.Module):
             *latent_shape_i); zeros take the mean of that layer's distribution.
           features: the bottom-up d_i to draw from q; None draws from p.
         Returns:
-          (decoder output (batch, *likelihood.out_shape(image_shape)), per layer,
-          bottom first, (z_i, sampling distribution, prior)).
+          (decoder output (batch, *likelihood.out_shape(image_shape)) float32, per
+          layer, bottom first, (z_i, sampling distribution, prior)).
         """
         h, layers = None, []
         for i in reversed(range(self.num_layers)):
             d = None if features is None else features[i]
             h, *layer = self.top_down_layers[i](h, d, noise[i])
             layers.append(layer)
-        out = self.output_head(nn.elu(h))
+        out = to_float32(self.output_head(nn.elu(h)))
         return out.reshape(out.shape[0], *self.likelihood.out_shape(self.image_shape)), layers[::-1]
 
     def _noise(self, rng: jax.Array, num: int) -> list[jax.Array]:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from lvm_jax import losses
 from lvm_jax.nn.made import MADE, autoregressive_order
@@ -55,15 +56,18 @@ class MADEFlowPrior(nn.Module):
     Attributes:
       latent_dim: D, the width of z.
       hidden, order, log_scale_bound: passed to `MADE`.
+      dtype: computation dtype of the MADE's layers; its shift and log-scale,
+        hence the flow, the log-determinant and log p(z), are float32.
     """
 
     latent_dim: int
     hidden: Sequence[int] = (512, 512)
     order: Sequence[int] | None = None
     log_scale_bound: float = 1.0
+    dtype: DTypeLike = jnp.float32
 
     def setup(self):
-        self.made = MADE(self.hidden, self.order, self.log_scale_bound)
+        self.made = MADE(self.hidden, self.order, self.log_scale_bound, dtype=self.dtype)
 
     def forward(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
         """z (batch, D) -> (eps (batch, D), log|det d eps / d z| (batch,) in nats)."""

@@ -11,12 +11,14 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from lvm_jax import losses
 from lvm_jax.models.likelihoods import Likelihood
 from lvm_jax.models.priors import StandardNormalPrior
 from lvm_jax.nn.conv import ConvDecoder, ConvEncoder
 from lvm_jax.nn.dense import MLP, GaussianHead
+from lvm_jax.nn.precision import to_float32
 
 
 class VAE(nn.Module):
@@ -30,6 +32,10 @@ class VAE(nn.Module):
       likelihood: the observation model.
       event_shape: shape of one example.
       latent_dim: number of latent dimensions.
+      dtype: computation dtype of the Gaussian head of q(z|x) (the trunk, decoder
+        and prior carry their own). Whatever the modules compute in, q's
+        parameters, z, the decoder output and every ELBO term are float32
+        (lvm_jax.nn.precision).
     """
 
     trunk: nn.Module
@@ -38,17 +44,19 @@ class VAE(nn.Module):
     likelihood: Likelihood
     event_shape: tuple[int, ...]
     latent_dim: int
+    dtype: DTypeLike = jnp.float32
 
     def setup(self):
-        self.head = GaussianHead(self.latent_dim)
+        self.head = GaussianHead(self.latent_dim, dtype=self.dtype)
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """q(z|x): (mean, log_var), each (batch, latent_dim)."""
+        """q(z|x): (mean, log_var), each (batch, latent_dim) float32."""
         return self.head(self.trunk(x))
 
     def decode(self, z: jax.Array) -> jax.Array:
-        """Decoder output (batch, *likelihood.out_shape(event_shape))."""
-        out = self.decoder(z)
+        """Decoder output (batch, *likelihood.out_shape(event_shape)) float32, as the likelihood
+        reads it."""
+        out = to_float32(self.decoder(z))
         return out.reshape(z.shape[0], *self.likelihood.out_shape(self.event_shape))
 
     def __call__(self, x: jax.Array, rng: jax.Array) -> dict[str, jax.Array]:
@@ -114,27 +122,30 @@ def loss_fn(model: VAE, params, x: jax.Array, rng: jax.Array, num_samples: int =
 
 
 def mlp_vae(event_dim: int, latent_dim: int, hidden: Sequence[int], likelihood: Likelihood,
-            prior: nn.Module | None = None) -> VAE:
+            prior: nn.Module | None = None, dtype: DTypeLike = jnp.float32) -> VAE:
     """VAE with MLP encoder and decoder on flat vectors (the 2D VAE: hidden (128, 128)).
 
     The encoder's hidden widths are `hidden`, the decoder's the same reversed;
-    `hidden=()` gives single-layer (linear) encoder and decoder.
+    `hidden=()` gives single-layer (linear) encoder and decoder. `dtype` is the
+    computation dtype of encoder and decoder; a `prior` with layers takes its own.
     """
-    return VAE(trunk=MLP(tuple(hidden), activate_final=True),
+    return VAE(trunk=MLP(tuple(hidden), activate_final=True, dtype=dtype),
                decoder=MLP((*reversed(hidden), math.prod(likelihood.out_shape((event_dim,)))),
-                           zero_init_output=True),
+                           zero_init_output=True, dtype=dtype),
                prior=prior or StandardNormalPrior(latent_dim), likelihood=likelihood,
-               event_shape=(event_dim,), latent_dim=latent_dim)
+               event_shape=(event_dim,), latent_dim=latent_dim, dtype=dtype)
 
 
 def conv_vae(image_shape: tuple[int, int, int], latent_dim: int, likelihood: Likelihood,
-             prior: nn.Module | None = None) -> VAE:
-    """The image VAE of REFERENCE.md §2 on 32x32 images in [-1, 1]."""
+             prior: nn.Module | None = None, dtype: DTypeLike = jnp.float32) -> VAE:
+    """The image VAE of REFERENCE.md §2 on 32x32 images in [-1, 1]; `dtype` is the
+    computation dtype of encoder and decoder; a `prior` with layers takes its own."""
     if image_shape[:2] != (32, 32):
         raise ValueError(f"the convolutional VAE takes 32x32 images, got {image_shape}.")
-    return VAE(trunk=ConvEncoder(), decoder=ConvDecoder(likelihood.channels_per_pixel(image_shape)),
+    return VAE(trunk=ConvEncoder(dtype=dtype),
+               decoder=ConvDecoder(likelihood.channels_per_pixel(image_shape), dtype=dtype),
                prior=prior or StandardNormalPrior(latent_dim), likelihood=likelihood,
-               event_shape=tuple(image_shape), latent_dim=latent_dim)
+               event_shape=tuple(image_shape), latent_dim=latent_dim, dtype=dtype)
 
 
 def image_bits_per_dim(neg_log_likelihood, num_dims: int):

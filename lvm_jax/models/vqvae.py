@@ -18,11 +18,14 @@ from collections.abc import Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import DTypeLike
 
 from lvm_jax.nn.conv import VQDecoder, VQEncoder
 from lvm_jax.nn.masked_conv import GatedPixelCNN, PixelCNN, raster_sample
+from lvm_jax.nn.precision import to_float32
 from lvm_jax.nn.quantizer import VectorQuantizer
 
 NUM_CODES, CODE_DIM = 128, 256
@@ -40,6 +43,11 @@ class VQVAE(nn.Module):
     Variables: 'params'; 'batch_stats', the BatchNorm running statistics; and
     'vq_stats' with an EMA quantizer. Calls with train=True need
     mutable=[those collections].
+
+    Encoder and decoder compute in their own dtype; z_e enters the quantizer as
+    float32, so the codebook, its distances, its EMA statistics and the VQ
+    losses are float32, and x_hat leaves as float32 for the reconstruction
+    loss (lvm_jax.nn.precision).
     """
 
     encoder: nn.Module
@@ -55,22 +63,24 @@ class VQVAE(nn.Module):
             the EMA codebook); otherwise inference mode, which changes nothing.
           rng: PRNG key for the quantizer's restart of dead codes, if enabled.
         """
-        vq = self.quantizer(self.encoder(x, train), train, rng)
-        return {**vq, "reconstruction": self.decoder(vq["quantized"], train)}
+        vq = self.quantizer(to_float32(self.encoder(x, train)), train, rng)
+        return {**vq, "reconstruction": to_float32(self.decoder(vq["quantized"], train))}
 
     def encode(self, x: jax.Array) -> jax.Array:
         """Images (batch, H, W, C) in [-1, 1] -> code grid (batch, h, w) int32, inference mode."""
-        return self.quantizer(self.encoder(x, False))["indices"]
+        return self.quantizer(to_float32(self.encoder(x, False)))["indices"]
 
     def decode(self, codes: jax.Array) -> jax.Array:
-        """Code grid (batch, h, w) int -> images (batch, H, W, C) in (-1, 1), inference mode."""
-        return self.decoder(self.quantizer.lookup(codes), False)
+        """Code grid (batch, h, w) int -> float32 images (batch, H, W, C) in (-1, 1), inference
+        mode."""
+        return to_float32(self.decoder(self.quantizer.lookup(codes), False))
 
 
 def conv_vqvae(image_shape: tuple[int, int, int], num_codes: int = NUM_CODES,
-               code_dim: int = CODE_DIM, ema: bool = False) -> VQVAE:
+               code_dim: int = CODE_DIM, ema: bool = False,
+               dtype: DTypeLike = jnp.float32) -> VQVAE:
     """The VQ-VAE of REFERENCE.md §4 on (H, W, C) images: an (H/4, W/4) grid of codes
-    (8x8 for 32x32 images), conv width = code_dim.
+    (8x8 for 32x32 images), conv width = code_dim, encoder and decoder computing in `dtype`.
 
     beta = 1 with the gradient-trained codebook (the course's choice); with
     ema=True the codebook follows moving averages and beta = 0.25 (van den
@@ -81,7 +91,8 @@ def conv_vqvae(image_shape: tuple[int, int, int], num_codes: int = NUM_CODES,
         raise ValueError(f"the VQ-VAE downsamples by 4: image height and width must be "
                          f"multiples of 4, got {image_shape}.")
     quantizer = VectorQuantizer(num_codes, code_dim, commitment_cost=0.25 if ema else 1.0, ema=ema)
-    return VQVAE(VQEncoder(code_dim), quantizer, VQDecoder(code_dim, channels))
+    return VQVAE(VQEncoder(code_dim, dtype=dtype), quantizer,
+                 VQDecoder(code_dim, channels, dtype=dtype))
 
 
 def loss_fn(model: VQVAE, params, model_state, x: jax.Array, rng: jax.Array, train: bool):

@@ -1,10 +1,16 @@
-"""Convolutional encoders and decoders of the image models (REFERENCE.md §2), NHWC."""
+"""Convolutional encoders and decoders of the image models (REFERENCE.md §2), NHWC.
+
+Every module computes in its `dtype` attribute and keeps float32 parameters
+(lvm_jax.nn.precision); its outputs are in `dtype`.
+"""
 
 from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+from jax.typing import DTypeLike
 
 # PyTorch's padding=1 on both sides; flax's "SAME" pads (0, 1) for stride 2,
 # which shifts the sampling grid by one pixel.
@@ -54,106 +60,126 @@ class SubPixelConvTranspose(nn.Module):
     convolution. Its gradient is several times faster on CPU
     (benchmarks/conv_transpose.py). `kernel[a, b]` multiplies the input at
     offset (a, b) of the scatter view, as PyTorch's weight[:, :, a, b].
+    Parameters are float32; input, kernel and bias are cast to `dtype` for the
+    computation, as in flax's nn.ConvTranspose.
     """
 
     features: int
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.lecun_normal(),
                             (4, 4, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        x, kernel, bias = promote_dtype(x, _subpixel_kernel(kernel), bias, dtype=self.dtype)
         y = jax.lax.conv_general_dilated(
-            x, _subpixel_kernel(kernel).astype(x.dtype), window_strides=(1, 1), padding=PAD1,
+            x, kernel, window_strides=(1, 1), padding=PAD1,
             dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return depth_to_space(y, 2) + bias
 
 
 class ConvEncoder(nn.Module):
-    """32x32 images -> features (batch, 4*4*256), the encoder trunk of REFERENCE.md §2."""
+    """32x32 images -> features (batch, 4*4*256) in `dtype`, the encoder trunk of
+    REFERENCE.md §2."""
+
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.relu(nn.Conv(32, (3, 3), padding=PAD1)(x))
+        x = nn.relu(nn.Conv(32, (3, 3), padding=PAD1, dtype=self.dtype)(x))
         for width in (64, 128, 256):
-            x = nn.relu(nn.Conv(width, (3, 3), strides=(2, 2), padding=PAD1)(x))
+            x = nn.relu(nn.Conv(width, (3, 3), strides=(2, 2), padding=PAD1, dtype=self.dtype)(x))
         return x.reshape(x.shape[0], -1)
 
 
 class ConvDecoder(nn.Module):
-    """Latents (batch, L) -> (batch, 32, 32, out_channels), the decoder of REFERENCE.md §2.
+    """Latents (batch, L) -> (batch, 32, 32, out_channels) in `dtype`, the decoder of
+    REFERENCE.md §2.
 
-    `upsample(features)` builds each ConvTranspose(4x4, stride 2, padding 1) layer;
-    the benchmarks swap in flax's `nn.ConvTranspose` to compare.
+    `upsample(features, dtype=dtype)` builds each ConvTranspose(4x4, stride 2,
+    padding 1) layer; the benchmarks swap in flax's `nn.ConvTranspose` to compare.
     """
 
     out_channels: int
-    upsample: Callable[[int], nn.Module] = SubPixelConvTranspose
+    upsample: Callable[..., nn.Module] = SubPixelConvTranspose
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
-        h = nn.relu(nn.Dense(4 * 4 * 128)(z)).reshape(z.shape[0], 4, 4, 128)
+        h = nn.relu(nn.Dense(4 * 4 * 128, dtype=self.dtype)(z)).reshape(z.shape[0], 4, 4, 128)
         for width in (128, 64, 32):
-            h = nn.relu(self.upsample(width)(h))
-        return nn.Conv(self.out_channels, (3, 3), padding=PAD1)(h)
+            h = nn.relu(self.upsample(width, dtype=self.dtype)(h))
+        return nn.Conv(self.out_channels, (3, 3), padding=PAD1, dtype=self.dtype)(h)
 
 
 
-def _batch_norm(train: bool) -> nn.BatchNorm:
+def _batch_norm(train: bool, dtype: DTypeLike) -> nn.BatchNorm:
     """BatchNorm over (batch, H, W) per channel; batch statistics in training, running ones after.
 
     Momentum 0.9 is PyTorch's BatchNorm2d default (its 0.1 weights the new
     batch). Flax's default 0.99 would leave the running statistics near their
     initial values after the few hundred steps of a short run, and evaluation
-    uses them.
+    uses them. Flax computes the statistics in float32 and keeps the running
+    ones float32 whatever `dtype`, the dtype of the normalised output.
     """
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype)
 
 
 class ResidualBlock(nn.Module):
     """x + Conv1x1(ReLU(BN(Conv3x3(ReLU(BN(x)))))), the VQ-VAE block of REFERENCE.md §4.
 
-    (batch, H, W, C) -> (batch, H, W, C). `train` selects batch statistics and
-    updates the running ones (collection 'batch_stats', apply with
-    mutable=['batch_stats']).
+    (batch, H, W, C) -> (batch, H, W, C) in `dtype`. `train` selects batch
+    statistics and updates the running ones (collection 'batch_stats', apply
+    with mutable=['batch_stats']).
     """
+
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        # The skip path in `dtype` too: a float32 input (the quantized latents) would
+        # otherwise promote the whole residual stream to float32.
+        x = jnp.asarray(x, self.dtype)
         features = x.shape[-1]
-        h = nn.Conv(features, (3, 3), padding=PAD1)(nn.relu(_batch_norm(train)(x)))
-        h = nn.Conv(features, (1, 1))(nn.relu(_batch_norm(train)(h)))
+        h = nn.Conv(features, (3, 3), padding=PAD1, dtype=self.dtype)(
+            nn.relu(_batch_norm(train, self.dtype)(x)))
+        h = nn.Conv(features, (1, 1), dtype=self.dtype)(nn.relu(_batch_norm(train, self.dtype)(h)))
         return x + h
 
 
 class VQEncoder(nn.Module):
-    """Images (batch, H, W, C) -> z_e (batch, H/4, W/4, features), the VQ-VAE encoder of
-    REFERENCE.md §4: Conv 4x4 s2, BN, ReLU, Conv 4x4 s2, two ResidualBlocks."""
+    """Images (batch, H, W, C) -> z_e (batch, H/4, W/4, features) in `dtype`, the VQ-VAE
+    encoder of REFERENCE.md §4: Conv 4x4 s2, BN, ReLU, Conv 4x4 s2, two ResidualBlocks."""
 
     features: int = 256
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = nn.Conv(self.features, (4, 4), strides=(2, 2), padding=PAD1)(x)
-        x = nn.Conv(self.features, (4, 4), strides=(2, 2), padding=PAD1)(
-            nn.relu(_batch_norm(train)(x)))
+        x = nn.Conv(self.features, (4, 4), strides=(2, 2), padding=PAD1, dtype=self.dtype)(x)
+        x = nn.Conv(self.features, (4, 4), strides=(2, 2), padding=PAD1, dtype=self.dtype)(
+            nn.relu(_batch_norm(train, self.dtype)(x)))
         for _ in range(2):
-            x = ResidualBlock()(x, train)
+            x = ResidualBlock(dtype=self.dtype)(x, train)
         return x
 
 
 class VQDecoder(nn.Module):
-    """z_q (batch, h, w, D) -> images (batch, 4h, 4w, out_channels) in (-1, 1), the VQ-VAE
-    decoder of REFERENCE.md §4: two ResidualBlocks, BN, ReLU, ConvTranspose 4x4 s2 to
-    `features`, BN, ReLU, ConvTranspose 4x4 s2 to out_channels, tanh."""
+    """z_q (batch, h, w, D) -> images (batch, 4h, 4w, out_channels) in (-1, 1) in `dtype`,
+    the VQ-VAE decoder of REFERENCE.md §4: two ResidualBlocks, BN, ReLU, ConvTranspose
+    4x4 s2 to `features`, BN, ReLU, ConvTranspose 4x4 s2 to out_channels, tanh."""
 
     features: int = 256
     out_channels: int = 3
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, z: jax.Array, train: bool) -> jax.Array:
         for _ in range(2):
-            z = ResidualBlock()(z, train)
-        h = SubPixelConvTranspose(self.features)(nn.relu(_batch_norm(train)(z)))
-        h = SubPixelConvTranspose(self.out_channels)(nn.relu(_batch_norm(train)(h)))
+            z = ResidualBlock(dtype=self.dtype)(z, train)
+        h = SubPixelConvTranspose(self.features, dtype=self.dtype)(
+            nn.relu(_batch_norm(train, self.dtype)(z)))
+        h = SubPixelConvTranspose(self.out_channels, dtype=self.dtype)(
+            nn.relu(_batch_norm(train, self.dtype)(h)))
         return jnp.tanh(h)

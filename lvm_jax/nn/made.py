@@ -21,8 +21,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.linen.dtypes import promote_dtype
+from jax.typing import DTypeLike
 
 from lvm_jax.nn.dense import soft_clamp
+from lvm_jax.nn.precision import to_float32
 
 
 def autoregressive_order(order: Sequence[int] | None, dim: int) -> np.ndarray:
@@ -82,22 +85,27 @@ class MaskedDense(nn.Module):
       features: number of outputs.
       mask: (in_features, features) NumPy constant; masked-out weights get
         neither signal nor gradient.
+      dtype: the computation dtype; kernel and bias are float32 parameters, cast
+        to it after masking, as in nn.Dense.
     """
 
     features: int
     mask: np.ndarray
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
     bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        """(..., in_features) -> (..., features)."""
+        """(..., in_features) -> (..., features) in `dtype`."""
         shape = (x.shape[-1], self.features)
         if self.mask.shape != shape:
             raise ValueError(f"mask has shape {self.mask.shape}, expected {shape}")
         kernel = self.param("kernel", self.kernel_init, shape)
         bias = self.param("bias", self.bias_init, (self.features,))
-        return x @ (kernel * jnp.asarray(self.mask, kernel.dtype)) + bias
+        x, kernel, bias = promote_dtype(x, kernel * jnp.asarray(self.mask, kernel.dtype), bias,
+                                        dtype=self.dtype)
+        return x @ kernel + bias
 
 
 class MADE(nn.Module):
@@ -110,15 +118,19 @@ class MADE(nn.Module):
       log_scale_bound: b > 0; log_scale = b * tanh(raw / b) lies in (-b, b),
         so the flow's scales exp(+-log_scale) stay below e^b and cannot
         overflow. b = 1 is the tanh of the official solution.
+      dtype: the computation dtype of the masked layers. shift and log_scale
+        come out float32 whatever it is: the flow and its log-determinant, a
+        sum of log-scales, are part of a log-density (lvm_jax.nn.precision).
     """
 
     hidden: Sequence[int] = (512, 512)
     order: Sequence[int] | None = None
     log_scale_bound: float = 1.0
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """z (batch, D) float -> (shift, log_scale), each (batch, D)."""
+        """z (batch, D) float -> (shift, log_scale), each (batch, D) float32."""
         if z.ndim != 2 or not jnp.issubdtype(z.dtype, jnp.floating):
             raise ValueError(f"MADE expects float z of shape (batch, D), got {z.dtype} {z.shape}")
         if self.log_scale_bound <= 0:
@@ -128,7 +140,7 @@ class MADE(nn.Module):
 
         h = z
         for i, (width, mask) in enumerate(zip(self.hidden, hidden_masks)):
-            h = nn.relu(MaskedDense(width, mask, name=f"hidden_{i}")(h))
+            h = nn.relu(MaskedDense(width, mask, dtype=self.dtype, name=f"hidden_{i}")(h))
         # Zero output weights make shift = log_scale = 0 at init: the flow is
         # the identity and the prior starts as N(0, I), so a VLAE begins as a
         # plain VAE instead of fighting a random prior.
@@ -136,7 +148,8 @@ class MADE(nn.Module):
             2 * dim,
             np.concatenate([out_mask, out_mask], axis=1),
             kernel_init=nn.initializers.zeros_init(),
+            dtype=self.dtype,
             name="out",
         )(h)
-        shift, raw_log_scale = jnp.split(out, 2, axis=-1)
+        shift, raw_log_scale = jnp.split(to_float32(out), 2, axis=-1)
         return shift, soft_clamp(raw_log_scale, self.log_scale_bound)

@@ -12,6 +12,9 @@ form a single channel, so the masks are purely spatial (no colour groups).
     with PixelCNN Decoders") splits the receptive field into a vertical stack
     (rows above) and a horizontal stack (the current row up to the left
     neighbour), which removes the blind spot, and uses tanh * sigmoid gates.
+
+Every module computes in its `dtype` attribute with float32 parameters; the
+logits of both priors come out float32 (lvm_jax.nn.precision).
 """
 
 from collections.abc import Callable
@@ -20,6 +23,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
+
+from lvm_jax.nn.precision import to_float32
 
 
 def conv_mask(kernel_size: int, mask_type: str) -> np.ndarray:
@@ -44,12 +50,13 @@ def conv_mask(kernel_size: int, mask_type: str) -> np.ndarray:
 class MaskedConv(nn.Module):
     """kernel_size x kernel_size 'SAME' convolution whose kernel is multiplied by `conv_mask`.
 
-    (batch, H, W, C_in) -> (batch, H, W, features).
+    (batch, H, W, C_in) -> (batch, H, W, features) in `dtype`.
     """
 
     features: int
     kernel_size: int
     mask_type: str
+    dtype: DTypeLike = jnp.float32
 
     def __post_init__(self):
         conv_mask(self.kernel_size, self.mask_type)  # bad arguments fail at construction
@@ -60,7 +67,7 @@ class MaskedConv(nn.Module):
         k = self.kernel_size
         mask = conv_mask(k, self.mask_type)[:, :, None, None]
         mask = np.broadcast_to(mask, (k, k, x.shape[-1], self.features))
-        return nn.Conv(self.features, (k, k), padding="SAME", mask=mask)(x)
+        return nn.Conv(self.features, (k, k), padding="SAME", mask=mask, dtype=self.dtype)(x)
 
 
 def _check_codes(codes: jax.Array) -> None:
@@ -75,24 +82,26 @@ class _OutputHead(nn.Module):
 
     hidden: int
     num_classes: int
+    dtype: DTypeLike
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.Conv(self.hidden, (1, 1))(nn.relu(x))
-        return nn.Conv(self.num_classes, (1, 1))(nn.relu(x))
+        x = nn.Conv(self.hidden, (1, 1), dtype=self.dtype)(nn.relu(x))
+        return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype)(nn.relu(x))
 
 
 class _ResidualBlock(nn.Module):
     """x + 1x1(ReLU(B(ReLU(1x1(ReLU(x)))))), B a type-B masked convolution."""
 
     kernel_size: int
+    dtype: DTypeLike
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         features = x.shape[-1]
-        h = nn.Conv(features, (1, 1))(nn.relu(x))
-        h = MaskedConv(features, self.kernel_size, "B")(nn.relu(h))
-        return x + nn.Conv(features, (1, 1))(nn.relu(h))
+        h = nn.Conv(features, (1, 1), dtype=self.dtype)(nn.relu(x))
+        h = MaskedConv(features, self.kernel_size, "B", dtype=self.dtype)(nn.relu(h))
+        return x + nn.Conv(features, (1, 1), dtype=self.dtype)(nn.relu(h))
 
 
 class PixelCNN(nn.Module):
@@ -109,23 +118,25 @@ class PixelCNN(nn.Module):
     num_residual_blocks: int = 12
     hidden: int = 512
     kernel_size: int = 3
+    dtype: DTypeLike = jnp.float32
 
     def setup(self):
-        self.embed = nn.Embed(self.num_classes, self.embed_dim)
-        self.input_conv = MaskedConv(self.embed_dim, 7, "A")
-        self.blocks = [_ResidualBlock(self.kernel_size) for _ in range(self.num_residual_blocks)]
-        self.head = _OutputHead(self.hidden, self.num_classes)
+        self.embed = nn.Embed(self.num_classes, self.embed_dim, dtype=self.dtype)
+        self.input_conv = MaskedConv(self.embed_dim, 7, "A", dtype=self.dtype)
+        self.blocks = [_ResidualBlock(self.kernel_size, self.dtype)
+                       for _ in range(self.num_residual_blocks)]
+        self.head = _OutputHead(self.hidden, self.num_classes, self.dtype)
 
     def __call__(self, codes: jax.Array) -> jax.Array:
         _check_codes(codes)
         return self.logits(self.embed(codes))
 
     def logits(self, x: jax.Array) -> jax.Array:
-        """Logits from embedded codes x (batch, H, W, embed_dim); differentiable in x."""
+        """float32 logits from embedded codes x (batch, H, W, embed_dim); differentiable in x."""
         h = self.input_conv(x)
         for block in self.blocks:
             h = block(h)
-        return self.head(h)
+        return to_float32(self.head(h))
 
 
 def _gate(x: jax.Array) -> jax.Array:
@@ -155,17 +166,20 @@ class _GatedLayer(nn.Module):
     dim: int
     kernel_size: int
     first: bool
+    dtype: DTypeLike
 
     @nn.compact
     def __call__(self, v: jax.Array, h: jax.Array) -> tuple[jax.Array, jax.Array]:
         c = self.kernel_size // 2
-        v_pre = nn.Conv(2 * self.dim, (c + 1, self.kernel_size), padding=((c, 0), (c, c)))(v)
+        v_pre = nn.Conv(2 * self.dim, (c + 1, self.kernel_size), padding=((c, 0), (c, c)),
+                        dtype=self.dtype)(v)
         mask = np.ones((1, c + 1, h.shape[-1], 2 * self.dim), np.float32)
         if self.first:
             mask[:, c] = 0.0
-        h_pre = nn.Conv(2 * self.dim, (1, c + 1), padding=((0, 0), (c, 0)), mask=mask)(h)
-        h_pre = h_pre + nn.Conv(2 * self.dim, (1, 1))(_down_shift(v_pre))
-        h_out = nn.Conv(self.dim, (1, 1))(_gate(h_pre))
+        h_pre = nn.Conv(2 * self.dim, (1, c + 1), padding=((0, 0), (c, 0)), mask=mask,
+                        dtype=self.dtype)(h)
+        h_pre = h_pre + nn.Conv(2 * self.dim, (1, 1), dtype=self.dtype)(_down_shift(v_pre))
+        h_out = nn.Conv(self.dim, (1, 1), dtype=self.dtype)(_gate(h_pre))
         return _gate(v_pre), h_out if self.first else h + h_out
 
 
@@ -184,6 +198,7 @@ class GatedPixelCNN(nn.Module):
     num_layers: int = 15
     kernel_size: int = 3
     hidden: int = 512
+    dtype: DTypeLike = jnp.float32
 
     def __post_init__(self):
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
@@ -191,22 +206,21 @@ class GatedPixelCNN(nn.Module):
         super().__post_init__()
 
     def setup(self):
-        self.embed = nn.Embed(self.num_classes, self.dim)
-        self.layers = [
-            _GatedLayer(self.dim, self.kernel_size, first=(i == 0)) for i in range(self.num_layers)
-        ]
-        self.head = _OutputHead(self.hidden, self.num_classes)
+        self.embed = nn.Embed(self.num_classes, self.dim, dtype=self.dtype)
+        self.layers = [_GatedLayer(self.dim, self.kernel_size, first=(i == 0), dtype=self.dtype)
+                       for i in range(self.num_layers)]
+        self.head = _OutputHead(self.hidden, self.num_classes, self.dtype)
 
     def __call__(self, codes: jax.Array) -> jax.Array:
         _check_codes(codes)
         return self.logits(self.embed(codes))
 
     def logits(self, x: jax.Array) -> jax.Array:
-        """Logits from embedded codes x (batch, H, W, dim); differentiable in x."""
+        """float32 logits from embedded codes x (batch, H, W, dim); differentiable in x."""
         v = h = x
         for layer in self.layers:
             v, h = layer(v, h)
-        return self.head(h)
+        return to_float32(self.head(h))
 
 
 def raster_sample(

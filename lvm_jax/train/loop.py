@@ -5,6 +5,13 @@ The dataset lives whole on the devices; each compiled call runs
 the device from permuted indices, so no step waits on the host. Batches are
 split over the `data` axis of the mesh and parameters replicated; XLA inserts
 the gradient all-reduce (DESIGN.md §4).
+
+Multi-host: every process (one per host, after `jax.distributed.initialize()`)
+calls `fit` with the same arguments. Each keeps its shard of the training set
+on its devices (`batching.host_shard`) and contributes batch_size / hosts
+examples to every step; the test set is replicated. Every process computes
+the same metrics and parameters, calls the orbax checkpointer (orbax
+coordinates the hosts), and only process 0 writes metrics, config and summary.
 """
 
 import dataclasses
@@ -64,10 +71,13 @@ def initial_state(objective: Objective, example: np.ndarray, config: TrainConfig
 
 
 def make_train_chunk(objective: Objective, mesh, ema_decay: float | None = None):
-    """jit((state, data, idx (n, batch), key) -> (state, metrics stacked over n steps))."""
+    """jit((state, data, idx (n, batch), key) -> (state, metrics stacked over n steps)).
+
+    `data` from `batching.put_host_shard`, `idx` from `batching.put_host_indices`.
+    """
 
     def step(state, idx, data, key):
-        batch = objective.preprocess(batching.gather(data, idx, mesh))
+        batch = objective.preprocess(batching.gather_host_shard(data, idx, mesh))
         rng = jax.random.fold_in(key, state.step)
 
         def loss_of(params):
@@ -130,7 +140,8 @@ def _check_finite(metrics: dict, first_step: int, what: str):
 
 def device_description() -> str:
     devices = jax.devices()
-    return f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})"
+    hosts = f" on {jax.process_count()} hosts" if jax.process_count() > 1 else ""
+    return f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform}){hosts}"
 
 
 def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
@@ -145,22 +156,28 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
 
     Args:
       objective: the model's init and loss (the loop knows nothing else of it).
-      train_data, test_data: whole arrays (N, ...) as stored, e.g. uint8 images.
+      train_data, test_data: whole arrays (N, ...) as stored, e.g. uint8 images; in a
+        multi-host run every process passes the same ones and keeps its
+        `batching.host_shard` of train_data (the last N % hosts examples are dropped).
       config: loop hyperparameters.
       workdir: output directory.
       run_config: the experiment's settings; a resumed run must have the same.
       tx: optimizer, default Adam(config.learning_rate) (see `initial_state`).
-      mesh: a Mesh with a "data" axis; default all devices.
+      mesh: a Mesh with a "data" axis; default all devices of every host.
     Raises:
       ValueError: bad sizes (batch larger than the data, not divisible by the devices).
       CheckpointError: the workdir holds an unusable or different run.
       NonFiniteLossError: the loss became NaN or infinite.
     """
     mesh = mesh or batching.data_mesh()
-    num_devices = mesh.devices.size
-    num_train = len(train_data)
+    num_devices, num_hosts = mesh.devices.size, jax.process_count()
+    shard = batching.host_shard(len(train_data), jax.process_index(), num_hosts)
+    # The examples that divide evenly over the hosts: all of them on one host.
+    num_train = (shard.stop - shard.start) * num_hosts
     if config.batch_size > num_train:
-        raise ValueError(f"batch_size {config.batch_size} exceeds the {num_train} training examples.")
+        hosts = f" that divide over the {num_hosts} hosts" if num_hosts > 1 else ""
+        raise ValueError(f"batch_size {config.batch_size} exceeds the {num_train} training "
+                         f"examples{hosts}.")
     if config.batch_size % num_devices:
         raise ValueError(f"batch_size {config.batch_size} must be divisible by the "
                          f"{num_devices} devices of the mesh.")
@@ -176,26 +193,25 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
     checkpointer = Checkpointer(workdir)
     try:
         return _fit(objective, train_data, test_data, config, workdir, saved_config, tx, mesh,
-                    checkpointer, steps_per_epoch, total_steps)
+                    checkpointer, shard, steps_per_epoch, total_steps)
     finally:
         checkpointer.close()
 
 
 def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, mesh,
-         checkpointer, steps_per_epoch, total_steps) -> FitResult:
-    num_train = len(train_data)
+         checkpointer, shard, steps_per_epoch, total_steps) -> FitResult:
+    local_batch = config.batch_size // jax.process_count()
     checkpointer.check_config(saved_config)
 
     _, train_key, eval_key = _keys(config.seed)
-    state = jax.device_put(initial_state(objective, train_data[:1], config, tx),
-                           batching.replicated(mesh))
+    state = batching.put_replicated(initial_state(objective, train_data[:1], config, tx), mesh)
     resume_step = checkpointer.latest_step()
     if resume_step is not None:
         state = checkpointer.restore(state)
     checkpointer.save_config(saved_config)
     start_step = int(jax.device_get(state.step))
 
-    train_on_device = batching.put_replicated(train_data, mesh)
+    train_on_device = batching.put_host_shard(train_data[shard], mesh)
     test_on_device = batching.put_replicated(test_data, mesh)
     train_chunk = make_train_chunk(objective, mesh, config.ema_decay)
     evaluate = make_evaluate(objective, mesh)
@@ -219,16 +235,18 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
     test_metrics = log_eval(0) if start_step == 0 else None
     initial_metrics = test_metrics
     steps_per_call = max(1, min(config.steps_per_call, steps_per_epoch))
+    primary = records.is_primary()
     bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-               disable=not config.progress, desc=os.path.basename(os.path.normpath(workdir)))
+               disable=not (config.progress and primary),
+               desc=os.path.basename(os.path.normpath(workdir)))
     step = start_step
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
-        order = batching.epoch_order(config.seed, epoch, num_train, steps_per_epoch,
-                                     config.batch_size)
+        order = batching.epoch_order(config.seed, epoch, len(train_data), steps_per_epoch,
+                                     local_batch, shard)
         while offset < steps_per_epoch:
             n = min(steps_per_call, steps_per_epoch - offset)
-            idx = batching.put_indices(order[offset:offset + n], mesh)
+            idx = batching.put_host_indices(order[offset:offset + n], mesh)
             tic = time.perf_counter()
             new_state, metrics = train_chunk(state, train_on_device, idx, train_key)
             metrics = jax.device_get(metrics)
@@ -255,8 +273,9 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
         if not all(math.isfinite(v) for v in test_metrics.values()):
             raise NonFiniteLossError(f"non-finite test metrics after epoch {epoch + 1}: {test_metrics}")
         checkpointer.save(state)
-        bar.write(f"epoch {epoch + 1}/{config.epochs}: test "
-                  + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
+        if primary:
+            bar.write(f"epoch {epoch + 1}/{config.epochs}: test "
+                      + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
     bar.close()
     if test_metrics is None:  # resumed a finished run: evaluate once more for the summary
         test_metrics = log_eval(config.epochs)

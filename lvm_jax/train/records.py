@@ -1,24 +1,50 @@
 """What a run writes besides checkpoints: metrics.csv, config.json, summary.json.
 
 Every file is replaced atomically (write to a temporary file, then rename), so
-an interrupted run never leaves one half-written.
+an interrupted run never leaves one half-written. In a multi-host run every
+process computes the same metrics and only process 0 writes them (`is_primary`).
 """
 
 import csv
+import functools
+import inspect
 import io
 import json
 import math
 import os
 import tempfile
 
+import jax
 
-def write_atomic(path: str, text: str) -> None:
+
+def is_primary() -> bool:
+    """Whether this process writes the run's files: always on one host, process 0 of several."""
+    return jax.process_index() == 0
+
+
+def primary_only(save):
+    """Decorates a function that writes the file named by its `path` argument: on every
+    process but the primary it writes nothing and returns `path`."""
+    signature = inspect.signature(save)
+
+    @functools.wraps(save)
+    def wrapper(*args, **kwargs):
+        if is_primary():
+            return save(*args, **kwargs)
+        return signature.bind(*args, **kwargs).arguments["path"]
+
+    return wrapper
+
+
+@primary_only
+def write_atomic(path: str, text: str) -> str:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_")
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+    return path
 
 
 def _jsonable(value):
@@ -74,5 +100,7 @@ class MetricsLog:
             return list(csv.DictReader(f))
 
     def append(self, rows: list[dict]) -> None:
+        if not is_primary():
+            return
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, self.columns, extrasaction="ignore").writerows(rows)

@@ -1,0 +1,224 @@
+"""VQ-VAE (REFERENCE.md §4): prior sampling and training throughput, lvm_jax against PyTorch.
+
+Both priors at the experiment's default sizes over K = 128 codes: PixelCNN
+(embedding 64, 7x7 type-A conv, 12 residual blocks, head 512) and Gated
+PixelCNN (dim 128, 15 layers, head 512).
+
+* `sampling`: milliseconds to draw 100 code grids of 8x8 from each prior, in
+  raster order: lvm_jax's `raster_sample`, one jitted call (a `lax.fori_loop`
+  of 64 full passes of the network), against PyTorch's natural raster loop
+  (64 full forward passes under `torch.no_grad`, `torch.multinomial` at each
+  position). `--quick` draws 10 grids.
+* `train_step`: images/s of one VQ-VAE training step (K = 128 codes of
+  D = 256, forward, backward, Adam, BatchNorm in training mode) at batch 128
+  on 32x32x3 (patches_embedded), with image_vae.py's protocol (`fit`'s
+  compiled step against the PyTorch loop); and code grids/s of one training
+  step of each prior at batch 128 of 8x8 grids (random codes).
+
+Before timing, the PyTorch models are loaded with lvm_jax's parameters,
+randomised (`image_vae.randomised`), and must compute the same prior logits
+on random codes, and the same VQ-VAE codes, reconstructions (training and
+inference mode), loss and gradients on test images.
+"""
+
+import jax
+import numpy as np
+import torch
+
+from benchmarks import torch_models
+from benchmarks.common import Row, Settings, compare, device, timer
+from benchmarks.image_vae import randomised
+from benchmarks.trainers import (
+    LEARNING_RATE,
+    JaxSteps,
+    TorchSteps,
+    epoch_batches,
+    scale_images,
+    to_torch_images,
+)
+from experiments import vqvae as vqvae_experiment
+from lvm_jax import data
+from lvm_jax.models import vqvae
+from lvm_jax.nn.masked_conv import raster_sample
+
+BATCH = 128
+GRID = (8, 8)
+DATASET = "patches_embedded"
+NUM_SAMPLES, QUICK_NUM_SAMPLES = 100, 10
+NUM_PRIOR_TRAIN_GRIDS = 20 * BATCH
+PRIORS = {  # name: (row label, PyTorch twin, weight copy)
+    "pixelcnn": ("PixelCNN (embed 64, 12 res. blocks, head 512)", torch_models.PixelCNN,
+                 torch_models.copy_flax_pixelcnn_params),
+    "gated": ("Gated PixelCNN (dim 128, 15 layers, head 512)", torch_models.GatedPixelCNN,
+              torch_models.copy_flax_gated_pixelcnn_params),
+}
+TOL = 1e-4  # max |difference| / (1 + max |lvm_jax value|)
+
+
+def _assert_close(what: str, a, b, tol: float = TOL) -> float:
+    """The relative error of b against a; raises AssertionError above `tol`."""
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape, f"{what}: shapes {a.shape} and {b.shape}"
+    error = float(np.max(np.abs(a - b))) / (1.0 + float(np.max(np.abs(a))))
+    assert error < tol, f"PyTorch and lvm_jax {what} differ by {error:.3g} (relative)"
+    return error
+
+
+def _priors(name: str, seed: int):
+    """lvm_jax and PyTorch priors with the same random weights, checked to give the same logits."""
+    prior = vqvae.PRIORS[name](vqvae.NUM_CODES)
+    codes = jax.random.randint(jax.random.key(seed), (16, *GRID), 0, vqvae.NUM_CODES)
+    params = randomised(prior.init(jax.random.key(seed), codes)["params"], seed, scale=0.1)
+    torch_prior = PRIORS[name][2](PRIORS[name][1](vqvae.NUM_CODES), params)
+    with torch.no_grad():
+        torch_logits = torch_prior(torch.from_numpy(np.array(codes)).long())
+    error = _assert_close(f"{name} logits", prior.apply({"params": params}, codes),
+                          torch_logits.permute(0, 2, 3, 1))
+    return prior, params, torch_prior, error
+
+
+def _sampling_row(name: str, num: int, settings: Settings) -> Row:
+    prior, params, torch_prior, error = _priors(name, settings.seed)
+    sample = jax.jit(lambda p, key: raster_sample(lambda c: prior.apply({"params": p}, c), key,
+                                                  num, *GRID))
+    keys = iter(jax.random.split(jax.random.key(settings.seed), 1000))
+    torch.manual_seed(settings.seed)
+    # One warm-up call (it compiles lvm_jax's sampler): a call takes seconds.
+    result = compare(timer(lambda: jax.block_until_ready(sample(params, next(keys)))),
+                     timer(lambda: torch_prior.sample(num, *GRID)), settings, warmup=1)
+    return Row(
+        benchmark="vqvae_sampling", model=f"{PRIORS[name][0]}, K={vqvae.NUM_CODES}",
+        step=f"draw {num} code grids of {GRID[0]}x{GRID[1]} (64 sequential passes)"
+             + (" [quick]" if settings.quick else ""),
+        batch=num, lvm_jax=1e3 * result.jax_seconds, pytorch=1e3 * result.torch_seconds,
+        unit="ms", higher_is_better=False, device=device(result.torch_threads), goal=10.0,
+        note=f"lvm_jax: raster_sample, one jitted call; PyTorch: raster loop of full "
+             f"forward passes; logits equal to {error:.1g}; {result.torch_note()}")
+
+
+def sampling(settings: Settings) -> list[Row]:
+    """Milliseconds to draw 100 8x8 code grids from each prior (goal >= 10x)."""
+    num = QUICK_NUM_SAMPLES if settings.quick else NUM_SAMPLES
+    return [_sampling_row(name, num, settings) for name in PRIORS]
+
+
+def _randomised_batch_stats(batch_stats, seed: int):
+    """Running means N(0, 0.1^2) and variances in (0.5, 1.5): BatchNorm in inference mode."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, s: (0.5 + rng.random(s.shape) if path[-1].key == "var"
+                         else 0.1 * rng.standard_normal(s.shape)).astype(np.float32),
+        jax.device_get(batch_stats))
+
+
+def assert_same_vqvae(model: vqvae.VQVAE, variables, images: np.ndarray, seed: int) -> float:
+    """Raises AssertionError unless PyTorch's VQ-VAE, loaded with randomised `variables`,
+    gives lvm_jax's codes, reconstructions (training and inference mode), loss and
+    gradients on `images` (uint8 NHWC). Returns the largest relative error."""
+    params = randomised(variables["params"], seed)
+    stats = _randomised_batch_stats(variables["batch_stats"], seed)
+    torch_model = torch_models.copy_flax_vqvae_params(
+        torch_models.VQVAE(images.shape[-1], vqvae.NUM_CODES, vqvae.CODE_DIM), params, stats)
+    x = data.scale_images(images)
+    torch_x = scale_images(to_torch_images(images))
+    # Inference mode first: training-mode passes update PyTorch's running statistics.
+    torch_model.eval()
+    with torch.no_grad():
+        recon = torch_model(torch_x)[0]
+    errors = [_assert_close(
+        "inference-mode reconstructions",
+        model.apply({"params": params, "batch_stats": stats}, x)["reconstruction"],
+        recon.permute(0, 2, 3, 1))]
+
+    def loss(p):
+        value, (_, new_state) = vqvae.loss_fn(model, p, {"batch_stats": stats}, x, None, True)
+        return value, new_state
+
+    (value, _), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    out = model.apply({"params": params, "batch_stats": stats}, x, True, mutable=["batch_stats"])[0]
+    torch_model.train()
+    torch_loss, _ = torch_models.vqvae_loss_fn(torch_model, torch_x)
+    torch_loss.backward()
+    with torch.no_grad():
+        recon, _, _, indices = torch_model(torch_x)
+    assert np.array_equal(np.asarray(out["indices"]), indices.numpy()), "codes differ"
+    errors.append(_assert_close("training-mode reconstructions", out["reconstruction"],
+                                recon.permute(0, 2, 3, 1)))
+    errors.append(_assert_close("loss", value, torch_loss.detach()))
+    # Gradients: the first encoder conv (through the straight-through estimator), the
+    # codebook and the last decoder layer.
+    pairs = {"encoder conv grad": (grads["encoder"]["Conv_0"]["kernel"].transpose(3, 2, 0, 1),
+                                   torch_model.encoder[0].weight.grad),
+             "codebook grad": (grads["quantizer"]["embeddings"],
+                               torch_model.quantizer.embedding.weight.grad),
+             "decoder output grad": (
+                 grads["decoder"]["SubPixelConvTranspose_1"]["kernel"].transpose(2, 3, 0, 1),
+                 torch_model.decoder[7].weight.grad)}
+    for what, (a, b) in pairs.items():
+        # Gradients are small: relative to their own scale.
+        scale = float(np.max(np.abs(np.asarray(a))))
+        errors.append(_assert_close(what, np.asarray(a) / scale, b.numpy() / scale))
+    return max(errors)
+
+
+class TorchPriorSteps:
+    """One PyTorch training step of a prior on code grids per call of `step` (returns the loss)."""
+
+    def __init__(self, prior: torch.nn.Module, codes: np.ndarray, batch_size: int, seed: int):
+        self.prior = prior
+        self.codes = torch.from_numpy(codes).long()
+        self.optimizer = torch.optim.Adam(prior.parameters(), lr=LEARNING_RATE)
+        self.batches = epoch_batches(seed, len(codes), batch_size)
+
+    def step(self) -> float:
+        loss, _ = torch_models.prior_loss_fn(self.prior, self.codes[torch.from_numpy(
+            next(self.batches))])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+
+def _step_row(step_name: str, model: str, unit: str, jax_step, torch_step, settings: Settings,
+              note: str) -> Row:
+    number = 1 if settings.quick else 3
+    result = compare(timer(jax_step, number), timer(torch_step, number), settings)
+    return Row(benchmark="vqvae_step", model=model, step=step_name, batch=BATCH,
+               lvm_jax=BATCH / result.jax_seconds, pytorch=BATCH / result.torch_seconds,
+               unit=unit, higher_is_better=True, device=device(result.torch_threads), goal=None,
+               note=f"{note}; steps per sample: {number}; {result.torch_note()} per step")
+
+
+def train_step(settings: Settings) -> list[Row]:
+    """Images/s of a VQ-VAE training step, code grids/s of a prior training step, batch 128."""
+    dataset = data.load(DATASET)
+    model = vqvae.conv_vqvae(dataset.event_shape, vqvae.NUM_CODES, vqvae.CODE_DIM)
+    jax_steps = JaxSteps(vqvae_experiment.vqvae_objective(model), dataset.train, BATCH,
+                         settings.seed)
+    error = assert_same_vqvae(model, {"params": jax_steps.state.params,
+                                      **jax_steps.state.model_state},
+                              dataset.test[:16], settings.seed)
+    torch.manual_seed(settings.seed)
+    torch_model = torch_models.VQVAE(dataset.event_shape[-1], vqvae.NUM_CODES, vqvae.CODE_DIM)
+    torch_steps = TorchSteps(torch_model, dataset.train, BATCH, settings.seed,
+                             loss_fn=torch_models.vqvae_loss_fn)
+    h, w, c = dataset.event_shape
+    rows = [_step_row(
+        "train step (fwd + bwd + Adam, BatchNorm in training mode)",
+        f"VQ-VAE (K={vqvae.NUM_CODES}, D={vqvae.CODE_DIM}), {h}x{w}x{c} ({DATASET})",
+        "images/s", jax_steps.step, torch_steps.step, settings,
+        f"same codes, reconstructions, loss and gradients to {error:.1g}")]
+
+    codes = np.random.default_rng(settings.seed).integers(
+        0, vqvae.NUM_CODES, (NUM_PRIOR_TRAIN_GRIDS, *GRID)).astype(np.int32)
+    for name, (label, _, _) in PRIORS.items():
+        prior, _, _, error = _priors(name, settings.seed)
+        jax_steps = JaxSteps(vqvae_experiment.prior_objective(prior), codes, BATCH, settings.seed)
+        torch.manual_seed(settings.seed)
+        torch_steps = TorchPriorSteps(PRIORS[name][1](vqvae.NUM_CODES), codes, BATCH,
+                                      settings.seed)
+        rows.append(_step_row(
+            f"prior train step on {GRID[0]}x{GRID[1]} code grids (fwd + bwd + Adam)",
+            f"{label}, K={vqvae.NUM_CODES}", "grids/s", jax_steps.step, torch_steps.step,
+            settings, f"random codes; logits equal to {error:.1g}"))
+    return rows
