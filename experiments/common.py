@@ -24,6 +24,10 @@ REFERENCE_RESULTS = {
 REFERENCE_RESULTS.update({(m, f"deepul_{d}"): v for (m, d), v in list(REFERENCE_RESULTS.items())})
 
 
+class FlagError(ValueError):
+    """Flags that contradict each other; `run` reports it as a one-line error."""
+
+
 def parser(experiment: str, description: str, datasets, default_dataset: str,
            epochs: int) -> argparse.ArgumentParser:
     """The common flags of DESIGN.md §5, with the REFERENCE.md defaults."""
@@ -63,15 +67,15 @@ def parser(experiment: str, description: str, datasets, default_dataset: str,
 
 
 def run(parser: argparse.ArgumentParser, train_and_evaluate, argv=None, *extra):
-    """Parses flags and runs; a problem with the data, the workdir or the numerics ends the
-    program with its one-line message (exit status 1) instead of a traceback."""
+    """Parses flags and runs; a problem with the flags, the data, the workdir or the numerics
+    ends the program with its one-line message (exit status 1) instead of a traceback."""
     args = parser.parse_args(argv)
     # Before any JAX computation, as JAX requires; evaluate's parser has no --multihost.
     if getattr(args, "multihost", False):
         jax.distributed.initialize()
     try:
         return train_and_evaluate(args, *extra)
-    except (data.DataError, CheckpointError, NonFiniteLossError) as err:
+    except (FlagError, data.DataError, CheckpointError, NonFiniteLossError) as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
 
 

@@ -72,7 +72,7 @@ def build_model(args, dataset: data.Dataset) -> vqvae.VQVAE:
     """The VQ-VAE the flags name, narrower with --quick."""
     code_dim = QUICK_CODE_DIM if args.quick else vqvae.CODE_DIM
     return vqvae.conv_vqvae(dataset.event_shape, vqvae.NUM_CODES, code_dim, ema=args.ema_codebook,
-                            dtype=args.dtype)
+                            restart_after=args.restart_dead_codes, dtype=args.dtype)
 
 
 def vqvae_objective(model: vqvae.VQVAE) -> Objective:
@@ -131,13 +131,17 @@ def train_prior(args, prior_name: str, config, train_codes, test_codes, workdir:
 
 
 def train_and_evaluate(args) -> dict:
+    if args.restart_dead_codes is not None and not args.ema_codebook:
+        raise common.FlagError("--restart_dead_codes needs --ema_codebook: the gradient-trained "
+                             "codebook belongs to the optimizer, which the quantizer cannot move.")
     workdir = common.workdir(args, "vqvae")
     dataset = common.load_dataset(args)
     if dataset.kind != "image":
         raise data.DataError(f"vqvae trains on images; {dataset.name} is not an image dataset.")
     model = build_model(args, dataset)
     model_settings = dict(num_codes=model.quantizer.num_codes, code_dim=model.quantizer.code_dim,
-                          ema_codebook=args.ema_codebook)
+                          ema_codebook=args.ema_codebook,
+                          restart_dead_codes=args.restart_dead_codes)
 
     config = common.train_config(args, convolutional=True)
     stage1 = fit(vqvae_objective(model), dataset.train, dataset.test, config,
@@ -203,6 +207,9 @@ def parser():
     p.add_argument("--ema_codebook", action="store_true",
                    help="learn the codebook by exponential moving averages of the encoder outputs "
                         "(beta = 0.25) instead of by gradient (beta = 1, the course's VQ-VAE)")
+    p.add_argument("--restart_dead_codes", type=int, default=None, metavar="STEPS",
+                   help="with --ema_codebook: move a code that no encoder output chose for this "
+                        "many training steps onto an encoder output of the current batch")
     return p
 
 

@@ -237,3 +237,11 @@ def test_experiment_quick_smoke(tmp_path):
         assert image.shape[0] > 100 and image.std() > 0.05, f"{name} looks blank"
     for stage in ("vqvae", "prior_pixelcnn", "prior_gated"):
         assert os.path.isdir(os.path.join(workdir, stage, "checkpoints")), stage
+
+
+def test_experiment_refuses_dead_code_restarts_without_the_ema_codebook(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        vqvae_experiment.main(["--quick", "--workdir", str(tmp_path), "--restart_dead_codes", "10"])
+    assert exit_info.value.code == 1
+    assert "--restart_dead_codes needs --ema_codebook" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)

@@ -77,7 +77,7 @@ class VQVAE(nn.Module):
 
 
 def conv_vqvae(image_shape: tuple[int, int, int], num_codes: int = NUM_CODES,
-               code_dim: int = CODE_DIM, ema: bool = False,
+               code_dim: int = CODE_DIM, ema: bool = False, restart_after: int | None = None,
                dtype: DTypeLike = jnp.float32) -> VQVAE:
     """The VQ-VAE of REFERENCE.md §4 on (H, W, C) images: an (H/4, W/4) grid of codes
     (8x8 for 32x32 images), conv width = code_dim, encoder and decoder computing in `dtype`.
@@ -90,7 +90,8 @@ def conv_vqvae(image_shape: tuple[int, int, int], num_codes: int = NUM_CODES,
     if height % 4 or width % 4:
         raise ValueError(f"the VQ-VAE downsamples by 4: image height and width must be "
                          f"multiples of 4, got {image_shape}.")
-    quantizer = VectorQuantizer(num_codes, code_dim, commitment_cost=0.25 if ema else 1.0, ema=ema)
+    quantizer = VectorQuantizer(num_codes, code_dim, commitment_cost=0.25 if ema else 1.0, ema=ema,
+                                restart_after=restart_after)
     return VQVAE(VQEncoder(code_dim, dtype=dtype), quantizer,
                  VQDecoder(code_dim, channels, dtype=dtype))
 
