@@ -95,7 +95,7 @@ def save_stage1_figures(workdir: str, title: str, test_images, reconstructions) 
         viz.save_curves(os.path.join(workdir, "vqvae", "metrics.csv"),
                         os.path.join(workdir, "curves_vqvae.png"),
                         names=("loss", "recon_mse", "vq_loss"), unit=MSE,
-                        title=f"{title}: stage 1, VQ-VAE"),
+                        title=f"{title}: stage 1, VQ-VAE", log_scale=True),
     ]
 
 
@@ -106,7 +106,7 @@ def save_prior_figures(workdir: str, title: str, prior_name: str, samples) -> li
                             title=f"{title} + {prior_name}: {len(samples)} samples"),
         viz.save_curves(os.path.join(workdir, f"prior_{prior_name}", "metrics.csv"),
                         os.path.join(workdir, f"curves_prior_{prior_name}.png"),
-                        names=("prior_nll",), unit=UNITS["prior_nll"],
+                        names=("prior_nll",), unit=PRIOR_UNITS["prior_nll"],
                         title=f"{title}: stage 2, {prior_name} prior"),
     ]
 
@@ -118,7 +118,7 @@ def _timing(summary: dict) -> dict:
 
 def train_prior(args, prior_name: str, config, train_codes, test_codes, workdir: str,
                 model_settings: dict):
-    """Stage 2 for one prior, in <workdir>/prior_<name>; returns its FitResult."""
+    """Stage 2 for one prior, in <workdir>/prior_<name>; returns (the prior, its FitResult)."""
     prior = vqvae.PRIORS[prior_name](vqvae.NUM_CODES, **(QUICK_PRIORS[prior_name] if args.quick
                                                          else {}), dtype=args.dtype)
     prior_config = dataclasses.replace(config,
@@ -133,7 +133,7 @@ def train_prior(args, prior_name: str, config, train_codes, test_codes, workdir:
 def train_and_evaluate(args) -> dict:
     if args.restart_dead_codes is not None and not args.ema_codebook:
         raise common.FlagError("--restart_dead_codes needs --ema_codebook: the gradient-trained "
-                             "codebook belongs to the optimizer, which the quantizer cannot move.")
+                               "codebook belongs to the optimizer, which the quantizer cannot move.")
     workdir = common.workdir(args, "vqvae")
     dataset = common.load_dataset(args)
     if dataset.kind != "image":
@@ -161,9 +161,8 @@ def train_and_evaluate(args) -> dict:
 
     # Priors trained earlier in this workdir on the same codes stay in the summary.
     summary_path = os.path.join(workdir, "summary.json")
-    previous = records.read_json(summary_path).get("priors", {}) if os.path.exists(
-        summary_path) else {}
-    priors = {name: entry for name, entry in previous.items()
+    previous = records.read_json(summary_path) if os.path.exists(summary_path) else {}
+    priors = {name: entry for name, entry in previous.get("priors", {}).items()
               if entry["vqvae_step"] == model_settings["vqvae_step"]}
     for prior_name in args.prior:
         prior, stage2 = train_prior(args, prior_name, config, train_codes, test_codes, workdir,

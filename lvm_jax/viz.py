@@ -67,8 +67,13 @@ def save_scatter(path: str, data: np.ndarray, panels: dict[str, np.ndarray], tit
 
 @primary_only
 def save_curves(metrics_csv: str, path: str, names=("neg_elbo", "recon", "kl"),
-                unit: str = "nats per example", title: str = "") -> str:
-    """Training curves: each metric per step (train) and per epoch (test), one panel each."""
+                unit: str = "nats per example", title: str = "", log_scale: bool = False) -> str:
+    """Training curves: each metric per step (train) and per epoch (test), one panel each.
+
+    log_scale: a logarithmic y axis, for positive metrics that fall by orders of
+    magnitude (the VQ-VAE's losses); otherwise a linear axis clipped to the
+    bulk of the values.
+    """
     rows = MetricsLog.read(metrics_csv)
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names):
@@ -79,7 +84,9 @@ def save_curves(metrics_csv: str, path: str, names=("neg_elbo", "recon", "kl"),
                 ax.plot(steps, values, label=f"{split} (per {'step' if split == 'train' else 'epoch'})",
                         **style)
         values = [float(r[name]) for r in rows if r[name]]
-        if values:  # keep the first steps' large values from flattening the curve
+        if log_scale:
+            ax.set_yscale("log")
+        elif values:  # keep the first steps' large values from flattening the curve
             low, high = np.percentile(values, [0, 97])
             ax.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
         ax.set(title=name, xlabel="step", ylabel=unit)
