@@ -17,8 +17,6 @@ Every module computes in its `dtype` attribute with float32 parameters; the
 logits of both priors come out float32 (lvm_jax.nn.precision).
 """
 
-from collections.abc import Callable
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -45,6 +43,13 @@ def conv_mask(kernel_size: int, mask_type: str) -> np.ndarray:
     mask[:c] = 1.0
     mask[c, : c + (mask_type == "B")] = 1.0
     return mask
+
+
+def horizontal_mask(kernel_size: int, first: bool) -> np.ndarray:
+    """(1, k//2 + 1) mask of the Gated PixelCNN's horizontal stack over columns j - k//2 .. j:
+    the centre row of `conv_mask` up to the centre, type A in the first layer, else type B."""
+    c = kernel_size // 2
+    return conv_mask(kernel_size, "A" if first else "B")[c:c + 1, :c + 1]
 
 
 class MaskedConv(nn.Module):
@@ -139,7 +144,7 @@ class PixelCNN(nn.Module):
         return to_float32(self.head(h))
 
 
-def _gate(x: jax.Array) -> jax.Array:
+def gate(x: jax.Array) -> jax.Array:
     """tanh(a) * sigmoid(b) for the two halves a, b of the channels."""
     a, b = jnp.split(x, 2, axis=-1)
     return jnp.tanh(a) * jax.nn.sigmoid(b)
@@ -173,14 +178,13 @@ class _GatedLayer(nn.Module):
         c = self.kernel_size // 2
         v_pre = nn.Conv(2 * self.dim, (c + 1, self.kernel_size), padding=((c, 0), (c, c)),
                         dtype=self.dtype)(v)
-        mask = np.ones((1, c + 1, h.shape[-1], 2 * self.dim), np.float32)
-        if self.first:
-            mask[:, c] = 0.0
+        mask = np.broadcast_to(horizontal_mask(self.kernel_size, self.first)[:, :, None, None],
+                               (1, c + 1, h.shape[-1], 2 * self.dim))
         h_pre = nn.Conv(2 * self.dim, (1, c + 1), padding=((0, 0), (c, 0)), mask=mask,
                         dtype=self.dtype)(h)
         h_pre = h_pre + nn.Conv(2 * self.dim, (1, 1), dtype=self.dtype)(_down_shift(v_pre))
-        h_out = nn.Conv(self.dim, (1, 1), dtype=self.dtype)(_gate(h_pre))
-        return _gate(v_pre), h_out if self.first else h + h_out
+        h_out = nn.Conv(self.dim, (1, 1), dtype=self.dtype)(gate(h_pre))
+        return gate(v_pre), h_out if self.first else h + h_out
 
 
 class GatedPixelCNN(nn.Module):
@@ -222,30 +226,3 @@ class GatedPixelCNN(nn.Module):
             v, h = layer(v, h)
         return to_float32(self.head(h))
 
-
-def raster_sample(
-    logits_fn: Callable[[jax.Array], jax.Array], rng: jax.Array, num: int, height: int, width: int
-) -> jax.Array:
-    """Draws `num` grids of codes in raster order; one `lax.fori_loop`, jittable.
-
-    Each of the height * width steps runs logits_fn on the whole grid and keeps
-    the logits of one position.
-
-    Args:
-      logits_fn: codes (num, height, width) int32 -> logits (num, height, width,
-        K), causal in raster order, e.g. `lambda c: model.apply(params, c)`.
-      rng: PRNG key; step t draws with fold_in(rng, t).
-      num, height, width: static sizes of the result.
-    Returns:
-      (num, height, width) int32 codes; code (i, j) is a categorical draw from
-      softmax(logits_fn(codes)[:, i, j]) given the codes drawn before it.
-    """
-
-    def draw(t, codes):
-        i, j = t // width, t % width
-        logits = logits_fn(codes)[:, i, j]
-        c = jax.random.categorical(jax.random.fold_in(rng, t), logits).astype(jnp.int32)
-        return codes.at[:, i, j].set(c)
-
-    # The zeros of positions not yet drawn never reach a causal logits_fn.
-    return jax.lax.fori_loop(0, height * width, draw, jnp.zeros((num, height, width), jnp.int32))

@@ -1,0 +1,369 @@
+"""Drawing code grids from the PixelCNN priors, in raster order.
+
+Two samplers of the same distribution, which draw the same codes for the
+same key: position t = i * width + j is drawn with
+`jax.random.categorical(jax.random.fold_in(rng, t), logits)`.
+
+  * `raster_sample`, the reference: each of the H*W steps runs the whole
+    network over the whole grid and keeps one position's logits, so the work
+    grows with the square of the number of positions.
+  * The cached sampler (Ramachandran et al. 2017, "Fast Generation for
+    Convolutional Autoregressive Models"): every masked convolution keeps the
+    rows of its own input that its kernel reaches, and each step computes, in
+    every layer, only the activations that the newly drawn code changes. A
+    grid costs about one full pass of work, spread over H*W steps.
+
+Why the cached sampler is exact: it applies the model's own parameters (the
+tree that `model.apply` reads, masks included) to the same inputs as the full
+pass. A convolution's output at one position is the dot product of its
+(masked) kernel with the input window around that position, and the cache
+holds exactly that window: the rows of the layer's input computed at earlier
+steps, zeros where the full pass pads. Everything between convolutions (1x1
+convolutions, ReLUs, gates, residual additions) acts on one position at a
+time. Only the order of the floating-point sums differs from the full pass.
+"""
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.linen.dtypes import promote_dtype
+
+from lvm_jax.nn.masked_conv import GatedPixelCNN, PixelCNN, conv_mask, gate, horizontal_mask
+from lvm_jax.nn.precision import to_float32
+
+METHODS = ("cached", "raster")
+
+
+def raster_sample(
+    logits_fn: Callable[[jax.Array], jax.Array], rng: jax.Array, num: int, height: int, width: int
+) -> jax.Array:
+    """Draws `num` grids of codes in raster order; one `lax.fori_loop`, jittable.
+
+    Each of the height * width steps runs logits_fn on the whole grid and keeps
+    the logits of one position.
+
+    Args:
+      logits_fn: codes (num, height, width) int32 -> logits (num, height, width,
+        K), causal in raster order, e.g. `lambda c: model.apply(params, c)`.
+      rng: PRNG key; step t draws with fold_in(rng, t).
+      num, height, width: static sizes of the result.
+    Returns:
+      (num, height, width) int32 codes; code (i, j) is a categorical draw from
+      softmax(logits_fn(codes)[:, i, j]) given the codes drawn before it.
+    """
+
+    def draw(t, codes):
+        i, j = t // width, t % width
+        logits = logits_fn(codes)[:, i, j]
+        return codes.at[:, i, j].set(_draw(rng, t, logits))
+
+    # The zeros of positions not yet drawn never reach a causal logits_fn.
+    return jax.lax.fori_loop(0, height * width, draw, jnp.zeros((num, height, width), jnp.int32))
+
+
+def _draw(rng: jax.Array, t, logits: jax.Array) -> jax.Array:
+    """Codes (num,) int32 of position t from its logits (num, K): the draw both samplers share."""
+    return jax.random.categorical(jax.random.fold_in(rng, t), logits).astype(jnp.int32)
+
+
+def sample_codes(model: PixelCNN | GatedPixelCNN, variables, rng: jax.Array, num: int,
+                 height: int, width: int, method: str = "cached") -> jax.Array:
+    """Draws `num` code grids from a PixelCNN or Gated PixelCNN prior in one jitted call.
+
+    Args:
+      model: the prior (any number of layers, any kernel size, any dtype).
+      variables: its variables, {"params": ...}, as for `model.apply`.
+      rng: PRNG key; position t = i * width + j draws with fold_in(rng, t), so
+        both methods return the same codes for the same key.
+      num, height, width: number of grids and their size (any, non-square too).
+      method: "cached" computes only what each new code changes (module
+        docstring); "raster" runs the whole network once per position
+        (`raster_sample`), the reference.
+    Returns:
+      (num, height, width) int32 codes in [0, model.num_classes).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _check_prior(model)
+    for name, size in (("num", num), ("height", height), ("width", width)):
+        if not isinstance(size, (int, np.integer)) or size < 1:
+            raise ValueError(f"{name} must be a positive int, got {size!r}")
+    return _sample_codes(model, variables, rng, int(num), int(height), int(width), method)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num", "height", "width", "method"))
+def _sample_codes(model, variables, rng, num, height, width, method):
+    if method == "raster":
+        return raster_sample(lambda codes: model.apply(variables, codes), rng, num, height, width)
+
+    def choose(i, j, logits, codes):
+        code = _draw(rng, i * width + j, logits)
+        return code, codes.at[:, i, j].set(code)
+
+    return _cached_loop(_steps(model, variables["params"], num, width), height, width, choose,
+                        jnp.zeros((num, height, width), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def cached_logits(model: PixelCNN | GatedPixelCNN, variables, codes: jax.Array) -> jax.Array:
+    """The logits of the cached sampler's steps when it is fed `codes` instead of drawing them.
+
+    A test of the cache: for a causal model these equal `model.apply(variables,
+    codes)` up to the order of floating-point sums.
+
+    Args:
+      model, variables: the prior and its variables.
+      codes: (num, height, width) int codes, fed in raster order.
+    Returns:
+      (num, height, width, K) float32 logits.
+    """
+    _check_prior(model)
+    num, height, width = codes.shape
+
+    def choose(i, j, logits, all_logits):
+        return codes[:, i, j].astype(jnp.int32), all_logits.at[:, i, j].set(logits)
+
+    return _cached_loop(_steps(model, variables["params"], num, width), height, width, choose,
+                        jnp.zeros((num, height, width, model.num_classes), jnp.float32))
+
+
+def _check_prior(model) -> None:
+    if not isinstance(model, (PixelCNN, GatedPixelCNN)):
+        raise TypeError(f"cached sampling needs a PixelCNN or GatedPixelCNN, got "
+                        f"{type(model).__name__}; use raster_sample for other causal models")
+
+
+def _cached_loop(steps, height: int, width: int, choose, out):
+    """Runs `steps` over the grid in raster order: rows in a `fori_loop`, columns in another.
+
+    Args:
+      steps: a _PixelCNNSteps or _GatedPixelCNNSteps.
+      choose: (i, j, logits (num, K), out) -> (codes (num,) int32 of position
+        (i, j), out): draws the codes, or feeds given ones, and records.
+      out: the initial value of what `choose` records.
+    Returns:
+      `out` after the last position.
+    """
+
+    def row(i, carry):
+        def column(j, carry):
+            cache, out = carry
+            logits, cache = steps.logits_at(cache, j)
+            code, out = choose(i, j, logits, out)
+            return steps.write_code(cache, j, code), out
+
+        cache, out = jax.lax.fori_loop(0, width, column, carry)
+        return steps.next_row(cache), out
+
+    return jax.lax.fori_loop(0, height, row, (steps.init_cache(), out))[1]
+
+
+# --- Row buffers: the cache of one layer's input -----------------------------------------------
+# A buffer (num, rows, pad + width + pad, C) holds the `rows` latest rows of a layer's input,
+# zero-padded left and right as the full pass pads them; its last row is the current one. It
+# starts as zeros: the rows above the grid, and a current row whose later positions the
+# kernels' masks never read.
+
+
+def _buffer(num: int, rows: int, width: int, pad: tuple[int, int], channels: int, dtype):
+    return jnp.zeros((num, rows, pad[0] + width + pad[1], channels), dtype)
+
+
+def _push_row(buffer: jax.Array, row: jax.Array | None = None, pad: int = 0) -> jax.Array:
+    """Drops the oldest row and appends zeros with `row` (num, width, C), if given, after
+    `pad` columns: the next current row."""
+    new = jnp.zeros_like(buffer[:, :1])
+    if row is not None:
+        new = new.at[:, 0, pad:pad + row.shape[1]].set(row)
+    return jnp.concatenate([buffer[:, 1:], new], axis=1)
+
+
+def _write(buffer: jax.Array, column, x: jax.Array) -> jax.Array:
+    """Writes x (num, C) at padded `column` of the current row."""
+    return jax.lax.dynamic_update_slice(buffer, x[:, None, None], (0, buffer.shape[1] - 1, column, 0))
+
+
+def _window(buffer: jax.Array, column, size: int) -> jax.Array:
+    """(num, rows * size * C): the padded columns column .. column + size - 1 of every row."""
+    window = jax.lax.dynamic_slice_in_dim(buffer, column, size, axis=2)
+    return window.reshape(window.shape[0], -1)
+
+
+def _row_windows(buffer: jax.Array, size: int) -> jax.Array:
+    """(num, width, rows * size * C): the window of every column of the buffer's rows."""
+    width = buffer.shape[2] - size + 1
+    windows = jnp.stack([buffer[:, :, dx:dx + width] for dx in range(size)], axis=3)
+    num, rows, _, _, channels = windows.shape
+    return windows.transpose(0, 2, 1, 3, 4).reshape(num, width, rows * size * channels)
+
+
+# --- Convolutions at one position, from a conv's parameters ------------------------------------
+
+
+def _affine(conv: dict, dtype, mask: np.ndarray | None = None, rows: int | None = None):
+    """A `nn.Conv`'s parameters as (kernel matrix, bias) acting on flattened windows.
+
+    The kernel (kh, kw, C_in, F) is masked as flax masks it (in float32, before
+    the cast to `dtype`), its first `rows` rows kept (the rows of a window that
+    a raster-order mask reads: those above the centre and the centre's), and
+    flattened to (rows * kw * C_in, F), the layout of `_window`.
+    """
+    kernel = conv["kernel"]
+    if mask is not None:
+        kernel = kernel * mask[:, :, None, None]
+    kernel = kernel[:rows]
+    kernel, bias = promote_dtype(kernel.reshape(-1, kernel.shape[-1]), conv["bias"], dtype=dtype)
+    return kernel, bias
+
+
+def _apply(affine, x: jax.Array) -> jax.Array:
+    """x (..., rows * kw * C_in) -> (..., F): the convolution's output at x's positions."""
+    kernel, bias = affine
+    return x.astype(kernel.dtype) @ kernel + bias
+
+
+def _head(head, x: jax.Array) -> jax.Array:
+    """_OutputHead at one position: (num, C) -> float32 logits (num, K)."""
+    x = _apply(head[0], jax.nn.relu(x))
+    return to_float32(_apply(head[1], jax.nn.relu(x)))
+
+
+def _head_affines(head: dict, dtype):
+    return _affine(head["Conv_0"], dtype), _affine(head["Conv_1"], dtype)
+
+
+def _steps(model, params, num: int, width: int):
+    if isinstance(model, PixelCNN):
+        return _PixelCNNSteps(model, params, num, width)
+    return _GatedPixelCNNSteps(model, params, num, width)
+
+
+class _PixelCNNSteps:
+    """The PixelCNN one position at a time.
+
+    Cache: for the 7x7 type-A input conv, a buffer of the last 4 rows of code
+    embeddings; for each residual block's type-B conv, one of the last
+    k//2 + 1 rows of its input. At (i, j) each layer computes its output at
+    (i, j) alone: the masks read only those rows, and in the current row only
+    the columns up to j (type B: the input at (i, j), written just before).
+    Parameter names are flax's automatic ones, in the order PixelCNN's
+    modules create them.
+    """
+
+    def __init__(self, model: PixelCNN, params, num: int, width: int):
+        dtype = model.dtype
+        self.num, self.width, self.dtype = num, width, dtype
+        self.embedding = jnp.asarray(params["embed"]["embedding"], dtype)
+        self.head = _head_affines(params["head"], dtype)
+        k = params["input_conv"]["Conv_0"]["kernel"].shape[0]
+        self.input_size = k
+        self.input_conv = _affine(params["input_conv"]["Conv_0"], dtype, conv_mask(k, "A"),
+                                  rows=k // 2 + 1)
+        k = self.kernel_size = model.kernel_size
+        self.blocks = [
+            (_affine(block["Conv_0"], dtype),
+             _affine(block["MaskedConv_0"]["Conv_0"], dtype, conv_mask(k, "B"), rows=k // 2 + 1),
+             _affine(block["Conv_1"], dtype))
+            for block in (params[f"blocks_{b}"] for b in range(model.num_residual_blocks))]
+
+    def _buffer(self, kernel_size: int):
+        c = kernel_size // 2
+        return _buffer(self.num, c + 1, self.width, (c, c), self.embedding.shape[1], self.dtype)
+
+    def init_cache(self):
+        return [self._buffer(self.input_size)] + [self._buffer(self.kernel_size)
+                                                  for _ in self.blocks]
+
+    def logits_at(self, cache, j):
+        """float32 logits (num, K) at (i, j) of the current row i, and the updated cache."""
+        x = _apply(self.input_conv, _window(cache[0], j, self.input_size))
+        new_cache = [cache[0]]
+        c = self.kernel_size // 2
+        for (conv_in, masked, conv_out), buffer in zip(self.blocks, cache[1:]):
+            buffer = _write(buffer, j + c, jax.nn.relu(_apply(conv_in, jax.nn.relu(x))))
+            h = _apply(masked, _window(buffer, j, self.kernel_size))
+            x = x + _apply(conv_out, jax.nn.relu(h))
+            new_cache.append(buffer)
+        return _head(self.head, x), new_cache
+
+    def write_code(self, cache, j, code):
+        """Records the code (num,) drawn at (i, j): its embedding enters the input conv's rows."""
+        embedded = _write(cache[0], j + self.input_size // 2, self.embedding[code])
+        return [embedded] + cache[1:]
+
+    def next_row(self, cache):
+        return [_push_row(buffer) for buffer in cache]
+
+
+class _GatedPixelCNNSteps:
+    """The Gated PixelCNN one position at a time, the vertical stack one row at a time.
+
+    Cache, per layer: the current row of the horizontal stack's input; the
+    last k//2 + 1 rows of the vertical stack's input; and the vertical stack's
+    link into the horizontal stack for the current row, 1x1(v_pre of the row
+    above). At (i, j) each layer computes the horizontal stack at (i, j) alone.
+    When row i is complete, each layer computes its vertical stack over row i
+    (which sees row i whole, and so must wait for it) and the link for row
+    i + 1. Parameter names are flax's automatic ones, in the order
+    _GatedLayer creates them: vertical, horizontal, link, output 1x1.
+    """
+
+    def __init__(self, model: GatedPixelCNN, params, num: int, width: int):
+        dtype = model.dtype
+        self.num, self.width, self.dim, self.dtype = num, width, model.dim, dtype
+        k = self.kernel_size = model.kernel_size
+        self.embedding = jnp.asarray(params["embed"]["embedding"], dtype)
+        self.head = _head_affines(params["head"], dtype)
+        self.layers = [
+            (_affine(layer["Conv_0"], dtype),
+             _affine(layer["Conv_1"], dtype, horizontal_mask(k, first=(index == 0))),
+             _affine(layer["Conv_2"], dtype),
+             _affine(layer["Conv_3"], dtype))
+            for index, layer in enumerate(params[f"layers_{n}"] for n in range(model.num_layers))]
+
+    def init_cache(self):
+        c = self.kernel_size // 2
+        zeros = jnp.zeros((self.num, self.width, 2 * self.dim), self.dtype)
+        return {
+            "h": [_buffer(self.num, 1, self.width, (c, 0), self.dim, self.dtype)
+                  for _ in self.layers],
+            "v": [_buffer(self.num, c + 1, self.width, (c, c), self.dim, self.dtype)
+                  for _ in self.layers],
+            # Row 0's link sees the zero row that the down-shift brings in.
+            "link": [_apply(link, zeros) for _, _, link, _ in self.layers],
+        }
+
+    def logits_at(self, cache, j):
+        """float32 logits (num, K) at (i, j) of the current row i, and the updated cache."""
+        c = self.kernel_size // 2
+        h_buffers = list(cache["h"])
+        h = None
+        for index, (_, horizontal, _, out) in enumerate(self.layers):
+            if index:  # the first layer's input is the codes' embeddings, written by write_code
+                h_buffers[index] = _write(h_buffers[index], j + c, h)
+            h_pre = (_apply(horizontal, _window(h_buffers[index], j, c + 1))
+                     + jax.lax.dynamic_index_in_dim(cache["link"][index], j, 1, keepdims=False))
+            h_out = _apply(out, gate(h_pre))
+            h = h_out if index == 0 else h + h_out
+        return _head(self.head, h), {**cache, "h": h_buffers}
+
+    def write_code(self, cache, j, code):
+        """Records the code (num,) drawn at (i, j): its embedding enters the first layer's row."""
+        first = _write(cache["h"][0], j + self.kernel_size // 2, self.embedding[code])
+        return {**cache, "h": [first] + cache["h"][1:]}
+
+    def next_row(self, cache):
+        """The vertical stack over the completed row, the links for the next, empty rows."""
+        c = self.kernel_size // 2
+        v_row = cache["h"][0][:, 0, c:]  # the row's code embeddings, the first vertical input
+        v_buffers, links = [], []
+        for buffer, (vertical, _, link, _) in zip(cache["v"], self.layers):
+            buffer = _push_row(buffer, v_row, c)
+            v_pre = _apply(vertical, _row_windows(buffer, self.kernel_size))
+            v_buffers.append(buffer)
+            links.append(_apply(link, v_pre))
+            v_row = gate(v_pre)
+        return {"h": [_push_row(buffer) for buffer in cache["h"]], "v": v_buffers, "link": links}
