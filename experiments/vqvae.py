@@ -35,11 +35,11 @@ import numpy as np
 from experiments import common
 from lvm_jax import data, viz
 from lvm_jax.models import vqvae
+from lvm_jax.nn import sampling
 from lvm_jax.train import Objective, fit, records
 
 # --quick keeps the layers and shrinks the widths: at full width one training
-# step of the VQ-VAE takes seconds on a CPU, and 100 samples of the Gated
-# PixelCNN (64 passes over the whole network) more than a minute.
+# step of the VQ-VAE takes seconds on a CPU.
 QUICK_CODE_DIM = 32
 QUICK_PRIORS = {"pixelcnn": dict(embed_dim=16, num_residual_blocks=2, hidden=64),
                 "gated": dict(dim=16, num_layers=4, hidden=64)}
@@ -168,7 +168,8 @@ def train_and_evaluate(args) -> dict:
         prior, stage2 = train_prior(args, prior_name, config, train_codes, test_codes, workdir,
                                     model_settings)
         _, samples = vqvae.sample(model, variables, prior, stage2.state.eval_params,
-                                  jax.random.key(args.seed + 1), NUM_SAMPLES, test_codes.shape[1:])
+                                  jax.random.key(args.seed + 1), NUM_SAMPLES, test_codes.shape[1:],
+                                  args.sampler)
         prior_figures = save_prior_figures(workdir, title, prior_name, samples)
         priors[prior_name] = {"prior_nll": stage2.test_metrics["prior_nll"],
                               "vqvae_step": model_settings["vqvae_step"],
@@ -209,6 +210,10 @@ def parser():
     p.add_argument("--restart_dead_codes", type=int, default=None, metavar="STEPS",
                    help="with --ema_codebook: move a code that no encoder output chose for this "
                         "many training steps onto an encoder output of the current batch")
+    p.add_argument("--sampler", default="cached", choices=sampling.METHODS,
+                   help="how the prior samples are drawn: cached computes only what each new "
+                        "code changes (about one pass of the network per grid); raster runs the "
+                        "whole network once per code, the reference (same codes for a seed)")
     return p
 
 

@@ -1,14 +1,17 @@
-"""Masks, receptive fields and raster sampling of the PixelCNN priors."""
-
-from functools import partial
+"""Masks and receptive fields of the PixelCNN priors (their sampling: test_sampling.py)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from lvm_jax.nn.masked_conv import GatedPixelCNN, MaskedConv, PixelCNN, conv_mask, raster_sample
+from lvm_jax.nn.masked_conv import (
+    GatedPixelCNN,
+    MaskedConv,
+    PixelCNN,
+    conv_mask,
+    horizontal_mask,
+)
 
 
 @pytest.mark.parametrize(
@@ -22,6 +25,14 @@ from lvm_jax.nn.masked_conv import GatedPixelCNN, MaskedConv, PixelCNN, conv_mas
 )
 def test_conv_mask(kernel_size, mask_type, expected):
     np.testing.assert_array_equal(conv_mask(kernel_size, mask_type), np.array(expected))
+
+
+@pytest.mark.parametrize(
+    "kernel_size, first, expected",
+    [(1, True, [[0]]), (1, False, [[1]]), (3, True, [[1, 0]]), (5, False, [[1, 1, 1]])],
+)
+def test_horizontal_mask(kernel_size, first, expected):
+    np.testing.assert_array_equal(horizontal_mask(kernel_size, first), np.array(expected))
 
 
 @pytest.mark.parametrize("mask_type", ["A", "B"])
@@ -70,59 +81,6 @@ def test_gated_pixelcnn_sees_every_earlier_position():
     x = jax.random.normal(jax.random.key(2), (1, 6, 6, 8))
     dep = _dependence(model, params, x)
     np.testing.assert_array_equal(dep, np.tril(np.ones((36, 36), bool), k=-1))
-
-
-def test_raster_sample_reproduces_known_conditionals():
-    """Column 0 ~ a fixed distribution per row; every later code copies its left neighbour."""
-    p = jnp.array([[0.1, 0.6, 0.3], [0.5, 0.0, 0.5], [0.2, 0.2, 0.6]])
-    height, width, num = 3, 4, 4000
-
-    def logits_fn(codes):
-        left = jnp.pad(codes, ((0, 0), (0, 0), (1, 0)))[:, :, :-1]
-        copy = 30.0 * jax.nn.one_hot(left, 3)
-        first = jnp.broadcast_to(jnp.log(p)[None, :, None], copy[:, :, :1].shape)
-        return copy.at[:, :, :1].set(first)
-
-    sample = jax.jit(partial(raster_sample, logits_fn, num=num, height=height, width=width))
-    codes = np.asarray(sample(jax.random.key(0)))
-    assert codes.shape == (num, height, width) and codes.dtype == np.int32
-    np.testing.assert_array_equal(codes, np.repeat(codes[:, :, :1], width, axis=2))
-    freq = np.stack([np.bincount(codes[:, i, 0], minlength=3) / num for i in range(height)])
-    np.testing.assert_allclose(freq, p, atol=0.03)  # 4 standard errors
-
-
-@pytest.mark.parametrize("model_cls", [PixelCNN, GatedPixelCNN])
-def test_trained_prior_samples_its_training_patterns(model_cls):
-    """Trained on the two 6x6 checkerboards of codes 1 and 2, it samples only those."""
-    parity = np.indices((6, 6)).sum(0) % 2
-    patterns = jnp.asarray(np.stack([1 + parity, 2 - parity]), jnp.int32)
-    if model_cls is PixelCNN:
-        model = PixelCNN(num_classes=3, embed_dim=16, num_residual_blocks=2, hidden=32)
-    else:
-        model = GatedPixelCNN(num_classes=3, dim=16, num_layers=3, hidden=32)
-    params = model.init(jax.random.key(0), patterns)
-    optimizer = optax.adam(3e-3)
-
-    @jax.jit
-    def train_step(params, opt_state):
-        def nll(params):
-            logits = model.apply(params, patterns)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, patterns).mean()
-
-        loss, grads = jax.value_and_grad(nll)(params)
-        updates, opt_state = optimizer.update(grads, opt_state)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    opt_state = optimizer.init(params)
-    for _ in range(300):
-        params, opt_state, loss = train_step(params, opt_state)
-    # Only the first code is uncertain: log 2 nats over 36 positions.
-    assert loss < np.log(2) / 36 + 0.01
-
-    codes = raster_sample(lambda c: model.apply(params, c), jax.random.key(1), 16, 6, 6)
-    matches = np.all(np.asarray(codes)[:, None] == np.asarray(patterns)[None], axis=(2, 3))
-    assert np.all(matches.any(axis=1)), "every sample is one of the training patterns"
-    assert np.all(matches.any(axis=0)), "both patterns are sampled"
 
 
 def test_bad_input_is_rejected():

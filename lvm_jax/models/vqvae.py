@@ -9,8 +9,8 @@ estimator and
 each term a mean over elements (REFERENCE.md §4: beta = 1, images in [-1, 1]).
 Stage 2 encodes the whole dataset once into (h, w) grids of code indices and
 fits an autoregressive prior p(c) (PixelCNN or Gated PixelCNN) to them by
-maximum likelihood. A sample is a grid drawn from the prior in raster order,
-decoded to an image.
+maximum likelihood. A sample is a grid drawn from the prior in raster order
+(by default with the cached sampler of lvm_jax.nn.sampling), decoded to an image.
 """
 
 import functools
@@ -24,9 +24,10 @@ import optax
 from jax.typing import DTypeLike
 
 from lvm_jax.nn.conv import VQDecoder, VQEncoder
-from lvm_jax.nn.masked_conv import GatedPixelCNN, PixelCNN, raster_sample
+from lvm_jax.nn.masked_conv import GatedPixelCNN, PixelCNN
 from lvm_jax.nn.precision import to_float32
 from lvm_jax.nn.quantizer import VectorQuantizer
+from lvm_jax.nn.sampling import sample_codes
 
 NUM_CODES, CODE_DIM = 128, 256
 PRIORS = {"pixelcnn": PixelCNN, "gated": GatedPixelCNN}
@@ -207,9 +208,9 @@ def decode(model: VQVAE, variables, codes: jax.Array) -> jax.Array:
     return model.apply(variables, codes, method=VQVAE.decode)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "prior", "num", "grid_shape"))
+@functools.partial(jax.jit, static_argnames=("model", "prior", "num", "grid_shape", "sampler"))
 def sample(model: VQVAE, variables, prior: nn.Module, prior_params, rng: jax.Array, num: int,
-           grid_shape: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+           grid_shape: tuple[int, int], sampler: str = "cached") -> tuple[jax.Array, jax.Array]:
     """Draws `num` images in one compiled call: code grids from the prior, then decoded.
 
     Args:
@@ -218,9 +219,11 @@ def sample(model: VQVAE, variables, prior: nn.Module, prior_params, rng: jax.Arr
       rng: PRNG key.
       num: number of samples.
       grid_shape: (h, w) of the code grid, e.g. (8, 8) for 32x32 images.
+      sampler: "cached" (one position per step) or "raster" (a full pass per
+        position), the methods of `lvm_jax.nn.sample_codes`: the same codes for
+        the same key.
     Returns:
       (codes (num, h, w) int32, images (num, H, W, C) in (-1, 1)).
     """
-    codes = raster_sample(lambda c: prior.apply({"params": prior_params}, c), rng, num,
-                          *grid_shape)
+    codes = sample_codes(prior, {"params": prior_params}, rng, num, *grid_shape, method=sampler)
     return codes, decode(model, variables, codes)

@@ -132,8 +132,8 @@ def cached_logits(model: PixelCNN | GatedPixelCNN, variables, codes: jax.Array) 
 
 def _check_prior(model) -> None:
     if not isinstance(model, (PixelCNN, GatedPixelCNN)):
-        raise TypeError(f"cached sampling needs a PixelCNN or GatedPixelCNN, got "
-                        f"{type(model).__name__}; use raster_sample for other causal models")
+        raise TypeError(f"expected a PixelCNN or GatedPixelCNN prior, got {type(model).__name__}; "
+                        f"for another causal model use raster_sample")
 
 
 def _cached_loop(steps, height: int, width: int, choose, out):
@@ -183,7 +183,8 @@ def _push_row(buffer: jax.Array, row: jax.Array | None = None, pad: int = 0) -> 
 
 def _write(buffer: jax.Array, column, x: jax.Array) -> jax.Array:
     """Writes x (num, C) at padded `column` of the current row."""
-    return jax.lax.dynamic_update_slice(buffer, x[:, None, None], (0, buffer.shape[1] - 1, column, 0))
+    current = buffer.shape[1] - 1
+    return jax.lax.dynamic_update_slice(buffer, x[:, None, None], (0, current, column, 0))
 
 
 def _window(buffer: jax.Array, column, size: int) -> jax.Array:

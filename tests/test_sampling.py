@@ -1,0 +1,176 @@
+"""Sampling the PixelCNN priors: the cached sampler against the full pass and the raster loop."""
+
+import functools
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lvm_jax.nn import sample_codes
+from lvm_jax.nn.masked_conv import GatedPixelCNN, PixelCNN
+from lvm_jax.nn.sampling import cached_logits, raster_sample
+
+K = 5
+# Tiny priors over K codes: kernel sizes 1, 3 and 5; 1 to 4 layers or blocks.
+PRIORS = {
+    "pixelcnn_k3_2blocks": PixelCNN(K, embed_dim=8, num_residual_blocks=2, hidden=16),
+    "pixelcnn_k5_3blocks": PixelCNN(K, embed_dim=8, num_residual_blocks=3, hidden=16,
+                                    kernel_size=5),
+    "pixelcnn_k1_1block": PixelCNN(K, embed_dim=8, num_residual_blocks=1, hidden=16,
+                                   kernel_size=1),
+    "gated_k3_3layers": GatedPixelCNN(K, dim=8, num_layers=3, hidden=16),
+    "gated_k5_2layers": GatedPixelCNN(K, dim=8, num_layers=2, hidden=16, kernel_size=5),
+    "gated_k1_4layers": GatedPixelCNN(K, dim=8, num_layers=4, hidden=16, kernel_size=1),
+}
+
+
+@functools.cache
+def _variables(name: str):
+    """Variables of PRIORS[name], with biases drawn too (flax starts them at zero, which would
+    hide a bias applied at the wrong place)."""
+    variables = PRIORS[name].init(jax.random.key(0), jnp.zeros((1, 1, 1), jnp.int32))
+    leaves, treedef = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    return jax.tree.unflatten(treedef, [x if x.ndim > 1 else 0.3 * jax.random.normal(key, x.shape)
+                                        for x, key in zip(leaves, keys)])
+
+
+def _codes(grid=(5, 7)):
+    """Random codes (3, *grid) in [0, K)."""
+    return jax.random.randint(jax.random.key(2), (3, *grid), 0, K)
+
+
+def _assert_close(actual, expected, rtol):
+    """Equal to `rtol` relative to the largest |expected| (logits near 0 have no relative scale)."""
+    expected = np.asarray(expected, np.float32)
+    np.testing.assert_allclose(np.asarray(actual, np.float32), expected, rtol=rtol,
+                               atol=rtol * np.abs(expected).max())
+
+
+@pytest.mark.parametrize(
+    "name, grid",
+    [(name, (5, 7)) for name in PRIORS]
+    + [(name, grid) for name in ("pixelcnn_k3_2blocks", "gated_k3_3layers")
+       for grid in ((1, 4), (4, 1))],
+    ids=lambda value: value if isinstance(value, str) else "x".join(map(str, value)))
+def test_cached_logits_equal_the_full_pass(name, grid):
+    """Teacher-forced: fed fixed codes, the cached steps give the full pass's logits everywhere."""
+    model = PRIORS[name]
+    variables, codes = _variables(name), _codes(grid)
+    expected = model.apply(variables, codes)
+    assert np.ptp(np.asarray(expected)) > 0.2  # logits that vary: a real comparison
+    _assert_close(cached_logits(model, variables, codes), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["pixelcnn_k3_2blocks", "gated_k5_2layers"])
+def test_cached_and_raster_samplers_draw_the_same_codes(name):
+    model = PRIORS[name]
+    variables = _variables(name)
+    sample = partial(sample_codes, model, variables, jax.random.key(7), 8, 4, 6)
+    cached, raster = sample(), sample(method="raster")
+    assert cached.shape == (8, 4, 6) and cached.dtype == jnp.int32
+    assert len(np.unique(np.asarray(cached))) == K  # draws, not a constant grid
+    np.testing.assert_array_equal(cached, raster)
+    assert not np.array_equal(cached, sample_codes(model, variables, jax.random.key(8), 8, 4, 6))
+
+
+@pytest.mark.parametrize("name", ["pixelcnn_k3_2blocks", "gated_k3_3layers"])
+def test_bfloat16_cached_sampling(name):
+    """bfloat16 priors (float32 parameters) sample, and their cached logits are the full pass's
+    to bfloat16 precision."""
+    model = PRIORS[name]
+    variables, codes = _variables(name), _codes()
+    low = model.clone(dtype=jnp.bfloat16)
+    logits = cached_logits(low, variables, codes)
+    assert logits.dtype == jnp.float32
+    _assert_close(logits, low.apply(variables, codes), rtol=3e-2)
+    _assert_close(logits, model.apply(variables, codes), rtol=5e-2)
+    sampled = np.asarray(sample_codes(low, variables, jax.random.key(3), 4, 5, 7))
+    assert sampled.shape == (4, 5, 7) and sampled.dtype == np.int32
+    assert sampled.min() >= 0 and sampled.max() < K
+
+
+@pytest.mark.parametrize("name", ["pixelcnn_k3_2blocks", "gated_k3_3layers"])
+def test_cached_sampler_runs_no_convolution(name):
+    """The cached loop works position by position (matrix products of cached windows); only
+    the raster loop runs convolutions over the whole grid."""
+    model = PRIORS[name]
+    variables = _variables(name)
+
+    def jaxpr(method):
+        return str(jax.make_jaxpr(lambda v, key: sample_codes(model, v, key, 2, 4, 4, method))(
+            variables, jax.random.key(0)))
+
+    assert "conv_general_dilated" not in jaxpr("cached")
+    assert "conv_general_dilated" in jaxpr("raster")
+
+
+def test_raster_sample_reproduces_known_conditionals():
+    """Column 0 ~ a fixed distribution per row; every later code copies its left neighbour."""
+    p = jnp.array([[0.1, 0.6, 0.3], [0.5, 0.0, 0.5], [0.2, 0.2, 0.6]])
+    height, width, num = 3, 4, 4000
+
+    def logits_fn(codes):
+        left = jnp.pad(codes, ((0, 0), (0, 0), (1, 0)))[:, :, :-1]
+        copy = 30.0 * jax.nn.one_hot(left, 3)
+        first = jnp.broadcast_to(jnp.log(p)[None, :, None], copy[:, :, :1].shape)
+        return copy.at[:, :, :1].set(first)
+
+    sample = jax.jit(partial(raster_sample, logits_fn, num=num, height=height, width=width))
+    codes = np.asarray(sample(jax.random.key(0)))
+    assert codes.shape == (num, height, width) and codes.dtype == np.int32
+    np.testing.assert_array_equal(codes, np.repeat(codes[:, :, :1], width, axis=2))
+    freq = np.stack([np.bincount(codes[:, i, 0], minlength=3) / num for i in range(height)])
+    np.testing.assert_allclose(freq, p, atol=0.03)  # 4 standard errors
+
+
+@pytest.mark.parametrize("model_cls", [PixelCNN, GatedPixelCNN])
+def test_trained_prior_samples_its_training_patterns(model_cls):
+    """Trained on the two 6x6 checkerboards of codes 1 and 2, it samples only those, with
+    either method."""
+    parity = np.indices((6, 6)).sum(0) % 2
+    patterns = jnp.asarray(np.stack([1 + parity, 2 - parity]), jnp.int32)
+    if model_cls is PixelCNN:
+        model = PixelCNN(num_classes=3, embed_dim=16, num_residual_blocks=2, hidden=32)
+    else:
+        model = GatedPixelCNN(num_classes=3, dim=16, num_layers=3, hidden=32)
+    params = model.init(jax.random.key(0), patterns)
+    optimizer = optax.adam(3e-3)
+
+    @jax.jit
+    def train_step(params, opt_state):
+        def nll(params):
+            logits = model.apply(params, patterns)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, patterns).mean()
+
+        loss, grads = jax.value_and_grad(nll)(params)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    opt_state = optimizer.init(params)
+    for _ in range(300):
+        params, opt_state, loss = train_step(params, opt_state)
+    # Only the first code is uncertain: log 2 nats over 36 positions.
+    assert loss < np.log(2) / 36 + 0.01
+
+    codes = sample_codes(model, params, jax.random.key(1), 16, 6, 6)
+    np.testing.assert_array_equal(codes, sample_codes(model, params, jax.random.key(1), 16, 6, 6,
+                                                      method="raster"))
+    matches = np.all(np.asarray(codes)[:, None] == np.asarray(patterns)[None], axis=(2, 3))
+    assert np.all(matches.any(axis=1)), "every sample is one of the training patterns"
+    assert np.all(matches.any(axis=0)), "both patterns are sampled"
+
+
+def test_bad_arguments_are_rejected():
+    name = "pixelcnn_k3_2blocks"
+    model, variables = PRIORS[name], _variables(name)
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="method must be one of"):
+        sample_codes(model, variables, key, 2, 3, 3, method="beam")
+    with pytest.raises(ValueError, match="height must be a positive int"):
+        sample_codes(model, variables, key, 2, 0, 3)
+    with pytest.raises(TypeError, match="PixelCNN or GatedPixelCNN"):
+        sample_codes(object(), variables, key, 2, 3, 3)
