@@ -6,6 +6,8 @@ initialisation can stay outside the timed region). Both sides are warmed up
 first (JIT compilation, allocator and oneDNN caches), then timed in
 alternation, lvm_jax then PyTorch, `repeats` times, so that a change in the
 load of a shared machine hits both alike; each side reports its median.
+Other lvm_jax variants (`also`, e.g. a reference algorithm) join the same
+rounds, after lvm_jax's sampler.
 A measurement of lvm_jax alone (`measure`, reported in a Row with
 pytorch=None) keeps the same warm-up and median.
 
@@ -135,12 +137,14 @@ def timer(fn: Callable[[], object], number: int = 1) -> Sampler:
 @dataclasses.dataclass(frozen=True)
 class Comparison:
     """Median seconds of each side; `torch_threads` is the thread count reported,
-    `torch_by_threads` the median at every thread count tried."""
+    `torch_by_threads` the median at every thread count tried, `also_seconds` the
+    median of each of `compare`'s other lvm_jax samplers."""
 
     jax_seconds: float
     torch_seconds: float
     torch_threads: int
     torch_by_threads: dict[int, float]
+    also_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def torch_note(self) -> str:
         """E.g. "PyTorch 2 threads: 1.2 s, 1 thread: 0.9 s"."""
@@ -160,8 +164,11 @@ _DROP_SLOWER_THAN = 2.0
 
 
 def compare(jax_sample: Sampler, torch_sample: Sampler, settings: Settings,
-            warmup: int = 2) -> Comparison:
-    """Warms up, then times both samplers in alternation (see the module docstring)."""
+            warmup: int = 2, also: dict[str, Sampler] | None = None) -> Comparison:
+    """Warms up, then times both samplers in alternation (see the module docstring), and
+    the named lvm_jax samplers `also` after `jax_sample` in every round."""
+    also = also or {}
+    also_times = {name: [] for name in also}
     warmup_times = {threads: [] for threads in settings.torch_threads}
     torch_times = {threads: [] for threads in settings.torch_threads}
 
@@ -180,14 +187,19 @@ def compare(jax_sample: Sampler, torch_sample: Sampler, settings: Settings,
 
     for _ in range(warmup):
         jax_sample()
+        for sample in also.values():
+            sample()
         time_torch(warmup_times)
     jax_times = []
     for _ in range(settings.repeats):
         jax_times.append(jax_sample())
+        for name, sample in also.items():
+            also_times[name].append(sample())
         time_torch(torch_times)
     by_threads = {threads: estimate(threads) for threads in settings.torch_threads}
     best = min(by_threads, key=by_threads.get)
-    return Comparison(statistics.median(jax_times), by_threads[best], best, by_threads)
+    return Comparison(statistics.median(jax_times), by_threads[best], best, by_threads,
+                      {name: statistics.median(times) for name, times in also_times.items()})
 
 
 def measure(sample: Sampler, settings: Settings, warmup: int = 2) -> float:

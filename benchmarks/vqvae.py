@@ -4,11 +4,17 @@ Both priors at the experiment's default sizes over K = 128 codes: PixelCNN
 (embedding 64, 7x7 type-A conv, 12 residual blocks, head 512) and Gated
 PixelCNN (dim 128, 15 layers, head 512).
 
-* `sampling`: milliseconds to draw 100 code grids of 8x8 from each prior, in
-  raster order: lvm_jax's `raster_sample`, one jitted call (a `lax.fori_loop`
-  of 64 full passes of the network), against PyTorch's natural raster loop
-  (64 full forward passes under `torch.no_grad`, `torch.multinomial` at each
-  position). `--quick` draws 10 grids.
+* `sampling`: milliseconds per code grid drawn from each prior in raster
+  order, three ways timed in the same alternating rounds: lvm_jax's cached
+  sampler (`sample_codes`, one position of every layer per step, one jitted
+  call), PyTorch's natural raster loop (a full forward pass per position under
+  `torch.no_grad`, `torch.multinomial` at each position), and lvm_jax's raster
+  loop (`method="raster"`, a `lax.fori_loop` of full passes, the reference).
+  First 100 grids of 8x8 (`--quick`: 10) with the settings' repeats. Then the
+  cost per grid against the number of positions, linear for the cached
+  sampler and quadratic for the raster loops: the three on one 8x8, 16x16 and
+  32x32 grid per call (`--quick`: up to 16x16), timed once after compiling,
+  and the cached sampler alone on 100 grids of 16x16 and 32x32.
 * `train_step`: images/s of one VQ-VAE training step (K = 128 codes of
   D = 256, forward, backward, Adam, BatchNorm in training mode) at batch 128
   on 32x32x3 (patches_embedded), with image_vae.py's protocol (`fit`'s
@@ -21,12 +27,14 @@ on random codes, and the same VQ-VAE codes, reconstructions (training and
 inference mode), loss and gradients on test images.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import torch
 
 from benchmarks import torch_models
-from benchmarks.common import Row, Settings, compare, device, timer
+from benchmarks.common import Row, Settings, compare, device, measure, timer
 from benchmarks.image_vae import randomised
 from benchmarks.trainers import (
     LEARNING_RATE,
@@ -39,12 +47,17 @@ from benchmarks.trainers import (
 from experiments import vqvae as vqvae_experiment
 from lvm_jax import data
 from lvm_jax.models import vqvae
-from lvm_jax.nn.masked_conv import raster_sample
+from lvm_jax.nn.sampling import METHODS, sample_codes
 
 BATCH = 128
 GRID = (8, 8)
 DATASET = "patches_embedded"
 NUM_SAMPLES, QUICK_NUM_SAMPLES = 100, 10
+# Cost per grid against positions: every sampler on one grid per call (a raster call of the
+# Gated PixelCNN on a 32x32 grid takes about 100 s on a 2-core CPU), timed once after
+# compiling; and the cached sampler alone on larger grids at NUM_SAMPLES per call.
+SCALING_SIDES, QUICK_SCALING_SIDES = (8, 16, 32), (8, 16)
+CACHED_SIDES, QUICK_CACHED_SIDES = (16, 32), (16,)
 NUM_PRIOR_TRAIN_GRIDS = 20 * BATCH
 PRIORS = {  # name: (row label, PyTorch twin, weight copy)
     "pixelcnn": ("PixelCNN (embed 64, 12 res. blocks, head 512)", torch_models.PixelCNN,
@@ -77,29 +90,94 @@ def _priors(name: str, seed: int):
     return prior, params, torch_prior, error
 
 
-def _sampling_row(name: str, num: int, settings: Settings) -> Row:
+def _compiled_sampler(prior, params, num: int, grid: tuple[int, int], method: str):
+    """`sample_codes` compiled ahead of time: key -> codes (num, *grid)."""
+    sample = jax.jit(lambda p, key: sample_codes(prior, {"params": p}, key, num, *grid, method))
+    compiled = sample.lower(params, jax.random.key(0)).compile()
+    return lambda key: compiled(params, key)
+
+
+def _what(num: int, grid: tuple[int, int]) -> str:
+    height, width = grid
+    return (f"draw {num} code grid{'s' if num > 1 else ''} of {height}x{width} "
+            f"({height * width} positions)")
+
+
+def _row(name: str, num: int, **fields) -> Row:
+    return Row(benchmark="vqvae_sampling", model=f"{PRIORS[name][0]}, K={vqvae.NUM_CODES}",
+               batch=num, unit="ms per grid", higher_is_better=False, **fields)
+
+
+def _sampling_rows(name: str, num: int, grid: tuple[int, int], settings: Settings, warmup: int,
+                   goal: float | None = None) -> list[Row]:
+    """Cached and raster lvm_jax samplers against PyTorch's raster loop, in the same rounds;
+    `goal`: the least ratio of the cached sampler to PyTorch asked for."""
     prior, params, torch_prior, error = _priors(name, settings.seed)
-    sample = jax.jit(lambda p, key: raster_sample(lambda c: prior.apply({"params": p}, c), key,
-                                                  num, *GRID))
+    samplers = {method: _compiled_sampler(prior, params, num, grid, method) for method in METHODS}
     keys = iter(jax.random.split(jax.random.key(settings.seed), 1000))
+    drawn = {}  # each method's latest codes, drawn with the same key
+
+    def sampler(method):
+        def sample():
+            if method == "cached":
+                drawn["key"] = next(keys)
+            drawn[method] = np.asarray(jax.block_until_ready(samplers[method](drawn["key"])))
+        return timer(sample)
+
     torch.manual_seed(settings.seed)
-    # One warm-up call (it compiles lvm_jax's sampler): a call takes seconds.
-    result = compare(timer(lambda: jax.block_until_ready(sample(params, next(keys)))),
-                     timer(lambda: torch_prior.sample(num, *GRID)), settings, warmup=1)
-    return Row(
-        benchmark="vqvae_sampling", model=f"{PRIORS[name][0]}, K={vqvae.NUM_CODES}",
-        step=f"draw {num} code grids of {GRID[0]}x{GRID[1]} (64 sequential passes)"
-             + (" [quick]" if settings.quick else ""),
-        batch=num, lvm_jax=1e3 * result.jax_seconds, pytorch=1e3 * result.torch_seconds,
-        unit="ms", higher_is_better=False, device=device(result.torch_threads), goal=10.0,
-        note=f"lvm_jax: raster_sample, one jitted call; PyTorch: raster loop of full "
-             f"forward passes; logits equal to {error:.1g}; {result.torch_note()}")
+    result = compare(sampler("cached"), timer(lambda: torch_prior.sample(num, *grid)), settings,
+                     warmup=warmup, also={"raster": sampler("raster")})
+    raster_seconds = result.also_seconds["raster"]
+    same = np.all(drawn["cached"] == drawn["raster"], axis=(1, 2)).sum()
+    quick = " [quick]" if settings.quick else ""
+    timing = (f"median of {settings.repeats}" if settings.repeats > 1 else "timed once") + (
+        " after a warm-up round" if warmup else " after compiling")
+    shared = dict(pytorch=1e3 * result.torch_seconds / num, device=device(result.torch_threads))
+    return [
+        _row(name, num, step=f"{_what(num, grid)}: cached sampler vs PyTorch raster loop{quick}",
+             lvm_jax=1e3 * result.jax_seconds / num, goal=goal,
+             note=f"lvm_jax: sample_codes(method='cached'), one jitted call, "
+                  f"{raster_seconds / result.jax_seconds:.1f}x faster than lvm_jax's raster "
+                  f"loop (goal >= 20x), the same codes in {same} of {num} grids; PyTorch: a "
+                  f"full forward pass per position; logits equal to {error:.1g}; {timing}; "
+                  f"{result.torch_note()}", **shared),
+        _row(name, num, step=f"{_what(num, grid)}: lvm_jax raster loop vs PyTorch raster "
+                                f"loop{quick}",
+             lvm_jax=1e3 * raster_seconds / num,
+             note=f"lvm_jax: sample_codes(method='raster'), a lax.fori_loop of "
+                  f"{grid[0] * grid[1]} full passes in one jitted call; PyTorch: the same passes "
+                  f"in a Python loop; {timing}; {result.torch_note()}", **shared),
+    ]
+
+
+def _cached_row(name: str, num: int, grid: tuple[int, int], settings: Settings) -> Row:
+    """The cached sampler alone (a raster loop would take hours at this batch)."""
+    prior, params, _, _ = _priors(name, settings.seed)
+    sample = _compiled_sampler(prior, params, num, grid, "cached")
+    keys = iter(jax.random.split(jax.random.key(settings.seed), 1000))
+    seconds = measure(timer(lambda: jax.block_until_ready(sample(next(keys)))), settings,
+                      warmup=0)
+    return _row(name, num,
+                step=f"{_what(num, grid)}: cached sampler" + (" [quick]" if settings.quick else ""),
+                lvm_jax=1e3 * seconds / num, device=device(),
+                note=f"lvm_jax: sample_codes(method='cached') alone, median of "
+                     f"{settings.repeats} after compiling")
 
 
 def sampling(settings: Settings) -> list[Row]:
-    """Milliseconds to draw 100 8x8 code grids from each prior (goal >= 10x)."""
+    """Milliseconds per code grid from each prior: cached (goal >= 10x PyTorch's raster loop
+    and >= 20x lvm_jax's on 100 8x8 grids) and raster; the cost per grid against the number
+    of positions."""
     num = QUICK_NUM_SAMPLES if settings.quick else NUM_SAMPLES
-    return [_sampling_row(name, num, settings) for name in PRIORS]
+    once = dataclasses.replace(settings, repeats=1)
+    rows = []
+    for name in PRIORS:
+        rows += _sampling_rows(name, num, GRID, settings, warmup=1, goal=10.0)
+        for side in QUICK_SCALING_SIDES if settings.quick else SCALING_SIDES:
+            rows += _sampling_rows(name, 1, (side, side), once, warmup=0)
+        for side in QUICK_CACHED_SIDES if settings.quick else CACHED_SIDES:
+            rows.append(_cached_row(name, num, (side, side), settings))
+    return rows
 
 
 def _randomised_batch_stats(batch_stats, seed: int):
