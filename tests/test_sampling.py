@@ -1,7 +1,6 @@
 """Sampling the PixelCNN priors: the cached sampler against the full pass and the raster loop."""
 
 import functools
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +68,7 @@ def test_cached_logits_equal_the_full_pass(name, grid):
 def test_cached_and_raster_samplers_draw_the_same_codes(name):
     model = PRIORS[name]
     variables = _variables(name)
-    sample = partial(sample_codes, model, variables, jax.random.key(7), 8, 4, 6)
+    sample = functools.partial(sample_codes, model, variables, jax.random.key(7), 8, 4, 6)
     cached, raster = sample(), sample(method="raster")
     assert cached.shape == (8, 4, 6) and cached.dtype == jnp.int32
     assert len(np.unique(np.asarray(cached))) == K  # draws, not a constant grid
@@ -119,7 +118,7 @@ def test_raster_sample_reproduces_known_conditionals():
         first = jnp.broadcast_to(jnp.log(p)[None, :, None], copy[:, :, :1].shape)
         return copy.at[:, :, :1].set(first)
 
-    sample = jax.jit(partial(raster_sample, logits_fn, num=num, height=height, width=width))
+    sample = jax.jit(functools.partial(raster_sample, logits_fn, num=num, height=height, width=width))
     codes = np.asarray(sample(jax.random.key(0)))
     assert codes.shape == (num, height, width) and codes.dtype == np.int32
     np.testing.assert_array_equal(codes, np.repeat(codes[:, :, :1], width, axis=2))
