@@ -7,9 +7,9 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from lvm_jax import data
+from lvm_jax import data, errors
 from lvm_jax.models import likelihoods
-from lvm_jax.train import CheckpointError, NonFiniteLossError, TrainConfig
+from lvm_jax.train import TrainConfig
 
 QUICK_TRAIN, QUICK_TEST = 512, 256
 
@@ -24,7 +24,7 @@ REFERENCE_RESULTS = {
 REFERENCE_RESULTS.update({(m, f"deepul_{d}"): v for (m, d), v in list(REFERENCE_RESULTS.items())})
 
 
-class FlagError(ValueError):
+class FlagError(errors.ConfigError):
     """Flags that contradict each other; `run` reports it as a one-line error."""
 
 
@@ -68,14 +68,15 @@ def parser(experiment: str, description: str, datasets, default_dataset: str,
 
 def run(parser: argparse.ArgumentParser, train_and_evaluate, argv=None, *extra):
     """Parses flags and runs; a problem with the flags, the data, the workdir or the numerics
-    ends the program with its one-line message (exit status 1) instead of a traceback."""
+    (an `lvm_jax.errors.UserError`) ends the program with its one-line message (exit status
+    1) instead of a traceback. Any other exception is a bug and keeps its traceback."""
     args = parser.parse_args(argv)
     # Before any JAX computation, as JAX requires; evaluate's parser has no --multihost.
     if getattr(args, "multihost", False):
         jax.distributed.initialize()
     try:
         return train_and_evaluate(args, *extra)
-    except (FlagError, data.DataError, CheckpointError, NonFiniteLossError) as err:
+    except errors.UserError as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
 
 
