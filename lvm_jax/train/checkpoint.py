@@ -1,11 +1,13 @@
-"""Orbax checkpoints of the TrainState, verified on restore, with clear errors for unusable ones.
+"""Orbax checkpoints of the TrainState, verified before restore, with clear errors for unusable ones.
 
-Beside each step's arrays, <workdir>/checkpoints/<step>/record.json keeps the
-SHA-256 of every saved array (computed on the host from the state that was
-saved) and the run's timing at that step. A restore recomputes the digests and
-refuses a checkpoint whose bytes changed, naming the earlier steps that are
-still intact; nothing on disk is changed. A checkpoint written before records
-existed restores with a warning that it cannot be verified.
+Beside each step's files, <workdir>/checkpoints/<step>/record.json keeps the
+SHA-256 of every file orbax wrote for that step, and the run's timing at that
+step. A restore first recomputes the digests and refuses a checkpoint whose
+bytes changed, naming the earlier steps that are still intact, before orbax
+reads any of it (a damaged file read by orbax may restore silently changed
+numbers, or fail halfway with its reads still in flight); nothing on disk is
+changed. A checkpoint written before records existed restores with a warning
+that it cannot be verified.
 """
 
 import hashlib
@@ -14,7 +16,6 @@ import os
 import sys
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from lvm_jax.errors import CheckpointError
@@ -23,18 +24,18 @@ from lvm_jax.train import records
 RECORD_FILE = "record.json"
 
 
-def array_digests(state) -> dict[str, str]:
-    """{path of each array leaf of `state`: SHA-256 of its dtype, shape and bytes}.
-
-    Fully replicated arrays (the TrainState `fit` keeps) are read on every host.
-    """
+def file_digests(directory: str) -> dict[str, str]:
+    """{path relative to `directory`: SHA-256 of the file} for every file under it but the
+    record itself."""
     digests = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        array = np.ascontiguousarray(jax.device_get(leaf))
-        digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
-        digest.update(array.tobytes())
-        digests[jax.tree_util.keystr(path)] = digest.hexdigest()
-    return digests
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, directory)
+            if relative != RECORD_FILE:
+                with open(path, "rb") as f:
+                    digests[relative] = hashlib.file_digest(f, "sha256").hexdigest()
+    return dict(sorted(digests.items()))
 
 
 class Checkpointer:
@@ -97,14 +98,17 @@ class Checkpointer:
         records.write_json(self.config_path, config)
 
     def save(self, state, timing: dict) -> None:
-        """Saves `state` at its step with its array digests and `timing` (a dict of numbers)."""
+        """Saves `state` at its step with the digests of its files and `timing` (a dict of
+        numbers)."""
         step = int(jax.device_get(state.step))
         if step in self._manager.all_steps():
             return
         self._manager.save(step, args=ocp.args.StandardSave(state))
         self._manager.wait_until_finished()
-        records.write_json(os.path.join(self.step_directory(step), RECORD_FILE),
-                           {"sha256": array_digests(state), "timing": timing})
+        directory = self.step_directory(step)
+        if records.is_primary():
+            records.write_json(os.path.join(directory, RECORD_FILE),
+                               {"sha256": file_digests(directory), "timing": timing})
 
     def close(self) -> None:
         self._manager.close()
@@ -123,27 +127,23 @@ class Checkpointer:
         except (OSError, json.JSONDecodeError) as err:
             raise CheckpointError(f"cannot read {path} ({err}): {self._advice(step)}") from err
 
-    def _restore_step(self, step: int, target):
-        """Restores `step` into `target` and checks its digests; raises CheckpointError."""
-        try:
-            state = self._manager.restore(step, args=ocp.args.StandardRestore(target))
-        except (ValueError, TypeError, KeyError, OSError, RuntimeError) as err:
-            raise CheckpointError(
-                f"cannot restore checkpoint {self.step_directory(step)}: it is corrupted or does "
-                f"not match this model ({type(err).__name__}: {err})") from err
+    def _verify(self, step: int) -> bool:
+        """Whether `step` has a record; raises CheckpointError when its files differ from it."""
         record = self._record(step)
-        if record is not None and array_digests(state) != record["sha256"]:
+        if record is None:
+            return False
+        if file_digests(self.step_directory(step)) != record["sha256"]:
             raise CheckpointError(f"checkpoint {self.step_directory(step)} is corrupted: its "
-                                  "arrays differ from the digests saved with them")
-        return state, record is not None
+                                  f"files differ from the digests in its {RECORD_FILE}")
+        return True
 
-    def _intact_steps(self, before: int, target) -> list[int]:
+    def _intact_steps(self, before: int) -> list[int]:
         intact = []
         for step in self.all_steps():
             if step < before:
                 try:
-                    self._restore_step(step, target)
-                    intact.append(step)
+                    if self._verify(step):
+                        intact.append(step)
                 except CheckpointError:
                     pass
         return intact
@@ -160,20 +160,25 @@ class Checkpointer:
         """Restores the latest checkpoint with the structure and sharding of `like`.
 
         Raises:
-          CheckpointError: the checkpoint does not match `like`, or its arrays are not the
-            ones saved (the message lists the earlier steps that are intact).
+          CheckpointError: the checkpoint's files are not the ones saved (the message lists
+            the earlier steps that are intact), or it does not match `like`.
         """
         step = self.latest_step()
+        try:
+            verified = self._verify(step)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}; {self._advice(step, self._intact_steps(step))}.") from err
+        if not verified and records.is_primary():
+            print(f"warning: checkpoint {self.step_directory(step)} has no {RECORD_FILE} (saved "
+                  "by an older lvm_jax), so it cannot be verified", file=sys.stderr)
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         try:
-            state, verified = self._restore_step(step, target)
-        except CheckpointError as err:
+            return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+        except (ValueError, TypeError, KeyError, OSError) as err:
             raise CheckpointError(
-                f"{err}. {self._advice(step, self._intact_steps(step, target))}.") from err
-        if not verified and records.is_primary():
-            print(f"warning: checkpoint {self.step_directory(step)} has no {RECORD_FILE} (it was "
-                  "saved by an older lvm_jax), so its arrays cannot be verified", file=sys.stderr)
-        return state
+                f"cannot restore checkpoint {self.step_directory(step)}: it does not match this "
+                f"model, or is corrupted ({type(err).__name__}: {err}). Delete that step's "
+                "directory to resume from an earlier one, or use another --workdir.") from err
 
 
 def _flatten(config: dict, prefix: str = "") -> dict:

@@ -285,6 +285,9 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
             compiled_sizes.add(n)
             recent_calls.append((state, step, rows))
             bad = _first_non_finite(metrics["loss"])
+            log.append([{"split": "train", "epoch": epoch + 1, "step": step + 1 + i,
+                         "time": elapsed(), **{k: float(v[i]) for k, v in metrics.items()}}
+                        for i in range(n if bad is None else bad)])
             if bad is not None:
                 progress.close()
                 raise _non_finite_error(
@@ -293,9 +296,6 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
                                           recent_calls, step + 1 + bad, checkpoint),
                     checkpointer)
             state = new_state
-            log.append([{"split": "train", "epoch": epoch + 1, "step": step + 1 + i,
-                         "time": elapsed(), **{k: float(v[i]) for k, v in metrics.items()}}
-                        for i in range(n)])
             step += n
             offset += n
             progress.update(n, epoch=epoch + 1, loss=f"{float(np.mean(metrics['loss'])):.4g}")

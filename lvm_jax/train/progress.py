@@ -16,6 +16,7 @@ class Progress:
 
     Args:
       total, initial: steps of the whole run, and those already done (resumed).
+      unit: what a step is called.
       name: shown before each report.
       bar: report the steps (a bar, or periodic lines); notes are printed regardless.
       enabled: False prints nothing at all (every process but the primary).
@@ -23,12 +24,13 @@ class Progress:
     """
 
     def __init__(self, total: int, initial: int, name: str, bar: bool = True,
-                 enabled: bool = True, interval: float = 30.0):
+                 enabled: bool = True, interval: float = 30.0, unit: str = "step"):
         self.total, self.step, self.name, self.interval = total, initial, name, interval
+        self.unit = unit
         self.enabled, self.show_steps = enabled, enabled and bar
         self._bar = None
         if self.show_steps and sys.stderr.isatty():
-            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc=name)
+            self._bar = tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True, desc=name)
         self._last_line = time.monotonic()
 
     def note(self, message: str) -> None:
@@ -48,8 +50,8 @@ class Progress:
             self._bar.set_postfix(**fields)
         elif self.show_steps and time.monotonic() - self._last_line >= self.interval:
             self._last_line = time.monotonic()
-            self.note(f"{self.name}: step {self.step}/{self.total} "
-                      + " ".join(f"{k} {v}" for k, v in fields.items()))
+            self.note(" ".join([f"{self.name}: {self.unit} {self.step}/{self.total}",
+                                *(f"{k} {v}" for k, v in fields.items())]))
 
     def close(self) -> None:
         if self._bar is not None:

@@ -50,13 +50,16 @@ def _open_locked(directory: str, shown: str):
 
 
 @contextlib.contextmanager
-def locked(workdir: str):
-    """Holds the exclusive lock of `workdir` (created if absent) for the `with` block.
+def locked(workdir: str, create: bool = True):
+    """Holds the exclusive lock of `workdir` for the `with` block.
+
+    A missing `workdir` is created, or with `create=False` left absent and unlocked:
+    a command that only reads a run then fails on its own terms.
 
     Raises:
       WorkdirError: `workdir` is a file, cannot be written, or another process holds it.
     """
-    if not records.is_primary():
+    if not records.is_primary() or not (create or os.path.isdir(workdir)):
         yield
         return
     key = os.path.realpath(workdir)
