@@ -29,10 +29,8 @@ def test_vae_2d_quick_run_and_rerun(tmp_path, capsys):
     for name in summary["figures"]:
         assert_real_figure(tmp_path / name)
     assert "exact NLL" in capsys.readouterr().out
-    vae_2d.main(args)  # a finished run resumes, trains nothing, and reports the same
-    again = read_summary(tmp_path)
-    assert again["resumed_from_step"] == summary["steps"]
-    assert again["test_metrics"]["neg_elbo"] == pytest.approx(metrics["neg_elbo"], rel=1e-6)
+    vae_2d.main(args)  # a finished run resumes, trains nothing, and changes nothing
+    assert read_summary(tmp_path) == summary
 
 
 def test_vlae_quick_run_writes_metrics_in_every_unit_and_figures(tmp_path):

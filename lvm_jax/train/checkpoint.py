@@ -11,7 +11,6 @@ that it cannot be verified.
 """
 
 import hashlib
-import json
 import os
 import sys
 
@@ -51,7 +50,8 @@ class Checkpointer:
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.config_path = os.path.join(os.path.abspath(workdir), "config.json")
         self._manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            item_handlers=ocp.StandardCheckpointHandler())  # so its metadata reads before a save
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -124,8 +124,9 @@ class Checkpointer:
             return None
         try:
             return records.read_json(path)
-        except (OSError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"cannot read {path} ({err}): {self._advice(step)}") from err
+        except (OSError, ValueError) as err:  # unreadable, or not UTF-8 JSON
+            raise CheckpointError(f"checkpoint {self.step_directory(step)} is corrupted: cannot "
+                                  f"read its {RECORD_FILE} ({err})") from err
 
     def _verify(self, step: int) -> bool:
         """Whether `step` has a record; raises CheckpointError when its files differ from it."""
@@ -173,6 +174,13 @@ class Checkpointer:
                   "by an older lvm_jax), so it cannot be verified", file=sys.stderr)
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         try:
+            # Checked first: orbax fails a mismatched restore halfway, with reads still in
+            # flight that later call back into its closed event loop.
+            mismatch = _first_mismatch(self._manager.item_metadata(step), target)
+            if mismatch:
+                raise CheckpointError(
+                    f"checkpoint {self.step_directory(step)} does not match this model "
+                    f"({mismatch}): use another --workdir for a different model.")
             return self._manager.restore(step, args=ocp.args.StandardRestore(target))
         except (ValueError, TypeError, KeyError, OSError) as err:
             raise CheckpointError(
@@ -190,3 +198,25 @@ def _flatten(config: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def _leaf_shapes(tree) -> dict[str, tuple]:
+    """{"params/Dense_0/kernel": shape} of every leaf, for a state or orbax's metadata of one."""
+    def name(entry):
+        return str(getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry))))
+
+    return {"/".join(map(name, path)): tuple(getattr(leaf, "shape", ()))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _first_mismatch(saved, target) -> str | None:
+    """The first difference of arrays and shapes between a checkpoint and a target, or None."""
+    saved, target = _leaf_shapes(saved), _leaf_shapes(target)
+    for path in sorted(set(saved) | set(target)):
+        if path not in target:
+            return f"it holds {path}, this model has none"
+        if path not in saved:
+            return f"it lacks {path}"
+        if saved[path] != target[path]:
+            return f"{path} has shape {saved[path]} there, {target[path]} here"
+    return None
