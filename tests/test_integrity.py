@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -47,6 +48,33 @@ def tiny_objective():
 
 def with_config(**changes) -> TrainConfig:
     return TrainConfig(**{**CONFIG.__dict__, **changes})
+
+
+# The run most tests below read or copy: one epoch, then resumed to two, with a clip of inf
+# and a setting of NaN in its config (both must round-trip), under umask 027.
+RESUMED_CONFIG = with_config(grad_clip_norm=float("inf"))
+RESUMED_RUN_CONFIG = {"free_bits": float("nan")}
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory):
+    """(workdir, the first segment's summary, the fit result, the output of both segments)."""
+    workdir = tmp_path_factory.mktemp("resumed")
+    old_umask = os.umask(0o027)
+    try:
+        first = fit(tiny_objective(), TRAIN, TEST, TrainConfig(**{**RESUMED_CONFIG.__dict__,
+                                                                    "epochs": 1}),
+                    str(workdir), RESUMED_RUN_CONFIG)
+        result = fit(tiny_objective(), TRAIN, TEST, RESUMED_CONFIG, str(workdir),
+                     RESUMED_RUN_CONFIG)
+    finally:
+        os.umask(old_umask)
+    return workdir, first.summary, result
+
+
+def copy_of(run, tmp_path):
+    shutil.copytree(run[0], tmp_path / "run")
+    return tmp_path / "run"
 
 
 def tree_digest(directory) -> dict:
@@ -252,28 +280,29 @@ def test_last_good_state_is_finite_and_a_lower_learning_rate_resumes(tmp_path, l
 
 # 11.4 ------------------------------------------------------------------------------------------
 
-def test_overwritten_checkpoint_bytes_are_refused_and_nothing_changes(tmp_path):
-    fit(tiny_objective(), TRAIN, TEST, CONFIG, str(tmp_path))
-    step_dir = tmp_path / "checkpoints" / "20"
+def test_overwritten_checkpoint_bytes_are_refused_and_nothing_changes(resumed_run, tmp_path):
+    workdir = copy_of(resumed_run, tmp_path)
+    step_dir = workdir / "checkpoints" / "20"
     files = [os.path.join(r, n) for r, _, names in os.walk(step_dir) for n in names]
     largest = max(files, key=os.path.getsize)
     with open(largest, "r+b") as f:
         f.seek(os.path.getsize(largest) // 2)
         f.write(b"\xff" * 40)
-    before = tree_digest(tmp_path)
+    before = tree_digest(workdir)
     with pytest.raises(CheckpointError, match=f"checkpoint {step_dir} is corrupted.*step\\(s\\) "
                                               f"10 are intact.*delete {step_dir}"):
-        fit(tiny_objective(), TRAIN, TEST, with_config(epochs=3), str(tmp_path))
-    assert tree_digest(tmp_path) == before
+        fit(tiny_objective(), TRAIN, TEST, TrainConfig(**{**RESUMED_CONFIG.__dict__, "epochs": 3}),
+            str(workdir), RESUMED_RUN_CONFIG)
+    assert tree_digest(workdir) == before
 
 
-def test_checkpoint_without_a_record_restores_with_a_warning(tmp_path, capsys):
-    full = fit(tiny_objective(), TRAIN, TEST, with_config(epochs=1), str(tmp_path))
-    os.remove(tmp_path / "checkpoints" / "10" / "record.json")  # as an older lvm_jax saved it
-    with Checkpointer(str(tmp_path)) as checkpointer:
-        state = checkpointer.restore(initial_state(tiny_objective(), TRAIN[:1], CONFIG))
+def test_checkpoint_without_a_record_restores_with_a_warning(resumed_run, tmp_path, capsys):
+    workdir = copy_of(resumed_run, tmp_path)
+    os.remove(workdir / "checkpoints" / "20" / "record.json")  # as an older lvm_jax saved it
+    with Checkpointer(str(workdir)) as checkpointer:
+        state = checkpointer.restore(initial_state(tiny_objective(), TRAIN[:1], RESUMED_CONFIG))
     assert "cannot be verified" in capsys.readouterr().err
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(full.state.params)):
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(resumed_run[2].state.params)):
         np.testing.assert_array_equal(a, b)
 
 
@@ -292,45 +321,59 @@ def test_finished_run_rerun_changes_nothing_and_keeps_what_evaluate_wrote(tmp_pa
         assert (tmp_path / "metrics.csv").read_bytes() == metrics_csv
         assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert "iwae_nll" in summary["test_metrics"] and "latent_diagnostics" in summary
-    capsys.readouterr()
+    timing = summary["iwae_evaluation"]  # the whole command's time, not the IWAE pass alone
+    assert timing["wall_time_seconds"] > timing["iwae_seconds"] > 0
+    assert "s in all (IWAE pass" in capsys.readouterr().out
 
 
-def test_timings_add_up_over_resumed_segments(tmp_path):
-    fit(tiny_objective(), TRAIN, TEST, with_config(epochs=1), str(tmp_path))
-    first = records.read_json(str(tmp_path / "summary.json"))["wall_time_seconds"]
-    resumed = fit(tiny_objective(), TRAIN, TEST, CONFIG, str(tmp_path))
-    assert resumed.summary["wall_time_seconds"] > first
-    assert resumed.summary["initial_test_metrics"] is not None
-    rows = MetricsLog.read(str(tmp_path / "metrics.csv"))
-    assert resumed.summary["wall_time_seconds"] >= max(float(r["time"]) for r in rows) >= first
+def test_timings_add_up_over_resumed_segments(resumed_run):
+    workdir, first, resumed = resumed_run
+    assert resumed.summary["resumed_from_step"] == 10
+    assert resumed.summary["wall_time_seconds"] > first["wall_time_seconds"]
+    assert resumed.summary["initial_test_metrics"] == first["initial_test_metrics"] is not None
+    rows = MetricsLog.read(str(workdir / "metrics.csv"))
+    assert resumed.summary["wall_time_seconds"] >= max(float(r["time"]) for r in rows)
 
 
-def test_fewer_epochs_than_the_checkpoint_are_refused(tmp_path):
-    fit(tiny_objective(), TRAIN, TEST, CONFIG, str(tmp_path))
-    before = tree_digest(tmp_path)
+def test_fewer_epochs_than_the_checkpoint_are_refused(resumed_run, tmp_path):
+    workdir = copy_of(resumed_run, tmp_path)
+    before = tree_digest(workdir)
     with pytest.raises(ConfigError, match="trained for 20 steps, more than the 1 epochs \\(10 "
                                           "steps\\).*--epochs 2 or more"):
-        fit(tiny_objective(), TRAIN, TEST, with_config(epochs=1), str(tmp_path))
-    assert tree_digest(tmp_path) == before
+        fit(tiny_objective(), TRAIN, TEST, with_config(epochs=1), str(workdir))
+    assert tree_digest(workdir) == before
 
 
-def test_infinite_flag_values_round_trip_through_config_json(tmp_path):
-    clip = with_config(grad_clip_norm=float("inf"))
-    fit(tiny_objective(), TRAIN, TEST, TrainConfig(**{**clip.__dict__, "epochs": 1}),
-        str(tmp_path), {"free_bits": float("nan")})
-    resumed = fit(tiny_objective(), TRAIN, TEST, clip, str(tmp_path), {"free_bits": float("nan")})
-    assert resumed.summary["resumed_from_step"] == 10
-    saved = records.read_json(str(tmp_path / "config.json"))
+def test_infinite_and_nan_settings_round_trip_through_config_json(resumed_run):
+    saved = records.read_json(str(resumed_run[0] / "config.json"))  # and the resume accepted them
     assert saved["train"]["grad_clip_norm"] == float("inf") and np.isnan(saved["free_bits"])
+    assert "changes" not in saved
 
 
 # 11.6 ------------------------------------------------------------------------------------------
 
-def test_outputs_get_the_umask_permissions(tmp_path):
-    old = os.umask(0o027)
-    try:
-        fit(tiny_objective(), TRAIN, TEST, with_config(epochs=1), str(tmp_path))
-    finally:
-        os.umask(old)
-    for name in ("config.json", "metrics.csv", "summary.json", "checkpoints/10/record.json"):
-        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o640, name
+def test_outputs_get_the_umask_permissions(resumed_run):
+    for name in ("config.json", "metrics.csv", "summary.json", "checkpoints/20/record.json"):
+        assert stat.S_IMODE(os.stat(resumed_run[0] / name).st_mode) == 0o640, name
+
+
+# 12.6 ------------------------------------------------------------------------------------------
+
+def test_progress_off_a_terminal_is_a_plain_line_now_and_then(capsys):
+    from lvm_jax.train.progress import Progress
+    quiet = Progress(1000, 0, "run", interval=3600)
+    for _ in range(1000):
+        quiet.update(1, loss="1.0")
+    quiet.close()
+    captured = capsys.readouterr()
+    assert captured.out == captured.err == ""  # capsys is no terminal: no bar, no line per step
+    chatty = Progress(3, 0, "run", interval=0)
+    for _ in range(3):
+        chatty.update(1, epoch=1)
+    assert capsys.readouterr().out.splitlines() == [f"run: step {i}/3 epoch 1" for i in (1, 2, 3)]
+
+
+def test_silent_phases_say_what_they_do(tmp_path, capsys):
+    fit(tiny_objective(), TRAIN, TEST, with_config(epochs=1), str(tmp_path))
+    out = capsys.readouterr().out
+    assert "compiling the evaluation" in out and "compiling the training step" in out

@@ -97,9 +97,9 @@ class Checkpointer:
     def save_config(self, config: dict) -> None:
         records.write_json(self.config_path, config)
 
-    def save(self, state, timing: dict) -> None:
+    def save(self, state, timing: dict | None = None) -> None:
         """Saves `state` at its step with the digests of its files and `timing` (a dict of
-        numbers)."""
+        numbers that `timing(step)` returns)."""
         step = int(jax.device_get(state.step))
         if step in self._manager.all_steps():
             return
@@ -108,7 +108,7 @@ class Checkpointer:
         directory = self.step_directory(step)
         if records.is_primary():
             records.write_json(os.path.join(directory, RECORD_FILE),
-                               {"sha256": file_digests(directory), "timing": timing})
+                               {"sha256": file_digests(directory), "timing": timing or {}})
 
     def close(self) -> None:
         self._manager.close()
