@@ -164,6 +164,10 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
     a finished run changes none of its files. The learning rate may change on
     resume (config.json records the step); every other setting must match.
 
+    A NaN or infinite training loss stops the run after checkpointing the last
+    good state: the newest state whose floating-point leaves are all finite and
+    whose own loss (the loss of the next step) was finite.
+
     Args:
       objective: the model's init and loss (the loop knows nothing else of it).
       train_data, test_data: whole arrays (N, ...) as stored, e.g. uint8 images; in a
@@ -293,7 +297,8 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
                 raise _non_finite_error(
                     metrics["loss"][bad], step + 1 + bad, epoch,
                     _save_last_good_state(train_chunk, train_on_device, train_key, mesh,
-                                          recent_calls, step + 1 + bad, checkpoint),
+                                          recent_calls, step + 1 + bad, checkpoint,
+                                          checkpointer.latest_step()),
                     checkpointer)
             state = new_state
             step += n
@@ -310,13 +315,13 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
                       + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
     progress.close()
 
+    if test_metrics is None:  # a finished run whose log lost its last evaluation
+        test_metrics = log_eval(config.epochs)
     summary_path = os.path.join(workdir, "summary.json")
     if step == start_step and os.path.exists(summary_path):
         # A finished run, rerun: nothing was trained, so its files stand as they are.
         return FitResult(state=state, test_metrics=test_metrics,
                          summary=records.read_json(summary_path))
-    if test_metrics is None:  # a finished run whose log lost its last evaluation
-        test_metrics = log_eval(config.epochs)
     summary = {
         "config": saved_config,
         "test_metrics": test_metrics,
@@ -339,8 +344,10 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
 
 
 def _save_last_good_state(train_chunk, data, key, mesh, recent_calls, bad_step: int,
-                          checkpoint) -> int | None:
-    """Checkpoints the newest good state held in memory and returns its step (None if none).
+                          checkpoint, latest_saved: int | None) -> int | None:
+    """Checkpoints the newest good state held in memory and returns its step; None when
+    there is none newer than the latest checkpoint, `latest_saved`, which then stays the
+    newest (a resumed run starts from the newest).
 
     The loss of step k is computed from the state after k - 1 steps, so the state
     after bad_step - 1 steps gave the non-finite loss, and the newest candidate
@@ -363,6 +370,8 @@ def _save_last_good_state(train_chunk, data, key, mesh, recent_calls, bad_step: 
         if target < first:
             continue
         for k in dict.fromkeys((target - first, 0)):  # replayed to the target, or the call's start
+            if latest_saved is not None and first + k < latest_saved:
+                return None
             state = run(start, rows[:k])[0] if k else start
             own_loss = run(state, rows[k:k + 1])[1]["loss"][0]
             if bool(_all_finite(state)) and np.isfinite(jax.device_get(own_loss)):
