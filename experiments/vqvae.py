@@ -186,7 +186,8 @@ def train_and_evaluate(args) -> dict:
         "reference_results": {"source": "CS294-158 official solutions, REFERENCE.md §4",
                               **REFERENCE_RESULTS},
         "stage": _timing(stage1.summary), "device": stage1.summary["device"],
-        "figures": [os.path.basename(f) for f in figures]})
+        "figures": [os.path.basename(f) for f in figures]},
+        replace=("priors", "test_metrics"))  # priors of an older stage 1 are dropped
     print(f"{title}: test recon_mse {metrics['recon_mse']:.4f}, vq_loss {metrics['vq_loss']:.4f}, "
           f"course total {metrics['reference_loss']:.4f} ({MSE}); codebook usage "
           f"{metrics['codebook_usage']:.2f}, perplexity {metrics['perplexity']:.1f} codes; prior "

@@ -92,13 +92,16 @@ def merged(base: dict, updates: dict) -> dict:
     return out
 
 
-def update_json(path: str, updates: dict) -> dict:
+def update_json(path: str, updates: dict, replace=()) -> dict:
     """Merges `updates` into the JSON object at `path` (created if absent) and returns it.
 
     Nested dicts merge key by key, so a field another command wrote inside
-    e.g. "test_metrics" survives an update of that dict's other fields.
+    e.g. "test_metrics" survives an update of that dict's other fields; the
+    top-level keys named in `replace` (dicts the caller owns whole) are
+    replaced instead, dropping entries it no longer writes.
     """
-    obj = merged(read_json(path) if os.path.exists(path) else {}, updates)
+    base = read_json(path) if os.path.exists(path) else {}
+    obj = merged({k: v for k, v in base.items() if k not in replace}, updates)
     write_json(path, obj)
     return obj
 
