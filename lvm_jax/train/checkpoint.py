@@ -6,8 +6,9 @@ step. A restore first recomputes the digests and refuses a checkpoint whose
 bytes changed, naming the earlier steps that are still intact, before orbax
 reads any of it (a damaged file read by orbax may restore silently changed
 numbers, or fail halfway with its reads still in flight); nothing on disk is
-changed. A checkpoint written before records existed restores with a warning
-that it cannot be verified.
+changed. A checkpoint without a record (written before records existed, or
+by a run stopped between the two writes) restores with a warning that it
+cannot be verified.
 """
 
 import hashlib
@@ -171,7 +172,8 @@ class Checkpointer:
             raise CheckpointError(f"{err}; {self._advice(step, self._intact_steps(step))}.") from err
         if not verified and records.is_primary():
             print(f"warning: checkpoint {self.step_directory(step)} has no {RECORD_FILE} (saved "
-                  "by an older lvm_jax), so it cannot be verified", file=sys.stderr)
+                  "by an older lvm_jax, or stopped before writing it), so it cannot be verified",
+                  file=sys.stderr)
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         try:
             # Checked first: orbax fails a mismatched restore halfway, with reads still in

@@ -1,8 +1,9 @@
-"""Progress of a training run: a tqdm bar on a terminal, a plain line now and then elsewhere.
+"""Progress of a training run: a tqdm bar on a terminal or in a notebook, a plain line now
+and then elsewhere.
 
-A progress bar redrawn after every step fills a log file (or a notebook's
-saved output) with one update per step; when stderr is not a terminal the
-bar is replaced by a line every `interval` seconds.
+A text progress bar redrawn after every step fills a log file with one update
+per step; when stderr is neither a terminal nor a Jupyter kernel's (where
+tqdm draws a widget), the bar is replaced by a line every `interval` seconds.
 """
 
 import sys
@@ -16,11 +17,11 @@ class Progress:
 
     Args:
       total, initial: steps of the whole run, and those already done (resumed).
-      unit: what a step is called.
       name: shown before each report.
       bar: report the steps (a bar, or periodic lines); notes are printed regardless.
       enabled: False prints nothing at all (every process but the primary).
-      interval: seconds between plain lines when stderr is not a terminal.
+      interval: seconds between plain lines when there is no bar.
+      unit: what a step is called.
     """
 
     def __init__(self, total: int, initial: int, name: str, bar: bool = True,
@@ -29,7 +30,7 @@ class Progress:
         self.unit = unit
         self.enabled, self.show_steps = enabled, enabled and bar
         self._bar = None
-        if self.show_steps and sys.stderr.isatty():
+        if self.show_steps and (sys.stderr.isatty() or "ipykernel" in sys.modules):
             self._bar = tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True, desc=name)
         self._last_line = time.monotonic()
 
