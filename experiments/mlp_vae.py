@@ -184,15 +184,20 @@ def train_and_evaluate(args) -> dict:
     return summary
 
 
-def main(argv=None):
+def parser():
     p = common.parser(EXPERIMENT, __doc__, ["mnist_embedded", "mnist"], "mnist_embedded", epochs=20)
-    p.add_argument("--study", default="all", choices=["all", "decoders", "depth"])
-    p.add_argument("--latent_dim", type=int, default=20)
+    p.add_argument("--study", default="all", choices=["all", "decoders", "depth"],
+                   help="which study to run: the three decoders (seed 001), the two depths (seed 004), or both")
+    p.add_argument("--latent_dim", type=common.positive_int, default=20, help="latent dimensions")
     # A learned-variance Gaussian on digits is unbounded above (constant background pixels
     # let the variance shrink without limit); unclipped, its gradient norms reach 1e5 and
     # the test -ELBO swings by 1000 nats between epochs.
     p.set_defaults(grad_clip=1000.0)
-    return common.run(p, train_and_evaluate, argv)
+    return p
+
+
+def main(argv=None):
+    return common.run(parser(), train_and_evaluate, argv)
 
 
 if __name__ == "__main__":

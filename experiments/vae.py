@@ -128,10 +128,10 @@ def parser(experiment: str, description: str, default_prior: str):
                    help="p(x|z): N(mu, I) as in the course (unit_gaussian), a learned diagonal "
                         "variance (gaussian), Bernoulli (images binarized at half intensity), or the discretized "
                         "mixture of 10 logistics of PixelCNN++ (dmol), a true 8-bit likelihood")
-    p.add_argument("--num_samples", type=int, default=1,
+    p.add_argument("--num_samples", type=common.positive_int, default=1,
                    help="reparameterised samples z ~ q(z|x) per example in training")
-    p.add_argument("--beta", type=float, default=1.0, help="weight of the KL term (beta-VAE)")
-    p.add_argument("--free_bits", type=float, default=0.0,
+    p.add_argument("--beta", type=common.positive_float, default=1.0, help="weight of the KL term (beta-VAE)")
+    p.add_argument("--free_bits", type=common.non_negative_float, default=0.0,
                    help="floor in nats on the batch-mean KL of each latent group (each dimension "
                         "for N(0, I), the whole latent for the flow); the reported ELBO excludes it")
     return p

@@ -74,10 +74,14 @@ def train_and_evaluate(args) -> dict:
     return summary
 
 
-def main(argv=None):
+def parser():
     p = common.parser(EXPERIMENT, __doc__, ["1", "2", "1b", "2b"], "1", epochs=10)
     p.set_defaults(ema_decay=0.99)
-    return common.run(p, train_and_evaluate, argv)
+    return p
+
+
+def main(argv=None):
+    return common.run(parser(), train_and_evaluate, argv)
 
 
 if __name__ == "__main__":

@@ -201,14 +201,15 @@ def parser():
     p.add_argument("--prior", nargs="+", default=["pixelcnn"], choices=sorted(vqvae.PRIORS),
                    help="the autoregressive prior(s) over the code grid (stage 2), each trained "
                         "on the same codes: --prior pixelcnn gated compares them")
-    p.add_argument("--prior_epochs", type=int, default=20,
+    p.add_argument("--prior_epochs", type=common.positive_int, default=20,
                    help="epochs of stage 2 (--epochs sets stage 1); --quick runs 2")
     p.add_argument("--ema_codebook", action="store_true",
                    help="learn the codebook by exponential moving averages of the encoder outputs "
                         "(beta = 0.25) instead of by gradient (beta = 1, the course's VQ-VAE)")
-    p.add_argument("--restart_dead_codes", type=int, default=None, metavar="STEPS",
+    p.add_argument("--restart_dead_codes", type=common.positive_int, default=None, metavar="STEPS",
                    help="with --ema_codebook: move a code that no encoder output chose for this "
-                        "many training steps onto an encoder output of the current batch")
+                        "many training steps onto an encoder output of the current batch; "
+                        "default: never")
     return p
 
 

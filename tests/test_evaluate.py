@@ -170,7 +170,8 @@ def test_iwae_bound_is_above_the_elbo_and_grows_with_k(trained_digits_vae):
     """
     model, params, test = trained_digits_vae
     log_w = log_weights(model, params, jnp.asarray(test), jax.random.key(5), 1000)
-    bounds = {k: np.asarray(iwae_bound(log_w.reshape(k, 1000 // k, -1))).mean(0)
+    # iwae_bound takes (k, batch): the groups join the batch axis, then split off again.
+    bounds = {k: np.asarray(iwae_bound(log_w.reshape(k, -1))).reshape(1000 // k, -1).mean(0)
               for k in (1, 10, 100, 1000)}
 
     @jax.jit
