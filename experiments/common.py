@@ -140,6 +140,12 @@ def load_dataset(args, name: str | None = None) -> data.Dataset:
     return dataset
 
 
+def figure_title(title: str, args, steps: int) -> str:
+    """The title of a run's figures: a --quick run's say that they show a smoke run of `steps`
+    training steps, not a trained model."""
+    return f"{title} [--quick smoke run, {steps} steps: not a trained model]" if args.quick else title
+
+
 def image_preprocess(likelihood) -> Callable:
     """How the compiled step reads stored uint8 images for `likelihood`: binarized to {-1, 1}
     for a Bernoulli (so its log-probability is an exact mass), else scaled to [-1, 1]."""

@@ -170,7 +170,8 @@ def train_and_evaluate(args) -> dict:
                      iwae_num_examples="test examples evaluated")
     title = f"LVAE ({args.latent_layers} layer{'s' if args.latent_layers > 1 else ''}) on {dataset.name}"
     test_images = objective.preprocess(jnp.asarray(dataset.test[:50]))
-    figures = save_figures(model, params, test_images, workdir, args.seed, title)
+    figures = save_figures(model, params, test_images, workdir, args.seed,
+                           common.figure_title(title, args, int(result.state.step)))
     kl_per_layer = [metrics[f"kl_layer_{i}"] for i in range(1, args.latent_layers + 1)]
     summary = records.update_json(os.path.join(workdir, "summary.json"), {
         "test_metrics": metrics, "units": units, "dataset": dataset.describe(),

@@ -46,13 +46,14 @@ QUICK_PRIORS = {"pixelcnn": dict(embed_dim=16, num_residual_blocks=2, hidden=64)
 NUM_SAMPLES, NUM_RECONSTRUCTIONS = 100, 50
 
 MSE = "mean squared error per element"
+PER_LATENT = "mean over latent elements"
 UNITS = {
-    "loss": f"{MSE}: recon_mse + vq_loss, the training objective",
+    "loss": "recon_mse + vq_loss, the training objective",
     "recon_mse": f"{MSE}, images in [-1, 1]",
-    "vq_loss": f"{MSE} of the latents: codebook + beta * commitment (beta * commitment with "
-               "--ema_codebook)",
-    "codebook_loss": f"{MSE} of the latents: ||sg(z_e) - z_q||^2",
-    "commitment_loss": f"{MSE} of the latents: ||z_e - sg(z_q)||^2",
+    "vq_loss": f"codebook term + beta * commitment term, each a {PER_LATENT} (beta * commitment "
+               "alone with --ema_codebook)",
+    "codebook_loss": f"codebook term ||sg(z_e) - z_q||^2, {PER_LATENT}",
+    "commitment_loss": f"commitment term ||z_e - sg(z_q)||^2, {PER_LATENT}",
     "reference_loss": "recon_mse + codebook_loss + commitment_loss: the course's total test loss",
     "codebook_usage": "fraction of the K codes used over the whole test set",
     "perplexity": "codes: exp of the entropy of the code frequencies over the whole test set",
@@ -86,6 +87,12 @@ def prior_objective(prior) -> Objective:
                                units=PRIOR_UNITS)
 
 
+# The y-axis labels of the stage-1 curves: only recon_mse is a squared error of images.
+CURVE_LABELS = {"loss": "recon_mse + vq_loss (training objective)",
+                "recon_mse": f"{MSE}, images in [-1, 1]",
+                "vq_loss": "codebook + beta * commitment terms"}
+
+
 def save_stage1_figures(workdir: str, title: str, test_images, reconstructions) -> list[str]:
     """reconstructions.png and the VQ-VAE's training curves."""
     return [
@@ -94,7 +101,7 @@ def save_stage1_figures(workdir: str, title: str, test_images, reconstructions) 
                             title=f"{title}: test images | reconstructions"),
         viz.save_curves(os.path.join(workdir, "vqvae", "metrics.csv"),
                         os.path.join(workdir, "curves_vqvae.png"),
-                        names=("loss", "recon_mse", "vq_loss"), unit=MSE,
+                        names=tuple(CURVE_LABELS), unit=CURVE_LABELS,
                         title=f"{title}: stage 1, VQ-VAE", log_scale=True),
     ]
 
@@ -153,11 +160,11 @@ def train_and_evaluate(args) -> dict:
     model_settings["vqvae_step"] = int(stage1.state.step)
 
     title = f"VQ-VAE on {dataset.name}"
-    # Evenly spaced test images: a test set cut from photos in order starts with 50 of sky.
-    shown = np.linspace(0, len(dataset.test) - 1, NUM_RECONSTRUCTIONS).astype(int)
+    # Test images of evenly spread contrast: the photo patches are mostly flat sky.
+    shown = viz.spread_by_contrast(dataset.test, NUM_RECONSTRUCTIONS)
     reconstructions = vqvae.decode(model, variables, test_codes[shown])
-    figures = save_stage1_figures(workdir, title, data.scale_images(dataset.test[shown]),
-                                  np.asarray(reconstructions))
+    figures = save_stage1_figures(workdir, common.figure_title(title, args, int(stage1.state.step)),
+                                  data.scale_images(dataset.test[shown]), np.asarray(reconstructions))
 
     # Priors trained earlier in this workdir on the same codes stay in the summary.
     summary_path = os.path.join(workdir, "summary.json")
@@ -169,7 +176,9 @@ def train_and_evaluate(args) -> dict:
                                     model_settings)
         _, samples = vqvae.sample(model, variables, prior, stage2.state.eval_params,
                                   jax.random.key(args.seed + 1), NUM_SAMPLES, test_codes.shape[1:])
-        prior_figures = save_prior_figures(workdir, title, prior_name, samples)
+        prior_figures = save_prior_figures(
+            workdir, common.figure_title(title, args, int(stage2.state.step)),
+            prior_name, samples)
         priors[prior_name] = {"prior_nll": stage2.test_metrics["prior_nll"],
                               "vqvae_step": model_settings["vqvae_step"],
                               "config": stage2.summary["config"], "stage": _timing(stage2.summary),
@@ -187,12 +196,15 @@ def train_and_evaluate(args) -> dict:
                               **REFERENCE_RESULTS},
         "stage": _timing(stage1.summary), "device": stage1.summary["device"],
         "figures": [os.path.basename(f) for f in figures]})
-    print(f"{title}: test recon_mse {metrics['recon_mse']:.4f}, vq_loss {metrics['vq_loss']:.4f}, "
-          f"course total {metrics['reference_loss']:.4f} ({MSE}); codebook usage "
+    vq_terms = "beta * commitment term" if args.ema_codebook else "codebook + beta * commitment terms"
+    print(f"{title}: test recon_mse {metrics['recon_mse']:.4f} ({MSE}), vq_loss "
+          f"{metrics['vq_loss']:.4f} ({vq_terms}), course total {metrics['reference_loss']:.4f} "
+          f"(recon_mse + codebook + commitment terms); codebook usage "
           f"{metrics['codebook_usage']:.2f}, perplexity {metrics['perplexity']:.1f} codes; prior "
           + ", ".join(f"{name} {nll:.3f}" for name, nll in metrics["prior_nll"].items())
           + " nats per code")
-    print(f"figures and summary.json in {workdir}")
+    print(f"figures and summary.json in {workdir}; each stage's metrics.csv in "
+          f"{os.path.join(workdir, 'vqvae')} and {os.path.join(workdir, 'prior_<name>')}")
     return summary
 
 
