@@ -10,7 +10,8 @@ Conventions, shared by every function here:
     raises ValueError naming the function, the argument and both shapes. A
     parameter per element has the shape of the data, except where a docstring
     allows an event broadcast: a scalar, or the data's rank and batch size with
-    size 1 on event axes it shares (a variance shared across pixels, say).
+    size 1 on the event axes it broadcasts over (one variance for every pixel
+    of an example, say).
     Nothing broadcasts silently, and densities need floating-point inputs
     (uint8 images must be scaled first).
 
@@ -94,7 +95,7 @@ def gaussian_log_prob(x: jax.Array, mean: jax.Array, log_var: jax.Array) -> jax.
     """
     _check("gaussian_log_prob", ("x", x), event_broadcast={"mean": mean, "log_var": log_var})
     sq = jnp.square(x - mean) * jnp.exp(-log_var)
-    return -0.5 * _sum_events(jnp.broadcast_to(LOG_2PI + log_var + sq, jnp.shape(x)))
+    return -0.5 * _sum_events(LOG_2PI + log_var + sq)  # x's shape: the checks allow no larger
 
 
 def bernoulli_log_prob(x: jax.Array, logits: jax.Array) -> jax.Array:
@@ -126,7 +127,7 @@ def kl_std_normal(mean: jax.Array, log_var: jax.Array) -> jax.Array:
     Shapes as in `kl_std_normal_per_dim`.
     """
     _check("kl_std_normal", ("mean", mean), event_broadcast={"log_var": log_var})
-    return _sum_events(jnp.broadcast_to(_kl_std_normal_per_dim(mean, log_var), jnp.shape(mean)))
+    return _sum_events(_kl_std_normal_per_dim(mean, log_var))
 
 
 def _kl_std_normal_per_dim(mean: jax.Array, log_var: jax.Array) -> jax.Array:
@@ -174,9 +175,8 @@ def iwae_bound(log_weights: jax.Array) -> jax.Array:
     if len(shape) != 2 or shape[0] == 0:
         raise ValueError(f"iwae_bound: log_weights has shape {shape}; it must be (k, batch) "
                          "with k >= 1 samples on axis 0.")
-    _check("iwae_bound", ("log_weights", log_weights))
-    k = shape[0]
-    return jax.nn.logsumexp(log_weights, axis=0) - math.log(k)
+    _check_floating("iwae_bound", {"log_weights": log_weights})
+    return jax.nn.logsumexp(log_weights, axis=0) - math.log(shape[0])
 
 
 def bits_per_dim(nll_nats: jax.Array, num_dims: int) -> jax.Array:
