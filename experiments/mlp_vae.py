@@ -136,11 +136,12 @@ def depth_study(args, dataset, root) -> dict:
         params = result.state.eval_params
         variables = {"params": params}
         title = common.figure_title(name, args, int(result.state.step))
-        x = objective.preprocess(jnp.asarray(dataset.test[:256]))
+        digits = dataset.test[:256]  # fewer with --quick
+        x = objective.preprocess(jnp.asarray(digits))
         mean, log_var = model.apply(variables, x, method=vae.VAE.encode)
         z = mean + jnp.exp(0.5 * log_var) * jax.random.normal(rng, mean.shape)
         recon = model.likelihood.mean(model.apply(variables, z, method=vae.VAE.decode))
-        kl_dims = np.asarray(evaluate.per_dim_kl(model, params, dataset.test[:256],
+        kl_dims = np.asarray(evaluate.per_dim_kl(model, params, digits,
                                                  preprocess=objective.preprocess))
         samples = model.apply(variables, rng, 64, method=vae.VAE.sample)
         figures = [
@@ -151,7 +152,7 @@ def depth_study(args, dataset, root) -> dict:
                                 ncols=8, title=f"{title}: decoded prior samples"),
             viz.save_histogram(kl_dims, os.path.join(root, f"{name}_kl_histogram.png"),
                                threshold=COLLAPSE_NATS,
-                               title=f"{title}: KL per latent dimension (256 test digits)"),
+                               title=f"{title}: KL per latent dimension ({len(digits)} test digits)"),
             save_gif(limiting_chain(model, params, rng), os.path.join(root, f"{name}_chain.gif")),
         ]
         rows[name] = {**result.test_metrics, "parameters": count_parameters(params),
