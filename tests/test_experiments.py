@@ -27,9 +27,7 @@ def assert_real_figure(path):
 
 
 def test_vae_2d_quick_run_and_rerun(tmp_path, capsys):
-    # --grad_clip inf must round-trip through config.json for the rerun to resume.
-    args = ["--dataset", "2", "--quick", "--no_progress", "--workdir", str(tmp_path),
-            "--grad_clip", "inf"]
+    args = ["--dataset", "2", "--quick", "--no_progress", "--workdir", str(tmp_path)]
     vae_2d.main(args)
     summary = read_summary(tmp_path)
     metrics = summary["test_metrics"]
