@@ -27,21 +27,19 @@ REFERENCE_RESULTS = {
 REFERENCE_RESULTS.update({(m, f"deepul_{d}"): v for (m, d), v in list(REFERENCE_RESULTS.items())})
 
 
-DATA_DIR_HELP = ("where TFDS datasets are prepared (default: TFDS's, $TFDS_DATA_DIR or "
-                 "~/tensorflow_datasets), or where the course's .pkl files are (needed for the "
-                 "deepul_* datasets)")
-
-
 class FlagError(ValueError):
     """Flags that contradict each other; `run` reports it as a one-line error."""
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keeps the module docstring's layout (its usage lines stay lines) and shows each flag's
-    default; a flag whose default is None says in its own help what happens without it."""
+    default. A flag whose default is None has no value to show: its help says what happens
+    without it, or else the setting is off."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        if action.default is None and not action.required:
+            return action.help if "default" in action.help else f"{action.help} (default: off)"
+        return super()._get_help_string(action)
 
 
 def _checked(cast: type, holds: Callable[[float], bool], requirement: str) -> Callable[[str], float]:
@@ -68,6 +66,10 @@ non_negative_float = _checked(float, lambda v: 0 <= v < math.inf, "a finite non-
 # inf is a valid clip norm: no clipping.
 positive_or_inf = _checked(float, lambda v: v > 0, "a positive number (inf allowed)")
 decay_rate = _checked(float, lambda v: 0 <= v < 1, "a decay rate in [0, 1)")
+
+DATA_DIR_HELP = ("where TFDS datasets are prepared (default: TFDS's, $TFDS_DATA_DIR or "
+                 "~/tensorflow_datasets), or where the course's .pkl files are (needed for the "
+                 "deepul_* datasets)")
 
 
 def parser(experiment: str, description: str, datasets, default_dataset: str,
@@ -97,11 +99,11 @@ def parser(experiment: str, description: str, datasets, default_dataset: str,
                         "convolutional models on CPU (XLA:CPU runs convolutions inside loops many "
                         "times slower, jax-ml/jax#12868)")
     p.add_argument("--grad_clip", type=positive_or_inf, default=None,
-                   help="clip the global gradient norm to this before each Adam step; default "
-                        "and inf: no clipping")
+                   help="clip the global gradient norm to this before each Adam step (inf: no "
+                        "clipping)")
     p.add_argument("--ema_decay", type=decay_rate, default=None,
                    help="evaluate, checkpoint and sample with an exponential moving average of "
-                        "the parameters with this decay (e.g. 0.999); default and 0: off")
+                        "the parameters with this decay (e.g. 0.999); 0 turns it off")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="dtype of the model's activations: bfloat16 runs the convolutions and "

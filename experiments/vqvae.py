@@ -159,12 +159,13 @@ def train_and_evaluate(args) -> dict:
         for images in (dataset.train, dataset.test))
     model_settings["vqvae_step"] = int(stage1.state.step)
 
-    title = f"VQ-VAE on {dataset.name}"
+    # With --quick, both stages train the same few steps (same epochs, batch and examples).
+    title = common.figure_title(f"VQ-VAE on {dataset.name}", args, int(stage1.state.step))
     # Test images of evenly spread contrast: the photo patches are mostly flat sky.
     shown = viz.spread_by_contrast(dataset.test, NUM_RECONSTRUCTIONS)
     reconstructions = vqvae.decode(model, variables, test_codes[shown])
-    figures = save_stage1_figures(workdir, common.figure_title(title, args, int(stage1.state.step)),
-                                  data.scale_images(dataset.test[shown]), np.asarray(reconstructions))
+    figures = save_stage1_figures(workdir, title, data.scale_images(dataset.test[shown]),
+                                  np.asarray(reconstructions))
 
     # Priors trained earlier in this workdir on the same codes stay in the summary.
     summary_path = os.path.join(workdir, "summary.json")
@@ -176,9 +177,7 @@ def train_and_evaluate(args) -> dict:
                                     model_settings)
         _, samples = vqvae.sample(model, variables, prior, stage2.state.eval_params,
                                   jax.random.key(args.seed + 1), NUM_SAMPLES, test_codes.shape[1:])
-        prior_figures = save_prior_figures(
-            workdir, common.figure_title(title, args, int(stage2.state.step)),
-            prior_name, samples)
+        prior_figures = save_prior_figures(workdir, title, prior_name, samples)
         priors[prior_name] = {"prior_nll": stage2.test_metrics["prior_nll"],
                               "vqvae_step": model_settings["vqvae_step"],
                               "config": stage2.summary["config"], "stage": _timing(stage2.summary),
@@ -196,10 +195,9 @@ def train_and_evaluate(args) -> dict:
                               **REFERENCE_RESULTS},
         "stage": _timing(stage1.summary), "device": stage1.summary["device"],
         "figures": [os.path.basename(f) for f in figures]})
-    vq_terms = "beta * commitment term" if args.ema_codebook else "codebook + beta * commitment terms"
-    print(f"{title}: test recon_mse {metrics['recon_mse']:.4f} ({MSE}), vq_loss "
-          f"{metrics['vq_loss']:.4f} ({vq_terms}), course total {metrics['reference_loss']:.4f} "
-          f"(recon_mse + codebook + commitment terms); codebook usage "
+    print(f"{title}: test recon_mse {metrics['recon_mse']:.4f}, vq_loss {metrics['vq_loss']:.4f}, "
+          f"course total {metrics['reference_loss']:.4f} = recon_mse ({MSE}) + codebook and "
+          f"commitment terms ({PER_LATENT}); codebook usage "
           f"{metrics['codebook_usage']:.2f}, perplexity {metrics['perplexity']:.1f} codes; prior "
           + ", ".join(f"{name} {nll:.3f}" for name, nll in metrics["prior_nll"].items())
           + " nats per code")
@@ -220,8 +218,7 @@ def parser():
                         "(beta = 0.25) instead of by gradient (beta = 1, the course's VQ-VAE)")
     p.add_argument("--restart_dead_codes", type=common.positive_int, default=None, metavar="STEPS",
                    help="with --ema_codebook: move a code that no encoder output chose for this "
-                        "many training steps onto an encoder output of the current batch; "
-                        "default: never")
+                        "many training steps onto an encoder output of the current batch")
     return p
 
 
