@@ -36,8 +36,7 @@ def test_vae_2d_quick_run_and_rerun(tmp_path, capsys):
     assert summary["units"]["neg_elbo"] == "nats per example"
     for name in summary["figures"]:
         assert_real_figure(tmp_path / name)
-    out = capsys.readouterr().out
-    assert "exact NLL" in out and f"metrics.csv and summary.json in {tmp_path}" in out
+    assert "exact NLL" in capsys.readouterr().out
     vae_2d.main(args)  # a finished run resumes, trains nothing, and reports the same
     again = read_summary(tmp_path)
     assert again["resumed_from_step"] == summary["steps"]
