@@ -114,6 +114,7 @@ def save_curves(metrics_csv: str, path: str, names=("neg_elbo", "recon", "kl"),
             low, high = np.percentile(values, [0, 97])
             ax.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
         ax.set(title=name, xlabel="step", ylabel=unit[name] if isinstance(unit, dict) else unit)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no half steps on short runs
         ax.legend()
     fig.suptitle(title)
     return _save(fig, path)
@@ -149,6 +150,7 @@ def save_curve_comparison(metrics_csvs: dict[str, str], path: str, name: str, un
     low, high = np.percentile(values, [0, 95])
     ax.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
     ax.set(xlabel="step", ylabel=unit, title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
     return _save(fig, path)
 
