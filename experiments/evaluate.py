@@ -186,25 +186,22 @@ def _evaluate_run(args) -> dict:
     return summary
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the description's layout and shows each flag's default."""
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__,
-                                formatter_class=_HelpFormatter)
+                                formatter_class=common.HelpFormatter)
     p.add_argument("--workdir", required=True, help="the training run's output directory")
-    p.add_argument("--num_samples", type=int, default=1000, help="importance samples k per example")
-    p.add_argument("--chunk", type=int, default=100,
+    p.add_argument("--num_samples", type=common.positive_int, default=1000, help="importance samples k per example")
+    p.add_argument("--chunk", type=common.positive_int, default=100,
                    help="samples per compiled call (divides num_samples); bounds the memory")
-    p.add_argument("--batch_size", type=int, default=50, help="test examples per compiled call")
-    p.add_argument("--active_threshold", type=float, default=0.01,
+    p.add_argument("--batch_size", type=common.positive_int, default=50, help="test examples per compiled call")
+    p.add_argument("--active_threshold", type=common.non_negative_float, default=0.01,
                    help="a latent dimension is active when Cov_x(E_q[z_u]) exceeds this")
-    p.add_argument("--num_examples", type=int, default=None,
+    p.add_argument("--num_examples", type=common.positive_int, default=None,
                    help="evaluate the IWAE bound on the first N test examples only (default all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=common.non_negative_int, default=0,
+                   help="seeds the importance samples")
     p.add_argument("--data_dir", default=None,
-                   help="where TFDS datasets are prepared, or where the course's .pkl files are")
+                   help=common.DATA_DIR_HELP)
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return p
 

@@ -46,13 +46,14 @@ QUICK_PRIORS = {"pixelcnn": dict(embed_dim=16, num_residual_blocks=2, hidden=64)
 NUM_SAMPLES, NUM_RECONSTRUCTIONS = 100, 50
 
 MSE = "mean squared error per element"
+PER_LATENT = "mean over latent elements"
 UNITS = {
-    "loss": f"{MSE}: recon_mse + vq_loss, the training objective",
+    "loss": "recon_mse + vq_loss, the training objective",
     "recon_mse": f"{MSE}, images in [-1, 1]",
-    "vq_loss": f"{MSE} of the latents: codebook + beta * commitment (beta * commitment with "
-               "--ema_codebook)",
-    "codebook_loss": f"{MSE} of the latents: ||sg(z_e) - z_q||^2",
-    "commitment_loss": f"{MSE} of the latents: ||z_e - sg(z_q)||^2",
+    "vq_loss": f"codebook term + beta * commitment term, each a {PER_LATENT} (beta * commitment "
+               "alone with --ema_codebook)",
+    "codebook_loss": f"codebook term ||sg(z_e) - z_q||^2, {PER_LATENT}",
+    "commitment_loss": f"commitment term ||z_e - sg(z_q)||^2, {PER_LATENT}",
     "reference_loss": "recon_mse + codebook_loss + commitment_loss: the course's total test loss",
     "codebook_usage": "fraction of the K codes used over the whole test set",
     "perplexity": "codes: exp of the entropy of the code frequencies over the whole test set",
@@ -86,6 +87,12 @@ def prior_objective(prior) -> Objective:
                                units=PRIOR_UNITS)
 
 
+# The y-axis labels of the stage-1 curves: only recon_mse is a squared error of images.
+CURVE_LABELS = {"loss": "recon_mse + vq_loss (training objective)",
+                "recon_mse": f"{MSE}, images in [-1, 1]",
+                "vq_loss": "codebook + beta * commitment terms"}
+
+
 def save_stage1_figures(workdir: str, title: str, test_images, reconstructions) -> list[str]:
     """reconstructions.png and the VQ-VAE's training curves."""
     return [
@@ -94,7 +101,7 @@ def save_stage1_figures(workdir: str, title: str, test_images, reconstructions) 
                             title=f"{title}: test images | reconstructions"),
         viz.save_curves(os.path.join(workdir, "vqvae", "metrics.csv"),
                         os.path.join(workdir, "curves_vqvae.png"),
-                        names=("loss", "recon_mse", "vq_loss"), unit=MSE,
+                        names=tuple(CURVE_LABELS), unit=CURVE_LABELS,
                         title=f"{title}: stage 1, VQ-VAE", log_scale=True),
     ]
 
@@ -152,9 +159,10 @@ def train_and_evaluate(args) -> dict:
         for images in (dataset.train, dataset.test))
     model_settings["vqvae_step"] = int(stage1.state.step)
 
-    title = f"VQ-VAE on {dataset.name}"
-    # Evenly spaced test images: a test set cut from photos in order starts with 50 of sky.
-    shown = np.linspace(0, len(dataset.test) - 1, NUM_RECONSTRUCTIONS).astype(int)
+    # With --quick, both stages train the same few steps (same epochs, batch and examples).
+    title = common.figure_title(f"VQ-VAE on {dataset.name}", args, int(stage1.state.step))
+    # Test images of evenly spread contrast: the photo patches are mostly flat sky.
+    shown = viz.spread_by_contrast(dataset.test, NUM_RECONSTRUCTIONS)
     reconstructions = vqvae.decode(model, variables, test_codes[shown])
     figures = save_stage1_figures(workdir, title, data.scale_images(dataset.test[shown]),
                                   np.asarray(reconstructions))
@@ -189,11 +197,13 @@ def train_and_evaluate(args) -> dict:
         "figures": [os.path.basename(f) for f in figures]},
         replace=("priors", "test_metrics"))  # priors of an older stage 1 are dropped
     print(f"{title}: test recon_mse {metrics['recon_mse']:.4f}, vq_loss {metrics['vq_loss']:.4f}, "
-          f"course total {metrics['reference_loss']:.4f} ({MSE}); codebook usage "
+          f"course total {metrics['reference_loss']:.4f} = recon_mse ({MSE}) + codebook and "
+          f"commitment terms ({PER_LATENT}); codebook usage "
           f"{metrics['codebook_usage']:.2f}, perplexity {metrics['perplexity']:.1f} codes; prior "
           + ", ".join(f"{name} {nll:.3f}" for name, nll in metrics["prior_nll"].items())
           + " nats per code")
-    print(f"figures and summary.json in {workdir}")
+    print(f"figures and summary.json in {workdir}; each stage's metrics.csv in "
+          f"{os.path.join(workdir, 'vqvae')} and {os.path.join(workdir, 'prior_<name>')}")
     return summary
 
 
@@ -202,12 +212,12 @@ def parser():
     p.add_argument("--prior", nargs="+", default=["pixelcnn"], choices=sorted(vqvae.PRIORS),
                    help="the autoregressive prior(s) over the code grid (stage 2), each trained "
                         "on the same codes: --prior pixelcnn gated compares them")
-    p.add_argument("--prior_epochs", type=int, default=20,
+    p.add_argument("--prior_epochs", type=common.positive_int, default=20,
                    help="epochs of stage 2 (--epochs sets stage 1); --quick runs 2")
     p.add_argument("--ema_codebook", action="store_true",
                    help="learn the codebook by exponential moving averages of the encoder outputs "
                         "(beta = 0.25) instead of by gradient (beta = 1, the course's VQ-VAE)")
-    p.add_argument("--restart_dead_codes", type=int, default=None, metavar="STEPS",
+    p.add_argument("--restart_dead_codes", type=common.positive_int, default=None, metavar="STEPS",
                    help="with --ema_codebook: move a code that no encoder output chose for this "
                         "many training steps onto an encoder output of the current batch")
     return p

@@ -1,5 +1,10 @@
-"""Flax Linen building blocks: no training logic."""
+"""Flax Linen building blocks: no training logic.
+
+The public names of DESIGN.md §5, importable from `lvm_jax.nn` itself.
+"""
 
 from lvm_jax.nn.made import MADE, MaskedDense
+from lvm_jax.nn.masked_conv import GatedPixelCNN, MaskedConv, PixelCNN
+from lvm_jax.nn.quantizer import VectorQuantizer
 
-__all__ = ["MADE", "MaskedDense"]
+__all__ = ["MADE", "GatedPixelCNN", "MaskedConv", "MaskedDense", "PixelCNN", "VectorQuantizer"]
