@@ -30,7 +30,7 @@ class FiniteScalarQuantizer(nn.Module):
       num_codes: K, which must equal prod(levels).
       code_dim: D, the size of each encoder output and decoder input.
       levels: L_i, the number of values of each of the d = len(levels)
-        quantized dimensions, e.g. (8, 4, 4) for K = 128.
+        quantized dimensions, each >= 3, e.g. (8, 4, 4) for K = 128.
 
     Parameters: params/project_in Dense(d) and params/project_out Dense(D).
     The call has the signature and output dict of `VectorQuantizer`, with
@@ -42,8 +42,9 @@ class FiniteScalarQuantizer(nn.Module):
     levels: tuple[int, ...] = (8, 4, 4)
 
     def __post_init__(self):
-        if any(level < 2 for level in self.levels):
-            raise ValueError(f"fsq levels must each be >= 2, got {tuple(self.levels)}")
+        # L = 2 has no room for the half-level offset of even levels: (L - 1) / 2 < 1/2.
+        if any(level < 3 for level in self.levels):
+            raise ValueError(f"fsq levels must each be >= 3, got {tuple(self.levels)}")
         if math.prod(self.levels) != self.num_codes:
             raise ValueError(f"fsq levels {tuple(self.levels)} give {math.prod(self.levels)} codes, "
                              f"not num_codes={self.num_codes}: choose levels whose product is "
