@@ -151,7 +151,8 @@ def loss_fn(model: VQVAE, params, model_state, x: jax.Array, rng: jax.Array, tra
     Returns:
       (loss, (metrics, model_state)) with loss = recon_mse + vq_loss and the
       batch means (per element: of the B*H*W*C image values, or of the
-      B*h*w*D latent values):
+      B*h*w*d code values, d = D unless the quantizer searches in a lookup_dim;
+      FSQ's VQ terms are 0):
         recon_mse: mean squared error of x_hat, images in [-1, 1];
         codebook_loss, commitment_loss: ||sg(z_e) - z_q||^2, ||z_e - sg(z_q)||^2;
         vq_loss: their part of the objective, codebook + beta * commitment

@@ -120,8 +120,10 @@ def rotation_trick(z_e: jax.Array, z_q: jax.Array) -> jax.Array:
     e = jax.lax.stop_gradient(l2_normalize(z_e))
     q = jax.lax.stop_gradient(l2_normalize(z_q))
     r = jax.lax.stop_gradient(l2_normalize(e + q))
+    # ||z_q|| / ||z_e||, finite for z_e = 0 (whose rotation is 0 anyway).
     scale = jax.lax.stop_gradient(jnp.linalg.norm(z_q, axis=-1, keepdims=True)
-                                  / jnp.linalg.norm(z_e, axis=-1, keepdims=True))
+                                  / jnp.maximum(jnp.linalg.norm(z_e, axis=-1, keepdims=True),
+                                                1e-12))
 
     def dot(a, b):
         return jnp.sum(a * b, axis=-1, keepdims=True)
