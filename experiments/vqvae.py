@@ -91,7 +91,8 @@ def quantizer_options(args) -> dict:
     try:
         vqvae.quantizer(vqvae.NUM_CODES, code_dim(args), **options)
     except ValueError as err:
-        raise common.FlagError(f"--quantizer {args.quantizer} with the flags given: {err}") from None
+        raise common.FlagError(
+            f"--quantizer {args.quantizer} with the flags given: {err}") from None
     return options
 
 

@@ -46,9 +46,9 @@ class FiniteScalarQuantizer(nn.Module):
         if any(level < 3 for level in self.levels):
             raise ValueError(f"fsq levels must each be >= 3, got {tuple(self.levels)}")
         if math.prod(self.levels) != self.num_codes:
-            raise ValueError(f"fsq levels {tuple(self.levels)} give {math.prod(self.levels)} codes, "
-                             f"not num_codes={self.num_codes}: choose levels whose product is "
-                             f"{self.num_codes}, e.g. (8, 4, 4) for 128.")
+            raise ValueError(f"fsq levels {tuple(self.levels)} give {math.prod(self.levels)} "
+                             f"codes, not num_codes={self.num_codes}: choose levels whose "
+                             f"product is {self.num_codes}, e.g. (8, 4, 4) for 128.")
         super().__post_init__()
 
     def setup(self):
