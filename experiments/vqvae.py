@@ -175,16 +175,16 @@ def train_and_evaluate(args) -> dict:
     if dataset.kind != "image":
         raise data.DataError(f"vqvae trains on images; {dataset.name} is not an image dataset.")
     model = build_model(args, dataset, options)
-    settings = run_settings(model, options)
+    model_settings = run_settings(model, options)
 
     config = common.train_config(args, convolutional=True)
     stage1 = fit(vqvae_objective(model), dataset.train, dataset.test, config,
-                 os.path.join(workdir, "vqvae"), common.run_config(args, "vqvae", **settings))
+                 os.path.join(workdir, "vqvae"), common.run_config(args, "vqvae", **model_settings))
     variables = {"params": stage1.state.eval_params, **stage1.state.model_state}
     train_codes, test_codes = (
         vqvae.encode_dataset(model, variables, images, config.eval_batch_size, data.scale_images)
         for images in (dataset.train, dataset.test))
-    settings["vqvae_step"] = int(stage1.state.step)
+    model_settings["vqvae_step"] = int(stage1.state.step)
 
     title = f"VQ-VAE on {dataset.name}"
     # Evenly spaced test images: a test set cut from photos in order starts with 50 of sky.
@@ -197,15 +197,15 @@ def train_and_evaluate(args) -> dict:
     summary_path = os.path.join(workdir, "summary.json")
     previous = records.read_json(summary_path) if os.path.exists(summary_path) else {}
     priors = {name: entry for name, entry in previous.get("priors", {}).items()
-              if entry["vqvae_step"] == settings["vqvae_step"]}
+              if entry["vqvae_step"] == model_settings["vqvae_step"]}
     for prior_name in args.prior:
         prior, stage2 = train_prior(args, prior_name, config, train_codes, test_codes, workdir,
-                                    settings)
+                                    model_settings)
         _, samples = vqvae.sample(model, variables, prior, stage2.state.eval_params,
                                   jax.random.key(args.seed + 1), NUM_SAMPLES, test_codes.shape[1:])
         prior_figures = save_prior_figures(workdir, title, prior_name, samples)
         priors[prior_name] = {"prior_nll": stage2.test_metrics["prior_nll"],
-                              "vqvae_step": settings["vqvae_step"],
+                              "vqvae_step": model_settings["vqvae_step"],
                               "config": stage2.summary["config"], "stage": _timing(stage2.summary),
                               "figures": [os.path.basename(f) for f in prior_figures]}
 
