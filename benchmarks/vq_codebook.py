@@ -65,9 +65,10 @@ def _finished(summary_path: str, epochs: int, prior_epochs: int) -> dict | None:
 
 
 def budget_epochs(args) -> tuple[int, int]:
-    """(VQ-VAE epochs, prior epochs) each variant trains: --quick makes both 2."""
-    return (common.train_config(variant_args(args, "plain"), True).epochs,
-            2 if args.quick else args.prior_epochs)
+    """(VQ-VAE epochs, prior epochs) each variant trains; --quick shortens both as
+    experiments.vqvae does."""
+    epochs = common.train_config(variant_args(args, "plain"), convolutional=True).epochs
+    return epochs, epochs if args.quick else args.prior_epochs
 
 
 def run_variant(args, preset: str) -> dict:
