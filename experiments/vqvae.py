@@ -69,11 +69,49 @@ REFERENCE_RESULTS = {
 }
 
 
-def build_model(args, dataset: data.Dataset) -> vqvae.VQVAE:
-    """The VQ-VAE the flags name, narrower with --quick."""
-    code_dim = QUICK_CODE_DIM if args.quick else vqvae.CODE_DIM
-    return vqvae.conv_vqvae(dataset.event_shape, vqvae.NUM_CODES, code_dim, ema=args.ema_codebook,
-                            restart_after=args.restart_dead_codes, dtype=args.dtype)
+def code_dim(args) -> int:
+    return QUICK_CODE_DIM if args.quick else vqvae.CODE_DIM
+
+
+def quantizer_options(args) -> dict:
+    """The options of `vqvae.quantizer`: the --quantizer preset, then the flags given on top.
+
+    Raises FlagError for contradictory options, before any compute.
+    """
+    flags = {"ema": args.ema_codebook or None, "restart_after": args.restart_dead_codes,
+             "kmeans_iters": args.kmeans_iters, "cosine": args.cosine or None,
+             "lookup_dim": args.lookup_dim, "rotation_trick": args.rotation_trick or None,
+             "fsq_levels": args.fsq_levels and tuple(args.fsq_levels)}
+    options = {**vqvae.QUANTIZER_PRESETS[args.quantizer],
+               **{name: value for name, value in flags.items() if value is not None}}
+    for option, flag in (("restart_after", "--restart_dead_codes"),
+                         ("kmeans_iters", "--kmeans_iters")):
+        if options.get(option) and not options.get("ema"):
+            raise common.FlagError(f"{flag} needs --ema_codebook: the gradient-trained codebook "
+                                   "belongs to the optimizer, which the quantizer cannot move.")
+    try:
+        vqvae.quantizer(vqvae.NUM_CODES, code_dim(args), **options)
+    except ValueError as err:
+        raise common.FlagError(
+            f"--quantizer {args.quantizer} with the flags given: {err}") from None
+    return options
+
+
+def build_model(args, dataset: data.Dataset, options: dict) -> vqvae.VQVAE:
+    """The VQ-VAE the flags name (quantizer `options`), narrower with --quick."""
+    return vqvae.conv_vqvae(dataset.event_shape, vqvae.NUM_CODES, code_dim(args), dtype=args.dtype,
+                            **options)
+
+
+def run_settings(model: vqvae.VQVAE, options: dict) -> dict:
+    """What identifies the VQ-VAE of a run; options beyond the EMA codebook and restarts appear
+    only when set, so workdirs of earlier versions still resume."""
+    extra = {name: list(value) if isinstance(value, tuple) else value
+             for name, value in options.items() if name not in ("ema", "restart_after")}
+    return dict(num_codes=model.quantizer.num_codes, code_dim=model.quantizer.code_dim,
+                ema_codebook=bool(options.get("ema")),
+                restart_dead_codes=options.get("restart_after"),
+                **({"quantizer": extra} if extra else {}))
 
 
 def vqvae_objective(model: vqvae.VQVAE) -> Objective:
@@ -138,17 +176,13 @@ def train_prior(args, prior_name: str, config, train_codes, test_codes, workdir:
 
 
 def train_and_evaluate(args) -> dict:
-    if args.restart_dead_codes is not None and not args.ema_codebook:
-        raise common.FlagError("--restart_dead_codes needs --ema_codebook: the gradient-trained "
-                               "codebook belongs to the optimizer, which the quantizer cannot move.")
+    options = quantizer_options(args)
     workdir = common.workdir(args, "vqvae")
     dataset = common.load_dataset(args)
     if dataset.kind != "image":
         raise data.DataError(f"vqvae trains on images; {dataset.name} is not an image dataset.")
-    model = build_model(args, dataset)
-    model_settings = dict(num_codes=model.quantizer.num_codes, code_dim=model.quantizer.code_dim,
-                          ema_codebook=args.ema_codebook,
-                          restart_dead_codes=args.restart_dead_codes)
+    model = build_model(args, dataset, options)
+    model_settings = run_settings(model, options)
 
     config = common.train_config(args, convolutional=True)
     stage1 = fit(vqvae_objective(model), dataset.train, dataset.test, config,
@@ -214,12 +248,35 @@ def parser():
                         "on the same codes: --prior pixelcnn gated compares them")
     p.add_argument("--prior_epochs", type=common.positive_int, default=20,
                    help="epochs of stage 2 (--epochs sets stage 1); --quick runs 2")
+    # The quantizer: a preset, and flags that add to it (checked together before any compute).
+    p.add_argument("--quantizer", default="plain", choices=list(vqvae.QUANTIZER_PRESETS),
+                   help="named quantizer settings: "
+                        + "; ".join(f"{name} = {options or 'the course VQ-VAE'}"
+                                    for name, options in vqvae.QUANTIZER_PRESETS.items())
+                        + ". The flags below add to the preset")
     p.add_argument("--ema_codebook", action="store_true",
                    help="learn the codebook by exponential moving averages of the encoder outputs "
                         "(beta = 0.25) instead of by gradient (beta = 1, the course's VQ-VAE)")
     p.add_argument("--restart_dead_codes", type=common.positive_int, default=None, metavar="STEPS",
                    help="with --ema_codebook: move a code that no encoder output chose for this "
                         "many training steps onto an encoder output of the current batch")
+    p.add_argument("--kmeans_iters", type=int, default=None, metavar="ITERS",
+                   help="with --ema_codebook: the first training step sets the codebook to the "
+                        "k-means (k-means++ seeds, this many Lloyd iterations) of its encoder "
+                        "outputs")
+    p.add_argument("--cosine", action="store_true",
+                   help="l2-normalise codes and encoder outputs: nearest code by cosine "
+                        "similarity (ViT-VQGAN)")
+    p.add_argument("--lookup_dim", type=int, default=None,
+                   help="search the nearest code in this smaller dimension: z_e projected down, "
+                        "the code projected back (ViT-VQGAN's factorized codes)")
+    p.add_argument("--rotation_trick", action="store_true",
+                   help="feed the decoder z_e rotated and rescaled onto its code, the transform "
+                        "held constant in backprop, instead of straight-through (Fifty et al. "
+                        "2024)")
+    p.add_argument("--fsq_levels", type=int, nargs="+", default=None, metavar="L",
+                   help="finite scalar quantization with these levels per dimension, whose "
+                        "product must be the 128 codes, e.g. 8 4 4 (Mentzer et al. 2023)")
     return p
 
 
