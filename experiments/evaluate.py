@@ -11,8 +11,9 @@ Adds to the run's summary.json:
     iwae_bits_per_dim (images), iwae_num_samples, active_units;
   latent_diagnostics: the activity Cov_x(E_q[z_u]) and, for the standard
     normal prior, the KL of each latent dimension (nats per example);
-  iwae_evaluation: checkpoint step, wall time and throughput (examples x
-    samples per second, compilation excluded) of the IWAE pass, and device.
+  iwae_evaluation: checkpoint step, the seconds of the IWAE pass (compilation
+    excluded) and its throughput (examples x samples per second), the whole
+    command's wall time, and device.
 """
 
 import argparse
@@ -33,6 +34,7 @@ from lvm_jax import data, evaluate
 from lvm_jax.models.priors import StandardNormalPrior
 from lvm_jax.train import (CheckpointError, Checkpointer, Objective, TrainConfig,
                            device_description, initial_state, records)
+from lvm_jax.train import workdir as workdir_lock
 
 # Experiments whose config.json does not name their model's module or dataset directly.
 MODEL_MODULES = {"vlae": "vae"}  # the VLAE is experiments.vae's model with the MADE prior
@@ -113,8 +115,20 @@ def restore_eval_params(workdir: str, objective, example: np.ndarray, train_conf
     return state.eval_params, int(state.step)
 
 
+def _note(message: str) -> None:
+    print(message, flush=True)
+
+
 def evaluate_run(args) -> dict:
-    """Evaluates the run in `args.workdir` and merges the results into its summary.json."""
+    """Evaluates the run in `args.workdir` and merges the results into its summary.json,
+    holding the workdir's lock so that no training run writes there meanwhile."""
+    with workdir_lock.locked(args.workdir, create=False):
+        return _evaluate_run(args)
+
+
+def _evaluate_run(args) -> dict:
+    start = time.perf_counter()
+    _note(f"restoring the run in {args.workdir}")
     run = load_run(args.workdir, args.data_dir)
     dataset, model, params = run.dataset, run.model, run.params
     preprocess = run.objective.preprocess
@@ -126,10 +140,13 @@ def evaluate_run(args) -> dict:
     # A fixed subset keeps k = 1000 affordable for convolutional models on a CPU.
     examples = dataset.test[:args.num_examples]
     # One chunk of one (padded) batch compiles every call's shapes, so the timing leaves it out.
+    _note(f"compiling the importance-weighted bound (step {run.step} checkpoint)")
     iwae_nll(examples[:1], min(args.chunk, args.num_samples))
+    _note(f"IWAE bound with k={args.num_samples} on {len(examples)} test examples")
     tic = time.perf_counter()
     nll = iwae_nll(examples, args.num_samples, progress=not args.no_progress)
     seconds = time.perf_counter() - tic
+    _note("latent diagnostics (active units, per-dimension KL)")
     num_active, activity = evaluate.active_units(model, params, dataset.test, args.active_threshold,
                                                  preprocess=preprocess)
     diagnostics = {"active_units_threshold": args.active_threshold,
@@ -139,7 +156,6 @@ def evaluate_run(args) -> dict:
                                                         preprocess=preprocess).tolist()
 
     summary_path = os.path.join(args.workdir, "summary.json")
-    summary = records.read_json(summary_path) if os.path.exists(summary_path) else {}
     metrics = {"iwae_nll": float(nll.mean()),
                "iwae_nll_stderr": float(nll.std(ddof=1) / np.sqrt(len(nll))),
                "iwae_num_samples": args.num_samples, "iwae_num_examples": len(nll),
@@ -149,14 +165,15 @@ def evaluate_run(args) -> dict:
     if dataset.kind == "image":
         metrics["iwae_bits_per_dim"] = float(
             evaluate.image_bits_per_dim(metrics["iwae_nll"], dataset.num_dims, model.likelihood))
+    total_seconds = time.perf_counter() - start
     summary = records.update_json(summary_path, {
-        "test_metrics": {**summary.get("test_metrics", {}), **metrics},
-        "units": {**summary.get("units", {}), **UNITS},
+        "test_metrics": metrics,
+        "units": UNITS,
         "latent_diagnostics": diagnostics,
         "iwae_evaluation": {
-            "checkpoint_step": run.step, "wall_time_seconds": seconds,
+            "checkpoint_step": run.step, "iwae_seconds": seconds,
             "samples_per_second": len(nll) * args.num_samples / seconds,
-            "device": device_description()}})
+            "wall_time_seconds": total_seconds, "device": device_description()}})
 
     bits = metrics.get("iwae_bits_per_dim")
     elbo = metrics.get("neg_elbo_iwae_examples", summary["test_metrics"].get("neg_elbo"))
@@ -164,29 +181,27 @@ def evaluate_run(args) -> dict:
           f"{metrics['iwae_nll']:.3f} ± {metrics['iwae_nll_stderr']:.3f} nats"
           + (f" ({bits:.4f} bits/dim)" if bits is not None else "")
           + (f", -ELBO {elbo:.3f}" if elbo is not None else "")
-          + f"; active units {num_active}/{len(activity)}; {seconds:.1f} s")
+          + f"; active units {num_active}/{len(activity)}; {total_seconds:.1f} s in all "
+          f"(IWAE pass {seconds:.1f} s, compilation excluded)")
     return summary
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the description's layout and shows each flag's default."""
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__,
-                                formatter_class=_HelpFormatter)
+                                formatter_class=common.HelpFormatter)
     p.add_argument("--workdir", required=True, help="the training run's output directory")
-    p.add_argument("--num_samples", type=int, default=1000, help="importance samples k per example")
-    p.add_argument("--chunk", type=int, default=100,
+    p.add_argument("--num_samples", type=common.positive_int, default=1000, help="importance samples k per example")
+    p.add_argument("--chunk", type=common.positive_int, default=100,
                    help="samples per compiled call (divides num_samples); bounds the memory")
-    p.add_argument("--batch_size", type=int, default=50, help="test examples per compiled call")
-    p.add_argument("--active_threshold", type=float, default=0.01,
+    p.add_argument("--batch_size", type=common.positive_int, default=50, help="test examples per compiled call")
+    p.add_argument("--active_threshold", type=common.non_negative_float, default=0.01,
                    help="a latent dimension is active when Cov_x(E_q[z_u]) exceeds this")
-    p.add_argument("--num_examples", type=int, default=None,
+    p.add_argument("--num_examples", type=common.positive_int, default=None,
                    help="evaluate the IWAE bound on the first N test examples only (default all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=common.non_negative_int, default=0,
+                   help="seeds the importance samples")
     p.add_argument("--data_dir", default=None,
-                   help="where TFDS datasets are prepared, or where the course's .pkl files are")
+                   help=common.DATA_DIR_HELP)
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return p
 

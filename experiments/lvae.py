@@ -170,7 +170,8 @@ def train_and_evaluate(args) -> dict:
                      iwae_num_examples="test examples evaluated")
     title = f"LVAE ({args.latent_layers} layer{'s' if args.latent_layers > 1 else ''}) on {dataset.name}"
     test_images = objective.preprocess(jnp.asarray(dataset.test[:50]))
-    figures = save_figures(model, params, test_images, workdir, args.seed, title)
+    figures = save_figures(model, params, test_images, workdir, args.seed,
+                           common.figure_title(title, args, int(result.state.step)))
     kl_per_layer = [metrics[f"kl_layer_{i}"] for i in range(1, args.latent_layers + 1)]
     summary = records.update_json(os.path.join(workdir, "summary.json"), {
         "test_metrics": metrics, "units": units, "dataset": dataset.describe(),
@@ -188,16 +189,16 @@ def train_and_evaluate(args) -> dict:
 
 def parser() -> argparse.ArgumentParser:
     p = common.parser("lvae", __doc__, data.IMAGE_DATASETS, "mnist_embedded", epochs=20)
-    p.add_argument("--latent_layers", type=int, default=3, help="stochastic layers L")
-    p.add_argument("--free_bits", type=float, default=None,
+    p.add_argument("--latent_layers", type=common.positive_int, default=3, help="stochastic layers L")
+    p.add_argument("--free_bits", type=common.non_negative_float, default=None,
                    help="nats per layer below which a layer's batch-mean KL is not penalised in "
                         "training (the reported -ELBO excludes them); default 0.5 up to 6 layers, "
                         "1.0 deeper, as in the seed")
     p.add_argument("--likelihood", default=None, choices=sorted(likelihoods.LIKELIHOODS),
                    help="p(x|z); default bernoulli (binarized data) for greyscale, dmol for RGB")
-    p.add_argument("--latent_channels", type=int, default=32, help="channels of each z_i")
-    p.add_argument("--hidden", type=int, default=64, help="channels of the deterministic paths")
-    p.add_argument("--blocks_per_layer", type=int, default=2,
+    p.add_argument("--latent_channels", type=common.positive_int, default=32, help="channels of each z_i")
+    p.add_argument("--hidden", type=common.positive_int, default=64, help="channels of the deterministic paths")
+    p.add_argument("--blocks_per_layer", type=common.positive_int, default=2,
                    help="residual blocks per layer in each path (the seed uses 4)")
     p.add_argument("--merge", default="learned", choices=lvae.MERGES,
                    help="how q combines the bottom-up and top-down paths below the top layer: "
@@ -210,10 +211,10 @@ def parser() -> argparse.ArgumentParser:
                    help="learn p(z_L) (else N(0, I))")
     p.add_argument("--data_init", action=argparse.BooleanOptionalAction, default=True,
                    help=f"data-dependent initialisation on {INIT_EXAMPLES} training examples")
-    p.add_argument("--iwae_samples", type=int, default=0,
+    p.add_argument("--iwae_samples", type=common.non_negative_int, default=0,
                    help="after training, the importance-weighted test NLL with this many samples "
                         "per example (e.g. 1000); 0 skips it")
-    p.add_argument("--iwae_examples", type=int, default=None,
+    p.add_argument("--iwae_examples", type=common.positive_int, default=None,
                    help="evaluate the importance-weighted NLL on the first this many test examples "
                         "(default all)")
     return p

@@ -93,9 +93,10 @@ def decoder_study(args, dataset, root) -> dict:
         metrics["bits_per_dim"] = float(evaluate.image_bits_per_dim(
             metrics["neg_elbo"], 784, model.likelihood))
         rows[name] = metrics
+    title = common.figure_title("original | reconstruction; rows of 4 pairs: "
+                                + ", then ".join(DECODERS.values()), args, int(result.state.step))
     figure = viz.save_image_grid(np.concatenate(panels), os.path.join(root, "decoders.png"), ncols=8,
-                                 title="original | reconstruction; rows of 4 pairs: "
-                                       + ", then ".join(DECODERS.values()))
+                                 title=title)
     return {"metrics": rows, "figure": os.path.basename(figure)}
 
 
@@ -134,22 +135,24 @@ def depth_study(args, dataset, root) -> dict:
         model, objective, result = train_variant(args, dataset, workdir, "unit_gaussian", hidden, 1)
         params = result.state.eval_params
         variables = {"params": params}
-        x = objective.preprocess(jnp.asarray(dataset.test[:256]))
+        title = common.figure_title(name, args, int(result.state.step))
+        digits = dataset.test[:256]  # fewer with --quick
+        x = objective.preprocess(jnp.asarray(digits))
         mean, log_var = model.apply(variables, x, method=vae.VAE.encode)
         z = mean + jnp.exp(0.5 * log_var) * jax.random.normal(rng, mean.shape)
         recon = model.likelihood.mean(model.apply(variables, z, method=vae.VAE.decode))
-        kl_dims = np.asarray(evaluate.per_dim_kl(model, params, dataset.test[:256],
+        kl_dims = np.asarray(evaluate.per_dim_kl(model, params, digits,
                                                  preprocess=objective.preprocess))
         samples = model.apply(variables, rng, 64, method=vae.VAE.sample)
         figures = [
             viz.save_image_grid(viz.interleave_pairs(to_images(x[:16]), to_images(recon[:16])),
                                 os.path.join(root, f"{name}_reconstructions.png"), ncols=8,
-                                title=f"{name}: test digits | reconstructions (z ~ q)"),
+                                title=f"{title}: test digits | reconstructions (z ~ q)"),
             viz.save_image_grid(to_images(samples), os.path.join(root, f"{name}_samples.png"),
-                                ncols=8, title=f"{name}: decoded prior samples"),
+                                ncols=8, title=f"{title}: decoded prior samples"),
             viz.save_histogram(kl_dims, os.path.join(root, f"{name}_kl_histogram.png"),
                                threshold=COLLAPSE_NATS,
-                               title=f"{name}: KL per latent dimension (256 test digits)"),
+                               title=f"{title}: KL per latent dimension ({len(digits)} test digits)"),
             save_gif(limiting_chain(model, params, rng), os.path.join(root, f"{name}_chain.gif")),
         ]
         rows[name] = {**result.test_metrics, "parameters": count_parameters(params),
@@ -158,7 +161,9 @@ def depth_study(args, dataset, root) -> dict:
         curves[name] = os.path.join(workdir, "metrics.csv")
     figure = viz.save_curve_comparison(curves, os.path.join(root, "depth_elbo_curves.png"),
                                        name="neg_elbo", unit=NATS,
-                                       title="test -ELBO: baseline vs deep MLP VAE")
+                                       title=common.figure_title(
+                                           "test -ELBO: baseline vs deep MLP VAE", args,
+                                           int(result.state.step)))
     return {"metrics": rows, "figure": os.path.basename(figure)}
 
 
@@ -180,19 +185,25 @@ def train_and_evaluate(args) -> dict:
             extra = "".join(f", {k} {metrics[k]}" for k in ("parameters", "collapsed_dims") if k in metrics)
             print(f"{study}/{variant}: test -ELBO {metrics['neg_elbo']:.2f} nats "
                   f"(recon {metrics['recon']:.2f}, KL {metrics['kl']:.2f}){extra}")
-    print(f"figures and summary.json in {root}")
+    print(f"figures and summary.json in {root}; each model's metrics.csv in "
+          f"{os.path.join(root, '<study>', '<variant>')}")
     return summary
 
 
-def main(argv=None):
+def parser():
     p = common.parser(EXPERIMENT, __doc__, ["mnist_embedded", "mnist"], "mnist_embedded", epochs=20)
-    p.add_argument("--study", default="all", choices=["all", "decoders", "depth"])
-    p.add_argument("--latent_dim", type=int, default=20)
+    p.add_argument("--study", default="all", choices=["all", "decoders", "depth"],
+                   help="which study to run: the three decoders (seed 001), the two depths (seed 004), or both")
+    p.add_argument("--latent_dim", type=common.positive_int, default=20, help="latent dimensions")
     # A learned-variance Gaussian on digits is unbounded above (constant background pixels
     # let the variance shrink without limit); unclipped, its gradient norms reach 1e5 and
     # the test -ELBO swings by 1000 nats between epochs.
     p.set_defaults(grad_clip=1000.0)
-    return common.run(p, train_and_evaluate, argv)
+    return p
+
+
+def main(argv=None):
+    return common.run(parser(), train_and_evaluate, argv)
 
 
 if __name__ == "__main__":

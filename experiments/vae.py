@@ -59,30 +59,34 @@ def summary_metrics(metrics: dict, num_dims: int, likelihood: str) -> dict:
     return {**metrics, "bits_per_dim": float(bits), **course}
 
 
+@functools.partial(jax.jit, static_argnames="model")
+def figure_images(model: vae.VAE, variables, rng: jax.Array, test: jax.Array) -> dict:
+    """Every image of the figures in one compiled call (op by op, each primitive would compile
+    on its own): 100 samples, the reconstructions of test[:50] and 10 interpolations of 10
+    frames, a row per pair, between the encodings of test[50:60] and test[60:70]; `test`
+    (70, ...) preprocessed."""
+    z_start, z_end = (model.apply(variables, x, method=vae.VAE.encode)[0]
+                      for x in (test[50:60], test[60:70]))
+    t = jnp.linspace(0.0, 1.0, 10)[:, None, None]
+    z = (1 - t) * z_start[None] + t * z_end[None]  # (frames, pairs, latent)
+    frames = jax.vmap(lambda zf: model.apply(variables, zf, method=_decode_mean))(z)
+    return {"samples": model.apply(variables, rng, 100, method=vae.VAE.sample),
+            "reconstructions": model.apply(variables, test[:50], method=vae.VAE.reconstruct),
+            "interpolations": jnp.swapaxes(frames, 0, 1).reshape(-1, *frames.shape[2:])}
+
+
 def save_figures(model: vae.VAE, params, dataset: data.Dataset, workdir: str, seed: int,
                  title: str) -> list[str]:
     """The figures of REFERENCE.md §2: samples, reconstructions, interpolations, curves."""
-    variables = {"params": params}
     test = common.image_preprocess(model.likelihood)(jnp.asarray(dataset.test[:70]))
-    samples = jax.jit(lambda r: model.apply(variables, r, 100, method=vae.VAE.sample))(
-        jax.random.key(seed + 1))
-    recons = model.apply(variables, test[:50], method=vae.VAE.reconstruct)
-
-    def interpolate(x_start, x_end):
-        z_start, z_end = (model.apply(variables, x, method=vae.VAE.encode)[0] for x in (x_start, x_end))
-        t = jnp.linspace(0.0, 1.0, 10)[:, None, None]
-        z = (1 - t) * z_start[None] + t * z_end[None]  # (frames, pairs, latent)
-        frames = jax.vmap(lambda zf: model.apply(variables, zf, method=_decode_mean))(z)
-        return jnp.swapaxes(frames, 0, 1).reshape(-1, *frames.shape[2:])  # a row per pair
-
+    images = jax.device_get(figure_images(model, {"params": params}, jax.random.key(seed + 1), test))
     return [
-        viz.save_image_grid(samples, os.path.join(workdir, "samples.png"),
+        viz.save_image_grid(images["samples"], os.path.join(workdir, "samples.png"),
                             title=f"{title}: 100 samples (decoder mean)"),
-        viz.save_image_grid(viz.interleave_pairs(np.asarray(test[:50]), np.asarray(recons)),
+        viz.save_image_grid(viz.interleave_pairs(np.asarray(test[:50]), images["reconstructions"]),
                             os.path.join(workdir, "reconstructions.png"),
                             title=f"{title}: test images | reconstructions"),
-        viz.save_image_grid(interpolate(test[50:60], test[60:70]),
-                            os.path.join(workdir, "interpolations.png"),
+        viz.save_image_grid(images["interpolations"], os.path.join(workdir, "interpolations.png"),
                             title=f"{title}: interpolations between test encodings"),
         viz.save_curves(os.path.join(workdir, "metrics.csv"), os.path.join(workdir, "curves.png"),
                         title=title),
@@ -107,7 +111,8 @@ def train_and_evaluate(args, experiment: str = "vae") -> dict:
                                             free_bits=args.free_bits))
     metrics = summary_metrics(result.test_metrics, dataset.num_dims, args.likelihood)
     title = f"{experiment.upper()} on {dataset.name}"
-    figures = save_figures(model, result.state.eval_params, dataset, workdir, args.seed, title)
+    figures = save_figures(model, result.state.eval_params, dataset, workdir, args.seed,
+                           common.figure_title(title, args, int(result.state.step)))
     summary = records.update_json(os.path.join(workdir, "summary.json"), {
         "test_metrics": metrics, "units": UNITS, "dataset": dataset.describe(),
         "reference_results": common.REFERENCE_RESULTS.get((experiment, args.dataset)),
@@ -128,10 +133,10 @@ def parser(experiment: str, description: str, default_prior: str):
                    help="p(x|z): N(mu, I) as in the course (unit_gaussian), a learned diagonal "
                         "variance (gaussian), Bernoulli (images binarized at half intensity), or the discretized "
                         "mixture of 10 logistics of PixelCNN++ (dmol), a true 8-bit likelihood")
-    p.add_argument("--num_samples", type=int, default=1,
+    p.add_argument("--num_samples", type=common.positive_int, default=1,
                    help="reparameterised samples z ~ q(z|x) per example in training")
-    p.add_argument("--beta", type=float, default=1.0, help="weight of the KL term (beta-VAE)")
-    p.add_argument("--free_bits", type=float, default=0.0,
+    p.add_argument("--beta", type=common.positive_float, default=1.0, help="weight of the KL term (beta-VAE)")
+    p.add_argument("--free_bits", type=common.non_negative_float, default=0.0,
                    help="floor in nats on the batch-mean KL of each latent group (each dimension "
                         "for N(0, I), the whole latent for the flow); the reported ELBO excludes it")
     return p

@@ -57,27 +57,32 @@ def train_and_evaluate(args) -> dict:
     sample = jax.jit(lambda p, r, noise: model.apply({"params": p}, r, 1000, noise,
                                                      method=vae.VAE.sample), static_argnums=2)
     rng = jax.random.key(args.seed + 1)
+    title = common.figure_title(f"2D VAE, dataset {args.dataset}", args, int(result.state.step))
     figures = [
         viz.save_scatter(os.path.join(workdir, "samples.png"), dataset.test, {
             "samples with decoder noise": np.asarray(sample(result.state.eval_params, rng, True)),
             "decoder means (no noise)": np.asarray(sample(result.state.eval_params, rng, False))},
-            title=f"2D VAE, dataset {args.dataset}: 1000 samples over the test data"),
+            title=f"{title}: 1000 samples over the test data"),
         viz.save_curves(os.path.join(workdir, "metrics.csv"), os.path.join(workdir, "curves.png"),
-                        title=f"2D VAE, dataset {args.dataset}"),
+                        title=title),
     ]
     summary = records.update_json(os.path.join(workdir, "summary.json"), {
         "test_metrics": metrics, "units": UNITS, "dataset": dataset.describe(),
         "figures": [os.path.basename(f) for f in figures]})
     print(f"test -ELBO {metrics['neg_elbo']:.4f} nats (recon {metrics['recon']:.4f}, "
           f"KL {metrics['kl']:.4f}); exact NLL {exact_nll:.4f}; gap {metrics['gap_to_exact_nll']:.4f}")
-    print(f"figures and summary.json in {workdir}")
+    print(f"figures, metrics.csv and summary.json in {workdir}")
     return summary
 
 
-def main(argv=None):
+def parser():
     p = common.parser(EXPERIMENT, __doc__, ["1", "2", "1b", "2b"], "1", epochs=10)
     p.set_defaults(ema_decay=0.99)
-    return common.run(p, train_and_evaluate, argv)
+    return p
+
+
+def main(argv=None):
+    return common.run(parser(), train_and_evaluate, argv)
 
 
 if __name__ == "__main__":

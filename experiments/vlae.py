@@ -13,8 +13,12 @@ import sys
 from experiments import common, vae
 
 
+def parser():
+    return vae.parser("vlae", __doc__, "made")
+
+
 def main(argv=None):
-    return common.run(vae.parser("vlae", __doc__, "made"), vae.train_and_evaluate, argv, "vlae")
+    return common.run(parser(), vae.train_and_evaluate, argv, "vlae")
 
 
 if __name__ == "__main__":

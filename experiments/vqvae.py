@@ -46,13 +46,14 @@ QUICK_PRIORS = {"pixelcnn": dict(embed_dim=16, num_residual_blocks=2, hidden=64)
 NUM_SAMPLES, NUM_RECONSTRUCTIONS = 100, 50
 
 MSE = "mean squared error per element"
+PER_LATENT = "mean over latent elements"
 UNITS = {
-    "loss": f"{MSE}: recon_mse + vq_loss, the training objective",
+    "loss": "recon_mse + vq_loss, the training objective",
     "recon_mse": f"{MSE}, images in [-1, 1]",
-    "vq_loss": f"{MSE} of the latents: codebook + beta * commitment (beta * commitment with "
-               "--ema_codebook)",
-    "codebook_loss": f"{MSE} of the latents: ||sg(z_e) - z_q||^2",
-    "commitment_loss": f"{MSE} of the latents: ||z_e - sg(z_q)||^2",
+    "vq_loss": f"codebook term + beta * commitment term, each a {PER_LATENT} (beta * commitment "
+               "alone with --ema_codebook)",
+    "codebook_loss": f"codebook term ||sg(z_e) - z_q||^2, {PER_LATENT}",
+    "commitment_loss": f"commitment term ||z_e - sg(z_q)||^2, {PER_LATENT}",
     "reference_loss": "recon_mse + codebook_loss + commitment_loss: the course's total test loss",
     "codebook_usage": "fraction of the K codes used over the whole test set",
     "perplexity": "codes: exp of the entropy of the code frequencies over the whole test set",
@@ -68,11 +69,49 @@ REFERENCE_RESULTS = {
 }
 
 
-def build_model(args, dataset: data.Dataset) -> vqvae.VQVAE:
-    """The VQ-VAE the flags name, narrower with --quick."""
-    code_dim = QUICK_CODE_DIM if args.quick else vqvae.CODE_DIM
-    return vqvae.conv_vqvae(dataset.event_shape, vqvae.NUM_CODES, code_dim, ema=args.ema_codebook,
-                            restart_after=args.restart_dead_codes, dtype=args.dtype)
+def code_dim(args) -> int:
+    return QUICK_CODE_DIM if args.quick else vqvae.CODE_DIM
+
+
+def quantizer_options(args) -> dict:
+    """The options of `vqvae.quantizer`: the --quantizer preset, then the flags given on top.
+
+    Raises FlagError for contradictory options, before any compute.
+    """
+    flags = {"ema": args.ema_codebook or None, "restart_after": args.restart_dead_codes,
+             "kmeans_iters": args.kmeans_iters, "cosine": args.cosine or None,
+             "lookup_dim": args.lookup_dim, "rotation_trick": args.rotation_trick or None,
+             "fsq_levels": args.fsq_levels and tuple(args.fsq_levels)}
+    options = {**vqvae.QUANTIZER_PRESETS[args.quantizer],
+               **{name: value for name, value in flags.items() if value is not None}}
+    for option, flag in (("restart_after", "--restart_dead_codes"),
+                         ("kmeans_iters", "--kmeans_iters")):
+        if options.get(option) and not options.get("ema"):
+            raise common.FlagError(f"{flag} needs --ema_codebook: the gradient-trained codebook "
+                                   "belongs to the optimizer, which the quantizer cannot move.")
+    try:
+        vqvae.quantizer(vqvae.NUM_CODES, code_dim(args), **options)
+    except ValueError as err:
+        raise common.FlagError(
+            f"--quantizer {args.quantizer} with the flags given: {err}") from None
+    return options
+
+
+def build_model(args, dataset: data.Dataset, options: dict) -> vqvae.VQVAE:
+    """The VQ-VAE the flags name (quantizer `options`), narrower with --quick."""
+    return vqvae.conv_vqvae(dataset.event_shape, vqvae.NUM_CODES, code_dim(args), dtype=args.dtype,
+                            **options)
+
+
+def run_settings(model: vqvae.VQVAE, options: dict) -> dict:
+    """What identifies the VQ-VAE of a run; options beyond the EMA codebook and restarts appear
+    only when set, so workdirs of earlier versions still resume."""
+    extra = {name: list(value) if isinstance(value, tuple) else value
+             for name, value in options.items() if name not in ("ema", "restart_after")}
+    return dict(num_codes=model.quantizer.num_codes, code_dim=model.quantizer.code_dim,
+                ema_codebook=bool(options.get("ema")),
+                restart_dead_codes=options.get("restart_after"),
+                **({"quantizer": extra} if extra else {}))
 
 
 def vqvae_objective(model: vqvae.VQVAE) -> Objective:
@@ -86,6 +125,12 @@ def prior_objective(prior) -> Objective:
                                units=PRIOR_UNITS)
 
 
+# The y-axis labels of the stage-1 curves: only recon_mse is a squared error of images.
+CURVE_LABELS = {"loss": "recon_mse + vq_loss (training objective)",
+                "recon_mse": f"{MSE}, images in [-1, 1]",
+                "vq_loss": "codebook + beta * commitment terms"}
+
+
 def save_stage1_figures(workdir: str, title: str, test_images, reconstructions) -> list[str]:
     """reconstructions.png and the VQ-VAE's training curves."""
     return [
@@ -94,7 +139,7 @@ def save_stage1_figures(workdir: str, title: str, test_images, reconstructions) 
                             title=f"{title}: test images | reconstructions"),
         viz.save_curves(os.path.join(workdir, "vqvae", "metrics.csv"),
                         os.path.join(workdir, "curves_vqvae.png"),
-                        names=("loss", "recon_mse", "vq_loss"), unit=MSE,
+                        names=tuple(CURVE_LABELS), unit=CURVE_LABELS,
                         title=f"{title}: stage 1, VQ-VAE", log_scale=True),
     ]
 
@@ -131,17 +176,13 @@ def train_prior(args, prior_name: str, config, train_codes, test_codes, workdir:
 
 
 def train_and_evaluate(args) -> dict:
-    if args.restart_dead_codes is not None and not args.ema_codebook:
-        raise common.FlagError("--restart_dead_codes needs --ema_codebook: the gradient-trained "
-                               "codebook belongs to the optimizer, which the quantizer cannot move.")
+    options = quantizer_options(args)
     workdir = common.workdir(args, "vqvae")
     dataset = common.load_dataset(args)
     if dataset.kind != "image":
         raise data.DataError(f"vqvae trains on images; {dataset.name} is not an image dataset.")
-    model = build_model(args, dataset)
-    model_settings = dict(num_codes=model.quantizer.num_codes, code_dim=model.quantizer.code_dim,
-                          ema_codebook=args.ema_codebook,
-                          restart_dead_codes=args.restart_dead_codes)
+    model = build_model(args, dataset, options)
+    model_settings = run_settings(model, options)
 
     config = common.train_config(args, convolutional=True)
     stage1 = fit(vqvae_objective(model), dataset.train, dataset.test, config,
@@ -152,9 +193,10 @@ def train_and_evaluate(args) -> dict:
         for images in (dataset.train, dataset.test))
     model_settings["vqvae_step"] = int(stage1.state.step)
 
-    title = f"VQ-VAE on {dataset.name}"
-    # Evenly spaced test images: a test set cut from photos in order starts with 50 of sky.
-    shown = np.linspace(0, len(dataset.test) - 1, NUM_RECONSTRUCTIONS).astype(int)
+    # With --quick, both stages train the same few steps (same epochs, batch and examples).
+    title = common.figure_title(f"VQ-VAE on {dataset.name}", args, int(stage1.state.step))
+    # Test images of evenly spread contrast: the photo patches are mostly flat sky.
+    shown = viz.spread_by_contrast(dataset.test, NUM_RECONSTRUCTIONS)
     reconstructions = vqvae.decode(model, variables, test_codes[shown])
     figures = save_stage1_figures(workdir, title, data.scale_images(dataset.test[shown]),
                                   np.asarray(reconstructions))
@@ -187,13 +229,16 @@ def train_and_evaluate(args) -> dict:
         "reference_results": {"source": "CS294-158 official solutions, REFERENCE.md §4",
                               **REFERENCE_RESULTS},
         "stage": _timing(stage1.summary), "device": stage1.summary["device"],
-        "figures": [os.path.basename(f) for f in figures]})
+        "figures": [os.path.basename(f) for f in figures]},
+        replace=("priors", "test_metrics"))  # priors of an older stage 1 are dropped
     print(f"{title}: test recon_mse {metrics['recon_mse']:.4f}, vq_loss {metrics['vq_loss']:.4f}, "
-          f"course total {metrics['reference_loss']:.4f} ({MSE}); codebook usage "
+          f"course total {metrics['reference_loss']:.4f} = recon_mse ({MSE}) + codebook and "
+          f"commitment terms ({PER_LATENT}); codebook usage "
           f"{metrics['codebook_usage']:.2f}, perplexity {metrics['perplexity']:.1f} codes; prior "
           + ", ".join(f"{name} {nll:.3f}" for name, nll in metrics["prior_nll"].items())
           + " nats per code")
-    print(f"figures and summary.json in {workdir}")
+    print(f"figures and summary.json in {workdir}; each stage's metrics.csv in "
+          f"{os.path.join(workdir, 'vqvae')} and {os.path.join(workdir, 'prior_<name>')}")
     return summary
 
 
@@ -202,14 +247,37 @@ def parser():
     p.add_argument("--prior", nargs="+", default=["pixelcnn"], choices=sorted(vqvae.PRIORS),
                    help="the autoregressive prior(s) over the code grid (stage 2), each trained "
                         "on the same codes: --prior pixelcnn gated compares them")
-    p.add_argument("--prior_epochs", type=int, default=20,
+    p.add_argument("--prior_epochs", type=common.positive_int, default=20,
                    help="epochs of stage 2 (--epochs sets stage 1); --quick runs 2")
+    # The quantizer: a preset, and flags that add to it (checked together before any compute).
+    p.add_argument("--quantizer", default="plain", choices=list(vqvae.QUANTIZER_PRESETS),
+                   help="named quantizer settings: "
+                        + "; ".join(f"{name} = {options or 'the course VQ-VAE'}"
+                                    for name, options in vqvae.QUANTIZER_PRESETS.items())
+                        + ". The flags below add to the preset")
     p.add_argument("--ema_codebook", action="store_true",
                    help="learn the codebook by exponential moving averages of the encoder outputs "
                         "(beta = 0.25) instead of by gradient (beta = 1, the course's VQ-VAE)")
-    p.add_argument("--restart_dead_codes", type=int, default=None, metavar="STEPS",
+    p.add_argument("--restart_dead_codes", type=common.positive_int, default=None, metavar="STEPS",
                    help="with --ema_codebook: move a code that no encoder output chose for this "
                         "many training steps onto an encoder output of the current batch")
+    p.add_argument("--kmeans_iters", type=int, default=None, metavar="ITERS",
+                   help="with --ema_codebook: the first training step sets the codebook to the "
+                        "k-means (k-means++ seeds, this many Lloyd iterations) of its encoder "
+                        "outputs")
+    p.add_argument("--cosine", action="store_true",
+                   help="l2-normalise codes and encoder outputs: nearest code by cosine "
+                        "similarity (ViT-VQGAN)")
+    p.add_argument("--lookup_dim", type=int, default=None,
+                   help="search the nearest code in this smaller dimension: z_e projected down, "
+                        "the code projected back (ViT-VQGAN's factorized codes)")
+    p.add_argument("--rotation_trick", action="store_true",
+                   help="feed the decoder z_e rotated and rescaled onto its code, the transform "
+                        "held constant in backprop, instead of straight-through (Fifty et al. "
+                        "2024)")
+    p.add_argument("--fsq_levels", type=int, nargs="+", default=None, metavar="L",
+                   help="finite scalar quantization with these levels per dimension, whose "
+                        "product must be the 128 codes, e.g. 8 4 4 (Mentzer et al. 2023)")
     p.add_argument("--sampler", default="cached", choices=sampling.METHODS,
                    help="how the prior samples are drawn: cached computes only what each new "
                         "code changes (about one pass of the network per grid); raster runs the "

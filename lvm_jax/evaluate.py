@@ -23,12 +23,12 @@ from collections.abc import Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from lvm_jax import losses
 from lvm_jax.models import vae
 from lvm_jax.models.likelihoods import Likelihood
 from lvm_jax.models.priors import StandardNormalPrior
+from lvm_jax.train.progress import Progress
 
 
 def _identity(batch):
@@ -107,11 +107,14 @@ def iwae_nll(model, params, data: np.ndarray, rng: jax.Array, num_samples: int =
     if num_samples % chunk:
         raise ValueError(f"chunk ({chunk}) must divide num_samples ({num_samples}).")
     bounds = []
-    for j, (batch, size) in enumerate(tqdm(list(_batches(data, batch_size)), disable=not progress,
-                                           desc=f"IWAE k={num_samples}", unit="batch")):
+    batches = list(_batches(data, batch_size))
+    bar = Progress(len(batches), 0, f"IWAE k={num_samples}", bar=progress, unit="batch")
+    for j, (batch, size) in enumerate(batches):
         keys = jax.random.split(jax.random.fold_in(rng, j), num_samples // chunk)
         chunk_bounds = [_chunk_bound(model, params, batch, key, chunk, preprocess) for key in keys]
         bounds.append(np.asarray(_combine_chunks(chunk_bounds))[:size])
+        bar.update(1)
+    bar.close()
     return -np.concatenate(bounds).astype(np.float64)
 
 

@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from lvm_jax.data.dataset import unscale_images  # noqa: E402
 from lvm_jax.train.records import MetricsLog, primary_only  # noqa: E402
@@ -46,6 +47,23 @@ def save_image_grid(images, path: str, ncols: int = 10, title: str | None = None
     return _save(fig, path)
 
 
+def spread_by_contrast(images: np.ndarray, num: int) -> np.ndarray:
+    """Indices of `num` images whose contrast (pixel standard deviation) is spread evenly
+    from the flattest to the busiest, in that order; deterministic.
+
+    Evenly spaced values, not ranks: a test set that is mostly flat (photo patches of sky)
+    would otherwise fill a figure with blank images.
+    """
+    contrast = np.asarray(images, np.float64).reshape(len(images), -1).std(axis=1)
+    targets = np.linspace(contrast.min(), contrast.max(), num)
+    chosen = []
+    for target in targets:  # the nearest image not shown yet
+        distance = np.abs(contrast - target)
+        distance[chosen] = np.inf
+        chosen.append(int(np.argmin(distance)))
+    return np.array(chosen)
+
+
 def interleave_pairs(originals: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:
     """(N, ...) and (N, ...) -> (2N, ...) ordered original_0, recon_0, original_1, ..."""
     return np.stack([originals, reconstructions], axis=1).reshape(-1, *originals.shape[1:])
@@ -54,12 +72,14 @@ def interleave_pairs(originals: np.ndarray, reconstructions: np.ndarray) -> np.n
 @primary_only
 def save_scatter(path: str, data: np.ndarray, panels: dict[str, np.ndarray], title: str) -> str:
     """One panel per entry of `panels`: its points (N, 2) over the data points (grey)."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False,
+                             layout="constrained")
     lim = np.percentile(np.abs(data), 99.5) * 1.2
     for ax, (name, points) in zip(axes[0], panels.items()):
         ax.scatter(data[:, 0], data[:, 1], s=2, c="0.75", label="test data")
         ax.scatter(points[:, 0], points[:, 1], s=3, c="C0", label=name)
-        ax.set(title=name, xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal")
+        ax.set(title=name, xlabel="$x_1$", ylabel="$x_2$", xlim=(-lim, lim), ylim=(-lim, lim),
+               aspect="equal")
         ax.legend(loc="upper left", markerscale=3)
     fig.suptitle(title)
     return _save(fig, path)
@@ -67,15 +87,19 @@ def save_scatter(path: str, data: np.ndarray, panels: dict[str, np.ndarray], tit
 
 @primary_only
 def save_curves(metrics_csv: str, path: str, names=("neg_elbo", "recon", "kl"),
-                unit: str = "nats per example", title: str = "", log_scale: bool = False) -> str:
+                unit: str | dict[str, str] = "nats per example", title: str = "",
+                log_scale: bool = False) -> str:
     """Training curves: each metric per step (train) and per epoch (test), one panel each.
 
+    unit: the y-axis label of every panel, or a dict {metric name: label}.
     log_scale: a logarithmic y axis, for positive metrics that fall by orders of
     magnitude (the VQ-VAE's losses); otherwise a linear axis clipped to the
     bulk of the values.
     """
     rows = MetricsLog.read(metrics_csv)
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    # Constrained layout keeps the figure title clear of the panel titles.
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False,
+                             layout="constrained")
     for ax, name in zip(axes[0], names):
         for split, style in (("train", dict(lw=0.6, alpha=0.7)), ("test", dict(marker="o", lw=1.5))):
             points = [(int(r["step"]), float(r[name])) for r in rows if r["split"] == split and r[name]]
@@ -89,7 +113,8 @@ def save_curves(metrics_csv: str, path: str, names=("neg_elbo", "recon", "kl"),
         elif values:  # keep the first steps' large values from flattening the curve
             low, high = np.percentile(values, [0, 97])
             ax.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
-        ax.set(title=name, xlabel="step", ylabel=unit)
+        ax.set(title=name, xlabel="step", ylabel=unit[name] if isinstance(unit, dict) else unit)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no half steps on short runs
         ax.legend()
     fig.suptitle(title)
     return _save(fig, path)
@@ -105,6 +130,7 @@ def save_histogram(values: np.ndarray, path: str, threshold: float, title: str) 
     ax.axvline(threshold, color="C3", ls="--",
                label=f"{collapsed} of {len(values)} dims below {threshold} nats (collapsed)")
     ax.set(xlabel="average KL per latent dimension (nats)", ylabel="dimensions", title=title)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # a count of dimensions
     ax.legend()
     return _save(fig, path)
 
@@ -124,6 +150,7 @@ def save_curve_comparison(metrics_csvs: dict[str, str], path: str, name: str, un
     low, high = np.percentile(values, [0, 95])
     ax.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
     ax.set(xlabel="step", ylabel=unit, title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
     return _save(fig, path)
 

@@ -170,7 +170,8 @@ def test_iwae_bound_is_above_the_elbo_and_grows_with_k(trained_digits_vae):
     """
     model, params, test = trained_digits_vae
     log_w = log_weights(model, params, jnp.asarray(test), jax.random.key(5), 1000)
-    bounds = {k: np.asarray(iwae_bound(log_w.reshape(k, 1000 // k, -1))).mean(0)
+    # iwae_bound takes (k, batch): the groups join the batch axis, then split off again.
+    bounds = {k: np.asarray(iwae_bound(log_w.reshape(k, -1))).reshape(1000 // k, -1).mean(0)
               for k in (1, 10, 100, 1000)}
 
     @jax.jit
@@ -236,7 +237,8 @@ def test_evaluate_cli_writes_the_iwae_nll_into_the_run_summary(tmp_path, capsys)
     assert metrics["iwae_num_samples"] == 50 and metrics["iwae_nll"] <= metrics["neg_elbo"] + 0.05
     assert "iwae_bits_per_dim" not in metrics  # 2D vectors: no 8-bit scale
     assert len(summary["latent_diagnostics"]["kl_per_dim"]) == 2
-    assert "IWAE NLL (k=50)" in capsys.readouterr().out
+    out = capsys.readouterr().out  # vae_2d's closing line, then evaluate's
+    assert f"metrics.csv and summary.json in {workdir}" in out and "IWAE NLL (k=50)" in out
 
     empty = tmp_path / "untrained"
     empty.mkdir()

@@ -90,3 +90,103 @@ def test_iwae_bound_matches_numpy_and_reduces_to_elbo():
 @pytest.mark.parametrize("nats, dims, bits", [(math.log(2) * 3072, 3072, 1.0), (0.0, 10, 0.0)])
 def test_bits_per_dim(nats, dims, bits):
     assert losses.bits_per_dim(nats, dims) == pytest.approx(bits)
+
+
+# Shape and dtype checks (trace time): B = 4 examples of D = 3 dimensions.
+B, D = 4, 3
+X = jnp.asarray(RNG.normal(size=(B, D)), jnp.float32)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: losses.bernoulli_log_prob(X, jnp.zeros((B, 1, D))),
+     "bernoulli_log_prob: logits has shape (4, 1, 3) but x has shape (4, 3)"),
+    (lambda: losses.bernoulli_log_prob(X, jnp.zeros((5, B, D))),
+     "bernoulli_log_prob: logits has shape (5, 4, 3) but x has shape (4, 3)"),
+    (lambda: losses.bernoulli_log_prob(X, jnp.zeros((B, 1))),  # per element: no broadcast at all
+     "bernoulli_log_prob: logits has shape (4, 1) but x has shape (4, 3)"),
+    (lambda: losses.kl_std_normal(X, jnp.zeros((B, 1, D))),
+     "kl_std_normal: log_var has shape (4, 1, 3) but mean has shape (4, 3)"),
+    (lambda: losses.kl_std_normal_per_dim(X, jnp.zeros((1, D))),  # the batch axis never broadcasts
+     "kl_std_normal_per_dim: log_var has shape (1, 3) but mean has shape (4, 3)"),
+    (lambda: losses.gaussian_log_prob(X, jnp.zeros((D,)), 0.0),  # nor does a missing batch axis
+     "gaussian_log_prob: mean has shape (3,) but x has shape (4, 3)"),
+    (lambda: losses.gaussian_log_prob(X, 0.0, jnp.zeros((B, 2))),
+     "gaussian_log_prob: log_var has shape (4, 2) but x has shape (4, 3)"),
+    (lambda: losses.vq_losses(jnp.zeros((B, 1, 1, 16)), jnp.zeros((B, 8, 8, 16))),
+     "vq_losses: z_q has shape (4, 8, 8, 16) but z_e has shape (4, 1, 1, 16)"),
+    (lambda: losses.straight_through(jnp.zeros((B, 16)), jnp.zeros((1, 16))),
+     "straight_through: z_q has shape (1, 16) but z_e has shape (4, 16)"),
+    (lambda: losses.discretized_logistic_mixture_log_prob(
+        jnp.zeros((B, 2, 2, 3), jnp.uint8), jnp.zeros((B, 2, 2, 10))),
+     "discretized_logistic_mixture_log_prob: x has dtype uint8; it must be floating point"),
+    (lambda: losses.discretized_logistic_mixture_log_prob(jnp.zeros((B, 2, 2, 3)),
+                                                          jnp.zeros((B, 2, 1, 10))),
+     "discretized_logistic_mixture_log_prob: params has shape (4, 2, 1, 10) but x has shape (4, 2, 2, 3)"),
+    (lambda: losses.logistic_mixture_params(jnp.zeros((B, 10), jnp.int32), 3),
+     "logistic_mixture_params: params has dtype int32"),
+    (lambda: losses.logistic_mixture_locations(jnp.zeros((B, 3, 2)), jnp.zeros((B, 3, 1)),
+                                               jnp.zeros((B, 3, 1))),
+     "logistic_mixture_locations: coeffs has shape (4, 3, 1) but means has shape (4, 3, 2)"),
+    (lambda: losses.logistic_mixture_locations(jnp.zeros((B, 3, 2)), jnp.zeros((B, 3, 2)),
+                                               jnp.zeros((B, 2, 1))),
+     "logistic_mixture_locations: x has shape (4, 2, 1) but means has shape (4, 3, 2)"),
+    (lambda: losses.gaussian_log_prob(jnp.zeros((B, D), jnp.int32), 0.0, 0.0),
+     "gaussian_log_prob: x has dtype int32"),
+    (lambda: losses.bernoulli_log_prob(jnp.ones((B, D), jnp.uint8), jnp.zeros((B, D))),
+     "bernoulli_log_prob: x has dtype uint8"),
+    (lambda: losses.kl_std_normal(jnp.zeros(()), 0.0),
+     "kl_std_normal: mean has shape (); it needs a leading batch axis"),
+    (lambda: losses.iwae_bound(jnp.zeros((0, B))),
+     "iwae_bound: log_weights has shape (0, 4); it must be (k, batch) with k >= 1"),
+    (lambda: losses.iwae_bound(jnp.zeros((10, B, 1))),
+     "iwae_bound: log_weights has shape (10, 4, 1); it must be (k, batch)"),
+    (lambda: losses.iwae_bound(jnp.zeros((10,))),
+     "iwae_bound: log_weights has shape (10,); it must be (k, batch)"),
+    (lambda: losses.iwae_bound(jnp.zeros((10, B), jnp.int32)), "iwae_bound: log_weights has dtype int32"),
+    (lambda: losses.bits_per_dim(1.0, 0), "bits_per_dim: num_dims is 0; it must be at least 1"),
+])
+def test_mis_shaped_or_integer_arguments_are_refused_with_both_shapes(call, message):
+    with pytest.raises(ValueError) as error:
+        call()
+    assert str(error.value).startswith(message)
+
+
+def test_checks_run_at_trace_time_under_jit():
+    with pytest.raises(ValueError, match=r"bernoulli_log_prob: logits has shape \(4, 1, 3\)"):
+        jax.jit(losses.bernoulli_log_prob)(X, jnp.zeros((B, 1, D)))
+
+
+def test_documented_event_broadcasts_equal_the_explicit_arrays():
+    mean, log_var = jnp.asarray(RNG.normal(size=(B, D))), jnp.asarray(RNG.normal(size=(B, 1)))
+    full = jnp.broadcast_to(log_var, (B, D))
+    np.testing.assert_allclose(losses.gaussian_log_prob(X, mean, log_var),
+                               losses.gaussian_log_prob(X, mean, full), rtol=1e-6)
+    np.testing.assert_allclose(losses.gaussian_log_prob(X, 0.5, -1.0),
+                               losses.gaussian_log_prob(X, jnp.full((B, D), 0.5), jnp.full((B, D), -1.0)),
+                               rtol=1e-6)
+    np.testing.assert_allclose(losses.kl_std_normal(mean, log_var), losses.kl_std_normal(mean, full),
+                               rtol=1e-6)
+    np.testing.assert_allclose(losses.kl_std_normal(mean, 0.0), 0.5 * jnp.square(mean).sum(-1), rtol=1e-6)
+    assert losses.kl_std_normal_per_dim(mean, log_var).shape == (B, D)
+
+
+def per_example_calls(batch):
+    """Every per-example function of lvm_jax.losses on a batch of `batch` examples."""
+    images = jnp.zeros((batch, 2, 2, 3))
+    z = jnp.zeros((batch, 2, 2, 4))
+    return {
+        "gaussian_log_prob": lambda: losses.gaussian_log_prob(jnp.zeros((batch, D)), 0.0, 0.0),
+        "bernoulli_log_prob": lambda: losses.bernoulli_log_prob(jnp.zeros((batch, D)), jnp.zeros((batch, D))),
+        "kl_std_normal": lambda: losses.kl_std_normal(jnp.zeros((batch, D)), jnp.zeros((batch, D))),
+        "vq_codebook": lambda: losses.vq_losses(z, z)[0],
+        "vq_commitment": lambda: losses.vq_losses(z, z)[1],
+        "iwae_bound": lambda: losses.iwae_bound(jnp.zeros((5, batch))),
+        "dmol": lambda: losses.discretized_logistic_mixture_log_prob(images, jnp.zeros((batch, 2, 2, 20))),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(per_example_calls(0)))
+def test_an_empty_batch_gives_an_empty_result(name):
+    result = per_example_calls(0)[name]()
+    assert result.shape == (0,)
+    assert per_example_calls(2)[name]().shape == (2,)

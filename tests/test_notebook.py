@@ -26,3 +26,13 @@ def test_notebook_trains_restores_and_samples(tmp_path, monkeypatch):
     assert set(namespace["vlae_summary"]["test_metrics"]) >= {"neg_elbo", "bits_per_dim"}
     assert "prior_nll" in namespace["vq_summary"]["test_metrics"]
     assert os.path.exists(tmp_path / "vqvae" / "mnist_embedded" / "samples_pixelcnn.png")
+
+
+def test_install_cell_installs_an_uploaded_copy_and_says_what_to_do_on_a_restart():
+    cells = json.loads(NOTEBOOK.read_text())["cells"]
+    install = next(cell for cell in cells if cell["cell_type"] == "code")
+    commands = [line for line in "".join(install["source"]).splitlines() if line.startswith("!")]
+    assert commands == ["!unzip -q -o /content/lvm_jax.zip -d /content/lvm_jax",
+                        '!pip install -q "/content/lvm_jax[tfds_prepare]"']
+    instructions = "".join(cells[cells.index(install) - 1]["source"])
+    assert "git archive -o lvm_jax.zip HEAD" in instructions and "Restart session" in instructions

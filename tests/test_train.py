@@ -96,11 +96,15 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_state(tmp_path):
     poisoned = next(i for i in dropped_in_epoch_1 if epoch_2.index(i) < 640)
     train[poisoned] = 1e7
     bad_step = 10 + epoch_2.index(poisoned) // 64 + 1
-    last_good = 10 + (bad_step - 11) // 4 * 4  # start of the 4-step call that failed
+    # The loss of step k is that of the state after k - 1 steps: the state after bad_step - 1
+    # steps gave the non-finite loss, the one before it is the last good state.
+    last_good = bad_step - 2
     with pytest.raises(NonFiniteLossError,
                        match=f"at step {bad_step} \\(epoch 2\\).*\\(step {last_good}\\)"):
         fit(Objective(init=good.init, loss=poisoned_loss), train, TEST, CONFIG, str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == sorted({"10", str(last_good)})
+    rows = MetricsLog.read(str(tmp_path / "metrics.csv"))
+    assert [int(r["step"]) for r in rows if r["split"] == "train"] == list(range(1, bad_step))
 
 
 def test_workdir_of_another_run_is_refused_before_compute(tmp_path):
@@ -125,7 +129,7 @@ def test_corrupted_checkpoint_is_reported(tmp_path):
         for name in files:
             if not name.startswith("_") and name != "commit_success.txt":
                 (tmp_path / root / name).write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="corrupted"):
+    with pytest.raises(CheckpointError, match="10 is corrupted.*no earlier step is intact"):
         fit(tiny_objective(), TRAIN, TEST, CONFIG, str(tmp_path))
 
 

@@ -124,6 +124,57 @@ def test_ema_codebook_state_updates_in_training_and_only_commitment_is_a_loss():
     np.testing.assert_allclose(metrics["vq_loss"], 0.25 * metrics["commitment_loss"], rtol=1e-6)
 
 
+@pytest.mark.parametrize("preset", list(vqvae.QUANTIZER_PRESETS))
+def test_every_quantizer_preset_trains_and_looks_up_its_codes(preset):
+    """A training step of each preset's quantizer gives finite losses and moves the codebook
+    (or the projections); in inference mode lookup(indices) is the decoder input, so prior
+    samples decode as the model does."""
+    quantizer = vqvae.quantizer(vqvae.NUM_CODES, 32, **vqvae.QUANTIZER_PRESETS[preset])
+    z_e = jax.random.normal(jax.random.key(0), (4, 2, 2, 32))
+    variables = quantizer.init(INIT_KEY, z_e)
+    params = variables.pop("params", {})
+
+    def train_loss(params):
+        out, state = quantizer.apply({"params": params, **variables}, z_e, True,
+                                     jax.random.key(2), mutable=list(variables))
+        return out["loss"].sum() + jnp.sum(jnp.sin(out["quantized"])), (out, state)
+
+    (loss, (out, state)), grads = jax.jit(jax.value_and_grad(train_loss, has_aux=True))(params)
+    assert np.isfinite(loss) and np.isfinite(out["perplexity"])
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state),
+                                                      jax.tree.leaves(variables))]
+    assert any(moved) or any(np.any(g != 0) for g in jax.tree.leaves(grads))
+
+    variables = {"params": params, **state}
+    out = quantizer.apply(variables, z_e)
+    np.testing.assert_allclose(quantizer.apply(variables, out["indices"], method="lookup"),
+                               out["quantized"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["ema_cosine_rotation", "fsq"])
+def test_projected_presets_decode_their_codes_in_the_full_model(preset):
+    """With a lookup projection or FSQ, decode(encode(x)) is still the reconstruction of x."""
+    model = vqvae.conv_vqvae(IMAGE_SHAPE, vqvae.NUM_CODES, 32, **vqvae.QUANTIZER_PRESETS[preset])
+    x = jax.random.uniform(jax.random.key(0), (4, *IMAGE_SHAPE), minval=-1.0, maxval=1.0)
+    variables = jax.jit(model.init)(INIT_KEY, x)
+    codes = model.apply(variables, x, method=vqvae.VQVAE.encode)
+    assert codes.shape == (4, 2, 2) and codes.dtype == jnp.int32
+    np.testing.assert_allclose(vqvae.decode(model, variables, codes),
+                               model.apply(variables, x)["reconstruction"], rtol=1e-4, atol=1e-5)
+
+
+def test_plain_preset_is_the_course_quantizer_and_resumes_earlier_workdirs():
+    assert vqvae.quantizer(K, D) == vqvae.quantizer(K, D, **vqvae.QUANTIZER_PRESETS["plain"])
+    course = vqvae.quantizer(K, D)
+    assert (course.commitment_cost, course.ema, course.lookup_dim) == (1.0, False, None)
+    model = vqvae.conv_vqvae(IMAGE_SHAPE, K, D)
+    # The run settings of the plain and EMA VQ-VAEs keep the keys of earlier versions.
+    assert vqvae_experiment.run_settings(model, {}) == dict(
+        num_codes=K, code_dim=D, ema_codebook=False, restart_dead_codes=None)
+    assert vqvae_experiment.run_settings(model, {"ema": True, "kmeans_iters": 3})["quantizer"] == {
+        "kmeans_iters": 3}
+
+
 def test_gradients_route_through_the_full_model(tiny):
     """Decoder gradient copied to z_e; codebook moved only by its term; encoder by recon and
     commitment; decoder by recon only."""
@@ -239,9 +290,20 @@ def test_experiment_quick_smoke(tmp_path):
         assert os.path.isdir(os.path.join(workdir, stage, "checkpoints")), stage
 
 
-def test_experiment_refuses_dead_code_restarts_without_the_ema_codebook(tmp_path, capsys):
+@pytest.mark.parametrize("flags, message", [
+    (["--restart_dead_codes", "10"], "--restart_dead_codes needs --ema_codebook"),
+    (["--kmeans_iters", "3"], "--kmeans_iters needs --ema_codebook"),
+    (["--fsq_levels", "8", "4", "3"], "fsq levels (8, 4, 3) give 96 codes, not num_codes=128"),
+    (["--lookup_dim", "64"], "lookup_dim=64 must be between 1 and code_dim=32"),
+    (["--quantizer", "fsq", "--rotation_trick"],
+     "--quantizer fsq with the flags given: fsq_levels has no learned codebook: rotation_trick"),
+    (["--quantizer", "fsq", "--kmeans_iters", "3", "--ema_codebook"],
+     "fsq_levels has no learned codebook: ema, kmeans_iters"),
+])
+def test_experiment_refuses_contradictory_quantizer_flags(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
-        vqvae_experiment.main(["--quick", "--workdir", str(tmp_path), "--restart_dead_codes", "10"])
+        vqvae_experiment.main(["--quick", "--workdir", str(tmp_path), *flags])
     assert exit_info.value.code == 1
-    assert "--restart_dead_codes needs --ema_codebook" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
     assert not os.listdir(tmp_path)

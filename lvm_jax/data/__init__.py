@@ -27,6 +27,8 @@ def load(name: str, data_dir: str | None = None) -> Dataset:
         train, test = pickles.load(name, data_dir)
     else:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+    if len(train) == 0 or len(test) == 0:
+        raise DataError(f"{name}: the {'training' if len(train) == 0 else 'test'} set is empty.")
     return Dataset(name, as_uint8_images(train, f"{name} train"),
                    as_uint8_images(test, f"{name} test"), "image")
 

@@ -5,9 +5,7 @@ import math
 
 import numpy as np
 
-
-class DataError(ValueError):
-    """A dataset is missing, unknown or holds arrays of the wrong shape, dtype or range."""
+from lvm_jax.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)

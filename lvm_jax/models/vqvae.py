@@ -24,6 +24,7 @@ import optax
 from jax.typing import DTypeLike
 
 from lvm_jax.nn.conv import VQDecoder, VQEncoder
+from lvm_jax.nn.fsq import FiniteScalarQuantizer
 from lvm_jax.nn.masked_conv import GatedPixelCNN, PixelCNN
 from lvm_jax.nn.precision import to_float32
 from lvm_jax.nn.quantizer import VectorQuantizer
@@ -31,6 +32,20 @@ from lvm_jax.nn.sampling import sample_codes
 
 NUM_CODES, CODE_DIM = 128, 256
 PRIORS = {"pixelcnn": PixelCNN, "gated": GatedPixelCNN}
+
+# Named quantizer settings (options of `quantizer`), compared side by side by
+# benchmarks/vq_codebook.py. "plain" is the course's VQ-VAE.
+QUANTIZER_PRESETS = {
+    "plain": {},
+    "ema": dict(ema=True),
+    "ema_restart": dict(ema=True, restart_after=10),
+    "kmeans": dict(ema=True, restart_after=10, kmeans_iters=10),
+    "cosine": dict(cosine=True, lookup_dim=32),
+    "rotation": dict(rotation_trick=True),
+    "ema_cosine_rotation": dict(ema=True, restart_after=10, kmeans_iters=10, cosine=True,
+                                lookup_dim=32, rotation_trick=True),
+    "fsq": dict(fsq_levels=(8, 4, 4)),
+}
 
 
 class VQVAE(nn.Module):
@@ -52,7 +67,7 @@ class VQVAE(nn.Module):
     """
 
     encoder: nn.Module
-    quantizer: VectorQuantizer
+    quantizer: VectorQuantizer | FiniteScalarQuantizer
     decoder: nn.Module
 
     def __call__(self, x: jax.Array, train: bool = False, rng: jax.Array | None = None) -> dict:
@@ -62,7 +77,7 @@ class VQVAE(nn.Module):
           x: (batch, H, W, C) images in [-1, 1].
           train: BatchNorm on batch statistics, updating the running ones (and
             the EMA codebook); otherwise inference mode, which changes nothing.
-          rng: PRNG key for the quantizer's restart of dead codes, if enabled.
+          rng: PRNG key for the quantizer's restart of dead codes and k-means, if enabled.
         """
         vq = self.quantizer(to_float32(self.encoder(x, train)), train, rng)
         return {**vq, "reconstruction": to_float32(self.decoder(vq["quantized"], train))}
@@ -77,23 +92,49 @@ class VQVAE(nn.Module):
         return to_float32(self.decoder(self.quantizer.lookup(codes), False))
 
 
-def conv_vqvae(image_shape: tuple[int, int, int], num_codes: int = NUM_CODES,
-               code_dim: int = CODE_DIM, ema: bool = False, restart_after: int | None = None,
-               dtype: DTypeLike = jnp.float32) -> VQVAE:
-    """The VQ-VAE of REFERENCE.md §4 on (H, W, C) images: an (H/4, W/4) grid of codes
-    (8x8 for 32x32 images), conv width = code_dim, encoder and decoder computing in `dtype`.
+def quantizer(num_codes: int = NUM_CODES, code_dim: int = CODE_DIM, *, ema: bool = False,
+              restart_after: int | None = None, kmeans_iters: int = 0, cosine: bool = False,
+              lookup_dim: int | None = None, rotation_trick: bool = False,
+              fsq_levels: tuple[int, ...] | None = None
+              ) -> VectorQuantizer | FiniteScalarQuantizer:
+    """The bottleneck the options name (see VectorQuantizer and FiniteScalarQuantizer); the
+    defaults are the course's: a gradient-trained codebook, straight-through, beta = 1.
 
-    beta = 1 with the gradient-trained codebook (the course's choice); with
-    ema=True the codebook follows moving averages and beta = 0.25 (van den
-    Oord et al. 2017, DeepMind's VectorQuantizerEMA).
+    beta = 1 with the gradient-trained codebook; with ema=True the codebook
+    follows moving averages and beta = 0.25 (van den Oord et al. 2017,
+    DeepMind's VectorQuantizerEMA). fsq_levels selects finite scalar
+    quantization, which has no codebook for the other options to act on.
+
+    Raises:
+      ValueError: contradictory options, before any compute.
+    """
+    if fsq_levels is not None:
+        codebook_options = dict(ema=ema, restart_after=restart_after, kmeans_iters=kmeans_iters,
+                                cosine=cosine, lookup_dim=lookup_dim,
+                                rotation_trick=rotation_trick)
+        given = [name for name, value in codebook_options.items() if value]
+        if given:
+            raise ValueError(f"fsq_levels has no learned codebook: {', '.join(given)} cannot "
+                             "apply to it; drop them or fsq_levels.")
+        return FiniteScalarQuantizer(num_codes, code_dim, tuple(fsq_levels))
+    return VectorQuantizer(num_codes, code_dim, commitment_cost=0.25 if ema else 1.0, ema=ema,
+                           restart_after=restart_after, kmeans_iters=kmeans_iters, cosine=cosine,
+                           lookup_dim=lookup_dim, rotation_trick=rotation_trick)
+
+
+def conv_vqvae(image_shape: tuple[int, int, int], num_codes: int = NUM_CODES,
+               code_dim: int = CODE_DIM, dtype: DTypeLike = jnp.float32,
+               **quantizer_options) -> VQVAE:
+    """The VQ-VAE of REFERENCE.md §4 on (H, W, C) images: an (H/4, W/4) grid of codes
+    (8x8 for 32x32 images), conv width = code_dim, encoder and decoder computing in `dtype`,
+    and the bottleneck `quantizer(num_codes, code_dim, **quantizer_options)`.
     """
     height, width, channels = image_shape
     if height % 4 or width % 4:
         raise ValueError(f"the VQ-VAE downsamples by 4: image height and width must be "
                          f"multiples of 4, got {image_shape}.")
-    quantizer = VectorQuantizer(num_codes, code_dim, commitment_cost=0.25 if ema else 1.0, ema=ema,
-                                restart_after=restart_after)
-    return VQVAE(VQEncoder(code_dim, dtype=dtype), quantizer,
+    return VQVAE(VQEncoder(code_dim, dtype=dtype), quantizer(num_codes, code_dim,
+                                                             **quantizer_options),
                  VQDecoder(code_dim, channels, dtype=dtype))
 
 
@@ -105,33 +146,37 @@ def loss_fn(model: VQVAE, params, model_state, x: jax.Array, rng: jax.Array, tra
       params: its parameters.
       model_state: its other collections ('batch_stats', and 'vq_stats' with EMA).
       x: (batch, H, W, C) images in [-1, 1].
-      rng: PRNG key (only used by a quantizer that restarts dead codes).
+      rng: PRNG key (only used by a quantizer that restarts dead codes or runs k-means).
       train: training mode, which returns the updated model_state; evaluation
         runs in inference mode and returns model_state unchanged.
     Returns:
       (loss, (metrics, model_state)) with loss = recon_mse + vq_loss and the
       batch means (per element: of the B*H*W*C image values, or of the
-      B*h*w*D latent values):
+      B*h*w*d code values, d = D unless the quantizer searches in a lookup_dim;
+      FSQ's VQ terms are 0):
         recon_mse: mean squared error of x_hat, images in [-1, 1];
         codebook_loss, commitment_loss: ||sg(z_e) - z_q||^2, ||z_e - sg(z_q)||^2;
         vq_loss: their part of the objective, codebook + beta * commitment
           (beta * commitment with an EMA codebook);
         perplexity: exp of the entropy of this batch's code usage (it grows
-          with the batch size; use `code_statistics` for a whole dataset).
+          with the batch size; use `code_statistics` for a whole dataset);
+        batch_codebook_usage: fraction of the K codes this batch uses (also
+          batch-size dependent).
     """
     variables = {"params": params, **model_state}
     if train:
         out, model_state = model.apply(variables, x, True, rng, mutable=list(model_state))
     else:
         out = model.apply(variables, x)
-    # The quantizer sums its terms over one example's latent elements.
-    latent_size = out["quantized"][0].size
+    # The quantizer sums its terms over one example's codes (projected with a lookup_dim).
+    latent_size = out["codes"][0].size
     metrics = {
         "recon_mse": ((out["reconstruction"] - x) ** 2).mean(),
         "vq_loss": out["loss"].mean() / latent_size,
         "codebook_loss": out["codebook_loss"].mean() / latent_size,
         "commitment_loss": out["commitment_loss"].mean() / latent_size,
         "perplexity": out["perplexity"],
+        "batch_codebook_usage": (out["counts"] > 0).mean(),
     }
     return metrics["recon_mse"] + metrics["vq_loss"], (metrics, model_state)
 

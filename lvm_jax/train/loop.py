@@ -14,6 +14,7 @@ the same metrics and parameters, calls the orbax checkpointer (orbax
 coordinates the hosts), and only process 0 writes metrics, config and summary.
 """
 
+import collections
 import dataclasses
 import math
 import os
@@ -24,16 +25,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from lvm_jax.data import batching
-from lvm_jax.train import records
+from lvm_jax.errors import ConfigError, NonFiniteLossError
+from lvm_jax.train import records, workdir as workdir_lock
 from lvm_jax.train.checkpoint import Checkpointer
+from lvm_jax.train.progress import Progress
 from lvm_jax.train.state import Objective, TrainConfig, TrainState
 
-
-class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN or infinite loss; the last good state is checkpointed."""
+# Settings a resumed run may change; config.json records the step of each change.
+CHANGEABLE_ON_RESUME = ("train.learning_rate",)
 
 
 @dataclasses.dataclass
@@ -130,12 +131,18 @@ def make_evaluate(objective: Objective, mesh):
     return evaluate
 
 
-def _check_finite(metrics: dict, first_step: int, what: str):
-    loss = np.asarray(metrics["loss"])
-    bad = np.flatnonzero(~np.isfinite(loss))
-    if bad.size:
-        return f"non-finite {what} loss ({loss.flat[bad[0]]}) at step {first_step + int(bad[0])}"
-    return None
+def _first_non_finite(losses) -> int | None:
+    """Index of the first NaN or infinite value of `losses` (None when all are finite)."""
+    bad = np.flatnonzero(~np.isfinite(np.asarray(losses)))
+    return int(bad[0]) if bad.size else None
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    """Whether every floating-point leaf of `tree` is finite (a replicated bool)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def device_description() -> str:
@@ -153,6 +160,13 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
     `metrics.csv`, checkpoints every epoch, resumes from the workdir's latest
     checkpoint, and writes `summary.json`. A resumed run gives the same result
     as an uninterrupted one: data order and noise derive from (seed, epoch, step).
+    The workdir is locked for the whole call (`lvm_jax.train.workdir`). Rerunning
+    a finished run changes none of its files. The learning rate may change on
+    resume (config.json records the step); every other setting must match.
+
+    A NaN or infinite training loss stops the run after checkpointing the last
+    good state: the newest state whose floating-point leaves are all finite and
+    whose own loss (the loss of the next step) was finite.
 
     Args:
       objective: the model's init and loss (the loop knows nothing else of it).
@@ -165,9 +179,11 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
       tx: optimizer, default Adam(config.learning_rate) (see `initial_state`).
       mesh: a Mesh with a "data" axis; default all devices of every host.
     Raises:
-      ValueError: bad sizes (batch larger than the data, not divisible by the devices).
-      CheckpointError: the workdir holds an unusable or different run.
-      NonFiniteLossError: the loss became NaN or infinite.
+      ConfigError: bad sizes (batch larger than the data, not divisible by the devices),
+        or fewer epochs than the workdir's checkpoint has trained.
+      WorkdirError: the workdir is a file, is not writable, or another run holds it.
+      CheckpointError: the workdir holds a corrupted checkpoint or a different run.
+      NonFiniteLossError: the loss became NaN or infinite (the last good state is saved).
     """
     mesh = mesh or batching.data_mesh()
     num_devices, num_hosts = mesh.devices.size, jax.process_count()
@@ -176,38 +192,44 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
     num_train = (shard.stop - shard.start) * num_hosts
     if config.batch_size > num_train:
         hosts = f" that divide over the {num_hosts} hosts" if num_hosts > 1 else ""
-        raise ValueError(f"batch_size {config.batch_size} exceeds the {num_train} training "
-                         f"examples{hosts}.")
+        raise ConfigError(f"batch_size {config.batch_size} exceeds the {num_train} training "
+                          f"examples{hosts}: choose a --batch_size of at most {num_train}.")
     if config.batch_size % num_devices:
-        raise ValueError(f"batch_size {config.batch_size} must be divisible by the "
-                         f"{num_devices} devices of the mesh.")
+        raise ConfigError(f"batch_size {config.batch_size} must be divisible by the "
+                          f"{num_devices} devices of the mesh: choose a multiple of "
+                          f"{num_devices}.")
     if len(test_data) == 0:
-        raise ValueError("the test set is empty.")
+        raise ConfigError("the test set is empty.")
     steps_per_epoch = num_train // config.batch_size
-    total_steps = config.epochs * steps_per_epoch
-    run_config = dict(run_config or {})
     loop_config = {k: v for k, v in dataclasses.asdict(config).items()
                    if k not in TrainConfig.RESUMABLE}
-    saved_config = {**run_config, "train": loop_config}
+    saved_config = {**dict(run_config or {}), "train": loop_config}
 
-    checkpointer = Checkpointer(workdir)
-    try:
+    with workdir_lock.locked(workdir), Checkpointer(workdir) as checkpointer:
         return _fit(objective, train_data, test_data, config, workdir, saved_config, tx, mesh,
-                    checkpointer, shard, steps_per_epoch, total_steps)
-    finally:
-        checkpointer.close()
+                    checkpointer, shard, steps_per_epoch)
 
 
 def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, mesh,
-         checkpointer, shard, steps_per_epoch, total_steps) -> FitResult:
+         checkpointer, shard, steps_per_epoch) -> FitResult:
     local_batch = config.batch_size // jax.process_count()
-    checkpointer.check_config(saved_config)
+    total_steps = config.epochs * steps_per_epoch
+    resume_step = checkpointer.latest_step()
+    if resume_step is not None:
+        if resume_step > total_steps:
+            raise ConfigError(
+                f"the workdir {workdir} holds a model trained for {resume_step} steps, more than "
+                f"the {config.epochs} epochs ({total_steps} steps) asked for: pass --epochs "
+                f"{math.ceil(resume_step / steps_per_epoch)} or more to resume or evaluate it, "
+                "or use another --workdir.")
+        saved_config = checkpointer.check_config(saved_config, resume_step, CHANGEABLE_ON_RESUME)
 
     _, train_key, eval_key = _keys(config.seed)
     state = batching.put_replicated(initial_state(objective, train_data[:1], config, tx), mesh)
-    resume_step = checkpointer.latest_step()
+    timing = {"elapsed_seconds": 0.0, "timed_steps": 0, "timed_seconds": 0.0}
     if resume_step is not None:
         state = checkpointer.restore(state)
+        timing.update(checkpointer.timing(resume_step))
     checkpointer.save_config(saved_config)
     start_step = int(jax.device_get(state.step))
 
@@ -220,11 +242,14 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
         train_chunk, state, train_on_device, jnp.zeros((1, config.batch_size), jnp.int32),
         train_key)[1].keys()
     log = records.MetricsLog(os.path.join(workdir, "metrics.csv"), metric_names, resume_step)
-    run_start = time.perf_counter()
-    train_seconds, train_steps_timed, compiled_sizes = 0.0, 0, set()
+    primary = records.is_primary()
+    progress = Progress(total_steps, start_step, os.path.basename(os.path.normpath(workdir)),
+                        bar=config.progress, enabled=primary)
+    run_start, time_offset = time.perf_counter(), timing["elapsed_seconds"]
+    compiled_sizes = set()
 
     def elapsed():
-        return log.time_offset + time.perf_counter() - run_start
+        return time_offset + time.perf_counter() - run_start
 
     def log_eval(epoch):
         metrics = evaluate(state, test_on_device, config.eval_batch_size, eval_key)
@@ -232,54 +257,71 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
                      **metrics}])
         return metrics
 
-    test_metrics = log_eval(0) if start_step == 0 else None
-    initial_metrics = test_metrics
+    def checkpoint(good_state):
+        checkpointer.save(good_state, {**timing, "elapsed_seconds": elapsed()})
+
+    initial_metrics = log.test_metrics(0)
+    if start_step == 0 and initial_metrics is None:
+        progress.note("evaluating the initial model on the test set (compiling the evaluation)")
+        initial_metrics = log_eval(0)
+    test_metrics = log.test_metrics(start_step)
     steps_per_call = max(1, min(config.steps_per_call, steps_per_epoch))
-    primary = records.is_primary()
-    bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-               disable=not (config.progress and primary),
-               desc=os.path.basename(os.path.normpath(workdir)))
+    # (state, step, batch indices) of the latest calls: where the last good state is found.
+    recent_calls = collections.deque(maxlen=2)
     step = start_step
+    if step < total_steps:
+        progress.note(f"compiling the training step ({steps_per_call} step(s) per call); "
+                      "the first call waits for it")
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
         order = batching.epoch_order(config.seed, epoch, len(train_data), steps_per_epoch,
                                      local_batch, shard)
         while offset < steps_per_epoch:
             n = min(steps_per_call, steps_per_epoch - offset)
-            idx = batching.put_host_indices(order[offset:offset + n], mesh)
+            rows = order[offset:offset + n]
             tic = time.perf_counter()
-            new_state, metrics = train_chunk(state, train_on_device, idx, train_key)
+            new_state, metrics = train_chunk(state, train_on_device,
+                                             batching.put_host_indices(rows, mesh), train_key)
             metrics = jax.device_get(metrics)
             if n in compiled_sizes:  # steps/s leaves out the calls that compiled
-                train_seconds += time.perf_counter() - tic
-                train_steps_timed += n
+                timing["timed_seconds"] += time.perf_counter() - tic
+                timing["timed_steps"] += n
             compiled_sizes.add(n)
-            problem = _check_finite(metrics, step + 1, "training")
-            if problem:
-                checkpointer.save(state)
-                bar.close()
-                raise NonFiniteLossError(
-                    f"{problem} (epoch {epoch + 1}). The last good state (step {step}) is saved in "
-                    f"{checkpointer.directory}. Lower --learning_rate or check the data.")
-            state = new_state
+            recent_calls.append((state, step, rows))
+            bad = _first_non_finite(metrics["loss"])
             log.append([{"split": "train", "epoch": epoch + 1, "step": step + 1 + i,
                          "time": elapsed(), **{k: float(v[i]) for k, v in metrics.items()}}
-                        for i in range(n)])
+                        for i in range(n if bad is None else bad)])
+            if bad is not None:
+                progress.close()
+                raise _non_finite_error(
+                    metrics["loss"][bad], step + 1 + bad, epoch,
+                    _save_last_good_state(train_chunk, train_on_device, train_key, mesh,
+                                          recent_calls, step + 1 + bad, checkpoint,
+                                          checkpointer.latest_step()),
+                    checkpointer)
+            state = new_state
             step += n
             offset += n
-            bar.update(n)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{float(np.mean(metrics['loss'])):.4g}")
+            progress.update(n, epoch=epoch + 1, loss=f"{float(np.mean(metrics['loss'])):.4g}")
         test_metrics = log_eval(epoch + 1)
-        if not all(math.isfinite(v) for v in test_metrics.values()):
-            raise NonFiniteLossError(f"non-finite test metrics after epoch {epoch + 1}: {test_metrics}")
-        checkpointer.save(state)
-        if primary:
-            bar.write(f"epoch {epoch + 1}/{config.epochs}: test "
+        if not (all(math.isfinite(v) for v in test_metrics.values()) and _all_finite(state)):
+            progress.close()
+            raise NonFiniteLossError(
+                f"non-finite parameters or test metrics after epoch {epoch + 1}: {test_metrics}. "
+                f"{_resume_advice(checkpointer.latest_step(), checkpointer)}")
+        checkpoint(state)
+        progress.note(f"epoch {epoch + 1}/{config.epochs}: test "
                       + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
-    bar.close()
-    if test_metrics is None:  # resumed a finished run: evaluate once more for the summary
-        test_metrics = log_eval(config.epochs)
+    progress.close()
 
+    if test_metrics is None:  # a finished run whose log lost its last evaluation
+        test_metrics = log_eval(config.epochs)
+    summary_path = os.path.join(workdir, "summary.json")
+    if step == start_step and os.path.exists(summary_path):
+        # A finished run, rerun: nothing was trained, so its files stand as they are.
+        return FitResult(state=state, test_metrics=test_metrics,
+                         summary=records.read_json(summary_path))
     summary = {
         "config": saved_config,
         "test_metrics": test_metrics,
@@ -288,13 +330,68 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
         "epochs": config.epochs,
         "steps": total_steps,
         "resumed_from_step": start_step or None,
-        "wall_time_seconds": time.perf_counter() - run_start,
-        "train_steps_per_second": train_steps_timed / train_seconds if train_seconds else None,
-        "train_examples_per_second": (train_steps_timed * config.batch_size / train_seconds
-                                      if train_seconds else None),
+        "wall_time_seconds": elapsed(),
+        "train_steps_per_second": (timing["timed_steps"] / timing["timed_seconds"]
+                                   if timing["timed_seconds"] else None),
+        "train_examples_per_second": (timing["timed_steps"] * config.batch_size
+                                      / timing["timed_seconds"] if timing["timed_seconds"] else None),
         "device": device_description(),
         "jax_version": jax.__version__,
         "python": platform.python_version(),
     }
-    records.write_json(os.path.join(workdir, "summary.json"), summary)
+    records.write_json(summary_path, summary)
     return FitResult(state=state, test_metrics=test_metrics, summary=summary)
+
+
+def _save_last_good_state(train_chunk, data, key, mesh, recent_calls, bad_step: int,
+                          checkpoint, latest_saved: int | None) -> int | None:
+    """Checkpoints the newest good state held in memory and returns its step; None when
+    there is none newer than the latest checkpoint, `latest_saved`, which then stays the
+    newest (a resumed run starts from the newest).
+
+    The loss of step k is computed from the state after k - 1 steps, so the state
+    after bad_step - 1 steps gave the non-finite loss, and the newest candidate
+    is the state after bad_step - 2 steps, replayed from the start of the call
+    that passed through it. The next candidates are the states that started the
+    recent calls, newest first. A candidate is good when every floating-point
+    leaf (parameters, EMA parameters, optimizer state) is finite and its own
+    loss, recomputed on its batch, is finite.
+
+    Args:
+      recent_calls: (state at the call's start, its step, batch indices (n, local batch)),
+        oldest first.
+      checkpoint: saves a state.
+    """
+    def run(state, rows):
+        return train_chunk(state, data, batching.put_host_indices(rows, mesh), key)
+
+    target = bad_step - 2  # the newest state that may be good
+    for start, first, rows in reversed(recent_calls):
+        if target < first:
+            continue
+        for k in dict.fromkeys((target - first, 0)):  # replayed to the target, or the call's start
+            if latest_saved is not None and first + k < latest_saved:
+                return None
+            state = run(start, rows[:k])[0] if k else start
+            own_loss = run(state, rows[k:k + 1])[1]["loss"][0]
+            if bool(_all_finite(state)) and np.isfinite(jax.device_get(own_loss)):
+                checkpoint(state)
+                return first + k
+        target = first - 1
+    return None
+
+
+def _resume_advice(step: int | None, checkpointer) -> str:
+    if step is None:
+        return ("No state was saved: check the data and the model's initialisation, or lower "
+                "--learning_rate.")
+    return (f"The last good state (step {step}) is saved in {checkpointer.directory}: rerun the "
+            "same command with a lower --learning_rate to resume from it (config.json records "
+            "the change), or check the data.")
+
+
+def _non_finite_error(loss, bad_step: int, epoch: int, saved_step: int | None,
+                      checkpointer) -> NonFiniteLossError:
+    good_step = saved_step if saved_step is not None else checkpointer.latest_step()
+    return NonFiniteLossError(f"non-finite training loss ({loss}) at step {bad_step} "
+                              f"(epoch {epoch + 1}). {_resume_advice(good_step, checkpointer)}")

@@ -1,8 +1,13 @@
 """What a run writes besides checkpoints: metrics.csv, config.json, summary.json.
 
 Every file is replaced atomically (write to a temporary file, then rename), so
-an interrupted run never leaves one half-written. In a multi-host run every
-process computes the same metrics and only process 0 writes them (`is_primary`).
+an interrupted run never leaves one half-written, and gets the permissions of
+a plain `open` under the process umask (usually 0644), so the team can read a
+shared workdir. In a multi-host run every process computes the same metrics
+and only process 0 writes them (`is_primary`).
+
+JSON files hold non-finite floats as `Infinity`, `-Infinity` and `NaN`, the
+tokens Python's json module reads back, so every value round-trips.
 """
 
 import csv
@@ -10,7 +15,6 @@ import functools
 import inspect
 import io
 import json
-import math
 import os
 import tempfile
 
@@ -36,29 +40,41 @@ def primary_only(save):
     return wrapper
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would, for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 @primary_only
 def write_atomic(path: str, text: str) -> str:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     return path
 
 
-def _jsonable(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
+def to_json(obj) -> str:
+    """The canonical JSON text of `obj`: sorted keys, tuples as lists, non-finite floats kept."""
+    return json.dumps(obj, indent=2, sort_keys=True)
 
 
 def write_json(path: str, obj) -> None:
-    write_atomic(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+    write_atomic(path, to_json(obj) + "\n")
 
 
 def read_json(path: str):
@@ -66,10 +82,26 @@ def read_json(path: str):
         return json.load(f)
 
 
-def update_json(path: str, updates: dict) -> dict:
-    """Merges `updates` into the JSON object at `path` (created if absent) and returns it."""
-    obj = read_json(path) if os.path.exists(path) else {}
-    obj.update(updates)
+def merged(base: dict, updates: dict) -> dict:
+    """`base` with `updates` merged in, recursively into the dicts both hold."""
+    out = dict(base)
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            value = merged(out[key], value)
+        out[key] = value
+    return out
+
+
+def update_json(path: str, updates: dict, replace=()) -> dict:
+    """Merges `updates` into the JSON object at `path` (created if absent) and returns it.
+
+    Nested dicts merge key by key, so a field another command wrote inside
+    e.g. "test_metrics" survives an update of that dict's other fields; the
+    top-level keys named in `replace` (dicts the caller owns whole) are
+    replaced instead, dropping entries it no longer writes.
+    """
+    base = read_json(path) if os.path.exists(path) else {}
+    obj = merged({k: v for k, v in base.items() if k not in replace}, updates)
     write_json(path, obj)
     return obj
 
@@ -84,15 +116,23 @@ class MetricsLog:
     def __init__(self, path: str, metric_names, resume_step: int | None):
         self.path = path
         self.columns = ["split", "epoch", "step", "time", *sorted(metric_names)]
-        rows = self.read(path) if resume_step is not None and os.path.exists(path) else []
+        logged = self.read(path) if resume_step is not None and os.path.exists(path) else None
         # Rows logged after the checkpoint we resume from are redone by this run.
-        rows = [r for r in rows if int(r["step"]) <= resume_step] if rows else []
-        self.time_offset = max((float(r["time"]) for r in rows), default=0.0)
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, self.columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-        write_atomic(path, buf.getvalue())
+        self.rows = [r for r in logged or [] if int(r["step"]) <= resume_step]
+        if logged is None or len(self.rows) < len(logged):  # else the file is left untouched
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, self.columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.rows)
+            write_atomic(path, buf.getvalue())
+
+    def test_metrics(self, step: int) -> dict[str, float] | None:
+        """The logged test evaluation at `step`, or None if there is none."""
+        rows = [r for r in self.rows if r["split"] == "test" and int(r["step"]) == step]
+        if not rows:
+            return None
+        return {k: float(v) for k, v in rows[-1].items()
+                if k not in ("split", "epoch", "step", "time") and v != ""}
 
     @staticmethod
     def read(path: str) -> list[dict]:

@@ -1,0 +1,217 @@
+"""Codebook study (issue 15): the VQ-VAE's quantizer presets side by side at equal budget.
+
+    python -m benchmarks.vq_codebook [--epochs 5] [--prior_epochs 5] [--only plain fsq ...]
+                                     [--workdir runs/vq_codebook] [--quick]
+
+Each variant is one `python -m experiments.vqvae --quantizer <preset> --prior gated` run
+in <workdir>/<preset> with the same data (patches_embedded), epochs, batch (128), Adam
+learning rate (1e-3) and seed, and a Gated PixelCNN prior trained for the same number of
+epochs on each variant's codes. A rerun skips the variants already finished at this budget
+and resumes an interrupted one from its checkpoints.
+
+Writes into the workdir:
+  table.md, results.json: per variant, over the test set: codebook usage (codes used / K),
+    perplexity, reconstruction MSE and its change against plain, the VQ terms, training
+    wall time per step, the Gated PixelCNN prior's NLL in nats per code and, beside it, the
+    entropy of the code frequencies (ln perplexity, the NLL of a prior without context);
+  usage.png: fraction of the K codes used per batch against training step, every variant;
+  reconstructions_best3.png: the same evenly spaced test patches and their reconstructions
+    by the three best variants;
+  samples_best.png: 100 samples of the best variant's Gated PixelCNN prior.
+The best variant is the one of lowest reconstruction MSE among those that reach the
+issue's usage goals (>= 95% of the codes, perplexity >= 64), or among all if none does.
+A full run (not --quick) also writes the table to benchmarks/results/vq_codebook.md.
+"""
+
+import argparse
+import math
+import os
+import shutil
+import sys
+
+import numpy as np
+
+from experiments import common
+from experiments import vqvae as vqvae_experiment
+from lvm_jax import data, viz
+from lvm_jax.models import vqvae
+from lvm_jax.train import checkpoint, loop, records
+
+DATASET = "patches_embedded"
+PRIOR = "gated"
+USAGE_GOAL, PERPLEXITY_GOAL = 0.95, 64.0
+NUM_SHOWN = 10
+RESULTS_FILE = os.path.join(os.path.dirname(__file__), "results", "vq_codebook.md")
+
+
+def variant_args(args, preset: str) -> argparse.Namespace:
+    """The experiment's flags for one variant: only the preset differs between variants."""
+    flags = ["--dataset", DATASET, "--quantizer", preset, "--prior", PRIOR,
+             "--epochs", str(args.epochs), "--prior_epochs", str(args.prior_epochs),
+             "--seed", str(args.seed), "--workdir", os.path.join(args.workdir, preset)]
+    return vqvae_experiment.parser().parse_args(
+        flags + ["--quick"] * args.quick + ["--no_progress"] * args.no_progress)
+
+
+def _finished(summary_path: str, epochs: int, prior_epochs: int) -> dict | None:
+    """The variant's summary if it holds both stages at this budget, else None."""
+    if not os.path.exists(summary_path):
+        return None
+    summary = records.read_json(summary_path)
+    prior = summary.get("priors", {}).get(PRIOR)
+    if prior and summary["stage"]["epochs"] == epochs and prior["stage"]["epochs"] == prior_epochs:
+        return summary
+    return None
+
+
+def budget_epochs(args) -> tuple[int, int]:
+    """(VQ-VAE epochs, prior epochs) each variant trains; --quick shortens both as
+    experiments.vqvae does."""
+    epochs = common.train_config(variant_args(args, "plain"), convolutional=True).epochs
+    return epochs, epochs if args.quick else args.prior_epochs
+
+
+def run_variant(args, preset: str) -> dict:
+    """Trains (or resumes, or reuses) one variant; its summary.json."""
+    flags = variant_args(args, preset)
+    done = _finished(os.path.join(flags.workdir, "summary.json"), *budget_epochs(args))
+    if done:
+        print(f"{preset}: finished earlier, reused")
+        return done
+    print(f"{preset}: training")
+    return vqvae_experiment.train_and_evaluate(flags)
+
+
+def row(preset: str, summary: dict) -> dict:
+    """The table's figures for one variant, from its summary.json."""
+    metrics = summary["test_metrics"]
+    steps_per_second = summary["stage"]["train_steps_per_second"]
+    return {
+        "variant": preset,
+        "options": {name: list(value) if isinstance(value, tuple) else value
+                    for name, value in vqvae.QUANTIZER_PRESETS[preset].items()},
+        "codes_used": round(metrics["codebook_usage"] * vqvae.NUM_CODES),
+        "codebook_usage": metrics["codebook_usage"],
+        "perplexity": metrics["perplexity"],
+        "recon_mse": metrics["recon_mse"],
+        "codebook_loss": metrics["codebook_loss"],
+        "commitment_loss": metrics["commitment_loss"],
+        "vq_loss": metrics["vq_loss"],
+        "ms_per_step": 1e3 / steps_per_second if steps_per_second else None,
+        "prior_nll": metrics["prior_nll"][PRIOR],
+        "code_entropy": math.log(metrics["perplexity"]),
+        "meets_usage_goals": (metrics["codebook_usage"] >= USAGE_GOAL
+                              and metrics["perplexity"] >= PERPLEXITY_GOAL),
+    }
+
+
+def ranked(rows: list[dict]) -> list[dict]:
+    """Best first: the variants meeting the usage goals, then the others, each by recon MSE."""
+    return sorted(rows, key=lambda r: (not r["meets_usage_goals"], r["recon_mse"]))
+
+
+def markdown_table(rows: list[dict], plain_mse: float | None) -> str:
+    header = ("| variant | codes used / 128 | perplexity | recon MSE | vs plain | codebook | "
+              "commitment | vq_loss | ms / step | Gated PixelCNN NLL (nats/code) | "
+              "code entropy ln(perplexity) (nats/code) |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows:
+        change = (f"{100 * (r['recon_mse'] / plain_mse - 1):+.0f}%" if plain_mse else "")
+        ms = f"{r['ms_per_step']:.0f}" if r["ms_per_step"] else ""
+        lines.append(
+            f"| {r['variant']} | {r['codes_used']} ({r['codebook_usage']:.0%}) | "
+            f"{r['perplexity']:.1f} | {r['recon_mse']:.4f} | {change} | {r['codebook_loss']:.4f} | "
+            f"{r['commitment_loss']:.4f} | {r['vq_loss']:.4f} | {ms} | {r['prior_nll']:.3f} | "
+            f"{r['code_entropy']:.3f} |")
+    return "\n".join(lines)
+
+
+def restore_variables(flags, dataset: data.Dataset) -> tuple[vqvae.VQVAE, dict]:
+    """The trained VQ-VAE of a variant and its variables, from its latest checkpoint."""
+    options = vqvae_experiment.quantizer_options(flags)
+    model = vqvae_experiment.build_model(flags, dataset, options)
+    config = common.train_config(flags, convolutional=True)
+    like = loop.initial_state(vqvae_experiment.vqvae_objective(model), dataset.train[:1], config)
+    checkpointer = checkpoint.Checkpointer(os.path.join(flags.workdir, "vqvae"))
+    try:
+        state = checkpointer.restore(like)
+    finally:
+        checkpointer.close()
+    return model, {"params": state.eval_params, **state.model_state}
+
+
+def save_figures(args, best: list[str]) -> list[str]:
+    """usage.png, reconstructions_best3.png and samples_best.png in the workdir."""
+    variants = args.only
+    figures = [viz.save_curve_comparison(
+        {v: os.path.join(args.workdir, v, "vqvae", "metrics.csv") for v in variants},
+        os.path.join(args.workdir, "usage.png"), "batch_codebook_usage",
+        f"fraction of the {vqvae.NUM_CODES} codes used in a batch",
+        "Codebook usage during training (train: per step; test: batch mean per epoch)")]
+
+    dataset = common.load_dataset(variant_args(args, best[0]))
+    shown = np.linspace(0, len(dataset.test) - 1, NUM_SHOWN).astype(int)
+    images = data.scale_images(dataset.test[shown])
+    rows = [np.asarray(images)]
+    for preset in best[:3]:
+        model, variables = restore_variables(variant_args(args, preset), dataset)
+        codes = model.apply(variables, images, method=vqvae.VQVAE.encode)
+        rows.append(np.asarray(vqvae.decode(model, variables, codes)))
+    figures.append(viz.save_image_grid(
+        np.concatenate(rows), os.path.join(args.workdir, "reconstructions_best3.png"),
+        ncols=NUM_SHOWN, title="test patches; then reconstructions by " + ", ".join(best[:3])))
+
+    samples = os.path.join(args.workdir, "samples_best.png")
+    shutil.copyfile(os.path.join(args.workdir, best[0], f"samples_{PRIOR}.png"), samples)
+    figures.append(samples)
+    return figures
+
+
+def main(argv=None) -> dict:
+    args = parser().parse_args(argv)
+    args.workdir = args.workdir or os.path.join(
+        "runs", "vq_codebook" + ("_quick" if args.quick else ""))
+    summaries = {preset: run_variant(args, preset) for preset in args.only}
+    rows = ranked([row(preset, summary) for preset, summary in summaries.items()])
+    plain = summaries.get("plain")
+    table = markdown_table(rows, plain["test_metrics"]["recon_mse"] if plain else None)
+    best = [r["variant"] for r in rows]
+    figures = save_figures(args, best)
+    epochs, prior_epochs = budget_epochs(args)
+    budget = (f"{DATASET}{' (--quick)' if args.quick else ''}: {epochs} epochs (VQ-VAE) and "
+              f"{prior_epochs} epochs (Gated PixelCNN), batch 128, Adam 1e-3, seed "
+              f"{args.seed}; test set; MSE per element, images in [-1, 1]; best first")
+    text = f"{budget}\n\n{table}\n\nbest: {best[0]}\n"
+    records.write_atomic(os.path.join(args.workdir, "table.md"), text)
+    results = {"budget": budget, "rows": rows, "best": best[0],
+               "figures": [os.path.basename(f) for f in figures],
+               "device": loop.device_description()}
+    records.write_json(os.path.join(args.workdir, "results.json"), results)
+    if not args.quick:
+        records.write_atomic(RESULTS_FILE, f"# Codebook study (issue 15)\n\n`python -m "
+                                           f"benchmarks.vq_codebook {' '.join(argv or [])}`\n\n"
+                                           + text)
+    print(text + f"table, results.json and figures in {args.workdir}")
+    return results
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.vq_codebook", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=5, help="VQ-VAE epochs of every variant")
+    p.add_argument("--prior_epochs", type=int, default=5,
+                   help="Gated PixelCNN epochs on every variant's codes")
+    p.add_argument("--only", nargs="+", default=list(vqvae.QUANTIZER_PRESETS),
+                   choices=list(vqvae.QUANTIZER_PRESETS), metavar="PRESET",
+                   help=f"the variants to run, from {', '.join(vqvae.QUANTIZER_PRESETS)}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default=None,
+                   help="default runs/vq_codebook (runs/vq_codebook_quick with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: each variant as experiments.vqvae --quick")
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bars")
+    return p
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
