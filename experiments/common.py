@@ -7,6 +7,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from lvm_jax import compilation_cache
 from lvm_jax import data
 from lvm_jax.models import likelihoods
 from lvm_jax.train import CheckpointError, NonFiniteLossError, TrainConfig
@@ -69,6 +70,7 @@ def parser(experiment: str, description: str, datasets, default_dataset: str,
 def run(parser: argparse.ArgumentParser, train_and_evaluate, argv=None, *extra):
     """Parses flags and runs; a problem with the flags, the data, the workdir or the numerics
     ends the program with its one-line message (exit status 1) instead of a traceback."""
+    compilation_cache.enable()
     args = parser.parse_args(argv)
     # Before any JAX computation, as JAX requires; evaluate's parser has no --multihost.
     if getattr(args, "multihost", False):
