@@ -119,7 +119,7 @@ class ConvDecoder(nn.Module):
     REFERENCE.md §2.
 
     `upsample(features, dtype=dtype)` builds each ConvTranspose(4x4, stride 2,
-    padding 1) layer; the benchmarks swap in flax's `nn.ConvTranspose` to compare.
+    padding 1) layer; the benchmarks swap in other forms of it to compare.
     """
 
     out_channels: int
@@ -132,7 +132,6 @@ class ConvDecoder(nn.Module):
         for width in (128, 64, 32):
             h = nn.relu(self.upsample(width, dtype=self.dtype)(h))
         return nn.Conv(self.out_channels, (3, 3), padding=PAD1, dtype=self.dtype)(h)
-
 
 
 def _batch_norm(train: bool, dtype: DTypeLike) -> nn.BatchNorm:
@@ -189,18 +188,22 @@ class VQEncoder(nn.Module):
 class VQDecoder(nn.Module):
     """z_q (batch, h, w, D) -> images (batch, 4h, 4w, out_channels) in (-1, 1) in `dtype`,
     the VQ-VAE decoder of REFERENCE.md §4: two ResidualBlocks, BN, ReLU, ConvTranspose
-    4x4 s2 to `features`, BN, ReLU, ConvTranspose 4x4 s2 to out_channels, tanh."""
+    4x4 s2 to `features`, BN, ReLU, ConvTranspose 4x4 s2 to out_channels, tanh.
+
+    `upsample(features, dtype=dtype)` builds each ConvTranspose, as in ConvDecoder.
+    """
 
     features: int = 256
     out_channels: int = 3
+    upsample: Callable[..., nn.Module] = SubPixelConvTranspose
     dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, z: jax.Array, train: bool) -> jax.Array:
         for _ in range(2):
             z = ResidualBlock(dtype=self.dtype)(z, train)
-        h = SubPixelConvTranspose(self.features, dtype=self.dtype)(
+        h = self.upsample(self.features, dtype=self.dtype)(
             nn.relu(_batch_norm(train, self.dtype)(z)))
-        h = SubPixelConvTranspose(self.out_channels, dtype=self.dtype)(
+        h = self.upsample(self.out_channels, dtype=self.dtype)(
             nn.relu(_batch_norm(train, self.dtype)(h)))
         return jnp.tanh(h)

@@ -1,0 +1,83 @@
+"""XLA:CPU's oneDNN options on the training steps, lvm_jax alone.
+
+Each configuration of XLA_FLAGS runs in its own process (XLA reads the flags
+once, at start-up) and times the image VAE (32x32x1, 32x32x3), VLAE (32x32x3)
+and VQ-VAE (32x32x3) training steps at batch 128 with image_vae.py's protocol
+(`fit`'s compiled step). The processes run in rounds, every configuration
+once per round, so that a change in the machine's load hits all alike; each
+row gives the median over rounds of each process's median step.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+from benchmarks.common import Row, Settings, device, measure, timer
+from benchmarks.image_vae import BATCH, DATASETS, jax_model
+from benchmarks.trainers import JaxSteps
+from experiments import vae as vae_experiment
+from experiments import vqvae as vqvae_experiment
+from lvm_jax import data
+from lvm_jax.models import vqvae
+
+NAME = "xla_flags"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGURATIONS = {
+    "default": "",
+    "oneDNN custom calls": "--xla_cpu_experimental_onednn_custom_call=true",
+    "oneDNN": "--xla_cpu_use_onednn=true",
+}
+MODELS = ("image VAE 32x32x1", "image VAE 32x32x3", "VLAE 32x32x3", "VQ-VAE 32x32x3")
+MAX_ROUNDS = 3
+
+
+def _steps(model: str):
+    """JaxSteps of `model` (a name of MODELS) at batch 128."""
+    channels = int(model[-1])
+    dataset = data.load(DATASETS[channels])
+    if model.startswith("VQ-VAE"):
+        objective = vqvae_experiment.vqvae_objective(vqvae.conv_vqvae(dataset.event_shape))
+    else:
+        prior = "made" if model.startswith("VLAE") else "standard"
+        objective = vae_experiment.make_objective(jax_model(dataset, prior))
+    return JaxSteps(objective, dataset.train, BATCH, seed=0)
+
+
+def worker(settings: Settings) -> dict[str, float]:
+    """Median seconds per step of every model, in this process's XLA configuration."""
+    number = 1 if settings.quick else 3
+    return {model: measure(timer(_steps(model).step, number), settings) for model in MODELS}
+
+
+def run(settings: Settings) -> list[Row]:
+    rounds = 1 if settings.quick else min(settings.repeats, MAX_ROUNDS)
+    seconds = {name: [] for name in CONFIGURATIONS}
+    for _ in range(rounds):
+        for name, flags in CONFIGURATIONS.items():
+            env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}",
+                   "PYTHONPATH": REPO}
+            out = subprocess.run(
+                [sys.executable, "-m", "benchmarks.xla_flags", json.dumps(settings.quick),
+                 str(settings.repeats)], env=env, cwd=REPO, check=True, capture_output=True,
+                text=True).stdout
+            seconds[name].append(json.loads(out.splitlines()[-1]))
+    rows = []
+    for model in MODELS:
+        default = statistics.median(r[model] for r in seconds["default"])
+        for name, flags in CONFIGURATIONS.items():
+            per_round = [r[model] for r in seconds[name]]
+            median = statistics.median(per_round)
+            rows.append(Row(
+                benchmark=NAME, model=model, step=f"train step, XLA_FLAGS: {flags or '(none)'}",
+                batch=BATCH, lvm_jax=BATCH / median, unit="images/s", higher_is_better=True,
+                device=device(),
+                note=f"{name}; {default / median:.2f}x the default; per round: "
+                     + ", ".join(f"{1e3 * s:.0f}" for s in per_round) + " ms per step"))
+    return rows
+
+
+if __name__ == "__main__":
+    quick, repeats = json.loads(sys.argv[1]), int(sys.argv[2])
+    print(json.dumps(worker(Settings(quick=quick, repeats=1 if quick else repeats))))
