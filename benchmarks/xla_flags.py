@@ -56,13 +56,17 @@ def run(settings: Settings) -> list[Row]:
     seconds = {name: [] for name in CONFIGURATIONS}
     for _ in range(rounds):
         for name, flags in CONFIGURATIONS.items():
-            env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}",
-                   "PYTHONPATH": REPO}
-            out = subprocess.run(
+            # XLA reads a value not starting with "--" as a file name: no blank value.
+            xla_flags = " ".join(filter(None, (os.environ.get("XLA_FLAGS"), flags)))
+            env = {**os.environ, "XLA_FLAGS": xla_flags, "PYTHONPATH": REPO}
+            if not xla_flags:
+                del env["XLA_FLAGS"]
+            done = subprocess.run(
                 [sys.executable, "-m", "benchmarks.xla_flags", json.dumps(settings.quick),
-                 str(settings.repeats)], env=env, cwd=REPO, check=True, capture_output=True,
-                text=True).stdout
-            seconds[name].append(json.loads(out.splitlines()[-1]))
+                 str(settings.repeats)], env=env, cwd=REPO, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"the {name} step process failed:\n{done.stderr[-2000:]}")
+            seconds[name].append(json.loads(done.stdout.splitlines()[-1]))
     rows = []
     for model in MODELS:
         default = statistics.median(r[model] for r in seconds["default"])
