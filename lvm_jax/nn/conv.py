@@ -57,7 +57,6 @@ def conv_transpose_4x4_s2(x: jax.Array, kernel: jax.Array) -> jax.Array:
     faster than the transposes of the four phase convolutions
     (benchmarks/conv_transpose.py). Reverse-mode differentiable only (a custom VJP).
     """
-    b, h, w, _ = x.shape
     phases = [jax.lax.conv_general_dilated(
         x, kernel[3 - r::-2, 3 - s::-2], window_strides=(1, 1),
         padding=(_PHASE_PADDING[r], _PHASE_PADDING[s]), dimension_numbers=_NHWC)
