@@ -5,7 +5,10 @@ once, at start-up) and times the image VAE (32x32x1, 32x32x3), VLAE (32x32x3)
 and VQ-VAE (32x32x3) training steps at batch 128 with image_vae.py's protocol
 (`fit`'s compiled step). The processes run in rounds, every configuration
 once per round, so that a change in the machine's load hits all alike; each
-row gives the median over rounds of each process's median step.
+row gives the median over rounds of each process's median step. The notes
+also give the process's CPU seconds per step (all of XLA's threads), which
+a busy machine disturbs far less than wall time: on a shared machine compare
+those.
 """
 
 import json
@@ -13,6 +16,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 from benchmarks.common import Row, Settings, device, measure, timer
 from benchmarks.image_vae import BATCH, DATASETS, jax_model
@@ -45,10 +49,27 @@ def _steps(model: str):
     return JaxSteps(objective, dataset.train, BATCH, seed=0)
 
 
-def worker(settings: Settings) -> dict[str, float]:
-    """Median seconds per step of every model, in this process's XLA configuration."""
+def _cpu_timer(step, number: int):
+    """A sampler of the process's CPU seconds (all threads) per call of `step`."""
+
+    def sample() -> float:
+        tic = time.process_time()
+        for _ in range(number):
+            step()
+        return (time.process_time() - tic) / number
+
+    return sample
+
+
+def worker(settings: Settings) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) seconds per step of every model, in this process's XLA configuration."""
     number = 1 if settings.quick else 3
-    return {model: measure(timer(_steps(model).step, number), settings) for model in MODELS}
+    seconds = {}
+    for model in MODELS:
+        steps = _steps(model)
+        seconds[model] = (measure(timer(steps.step, number), settings),
+                          measure(_cpu_timer(steps.step, number), settings, warmup=0))
+    return seconds
 
 
 def run(settings: Settings) -> list[Row]:
@@ -69,16 +90,17 @@ def run(settings: Settings) -> list[Row]:
             seconds[name].append(json.loads(done.stdout.splitlines()[-1]))
     rows = []
     for model in MODELS:
-        default = statistics.median(r[model] for r in seconds["default"])
+        default = statistics.median(r[model][0] for r in seconds["default"])
         for name, flags in CONFIGURATIONS.items():
-            per_round = [r[model] for r in seconds[name]]
-            median = statistics.median(per_round)
+            wall, cpu = ([r[model][i] for r in seconds[name]] for i in (0, 1))
+            median = statistics.median(wall)
             rows.append(Row(
                 benchmark=NAME, model=model, step=f"train step, XLA_FLAGS: {flags or '(none)'}",
                 batch=BATCH, lvm_jax=BATCH / median, unit="images/s", higher_is_better=True,
                 device=device(),
                 note=f"{name}; {default / median:.2f}x the default; per round: "
-                     + ", ".join(f"{1e3 * s:.0f}" for s in per_round) + " ms per step"))
+                     + ", ".join(f"{1e3 * s:.0f}" for s in wall) + " ms per step, CPU "
+                     + ", ".join(f"{1e3 * s:.0f}" for s in cpu) + " ms per step"))
     return rows
 
 
