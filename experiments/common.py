@@ -8,7 +8,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from lvm_jax import data, errors
+from lvm_jax import compilation_cache, data, errors
 from lvm_jax.models import likelihoods
 from lvm_jax.train import TrainConfig
 
@@ -120,6 +120,7 @@ def run(parser: argparse.ArgumentParser, train_and_evaluate, argv=None, *extra):
     """Parses flags and runs; a problem with the flags, the data, the workdir or the numerics
     (an `lvm_jax.errors.UserError`) ends the program with its one-line message (exit status
     1) instead of a traceback. Any other exception is a bug and keeps its traceback."""
+    compilation_cache.enable()
     args = parser.parse_args(argv)
     # Before any JAX computation, as JAX requires; evaluate's parser has no --multihost.
     if getattr(args, "multihost", False):
