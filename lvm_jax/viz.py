@@ -108,7 +108,7 @@ def save_curves(metrics_csv: str, path: str, names=("neg_elbo", "recon", "kl"),
                 ax.plot(steps, values, label=f"{split} (per {'step' if split == 'train' else 'epoch'})",
                         **style)
         values = [float(r[name]) for r in rows if r[name]]
-        if log_scale:
+        if log_scale and any(v > 0 for v in values):  # FSQ's VQ terms are all zero
             ax.set_yscale("log")
         elif values:  # keep the first steps' large values from flattening the curve
             low, high = np.percentile(values, [0, 97])

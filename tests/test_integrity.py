@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from experiments import evaluate as evaluate_cli
-from experiments import vae, vae_2d
+from experiments import common, vae, vae_2d
 from lvm_jax import data
 from lvm_jax.data import toy2d
 from lvm_jax.errors import (CheckpointError, ConfigError, NonFiniteLossError, UserError,
@@ -221,7 +221,7 @@ def test_a_file_or_read_only_workdir_ends_in_one_line(tmp_path, capsys):
 def test_batch_larger_than_the_data_ends_in_one_line(tmp_path, capsys):
     line = one_line_error(capsys, vae_2d.main, ["--quick", "--no_progress", "--batch_size", "1024",
                                                 "--workdir", str(tmp_path / "run")])
-    assert "batch_size 1024 exceeds the 512 training examples" in line
+    assert f"batch_size 1024 exceeds the {common.QUICK_TRAIN} training examples" in line
     assert not (tmp_path / "run").exists()
 
 
