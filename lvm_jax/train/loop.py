@@ -254,8 +254,11 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
     train_chunk = make_train_chunk(objective, mesh, config.ema_decay)
     evaluate = make_evaluate(objective, mesh)
 
+    steps_per_call = max(1, min(config.steps_per_call, steps_per_epoch))
+    # Traced with the indices of a whole call, so that the first call reuses this trace.
     metric_names = jax.eval_shape(
-        train_chunk, state, train_on_device, jnp.zeros((1, config.batch_size), jnp.int32),
+        train_chunk, state, train_on_device,
+        batching.put_host_indices(np.zeros((steps_per_call, local_batch), np.int32), mesh),
         train_key)[1].keys()
     log = records.MetricsLog(os.path.join(workdir, "metrics.csv"), metric_names, resume_step)
     primary = records.is_primary()
@@ -281,7 +284,6 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
         progress.note("evaluating the initial model on the test set (compiling the evaluation)")
         initial_metrics = log_eval(0)
     test_metrics = log.test_metrics(start_step)
-    steps_per_call = max(1, min(config.steps_per_call, steps_per_epoch))
     # (state, step, batch indices) of the latest calls: where the last good state is found.
     recent_calls = collections.deque(maxlen=2)
     step = start_step
