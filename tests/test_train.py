@@ -12,7 +12,9 @@ import pytest
 
 from lvm_jax.data import toy2d
 from lvm_jax.models import likelihoods, vae
-from lvm_jax.train import CheckpointError, NonFiniteLossError, Objective, TrainConfig, fit
+from lvm_jax.train import (Checkpointer, CheckpointError, NonFiniteLossError, Objective,
+                           TrainConfig, evaluate_test_set, fit)
+from lvm_jax.train.checkpoint import RECORD_FILE, file_digests
 from lvm_jax.train.records import MetricsLog
 
 TRAIN, TEST = toy2d.sample("1", 640, 0), toy2d.sample("1", 100, 1)
@@ -55,6 +57,52 @@ def test_evaluation_counts_every_test_example_once(tmp_path):
     whole = TrainConfig(**{**CONFIG.__dict__, "eval_batch_size": 100})
     other = fit(tiny_objective(), TRAIN, TEST, whole, str(tmp_path / "b"))
     assert one.test_metrics["kl"] == pytest.approx(other.test_metrics["kl"], rel=1e-5)
+
+
+def test_evaluate_test_set_repeats_fits_evaluation_and_counts_a_partial_batch(tmp_path):
+    """The same batches and noise as fit's last evaluation (64 + a partial 36), to the bit,
+    and another objective (more Monte Carlo samples) evaluated the same way."""
+    result = fit(tiny_objective(), TRAIN, TEST, CONFIG, str(tmp_path))
+    assert evaluate_test_set(tiny_objective(), result.state, TEST, CONFIG) == result.test_metrics
+    model = vae.mlp_vae(2, 2, (16,), likelihoods.get("gaussian"))
+    many = Objective.stateless(init=None, loss_fn=functools.partial(vae.loss_fn, model),
+                               eval_loss_fn=functools.partial(vae.loss_fn, model, num_samples=50))
+    tight = evaluate_test_set(many, result.state, TEST, CONFIG)
+    # NumPy reference of the weighting: batch means of 64 and 36 examples, keyed as fit keys them.
+    key = jax.random.split(jax.random.key(CONFIG.seed), 3)[2]
+    means = [vae.loss_fn(model, result.state.params, jnp.asarray(TEST[s:s + 64]),
+                         jax.random.fold_in(key, j), num_samples=50)[1]["kl"]
+             for j, s in enumerate((0, 64))]
+    assert tight["kl"] == pytest.approx((64 * float(means[0]) + 36 * float(means[1])) / 100,
+                                        rel=1e-6)
+    assert tight["neg_elbo"] != result.test_metrics["neg_elbo"]  # 50 samples, not 1
+
+
+def test_asynchronous_saves_are_complete_and_recorded_before_anything_reads_them(tmp_path):
+    """save returns while orbax writes; the next save, a read of the steps and close each
+    wait for it and write its record, whose digests match the files."""
+    state = fit(tiny_objective(), TRAIN, TEST, CONFIG, str(tmp_path / "run")).state
+
+    def at(step):
+        return state.replace(step=jnp.full_like(state.step, step))
+
+    checkpointer = Checkpointer(str(tmp_path / "async"))
+    checkpointer.save(at(1), {"elapsed_seconds": 1.0})
+    checkpointer.save(at(2), {"elapsed_seconds": 2.0})  # waits for step 1
+    record_1 = json.loads((tmp_path / "async" / "checkpoints" / "1" / RECORD_FILE).read_text())
+    assert record_1 == {"sha256": file_digests(checkpointer.step_directory(1)),
+                        "timing": {"elapsed_seconds": 1.0}}
+    assert checkpointer.all_steps() == [1, 2]
+    assert checkpointer.timing(2) == {"elapsed_seconds": 2.0}
+    checkpointer.save(at(3))
+    checkpointer.close()
+    assert os.path.exists(os.path.join(checkpointer.step_directory(3), RECORD_FILE))
+    with Checkpointer(str(tmp_path / "async")) as reopened:
+        restored = reopened.restore(state)
+    assert int(restored.step) == 3
+    for saved, back in zip(jax.tree.leaves(jax.device_get(state)),
+                           jax.tree.leaves(jax.device_get(restored.replace(step=state.step)))):
+        np.testing.assert_array_equal(saved, back)
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):

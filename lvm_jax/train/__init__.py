@@ -2,9 +2,9 @@
 
 from lvm_jax.errors import CheckpointError, ConfigError, NonFiniteLossError, WorkdirError
 from lvm_jax.train.checkpoint import Checkpointer
-from lvm_jax.train.loop import FitResult, device_description, fit, initial_state
+from lvm_jax.train.loop import FitResult, device_description, evaluate_test_set, fit, initial_state
 from lvm_jax.train.state import Objective, TrainConfig, TrainState
 
 __all__ = ["CheckpointError", "Checkpointer", "ConfigError", "FitResult", "NonFiniteLossError",
-           "Objective", "TrainConfig", "TrainState", "WorkdirError", "device_description", "fit",
-           "initial_state"]
+           "Objective", "TrainConfig", "TrainState", "WorkdirError", "device_description",
+           "evaluate_test_set", "fit", "initial_state"]

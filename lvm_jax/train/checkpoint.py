@@ -42,9 +42,13 @@ class Checkpointer:
     """Saves the TrainState under `workdir`/checkpoints/<step>, keeping the newest `keep`.
 
     Orbax writes each step into a temporary directory and renames it when
-    complete, so an interrupted save never replaces a good checkpoint. Use it
-    as a context manager, or call `close`, so that orbax's background threads
-    finish before the interpreter shuts down.
+    complete, so an interrupted save never replaces a good checkpoint. A save
+    returns once the state is copied to host memory and writes its files in the
+    background while training goes on; its record follows when it is complete,
+    which every other method waits for first (the next save, a read of the
+    checkpoints, `wait`, `close`). Use it as a context manager, or call `close`,
+    so that the last save is complete, with its record, before the interpreter
+    shuts down.
     """
 
     def __init__(self, workdir: str, keep: int = 2):
@@ -53,6 +57,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
             item_handlers=ocp.StandardCheckpointHandler())  # so its metadata reads before a save
+        self._in_flight: tuple[int, dict] | None = None  # (step, timing) of a save not yet recorded
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -61,9 +66,11 @@ class Checkpointer:
         self.close()
 
     def latest_step(self) -> int | None:
+        self.wait()
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
+        self.wait()
         return sorted(self._manager.all_steps())
 
     def step_directory(self, step: int) -> str:
@@ -99,23 +106,36 @@ class Checkpointer:
         records.write_json(self.config_path, config)
 
     def save(self, state, timing: dict | None = None) -> None:
-        """Saves `state` at its step with the digests of its files and `timing` (a dict of
-        numbers that `timing(step)` returns)."""
+        """Starts saving `state` at its step, with the digests of its files and `timing` (a
+        dict of numbers that `timing(step)` returns) once they are written; returns when
+        `state` is copied to host memory, so training may go on (see the class docstring)."""
         step = int(jax.device_get(state.step))
-        if step in self._manager.all_steps():
+        if step in self.all_steps():
             return
         self._manager.save(step, args=ocp.args.StandardSave(state))
+        self._in_flight = (step, timing or {})
+
+    def wait(self) -> None:
+        """Blocks until the save in flight, if any, is complete on disk with its record."""
+        if self._in_flight is None:
+            return
+        step, timing = self._in_flight
         self._manager.wait_until_finished()
+        self._in_flight = None
         directory = self.step_directory(step)
         if records.is_primary():
             records.write_json(os.path.join(directory, RECORD_FILE),
-                               {"sha256": file_digests(directory), "timing": timing or {}})
+                               {"sha256": file_digests(directory), "timing": timing})
 
     def close(self) -> None:
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def timing(self, step: int) -> dict:
         """The `timing` saved with `step` ({} for a checkpoint without a record)."""
+        self.wait()
         record = self._record(step)
         return record["timing"] if record else {}
 

@@ -106,29 +106,45 @@ def make_train_chunk(objective: Objective, mesh, ema_decay: float | None = None)
 def make_evaluate(objective: Objective, mesh):
     """Returns evaluate(state, data, batch_size, key) -> test-set means of the loss metrics.
 
-    One compiled call per batch (evaluation is not a hot loop, and convolutions
-    run slowly inside compiled loops on CPU); a trailing partial batch counts
-    with its size, so every example counts exactly once. Batch j draws its noise
-    from fold_in(key, j), the same at every evaluation.
+    One compiled program per batch size, called once per batch (convolutions run
+    many times slower inside compiled loops on CPU, jax-ml/jax#12868); the calls
+    are all dispatched before the one read of their means, so the host never
+    waits between batches. A trailing partial batch counts with its size, so
+    every example counts exactly once. Batch j draws its noise from
+    fold_in(key, j), the same at every evaluation.
     """
 
     @jax.jit
-    def batch_metrics(state, data, idx, key):
+    def batch_means(state, data, idx, key):
         batch = objective.preprocess(batching.gather(data, idx[0], mesh))
         loss, (metrics, _) = objective.loss(state.eval_params, state.model_state, batch, key, False)
         return {"loss": loss, **metrics}
 
     def evaluate(state, data, batch_size, key):
         n = data.shape[0]
+        starts = range(0, n, batch_size)
+        pending = [batch_means(state, data, batching.put_indices(
+                       np.arange(start, min(start + batch_size, n))[None], mesh),
+                       jax.random.fold_in(key, j))
+                   for j, start in enumerate(starts)]
         totals = {}
-        for j, start in enumerate(range(0, n, batch_size)):
-            idx = batching.put_indices(np.arange(start, min(start + batch_size, n))[None], mesh)
-            metrics = jax.device_get(batch_metrics(state, data, idx, jax.random.fold_in(key, j)))
+        for start, metrics in zip(starts, jax.device_get(pending)):
+            size = min(start + batch_size, n) - start
             for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + float(value) * idx.shape[1]
+                totals[name] = totals.get(name, 0.0) + float(value) * size
         return {name: total / n for name, total in totals.items()}
 
     return evaluate
+
+
+def evaluate_test_set(objective: Objective, state: TrainState, test_data: np.ndarray,
+                      config: TrainConfig, mesh=None) -> dict[str, float]:
+    """Test-set means of `objective`'s metrics for `state`, with the batches and noise of
+    `fit`'s evaluations under `config` (seed, eval_batch_size): e.g. a final estimate with
+    more Monte Carlo samples than the per-epoch curve, given an objective that draws them."""
+    mesh = mesh or batching.data_mesh()
+    return make_evaluate(objective, mesh)(state, batching.put_replicated(test_data, mesh),
+                                          config.eval_batch_size, _keys(config.seed)[2])
 
 
 def _first_non_finite(losses) -> int | None:
@@ -238,8 +254,11 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
     train_chunk = make_train_chunk(objective, mesh, config.ema_decay)
     evaluate = make_evaluate(objective, mesh)
 
+    steps_per_call = max(1, min(config.steps_per_call, steps_per_epoch))
+    # Traced with the indices of a whole call, so that the first call reuses this trace.
     metric_names = jax.eval_shape(
-        train_chunk, state, train_on_device, jnp.zeros((1, config.batch_size), jnp.int32),
+        train_chunk, state, train_on_device,
+        batching.put_host_indices(np.zeros((steps_per_call, local_batch), np.int32), mesh),
         train_key)[1].keys()
     log = records.MetricsLog(os.path.join(workdir, "metrics.csv"), metric_names, resume_step)
     primary = records.is_primary()
@@ -265,7 +284,6 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
         progress.note("evaluating the initial model on the test set (compiling the evaluation)")
         initial_metrics = log_eval(0)
     test_metrics = log.test_metrics(start_step)
-    steps_per_call = max(1, min(config.steps_per_call, steps_per_epoch))
     # (state, step, batch indices) of the latest calls: where the last good state is found.
     recent_calls = collections.deque(maxlen=2)
     step = start_step
