@@ -1,4 +1,5 @@
-"""What a run writes besides checkpoints: metrics.csv, config.json, summary.json.
+"""What a run writes besides checkpoints: metrics.csv, config.json, summary.json, and the
+TensorBoard events of tensorboard/ (the scalars of metrics.csv and the run's figures).
 
 Every file is replaced atomically (write to a temporary file, then rename), so
 an interrupted run never leaves one half-written, and gets the permissions of
@@ -17,8 +18,14 @@ import io
 import json
 import os
 import tempfile
+import weakref
 
 import jax
+import numpy as np
+from PIL import Image
+
+# Where a run's TensorBoard events go, inside its workdir: `tensorboard --logdir runs/`.
+TENSORBOARD_DIR = "tensorboard"
 
 
 def is_primary() -> bool:
@@ -106,16 +113,44 @@ def update_json(path: str, updates: dict, replace=()) -> dict:
     return obj
 
 
+def tensorboard_writer(workdir: str, purge_step: int | None = None):
+    """A tensorboardX SummaryWriter into <workdir>/tensorboard/ (no TensorFlow needed).
+
+    purge_step: TensorBoard drops the events this directory holds from this step on (those a
+    resumed run redoes). tensorboardX is imported here: its import takes about a second.
+    """
+    from tensorboardX import SummaryWriter
+    return SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR), purge_step=purge_step)
+
+
+def write_figures_to_tensorboard(workdir: str, figures, step: int) -> None:
+    """Adds each figure file (PNG; a GIF's first frame) of `figures` to <workdir>/tensorboard/
+    as an image at training step `step`, tagged figures/<file name without extension>.
+    Writes on the primary process only."""
+    if not is_primary():
+        return
+    with tensorboard_writer(workdir) as writer:
+        for path in figures:
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+            name = os.path.splitext(os.path.basename(path))[0]
+            writer.add_image(f"figures/{name}", pixels, step, dataformats="HWC")
+
+
 class MetricsLog:
     """metrics.csv: one row per training step and one per test evaluation.
 
     Columns: split ("train" or "test"), epoch, step (optimizer steps taken),
     time (seconds of training wall time), then the metrics in alphabetical order.
+    The primary process also writes each metric as the TensorBoard scalar <split>/<name>
+    at its step into tensorboard/ beside metrics.csv, flushed at each test evaluation.
     """
 
     def __init__(self, path: str, metric_names, resume_step: int | None):
         self.path = path
         self.columns = ["split", "epoch", "step", "time", *sorted(metric_names)]
+        self._resume_step = resume_step
+        self._tensorboard = None  # opened with the first rows
         logged = self.read(path) if resume_step is not None and os.path.exists(path) else None
         # Rows logged after the checkpoint we resume from are redone by this run.
         self.rows = [r for r in logged or [] if int(r["step"]) <= resume_step]
@@ -144,3 +179,18 @@ class MetricsLog:
             return
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, self.columns, extrasaction="ignore").writerows(rows)
+        self._write_scalars(rows)
+
+    def _write_scalars(self, rows: list[dict]) -> None:
+        if self._tensorboard is None:
+            resumed = None if self._resume_step is None else self._resume_step + 1
+            self._tensorboard = tensorboard_writer(os.path.dirname(os.path.abspath(self.path)),
+                                                   purge_step=resumed)
+            weakref.finalize(self, self._tensorboard.close)  # fit holds the log until it returns
+        for row in rows:
+            for name in self.columns[4:]:
+                if row.get(name) is not None:
+                    self._tensorboard.add_scalar(f"{row['split']}/{name}", float(row[name]),
+                                                 int(row["step"]))
+        if any(row["split"] == "test" for row in rows):
+            self._tensorboard.flush()
