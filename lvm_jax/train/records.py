@@ -18,6 +18,7 @@ import io
 import json
 import os
 import tempfile
+import time
 import weakref
 
 import jax
@@ -113,14 +114,50 @@ def update_json(path: str, updates: dict, replace=()) -> dict:
     return obj
 
 
-def tensorboard_writer(workdir: str, purge_step: int | None = None):
-    """A tensorboardX SummaryWriter into <workdir>/tensorboard/ (no TensorFlow needed).
+class TensorBoardWriter:
+    """Writes TensorBoard events into <workdir>/tensorboard/, through tensorboardX's event
+    files and summaries (no TensorFlow needed).
 
-    purge_step: TensorBoard drops the events this directory holds from this step on (those a
-    resumed run redoes). tensorboardX is imported here: its import takes about a second.
+    Every event is on disk once `flush` returns: tensorboardX's SummaryWriter queues events
+    for a background thread that its flush does not wait for. Each writer opens its own
+    event file, named after the time in nanoseconds, so TensorBoard reads a directory's
+    files in the order they were written.
+
+    purge_step: TensorBoard drops the events written earlier into the directory from this
+      step on (those a resumed run redoes).
     """
-    from tensorboardX import SummaryWriter
-    return SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR), purge_step=purge_step)
+
+    def __init__(self, workdir: str, purge_step: int | None = None):
+        # Imported here: tensorboardX's import takes about a second.
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto import event_pb2
+        from tensorboardX import summary
+
+        self._event, self._summary = event_pb2, summary
+        directory = os.path.join(workdir, TENSORBOARD_DIR)
+        os.makedirs(directory, exist_ok=True)
+        self._file = EventsWriter(os.path.join(directory, "events"), f".{time.time_ns()}")
+        if purge_step is not None:
+            start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+            self._write(event_pb2.Event(step=purge_step, session_log=start))
+
+    def _write(self, event) -> None:
+        event.wall_time = time.time()
+        self._file.write_event(event)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self._write(self._event.Event(step=step, summary=self._summary.scalar(tag, value)))
+
+    def image(self, tag: str, pixels: np.ndarray, step: int) -> None:
+        """pixels: (H, W, 3) uint8."""
+        self._write(self._event.Event(
+            step=step, summary=self._summary.image(tag, pixels, dataformats="HWC")))
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def write_figures_to_tensorboard(workdir: str, figures, step: int) -> None:
@@ -129,12 +166,14 @@ def write_figures_to_tensorboard(workdir: str, figures, step: int) -> None:
     Writes on the primary process only."""
     if not is_primary():
         return
-    with tensorboard_writer(workdir) as writer:
+    writer = TensorBoardWriter(workdir)
+    try:
         for path in figures:
             with Image.open(path) as image:
-                pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
-            name = os.path.splitext(os.path.basename(path))[0]
-            writer.add_image(f"figures/{name}", pixels, step, dataformats="HWC")
+                pixels = np.asarray(image.convert("RGB"))
+            writer.image(f"figures/{os.path.splitext(os.path.basename(path))[0]}", pixels, step)
+    finally:
+        writer.close()
 
 
 class MetricsLog:
@@ -184,13 +223,13 @@ class MetricsLog:
     def _write_scalars(self, rows: list[dict]) -> None:
         if self._tensorboard is None:
             resumed = None if self._resume_step is None else self._resume_step + 1
-            self._tensorboard = tensorboard_writer(os.path.dirname(os.path.abspath(self.path)),
-                                                   purge_step=resumed)
+            self._tensorboard = TensorBoardWriter(os.path.dirname(os.path.abspath(self.path)),
+                                                  purge_step=resumed)
             weakref.finalize(self, self._tensorboard.close)  # fit holds the log until it returns
         for row in rows:
             for name in self.columns[4:]:
                 if row.get(name) is not None:
-                    self._tensorboard.add_scalar(f"{row['split']}/{name}", float(row[name]),
-                                                 int(row["step"]))
+                    self._tensorboard.scalar(f"{row['split']}/{name}", float(row[name]),
+                                             int(row["step"]))
         if any(row["split"] == "test" for row in rows):
             self._tensorboard.flush()
