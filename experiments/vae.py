@@ -6,7 +6,8 @@ Writes into the workdir: samples.png (100 prior samples), reconstructions.png
 (50 test images, each beside its reconstruction), interpolations.png (10 rows
 of 10 frames between the encodings of two test images), curves.png,
 metrics.csv, summary.json (test -ELBO, recon and KL in nats per example,
-bits/dim, and the course's summed-squared-error units) and checkpoints/.
+bits/dim, and the course's summed-squared-error units), checkpoints/ and
+tensorboard/ (the scalars of metrics.csv and the figures).
 `experiments.vlae` runs the same with the MADE-flow prior.
 """
 
