@@ -18,7 +18,7 @@ import sys
 import time
 
 from benchmarks import conv_transpose, image_vae, image_vae_quality, report, vae2d, vlae, vqvae
-from benchmarks import lvae, scaling
+from benchmarks import lvae, scaling, startup, xla_flags
 from benchmarks.common import NUM_CORES, Settings, default_torch_threads, machine
 
 BENCHMARKS = {
@@ -32,6 +32,8 @@ BENCHMARKS = {
     "conv_transpose": conv_transpose.run,
     "lvae_step": lvae.run,
     "scaling": scaling.run,
+    "xla_flags": xla_flags.run,
+    "startup": startup.run,
 }
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")

@@ -61,5 +61,5 @@ def sampling(settings: Settings) -> list[Row]:
 
 
 def train_step(settings: Settings) -> list[Row]:
-    return train_step_rows("vlae_step", "VLAE (MADE prior)", "made", settings, goal=None)
+    return train_step_rows("vlae_step", "VLAE (MADE prior)", "made", settings, goal=1.0)
 

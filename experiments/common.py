@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from experiments import configs
-from lvm_jax import data, errors
+from lvm_jax import compilation_cache, data, errors
 from lvm_jax.models import likelihoods
 from lvm_jax.train import TrainConfig
 
@@ -106,13 +106,6 @@ def parser(config: type[Config], experiment: str, description: str) -> argparse.
     return p
 
 
-def parse(parser: argparse.ArgumentParser, config: type[Config], argv=None):
-    """(the config the command line names, its --workdir); a config that refuses its values
-    raises ConfigError."""
-    flags = parser.parse_args(argv)
-    return configs.from_flags(config, flags), flags.workdir
-
-
 def run(parser: argparse.ArgumentParser, config: type[Config], train_and_evaluate, argv=None):
     """Parses the command line and runs `train_and_evaluate(config, workdir)`.
 
@@ -121,6 +114,7 @@ def run(parser: argparse.ArgumentParser, config: type[Config], train_and_evaluat
     `lvm_jax.errors.UserError`), end the program with a one-line message (exit status 1)
     instead of a traceback. Any other exception is a bug and keeps its traceback.
     """
+    compilation_cache.enable()
     flags = parser.parse_args(argv)
     # Before any JAX computation, as JAX requires; evaluate's parser has no --multihost.
     if getattr(flags, "multihost", False):

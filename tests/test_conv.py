@@ -1,11 +1,14 @@
-"""Convolutional blocks: the sub-pixel transposed convolution equals PyTorch's definition."""
+"""Convolutional blocks: the phase-wise transposed convolution equals PyTorch's definition,
+in value, gradients and FLOPs."""
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lvm_jax.nn.conv import ConvDecoder, ConvEncoder, SubPixelConvTranspose, depth_to_space
+from lvm_jax.nn.conv import (ConvDecoder, ConvEncoder, SubPixelConvTranspose, conv_transpose_4x4_s2,
+                             depth_to_space)
 
 
 def conv_transpose_reference(x, kernel, bias):
@@ -20,7 +23,7 @@ def conv_transpose_reference(x, kernel, bias):
 
 
 @pytest.mark.parametrize("shape, features", [((2, 4, 4, 3), 5), ((1, 3, 7, 2), 4), ((2, 1, 1, 1), 1)])
-def test_subpixel_conv_transpose_equals_pytorch_definition(shape, features):
+def test_layer_equals_the_pytorch_definition(shape, features):
     rng = np.random.default_rng(0)
     x = rng.normal(size=shape).astype(np.float32)
     layer = SubPixelConvTranspose(features)
@@ -31,18 +34,69 @@ def test_subpixel_conv_transpose_equals_pytorch_definition(shape, features):
     np.testing.assert_allclose(layer.apply(params, x), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_subpixel_matches_a_transposed_convolution_with_the_same_kernel():
-    """Same function as lax.conv_transpose with PyTorch's padding (k - 1 - p = 2)."""
+def lax_conv_transpose(x, kernel):
+    """The same function as lax.conv_transpose with PyTorch's padding (k - 1 - p = 2)."""
+    return jax.lax.conv_transpose(x, kernel[::-1, ::-1], (2, 2), ((2, 2), (2, 2)),
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def test_layer_matches_a_transposed_convolution_with_the_same_kernel():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(2, 5, 6, 3)).astype(np.float32)
     layer = SubPixelConvTranspose(4)
     params = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32),
                           layer.init(jax.random.key(0), x))
-    kernel = params["params"]["kernel"]
-    reference = jax.lax.conv_transpose(x, kernel[::-1, ::-1], (2, 2), ((2, 2), (2, 2)),
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    reference = lax_conv_transpose(x, params["params"]["kernel"])
     np.testing.assert_allclose(layer.apply(params, x), reference + params["params"]["bias"],
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape, features", [((2, 4, 4, 3), 5), ((1, 3, 7, 2), 4), ((2, 1, 1, 1), 1)])
+def test_custom_gradients_equal_the_autodiff_of_lax_conv_transpose(shape, features):
+    """The hand-written backward pass (stride-2 convolutions) is the exact adjoint."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=shape).astype(np.float32)
+    kernel = rng.normal(size=(4, 4, shape[-1], features)).astype(np.float32)
+    cotangent = rng.normal(size=(shape[0], 2 * shape[1], 2 * shape[2], features)).astype(np.float32)
+
+    def gradients(f):
+        return jax.jit(jax.grad(lambda x, k: jnp.vdot(f(x, k), cotangent), argnums=(0, 1)))(
+            x, kernel)
+
+    for actual, expected in zip(gradients(conv_transpose_4x4_s2), gradients(lax_conv_transpose)):
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def _xla_flops(f, *args) -> float:
+    cost = jax.jit(f).lower(*args).compile().cost_analysis()
+    return (cost if isinstance(cost, dict) else cost[0])["flops"]
+
+
+def test_forward_and_backward_cost_the_flops_of_the_transposed_convolution():
+    """XLA's cost analysis: as many FLOPs as lax.conv_transpose itself, forward and
+    forward + backward (a 3x3 sub-pixel convolution to 4 * Cout would cost 2.25x)."""
+    x, kernel = jnp.ones((2, 8, 6, 16)), jnp.ones((4, 4, 16, 8))
+    cotangent = jnp.ones((2, 16, 12, 8))
+
+    def with_gradients(f):
+        return lambda x, k: jax.vjp(f, x, k)[1](cotangent)
+
+    assert _xla_flops(conv_transpose_4x4_s2, x, kernel) == _xla_flops(lax_conv_transpose, x, kernel)
+    assert (_xla_flops(with_gradients(conv_transpose_4x4_s2), x, kernel)
+            == _xla_flops(with_gradients(lax_conv_transpose), x, kernel))
+
+
+def test_bfloat16_layer_computes_in_bfloat16_with_float32_parameters():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 4, 4, 8)).astype(np.float32)
+    layer = SubPixelConvTranspose(4, dtype=jnp.bfloat16)
+    params = layer.init(jax.random.key(0), x)
+    y, vjp = jax.vjp(lambda p: layer.apply(p, x), params)
+    assert y.dtype == jnp.bfloat16
+    (grads,) = vjp(jnp.ones_like(y))
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+    expected = SubPixelConvTranspose(4).apply(params, x)
+    np.testing.assert_allclose(y.astype(np.float32), expected, rtol=0.05, atol=0.05)
 
 
 def test_depth_to_space_places_channels_as_row_and_column_phases():

@@ -16,31 +16,16 @@ from jax.typing import DTypeLike
 # which shifts the sampling grid by one pixel.
 PAD1 = ((1, 1), (1, 1))
 
-# For ConvTranspose(kernel 4, stride 2, padding 1), output pixel 2m + r is
-#   r = 0: x[m - 1] * w[3] + x[m] * w[1]
-#   r = 1: x[m] * w[2] + x[m + 1] * w[0]
-# i.e. a 3-tap correlation over x[m - 1], x[m], x[m + 1]. _TAPS[r][t] is the
-# kernel index used at tap t for output phase r (-1: no tap).
-_TAPS = ((3, 1, -1), (-1, 2, 0))
-
-
-def _subpixel_kernel(kernel: jax.Array) -> jax.Array:
-    """(4, 4, Cin, Cout) transposed-conv kernel -> (3, 3, Cin, 4 * Cout) conv kernel.
-
-    Output channels are ordered (row phase, column phase, Cout) for depth-to-space.
-    """
-    cin, cout = kernel.shape[2:]
-    zero = jnp.zeros((cin, cout), kernel.dtype)
-    rows = []
-    for ty in range(3):
-        cols = []
-        for tx in range(3):
-            phases = [kernel[_TAPS[ry][ty], _TAPS[rx][tx]]
-                      if _TAPS[ry][ty] >= 0 and _TAPS[rx][tx] >= 0 else zero
-                      for ry in range(2) for rx in range(2)]
-            cols.append(jnp.concatenate(phases, axis=-1))
-        rows.append(jnp.stack(cols))
-    return jnp.stack(rows)
+# ConvTranspose(kernel 4, stride 2, padding 1) scatters x[i] @ w[a] onto output
+# row 2i - 1 + a (and likewise along columns). Gathered per output row 2m + r:
+#   r = 0: x[m - 1] @ w[3] + x[m] @ w[1]
+#   r = 1: x[m] @ w[2] + x[m + 1] @ w[0]
+# so each output phase (r, s) is a 2x2 convolution of x with the kernel taps
+# w[3 - r::-2, 3 - s::-2], padded by one pixel on the side its window reaches
+# past the edge: 16 multiply-adds per input pixel and channel pair in all,
+# exactly the transposed convolution's, and no zero-dilated input.
+_PHASE_PADDING = ((1, 0), (0, 1))
+_NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def depth_to_space(x: jax.Array, block: int) -> jax.Array:
@@ -51,15 +36,53 @@ def depth_to_space(x: jax.Array, block: int) -> jax.Array:
     return x.reshape(b, h * block, w * block, c)
 
 
+def _stride2_conv(y: jax.Array, kernel: jax.Array) -> jax.Array:
+    """(B, 2H, 2W, Cout) -> (B, H, W, Cin): Conv(4x4, stride 2, padding 1) with the
+    (4, 4, Cin, Cout) kernel read as (H, W, O, I), the adjoint in x of
+    `conv_transpose_4x4_s2(x, kernel)`."""
+    return jax.lax.conv_general_dilated(y, kernel, window_strides=(2, 2), padding=PAD1,
+                                        dimension_numbers=("NHWC", "HWOI", "NHWC"))
+
+
+@jax.custom_vjp
+def conv_transpose_4x4_s2(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """PyTorch's ConvTranspose2d(kernel_size=4, stride=2, padding=1) without bias.
+
+    x (B, H, W, Cin), kernel (4, 4, Cin, Cout) -> (B, 2H, 2W, Cout), where
+    `kernel[a, b]` multiplies the input at offset (a, b) of the scatter view
+    (PyTorch's weight[:, :, a, b]). Forward: four 2x2 convolutions, one per
+    output phase, interleaved by depth-to-space. Backward: the input gradient is
+    one stride-2 convolution of the output gradient and the kernel gradient its
+    kernel gradient, each with the forward's multiply-adds; XLA:CPU runs these
+    faster than the transposes of the four phase convolutions
+    (benchmarks/conv_transpose.py). Reverse-mode differentiable only (a custom VJP).
+    """
+    phases = [jax.lax.conv_general_dilated(
+        x, kernel[3 - r::-2, 3 - s::-2], window_strides=(1, 1),
+        padding=(_PHASE_PADDING[r], _PHASE_PADDING[s]), dimension_numbers=_NHWC)
+        for r in range(2) for s in range(2)]
+    return depth_to_space(jnp.concatenate(phases, axis=-1), 2)
+
+
+def _conv_transpose_forward(x, kernel):
+    return conv_transpose_4x4_s2(x, kernel), (x, kernel)
+
+
+def _conv_transpose_backward(residuals, y_grad):
+    x, kernel = residuals
+    _, kernel_vjp = jax.vjp(lambda k: _stride2_conv(y_grad, k), kernel)
+    return _stride2_conv(y_grad, kernel), kernel_vjp(x)[0]
+
+
+conv_transpose_4x4_s2.defvjp(_conv_transpose_forward, _conv_transpose_backward)
+
+
 class SubPixelConvTranspose(nn.Module):
     """Exactly PyTorch's ConvTranspose2d(kernel_size=4, stride=2, padding=1), H, W -> 2H, 2W.
 
-    Same parameters (a (4, 4, Cin, Cout) kernel and a bias) and the same
-    function; computed as one 3x3 convolution to 4 * Cout channels followed by
-    depth-to-space, which avoids the zero-dilated input of a transposed
-    convolution. Its gradient is several times faster on CPU
-    (benchmarks/conv_transpose.py). `kernel[a, b]` multiplies the input at
-    offset (a, b) of the scatter view, as PyTorch's weight[:, :, a, b].
+    Same parameters (a (4, 4, Cin, Cout) kernel in PyTorch's tap order and a
+    bias) and the same function, computed per output sub-pixel phase by
+    `conv_transpose_4x4_s2` with the FLOPs of the transposed convolution itself.
     Parameters are float32; input, kernel and bias are cast to `dtype` for the
     computation, as in flax's nn.ConvTranspose.
     """
@@ -72,11 +95,8 @@ class SubPixelConvTranspose(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(),
                             (4, 4, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        x, kernel, bias = promote_dtype(x, _subpixel_kernel(kernel), bias, dtype=self.dtype)
-        y = jax.lax.conv_general_dilated(
-            x, kernel, window_strides=(1, 1), padding=PAD1,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return depth_to_space(y, 2) + bias
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return conv_transpose_4x4_s2(x, kernel) + bias
 
 
 class ConvEncoder(nn.Module):
@@ -98,7 +118,7 @@ class ConvDecoder(nn.Module):
     REFERENCE.md §2.
 
     `upsample(features, dtype=dtype)` builds each ConvTranspose(4x4, stride 2,
-    padding 1) layer; the benchmarks swap in flax's `nn.ConvTranspose` to compare.
+    padding 1) layer; the benchmarks swap in other forms of it to compare.
     """
 
     out_channels: int
@@ -111,7 +131,6 @@ class ConvDecoder(nn.Module):
         for width in (128, 64, 32):
             h = nn.relu(self.upsample(width, dtype=self.dtype)(h))
         return nn.Conv(self.out_channels, (3, 3), padding=PAD1, dtype=self.dtype)(h)
-
 
 
 def _batch_norm(train: bool, dtype: DTypeLike) -> nn.BatchNorm:
@@ -168,18 +187,22 @@ class VQEncoder(nn.Module):
 class VQDecoder(nn.Module):
     """z_q (batch, h, w, D) -> images (batch, 4h, 4w, out_channels) in (-1, 1) in `dtype`,
     the VQ-VAE decoder of REFERENCE.md §4: two ResidualBlocks, BN, ReLU, ConvTranspose
-    4x4 s2 to `features`, BN, ReLU, ConvTranspose 4x4 s2 to out_channels, tanh."""
+    4x4 s2 to `features`, BN, ReLU, ConvTranspose 4x4 s2 to out_channels, tanh.
+
+    `upsample(features, dtype=dtype)` builds each ConvTranspose, as in ConvDecoder.
+    """
 
     features: int = 256
     out_channels: int = 3
+    upsample: Callable[..., nn.Module] = SubPixelConvTranspose
     dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, z: jax.Array, train: bool) -> jax.Array:
         for _ in range(2):
             z = ResidualBlock(dtype=self.dtype)(z, train)
-        h = SubPixelConvTranspose(self.features, dtype=self.dtype)(
+        h = self.upsample(self.features, dtype=self.dtype)(
             nn.relu(_batch_norm(train, self.dtype)(z)))
-        h = SubPixelConvTranspose(self.out_channels, dtype=self.dtype)(
+        h = self.upsample(self.out_channels, dtype=self.dtype)(
             nn.relu(_batch_norm(train, self.dtype)(h)))
         return jnp.tanh(h)
