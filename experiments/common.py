@@ -48,6 +48,7 @@ DATA_DIR_HELP = ("where TFDS datasets are prepared (default: TFDS's, $TFDS_DATA_
                  "~/tensorflow_datasets), or where the course's .pkl files are (needed for the "
                  "deepul_* datasets)")
 ImageDataset = Literal[tuple(data.IMAGE_DATASETS)]
+Likelihood = Literal[tuple(sorted(likelihoods.LIKELIHOODS))]
 
 
 @dataclasses.dataclass(frozen=True)

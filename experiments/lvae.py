@@ -147,7 +147,7 @@ class Config(common.Config):
         None, "nats per layer below which a layer's batch-mean KL is not penalised in training "
               "(the reported -ELBO excludes them); default 0.5 up to 6 layers, 1.0 deeper, as "
               "in the seed", configs.NON_NEGATIVE_FLOAT)
-    likelihood: Literal[tuple(sorted(likelihoods.LIKELIHOODS))] | None = configs.setting(
+    likelihood: common.Likelihood | None = configs.setting(
         None, "p(x|z); default bernoulli (binarized data) for greyscale, dmol for RGB")
     latent_channels: int = configs.setting(32, "channels of each z_i", configs.POSITIVE_INT)
     hidden: int = configs.setting(64, "channels of the deterministic paths", configs.POSITIVE_INT)

@@ -108,7 +108,7 @@ class Config(common.Config):
     dataset: common.ImageDataset = configs.setting("mnist_embedded", "the data to train on")
     prior: Prior = configs.setting(
         "standard", "p(z): N(0, I), or the MADE autoregressive flow (VLAE)")
-    likelihood: Literal[tuple(sorted(likelihoods.LIKELIHOODS))] = configs.setting(
+    likelihood: common.Likelihood = configs.setting(
         "unit_gaussian", "p(x|z): N(mu, I) as in the course (unit_gaussian), a learned diagonal "
                          "variance (gaussian), Bernoulli (images binarized at half intensity), or "
                          "the discretized mixture of 10 logistics of PixelCNN++ (dmol), a true "
