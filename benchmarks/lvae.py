@@ -40,12 +40,12 @@ MB = 1e6
 
 def build(dataset: data.Dataset, layers: int):
     """The experiment's model and objective at its command-line defaults."""
-    args = lvae_experiment.parser().parse_args(["--latent_layers", str(layers)])
+    config = lvae_experiment.Config(latent_layers=layers)
     model = lvae_experiment.build_model(
-        dataset, layers, lvae_experiment.default_likelihood(dataset), args.latent_channels,
-        args.hidden, args.blocks_per_layer, args.merge, args.skip, args.gated,
-        args.learn_top_prior, args.data_init)
-    init_data = dataset.train[:lvae_experiment.INIT_EXAMPLES] if args.data_init else None
+        dataset, layers, lvae_experiment.default_likelihood(dataset), config.latent_channels,
+        config.hidden, config.blocks_per_layer, config.merge, config.skip, config.gated,
+        config.learn_top_prior, config.data_init)
+    init_data = dataset.train[:lvae_experiment.INIT_EXAMPLES] if config.data_init else None
     return model, lvae_experiment.make_objective(
         model, lvae_experiment.default_free_bits(layers), init_data)
 

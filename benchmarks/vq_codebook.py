@@ -44,13 +44,15 @@ NUM_SHOWN = 10
 RESULTS_FILE = os.path.join(os.path.dirname(__file__), "results", "vq_codebook.md")
 
 
-def variant_args(args, preset: str) -> argparse.Namespace:
-    """The experiment's flags for one variant: only the preset differs between variants."""
-    flags = ["--dataset", DATASET, "--quantizer", preset, "--prior", PRIOR,
-             "--epochs", str(args.epochs), "--prior_epochs", str(args.prior_epochs),
-             "--seed", str(args.seed), "--workdir", os.path.join(args.workdir, preset)]
-    return vqvae_experiment.parser().parse_args(
-        flags + ["--quick"] * args.quick + ["--no_progress"] * args.no_progress)
+def variant_config(args, preset: str) -> vqvae_experiment.Config:
+    """The experiment's config for one variant: only the preset differs between variants."""
+    return vqvae_experiment.Config(dataset=DATASET, quantizer=preset, prior=(PRIOR,),
+                                   epochs=args.epochs, prior_epochs=args.prior_epochs,
+                                   seed=args.seed, quick=args.quick, no_progress=args.no_progress)
+
+
+def variant_workdir(args, preset: str) -> str:
+    return os.path.join(args.workdir, preset)
 
 
 def _finished(summary_path: str, epochs: int, prior_epochs: int) -> dict | None:
@@ -67,19 +69,19 @@ def _finished(summary_path: str, epochs: int, prior_epochs: int) -> dict | None:
 def budget_epochs(args) -> tuple[int, int]:
     """(VQ-VAE epochs, prior epochs) each variant trains; --quick shortens both as
     experiments.vqvae does."""
-    epochs = common.train_config(variant_args(args, "plain"), convolutional=True).epochs
+    epochs = common.train_config(variant_config(args, "plain"), convolutional=True).epochs
     return epochs, epochs if args.quick else args.prior_epochs
 
 
 def run_variant(args, preset: str) -> dict:
     """Trains (or resumes, or reuses) one variant; its summary.json."""
-    flags = variant_args(args, preset)
-    done = _finished(os.path.join(flags.workdir, "summary.json"), *budget_epochs(args))
+    workdir = variant_workdir(args, preset)
+    done = _finished(os.path.join(workdir, "summary.json"), *budget_epochs(args))
     if done:
         print(f"{preset}: finished earlier, reused")
         return done
     print(f"{preset}: training")
-    return vqvae_experiment.train_and_evaluate(flags)
+    return vqvae_experiment.train_and_evaluate(variant_config(args, preset), workdir)
 
 
 def row(preset: str, summary: dict) -> dict:
@@ -126,13 +128,13 @@ def markdown_table(rows: list[dict], plain_mse: float | None) -> str:
     return "\n".join(lines)
 
 
-def restore_variables(flags, dataset: data.Dataset) -> tuple[vqvae.VQVAE, dict]:
+def restore_variables(args, preset: str, dataset: data.Dataset) -> tuple[vqvae.VQVAE, dict]:
     """The trained VQ-VAE of a variant and its variables, from its latest checkpoint."""
-    options = vqvae_experiment.quantizer_options(flags)
-    model = vqvae_experiment.build_model(flags, dataset, options)
-    config = common.train_config(flags, convolutional=True)
-    like = loop.initial_state(vqvae_experiment.vqvae_objective(model), dataset.train[:1], config)
-    checkpointer = checkpoint.Checkpointer(os.path.join(flags.workdir, "vqvae"))
+    config = variant_config(args, preset)
+    model = vqvae_experiment.build_model(config, dataset, vqvae_experiment.quantizer_options(config))
+    like = loop.initial_state(vqvae_experiment.vqvae_objective(model), dataset.train[:1],
+                              common.train_config(config, convolutional=True))
+    checkpointer = checkpoint.Checkpointer(os.path.join(variant_workdir(args, preset), "vqvae"))
     try:
         state = checkpointer.restore(like)
     finally:
@@ -149,12 +151,12 @@ def save_figures(args, best: list[str]) -> list[str]:
         f"fraction of the {vqvae.NUM_CODES} codes used in a batch",
         "Codebook usage during training (train: per step; test: batch mean per epoch)")]
 
-    dataset = common.load_dataset(variant_args(args, best[0]))
+    dataset = common.load_dataset(variant_config(args, best[0]))
     shown = np.linspace(0, len(dataset.test) - 1, NUM_SHOWN).astype(int)
     images = data.scale_images(dataset.test[shown])
     rows = [np.asarray(images)]
     for preset in best[:3]:
-        model, variables = restore_variables(variant_args(args, preset), dataset)
+        model, variables = restore_variables(args, preset, dataset)
         codes = model.apply(variables, images, method=vqvae.VQVAE.encode)
         rows.append(np.asarray(vqvae.decode(model, variables, codes)))
     figures.append(viz.save_image_grid(

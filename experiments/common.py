@@ -1,13 +1,15 @@
-"""Flags, data loading and reporting shared by the experiment entry points."""
+"""Settings, command lines, data loading and reporting shared by the experiment entry points."""
 
 import argparse
-import math
+import dataclasses
 import os
 from collections.abc import Callable
+from typing import Literal
 
 import jax
 import numpy as np
 
+from experiments import configs
 from lvm_jax import compilation_cache, data, errors
 from lvm_jax.models import likelihoods
 from lvm_jax.train import TrainConfig
@@ -28,7 +30,7 @@ REFERENCE_RESULTS.update({(m, f"deepul_{d}"): v for (m, d), v in list(REFERENCE_
 
 
 class FlagError(errors.ConfigError):
-    """Flags that contradict each other; `run` reports it as a one-line error."""
+    """Settings that contradict each other; `run` reports it as a one-line error."""
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -42,73 +44,62 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
-def _checked(cast: type, holds: Callable[[float], bool], requirement: str) -> Callable[[str], float]:
-    """An argparse `type=` that parses with `cast` and refuses values for which `holds` is
-    false, so that argparse reports the flag before any compute or file write (exit status 2)."""
-
-    def parse(text: str):
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {requirement}") from None
-        if not holds(value):
-            raise argparse.ArgumentTypeError(f"{text} is not {requirement}")
-        return value
-
-    parse.__name__ = requirement
-    return parse
-
-
-positive_int = _checked(int, lambda v: v > 0, "a positive integer")
-non_negative_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
-positive_float = _checked(float, lambda v: 0 < v < math.inf, "a finite positive number")
-non_negative_float = _checked(float, lambda v: 0 <= v < math.inf, "a finite non-negative number")
-# inf is a valid clip norm: no clipping.
-positive_or_inf = _checked(float, lambda v: v > 0, "a positive number (inf allowed)")
-decay_rate = _checked(float, lambda v: 0 <= v < 1, "a decay rate in [0, 1)")
-
 DATA_DIR_HELP = ("where TFDS datasets are prepared (default: TFDS's, $TFDS_DATA_DIR or "
                  "~/tensorflow_datasets), or where the course's .pkl files are (needed for the "
                  "deepul_* datasets)")
+ImageDataset = Literal[tuple(data.IMAGE_DATASETS)]
+Likelihood = Literal[tuple(sorted(likelihoods.LIKELIHOODS))]
 
 
-def parser(experiment: str, description: str, datasets, default_dataset: str,
-           epochs: int) -> argparse.ArgumentParser:
-    """The common flags of DESIGN.md §5, with the REFERENCE.md defaults."""
-    p = argparse.ArgumentParser(prog=f"python -m experiments.{experiment}", description=description,
-                                formatter_class=HelpFormatter)
-    p.add_argument("--dataset", default=default_dataset, choices=datasets, help="the data to train on")
-    p.add_argument("--epochs", type=positive_int, default=epochs,
-                   help="passes over the training set (--quick overrides it)")
-    p.add_argument("--batch_size", type=positive_int, default=128,
-                   help="examples per training step, split over the devices")
-    p.add_argument("--learning_rate", type=positive_float, default=1e-3, help="Adam's step size")
-    p.add_argument("--seed", type=non_negative_int, default=0,
-                   help="seeds initialisation, data order and sampling: a run is reproducible "
-                        "from it")
+@dataclasses.dataclass(frozen=True)
+class Config(configs.Config):
+    """The settings every training experiment has (DESIGN.md §5), with the REFERENCE.md
+    defaults; each experiment's Config adds its own and may change a default."""
+
+    dataset: str = configs.setting("mnist_embedded", "the data to train on")
+    epochs: int = configs.setting(20, "passes over the training set (--quick overrides it)",
+                                  configs.POSITIVE_INT)
+    batch_size: int = configs.setting(128, "examples per training step, split over the devices",
+                                      configs.POSITIVE_INT)
+    learning_rate: float = configs.setting(1e-3, "Adam's step size", configs.POSITIVE_FLOAT)
+    seed: int = configs.setting(0, "seeds initialisation, data order and sampling: a run is "
+                                   "reproducible from it", configs.NON_NEGATIVE_INT)
+    data_dir: str | None = configs.setting(None, DATA_DIR_HELP)
+    quick: bool = configs.setting(
+        False, f"smoke test: {QUICK_TRAIN} train / {QUICK_TEST} test examples, {QUICK_EPOCHS} "
+               "epoch(s); figures say they come from a smoke run")
+    steps_per_call: int | None = configs.setting(
+        None, "training steps compiled into one lax.scan call; default 100, or 1 for "
+              "convolutional models on CPU (XLA:CPU runs convolutions inside loops many times "
+              "slower, jax-ml/jax#12868)", configs.POSITIVE_INT)
+    grad_clip: float | None = configs.setting(
+        None, "clip the global gradient norm to this before each Adam step (inf: no clipping)",
+        configs.POSITIVE_OR_INF)
+    ema_decay: float | None = configs.setting(
+        None, "evaluate, checkpoint and sample with an exponential moving average of the "
+              "parameters with this decay (e.g. 0.999); 0 turns it off", configs.DECAY_RATE)
+    no_progress: bool = configs.setting(False, "hide the progress bar")
+    dtype: Literal["float32", "bfloat16"] = configs.setting(
+        "float32", "dtype of the model's activations: bfloat16 runs the convolutions and matrix "
+                   "multiplies at bfloat16 speed on GPUs and TPUs, while parameters, optimizer "
+                   "state, losses and metrics stay float32 (no faster on CPU)")
+
+    # config.json keeps the loop's settings under "train", as TrainConfig names them.
+    SAVED_IN_TRAIN = {"epochs": "epochs", "batch_size": "batch_size",
+                      "learning_rate": "learning_rate", "seed": "seed",
+                      "steps_per_call": "steps_per_call", "grad_clip": "grad_clip_norm",
+                      "ema_decay": "ema_decay"}
+
+
+def parser(config: type[Config], experiment: str, description: str) -> argparse.ArgumentParser:
+    """The command line of `experiment`: a flag for every field of `config`, then --workdir
+    and --multihost, which say where and how this process runs rather than what it runs."""
+    p = configs.add_flags(argparse.ArgumentParser(prog=f"python -m experiments.{experiment}",
+                                                  description=description,
+                                                  formatter_class=HelpFormatter), config)
     p.add_argument("--workdir", default=None,
                    help=f"output directory; default runs/{experiment}/<dataset>. Rerunning with the "
                         "same workdir resumes from its latest checkpoint.")
-    p.add_argument("--data_dir", default=None,
-                   help=DATA_DIR_HELP)
-    p.add_argument("--quick", action="store_true",
-                   help=f"smoke test: {QUICK_TRAIN} train / {QUICK_TEST} test examples, "
-                        f"{QUICK_EPOCHS} epoch(s); figures say they come from a smoke run")
-    p.add_argument("--steps_per_call", type=positive_int, default=None,
-                   help="training steps compiled into one lax.scan call; default 100, or 1 for "
-                        "convolutional models on CPU (XLA:CPU runs convolutions inside loops many "
-                        "times slower, jax-ml/jax#12868)")
-    p.add_argument("--grad_clip", type=positive_or_inf, default=None,
-                   help="clip the global gradient norm to this before each Adam step (inf: no "
-                        "clipping)")
-    p.add_argument("--ema_decay", type=decay_rate, default=None,
-                   help="evaluate, checkpoint and sample with an exponential moving average of "
-                        "the parameters with this decay (e.g. 0.999); 0 turns it off")
-    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="dtype of the model's activations: bfloat16 runs the convolutions and "
-                        "matrix multiplies at bfloat16 speed on GPUs and TPUs, while parameters, "
-                        "optimizer state, losses and metrics stay float32 (no faster on CPU)")
     p.add_argument("--multihost", action="store_true",
                    help="one process of a multi-host run (TPU pod, SLURM or Open MPI job): calls "
                         "jax.distributed.initialize(), which finds the other hosts; --workdir "
@@ -116,40 +107,45 @@ def parser(experiment: str, description: str, datasets, default_dataset: str,
     return p
 
 
-def run(parser: argparse.ArgumentParser, train_and_evaluate, argv=None, *extra):
-    """Parses flags and runs; a problem with the flags, the data, the workdir or the numerics
-    (an `lvm_jax.errors.UserError`) ends the program with its one-line message (exit status
-    1) instead of a traceback. Any other exception is a bug and keeps its traceback."""
+def run(parser: argparse.ArgumentParser, config: type[Config], train_and_evaluate, argv=None):
+    """Parses the command line and runs `train_and_evaluate(config, workdir)`.
+
+    A value out of range is refused by argparse (exit status 2). Settings that contradict
+    each other, and any problem with the data, the workdir or the numerics (an
+    `lvm_jax.errors.UserError`), end the program with a one-line message (exit status 1)
+    instead of a traceback. Any other exception is a bug and keeps its traceback.
+    """
     compilation_cache.enable()
-    args = parser.parse_args(argv)
+    flags = parser.parse_args(argv)
     # Before any JAX computation, as JAX requires; evaluate's parser has no --multihost.
-    if getattr(args, "multihost", False):
+    if getattr(flags, "multihost", False):
         jax.distributed.initialize()
     try:
-        return train_and_evaluate(args, *extra)
+        return train_and_evaluate(configs.from_flags(config, flags), flags.workdir)
     except errors.UserError as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
 
 
-def workdir(args, experiment: str) -> str:
-    if args.workdir:
-        return args.workdir
-    return os.path.join("runs", experiment, args.dataset + ("_quick" if args.quick else ""))
+def workdir(config: Config, experiment: str, workdir: str | None = None) -> str:
+    """`workdir`, or by default runs/<experiment>/<dataset>[_quick]."""
+    if workdir:
+        return workdir
+    return os.path.join("runs", experiment, config.dataset + ("_quick" if config.quick else ""))
 
 
-def load_dataset(args, name: str | None = None) -> data.Dataset:
-    """Loads the dataset the flags name; --quick keeps a small fixed subset."""
-    dataset = data.load(name or args.dataset, args.data_dir)
-    if args.quick:
+def load_dataset(config, name: str | None = None) -> data.Dataset:
+    """Loads the dataset `config` names (or `name`); `quick` keeps a small fixed subset."""
+    dataset = data.load(name or config.dataset, config.data_dir)
+    if config.quick:
         dataset = data.Dataset(dataset.name, dataset.train[:QUICK_TRAIN], dataset.test[:QUICK_TEST],
                                dataset.kind)
     return dataset
 
 
-def figure_title(title: str, args, steps: int) -> str:
+def figure_title(title: str, config: Config, steps: int) -> str:
     """The title of a run's figures: a --quick run's say that they show a smoke run of `steps`
     training steps, not a trained model."""
-    return f"{title} [--quick smoke run, {steps} steps: not a trained model]" if args.quick else title
+    return f"{title} [--quick smoke run, {steps} steps: not a trained model]" if config.quick else title
 
 
 def image_preprocess(likelihood) -> Callable:
@@ -158,21 +154,23 @@ def image_preprocess(likelihood) -> Callable:
     return data.binarize_images if isinstance(likelihood, likelihoods.Bernoulli) else data.scale_images
 
 
-def train_config(args, convolutional: bool) -> TrainConfig:
-    steps_per_call = args.steps_per_call
+def train_config(config: Config, convolutional: bool) -> TrainConfig:
+    """The training loop's settings in `config`."""
+    steps_per_call = config.steps_per_call
     if steps_per_call is None:
         steps_per_call = 1 if convolutional and jax.default_backend() == "cpu" else 100
-    return TrainConfig(epochs=QUICK_EPOCHS if args.quick else args.epochs, batch_size=args.batch_size,
-                       learning_rate=args.learning_rate, seed=args.seed,
-                       steps_per_call=steps_per_call, grad_clip_norm=args.grad_clip,
-                       ema_decay=args.ema_decay or None,
-                       progress=not args.no_progress)
+    return TrainConfig(epochs=QUICK_EPOCHS if config.quick else config.epochs,
+                       batch_size=config.batch_size, learning_rate=config.learning_rate,
+                       seed=config.seed, steps_per_call=steps_per_call,
+                       grad_clip_norm=config.grad_clip, ema_decay=config.ema_decay or None,
+                       progress=not config.no_progress)
 
 
-def run_config(args, experiment: str, **model_settings) -> dict:
-    """What identifies a run: a resumed run must match it."""
-    return {"experiment": experiment, "dataset": args.dataset, "quick": bool(args.quick),
-            "dtype": args.dtype, **model_settings}
+def run_config(config: Config, experiment: str, **model_settings) -> dict:
+    """What identifies a run, saved in config.json beside the loop's settings: a resumed run
+    must match it, and `Config.from_json` reads the config's fields back from it."""
+    return {"experiment": experiment, "dataset": config.dataset, "quick": config.quick,
+            "dtype": config.dtype, **model_settings}
 
 
 def as_float(metrics: dict) -> dict:

@@ -17,6 +17,7 @@ Adds to the run's summary.json:
 """
 
 import argparse
+import dataclasses
 import importlib
 import inspect
 import os
@@ -29,7 +30,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from experiments import common
+from experiments import common, configs
 from lvm_jax import data, evaluate
 from lvm_jax.models.priors import StandardNormalPrior
 from lvm_jax.train import (CheckpointError, Checkpointer, Objective, TrainConfig,
@@ -119,46 +120,66 @@ def _note(message: str) -> None:
     print(message, flush=True)
 
 
-def evaluate_run(args) -> dict:
-    """Evaluates the run in `args.workdir` and merges the results into its summary.json,
+@dataclasses.dataclass(frozen=True)
+class Config(configs.Config):
+    """The settings of an importance-weighted evaluation."""
+
+    num_samples: int = configs.setting(1000, "importance samples k per example",
+                                       configs.POSITIVE_INT)
+    chunk: int = configs.setting(100, "samples per compiled call (divides num_samples); bounds "
+                                      "the memory", configs.POSITIVE_INT)
+    batch_size: int = configs.setting(50, "test examples per compiled call", configs.POSITIVE_INT)
+    active_threshold: float = configs.setting(
+        0.01, "a latent dimension is active when Cov_x(E_q[z_u]) exceeds this",
+        configs.NON_NEGATIVE_FLOAT)
+    num_examples: int | None = configs.setting(
+        None, "evaluate the IWAE bound on the first N test examples only (default all)",
+        configs.POSITIVE_INT)
+    seed: int = configs.setting(0, "seeds the importance samples", configs.NON_NEGATIVE_INT)
+    data_dir: str | None = configs.setting(None, common.DATA_DIR_HELP)
+    no_progress: bool = configs.setting(False, "hide the progress bar")
+
+
+def evaluate_run(config: Config, workdir: str) -> dict:
+    """Evaluates the run in `workdir` and merges the results into its summary.json,
     holding the workdir's lock so that no training run writes there meanwhile."""
-    with workdir_lock.locked(args.workdir, create=False):
-        return _evaluate_run(args)
+    with workdir_lock.locked(workdir, create=False):
+        return _evaluate_run(config, workdir)
 
 
-def _evaluate_run(args) -> dict:
+def _evaluate_run(config: Config, workdir: str) -> dict:
     start = time.perf_counter()
-    _note(f"restoring the run in {args.workdir}")
-    run = load_run(args.workdir, args.data_dir)
+    _note(f"restoring the run in {workdir}")
+    run = load_run(workdir, config.data_dir)
     dataset, model, params = run.dataset, run.model, run.params
     preprocess = run.objective.preprocess
 
     def iwae_nll(examples, num_samples, progress=False):
-        return evaluate.iwae_nll(model, params, examples, jax.random.key(args.seed), num_samples,
-                                 args.chunk, args.batch_size, preprocess, progress)
+        return evaluate.iwae_nll(model, params, examples, jax.random.key(config.seed), num_samples,
+                                 config.chunk, config.batch_size, preprocess, progress)
 
     # A fixed subset keeps k = 1000 affordable for convolutional models on a CPU.
-    examples = dataset.test[:args.num_examples]
+    examples = dataset.test[:config.num_examples]
     # One chunk of one (padded) batch compiles every call's shapes, so the timing leaves it out.
     _note(f"compiling the importance-weighted bound (step {run.step} checkpoint)")
-    iwae_nll(examples[:1], min(args.chunk, args.num_samples))
-    _note(f"IWAE bound with k={args.num_samples} on {len(examples)} test examples")
+    iwae_nll(examples[:1], min(config.chunk, config.num_samples))
+    _note(f"IWAE bound with k={config.num_samples} on {len(examples)} test examples")
     tic = time.perf_counter()
-    nll = iwae_nll(examples, args.num_samples, progress=not args.no_progress)
+    nll = iwae_nll(examples, config.num_samples, progress=not config.no_progress)
     seconds = time.perf_counter() - tic
     _note("latent diagnostics (active units, per-dimension KL)")
-    num_active, activity = evaluate.active_units(model, params, dataset.test, args.active_threshold,
+    num_active, activity = evaluate.active_units(model, params, dataset.test, config.active_threshold,
                                                  preprocess=preprocess)
-    diagnostics = {"active_units_threshold": args.active_threshold,
+    diagnostics = {"active_units_threshold": config.active_threshold,
                    "unit_activity": activity.tolist()}
     if isinstance(getattr(model, "prior", None), StandardNormalPrior):  # the LVAE has none
         diagnostics["kl_per_dim"] = evaluate.per_dim_kl(model, params, dataset.test,
                                                         preprocess=preprocess).tolist()
 
-    summary_path = os.path.join(args.workdir, "summary.json")
+    summary_path = os.path.join(workdir, "summary.json")
     metrics = {"iwae_nll": float(nll.mean()),
                "iwae_nll_stderr": float(nll.std(ddof=1) / np.sqrt(len(nll))),
-               "iwae_num_samples": args.num_samples, "iwae_num_examples": len(nll),
+               "iwae_num_samples": config.num_samples, "iwae_num_examples": len(nll),
                "active_units": num_active}
     if len(nll) < len(dataset.test):  # the -ELBO of the same examples, for a like comparison
         metrics["neg_elbo_iwae_examples"] = float(iwae_nll(examples, 1).mean())
@@ -172,12 +193,12 @@ def _evaluate_run(args) -> dict:
         "latent_diagnostics": diagnostics,
         "iwae_evaluation": {
             "checkpoint_step": run.step, "iwae_seconds": seconds,
-            "samples_per_second": len(nll) * args.num_samples / seconds,
+            "samples_per_second": len(nll) * config.num_samples / seconds,
             "wall_time_seconds": total_seconds, "device": device_description()}})
 
     bits = metrics.get("iwae_bits_per_dim")
     elbo = metrics.get("neg_elbo_iwae_examples", summary["test_metrics"].get("neg_elbo"))
-    print(f"{run.config['experiment']} on {dataset.name}: IWAE NLL (k={args.num_samples}) "
+    print(f"{run.config['experiment']} on {dataset.name}: IWAE NLL (k={config.num_samples}) "
           f"{metrics['iwae_nll']:.3f} ± {metrics['iwae_nll_stderr']:.3f} nats"
           + (f" ({bits:.4f} bits/dim)" if bits is not None else "")
           + (f", -ELBO {elbo:.3f}" if elbo is not None else "")
@@ -187,27 +208,15 @@ def _evaluate_run(args) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__,
-                                formatter_class=common.HelpFormatter)
+    p = configs.add_flags(argparse.ArgumentParser(prog="python -m experiments.evaluate",
+                                                  description=__doc__,
+                                                  formatter_class=common.HelpFormatter), Config)
     p.add_argument("--workdir", required=True, help="the training run's output directory")
-    p.add_argument("--num_samples", type=common.positive_int, default=1000, help="importance samples k per example")
-    p.add_argument("--chunk", type=common.positive_int, default=100,
-                   help="samples per compiled call (divides num_samples); bounds the memory")
-    p.add_argument("--batch_size", type=common.positive_int, default=50, help="test examples per compiled call")
-    p.add_argument("--active_threshold", type=common.non_negative_float, default=0.01,
-                   help="a latent dimension is active when Cov_x(E_q[z_u]) exceeds this")
-    p.add_argument("--num_examples", type=common.positive_int, default=None,
-                   help="evaluate the IWAE bound on the first N test examples only (default all)")
-    p.add_argument("--seed", type=common.non_negative_int, default=0,
-                   help="seeds the importance samples")
-    p.add_argument("--data_dir", default=None,
-                   help=common.DATA_DIR_HELP)
-    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return p
 
 
 def main(argv=None):
-    return common.run(parser(), evaluate_run, argv)
+    return common.run(parser(), Config, evaluate_run, argv)
 
 
 if __name__ == "__main__":

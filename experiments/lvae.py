@@ -18,15 +18,17 @@ checkpoints/.
 """
 
 import argparse
+import dataclasses
 import functools
 import os
 import sys
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import common
+from experiments import common, configs
 from lvm_jax import data, evaluate, viz
 from lvm_jax.models import likelihoods, lvae
 from lvm_jax.train import Objective, fit, records
@@ -135,32 +137,67 @@ def save_figures(model: lvae.LVAE, params, test: jax.Array, workdir: str, seed: 
     return figures
 
 
-def train_and_evaluate(args) -> dict:
-    workdir = common.workdir(args, "lvae")
-    dataset = common.load_dataset(args)
+@dataclasses.dataclass(frozen=True)
+class Config(common.Config):
+    """The Ladder VAE's settings."""
+
+    dataset: common.ImageDataset = configs.setting("mnist_embedded", "the data to train on")
+    latent_layers: int = configs.setting(3, "stochastic layers L", configs.POSITIVE_INT)
+    free_bits: float | None = configs.setting(
+        None, "nats per layer below which a layer's batch-mean KL is not penalised in training "
+              "(the reported -ELBO excludes them); default 0.5 up to 6 layers, 1.0 deeper, as "
+              "in the seed", configs.NON_NEGATIVE_FLOAT)
+    likelihood: common.Likelihood | None = configs.setting(
+        None, "p(x|z); default bernoulli (binarized data) for greyscale, dmol for RGB")
+    latent_channels: int = configs.setting(32, "channels of each z_i", configs.POSITIVE_INT)
+    hidden: int = configs.setting(64, "channels of the deterministic paths", configs.POSITIVE_INT)
+    blocks_per_layer: int = configs.setting(
+        2, "residual blocks per layer in each path (the seed uses 4)", configs.POSITIVE_INT)
+    merge: Literal[tuple(lvae.MERGES)] = configs.setting(
+        "learned", "how q combines the bottom-up and top-down paths below the top layer: a "
+                   "learned merge (the seed's) or precision weighting (the paper's)")
+    skip: bool = configs.setting(True, "condition each layer on all layers above (else on the "
+                                       "one above)")
+    gated: bool = configs.setting(True, "gated residual blocks")
+    learn_top_prior: bool = configs.setting(True, "learn p(z_L) (else N(0, I))")
+    data_init: bool = configs.setting(
+        True, f"data-dependent initialisation on {INIT_EXAMPLES} training examples")
+    iwae_samples: int = configs.setting(
+        0, "after training, the importance-weighted test NLL with this many samples per example "
+           "(e.g. 1000); 0 skips it", configs.NON_NEGATIVE_INT)
+    iwae_examples: int | None = configs.setting(
+        None, "evaluate the importance-weighted NLL on the first this many test examples "
+              "(default all)", configs.POSITIVE_INT)
+
+
+def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
+    """Trains (or resumes) the run `config` describes in `workdir` (default
+    runs/lvae/<dataset>), writes its figures and summary.json, and returns the summary."""
+    workdir = common.workdir(config, "lvae", workdir)
+    dataset = common.load_dataset(config)
     if dataset.kind != "image":
         raise data.DataError(f"lvae trains on images; {dataset.name} is not an image dataset.")
-    likelihood = args.likelihood or default_likelihood(dataset)
-    free_bits = default_free_bits(args.latent_layers) if args.free_bits is None else args.free_bits
-    settings = dict(latent_layers=args.latent_layers, likelihood=likelihood,
-                    latent_channels=args.latent_channels, hidden=args.hidden,
-                    blocks_per_layer=args.blocks_per_layer, merge=args.merge, skip=args.skip,
-                    gated=args.gated,
-                    learn_top_prior=args.learn_top_prior, data_init=args.data_init)
-    model = build_model(dataset, **settings, dtype=args.dtype)
+    likelihood = config.likelihood or default_likelihood(dataset)
+    free_bits = default_free_bits(config.latent_layers) if config.free_bits is None else config.free_bits
+    settings = dict(latent_layers=config.latent_layers, likelihood=likelihood,
+                    latent_channels=config.latent_channels, hidden=config.hidden,
+                    blocks_per_layer=config.blocks_per_layer, merge=config.merge, skip=config.skip,
+                    gated=config.gated,
+                    learn_top_prior=config.learn_top_prior, data_init=config.data_init)
+    model = build_model(dataset, **settings, dtype=config.dtype)
     objective = make_objective(model, free_bits,
-                               dataset.train[:INIT_EXAMPLES] if args.data_init else None)
-    result = fit(objective, dataset.train, dataset.test, common.train_config(args, convolutional=True),
-                 workdir, common.run_config(args, "lvae", free_bits=free_bits, **settings))
+                               dataset.train[:INIT_EXAMPLES] if config.data_init else None)
+    result = fit(objective, dataset.train, dataset.test, common.train_config(config, convolutional=True),
+                 workdir, common.run_config(config, "lvae", free_bits=free_bits, **settings))
     params = result.state.eval_params
     metrics = dict(result.test_metrics)
     metrics["bits_per_dim"] = float(evaluate.image_bits_per_dim(metrics["neg_elbo"], dataset.num_dims,
                                                                 model.likelihood))
     units = dict(objective.units)
-    if args.iwae_samples:
-        metrics.update(iwae_metrics(model, params, dataset.test[:args.iwae_examples],
-                                    objective.preprocess, args.iwae_samples, args.seed,
-                                    not args.no_progress))
+    if config.iwae_samples:
+        metrics.update(iwae_metrics(model, params, dataset.test[:config.iwae_examples],
+                                    objective.preprocess, config.iwae_samples, config.seed,
+                                    not config.no_progress))
         units.update(iwae_nll=f"{NATS}, importance-weighted bound with iwae_num_samples samples "
                               "on the first iwae_num_examples test examples",
                      iwae_nll_stderr=f"{NATS}, standard error of the mean over those examples",
@@ -168,19 +205,21 @@ def train_and_evaluate(args) -> dict:
                                             f"({ELBO_SAMPLES} samples each)",
                      iwae_num_samples="importance samples per example",
                      iwae_num_examples="test examples evaluated")
-    title = f"LVAE ({args.latent_layers} layer{'s' if args.latent_layers > 1 else ''}) on {dataset.name}"
+    title = f"LVAE ({config.latent_layers} layer{'s' if config.latent_layers > 1 else ''}) on {dataset.name}"
     test_images = objective.preprocess(jnp.asarray(dataset.test[:50]))
-    figures = save_figures(model, params, test_images, workdir, args.seed,
-                           common.figure_title(title, args, int(result.state.step)))
-    kl_per_layer = [metrics[f"kl_layer_{i}"] for i in range(1, args.latent_layers + 1)]
+    step = int(result.state.step)
+    figures = save_figures(model, params, test_images, workdir, config.seed,
+                           common.figure_title(title, config, step))
+    records.write_figures_to_tensorboard(workdir, figures, step)
+    kl_per_layer = [metrics[f"kl_layer_{i}"] for i in range(1, config.latent_layers + 1)]
     summary = records.update_json(os.path.join(workdir, "summary.json"), {
         "test_metrics": metrics, "units": units, "dataset": dataset.describe(),
         "kl_per_layer": kl_per_layer, "free_bits": free_bits,
         "num_parameters": int(sum(p.size for p in jax.tree.leaves(params))),
         "figures": [os.path.basename(f) for f in figures]})
     print(f"{title}: test -ELBO {metrics['neg_elbo']:.2f} nats ({metrics['bits_per_dim']:.4f} bits/dim)"
-          + (f", IWAE NLL (k={args.iwae_samples}) {metrics['iwae_nll']:.2f} nats"
-             if args.iwae_samples else "")
+          + (f", IWAE NLL (k={config.iwae_samples}) {metrics['iwae_nll']:.2f} nats"
+             if config.iwae_samples else "")
           + f", recon {metrics['recon']:.2f}, KL {metrics['kl']:.2f} = "
           + " + ".join(f"{kl:.2f}" for kl in kl_per_layer) + " (layer 1 first)")
     print(f"figures, metrics.csv and summary.json in {workdir}")
@@ -188,40 +227,11 @@ def train_and_evaluate(args) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = common.parser("lvae", __doc__, data.IMAGE_DATASETS, "mnist_embedded", epochs=20)
-    p.add_argument("--latent_layers", type=common.positive_int, default=3, help="stochastic layers L")
-    p.add_argument("--free_bits", type=common.non_negative_float, default=None,
-                   help="nats per layer below which a layer's batch-mean KL is not penalised in "
-                        "training (the reported -ELBO excludes them); default 0.5 up to 6 layers, "
-                        "1.0 deeper, as in the seed")
-    p.add_argument("--likelihood", default=None, choices=sorted(likelihoods.LIKELIHOODS),
-                   help="p(x|z); default bernoulli (binarized data) for greyscale, dmol for RGB")
-    p.add_argument("--latent_channels", type=common.positive_int, default=32, help="channels of each z_i")
-    p.add_argument("--hidden", type=common.positive_int, default=64, help="channels of the deterministic paths")
-    p.add_argument("--blocks_per_layer", type=common.positive_int, default=2,
-                   help="residual blocks per layer in each path (the seed uses 4)")
-    p.add_argument("--merge", default="learned", choices=lvae.MERGES,
-                   help="how q combines the bottom-up and top-down paths below the top layer: "
-                        "a learned merge (the seed's) or precision weighting (the paper's)")
-    p.add_argument("--skip", action=argparse.BooleanOptionalAction, default=True,
-                   help="condition each layer on all layers above (else on the one above)")
-    p.add_argument("--gated", action=argparse.BooleanOptionalAction, default=True,
-                   help="gated residual blocks")
-    p.add_argument("--learn_top_prior", action=argparse.BooleanOptionalAction, default=True,
-                   help="learn p(z_L) (else N(0, I))")
-    p.add_argument("--data_init", action=argparse.BooleanOptionalAction, default=True,
-                   help=f"data-dependent initialisation on {INIT_EXAMPLES} training examples")
-    p.add_argument("--iwae_samples", type=common.non_negative_int, default=0,
-                   help="after training, the importance-weighted test NLL with this many samples "
-                        "per example (e.g. 1000); 0 skips it")
-    p.add_argument("--iwae_examples", type=common.positive_int, default=None,
-                   help="evaluate the importance-weighted NLL on the first this many test examples "
-                        "(default all)")
-    return p
+    return common.parser(Config, "lvae", __doc__)
 
 
 def main(argv=None):
-    common.run(parser(), train_and_evaluate, argv)
+    return common.run(parser(), Config, train_and_evaluate, argv)
 
 
 if __name__ == "__main__":

@@ -18,16 +18,18 @@ Digits are 28x28 (the embedded 32x32 digits are cropped back), flattened to
 784 dimensions in [-1, 1]; the Bernoulli decoder sees them binarized at 0.5.
 """
 
+import dataclasses
 import functools
 import os
 import sys
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from experiments import common
+from experiments import common, configs
 from lvm_jax import data, evaluate, viz
 from lvm_jax.models import likelihoods, vae
 from lvm_jax.train import Objective, fit, records
@@ -65,12 +67,12 @@ def count_parameters(params) -> int:
     return int(sum(p.size for p in jax.tree.leaves(params)))
 
 
-def train_variant(args, dataset, workdir, likelihood, hidden, num_samples):
-    model = build_model(likelihood, hidden, args.latent_dim, args.dtype)
+def train_variant(config, dataset, workdir, likelihood, hidden, num_samples):
+    model = build_model(likelihood, hidden, config.latent_dim, config.dtype)
     objective = make_objective(model, num_samples)
-    result = fit(objective, dataset.train, dataset.test, common.train_config(args, convolutional=False),
-                 workdir, common.run_config(args, EXPERIMENT, likelihood=likelihood,
-                                            hidden=list(hidden), latent_dim=args.latent_dim,
+    result = fit(objective, dataset.train, dataset.test, common.train_config(config, convolutional=False),
+                 workdir, common.run_config(config, EXPERIMENT, likelihood=likelihood,
+                                            hidden=list(hidden), latent_dim=config.latent_dim,
                                             num_samples=num_samples))
     return model, objective, result
 
@@ -79,12 +81,12 @@ def to_images(x_flat) -> np.ndarray:
     return np.asarray(x_flat).reshape(-1, 28, 28, 1)
 
 
-def decoder_study(args, dataset, root) -> dict:
+def decoder_study(config, dataset, root) -> dict:
     rows, panels = {}, []
     test = dataset.test[:16]
     for name in DECODERS:
         workdir = os.path.join(root, "decoders", name)
-        model, objective, result = train_variant(args, dataset, workdir, name, (400,), num_samples=5)
+        model, objective, result = train_variant(config, dataset, workdir, name, (400,), num_samples=5)
         params = result.state.eval_params
         x = objective.preprocess(jnp.asarray(test))
         recon = model.apply({"params": params}, x, method=vae.VAE.reconstruct)
@@ -94,9 +96,10 @@ def decoder_study(args, dataset, root) -> dict:
             metrics["neg_elbo"], 784, model.likelihood))
         rows[name] = metrics
     title = common.figure_title("original | reconstruction; rows of 4 pairs: "
-                                + ", then ".join(DECODERS.values()), args, int(result.state.step))
+                                + ", then ".join(DECODERS.values()), config, int(result.state.step))
     figure = viz.save_image_grid(np.concatenate(panels), os.path.join(root, "decoders.png"), ncols=8,
                                  title=title)
+    records.write_figures_to_tensorboard(root, [figure], int(result.state.step))
     return {"metrics": rows, "figure": os.path.basename(figure)}
 
 
@@ -127,15 +130,15 @@ def save_gif(frames: np.ndarray, path: str) -> str:
     return path
 
 
-def depth_study(args, dataset, root) -> dict:
+def depth_study(config, dataset, root) -> dict:
     rows, curves = {}, {}
-    rng = jax.random.key(args.seed + 1)
+    rng = jax.random.key(config.seed + 1)
     for name, hidden in DEPTHS.items():
         workdir = os.path.join(root, "depth", name)
-        model, objective, result = train_variant(args, dataset, workdir, "unit_gaussian", hidden, 1)
+        model, objective, result = train_variant(config, dataset, workdir, "unit_gaussian", hidden, 1)
         params = result.state.eval_params
         variables = {"params": params}
-        title = common.figure_title(name, args, int(result.state.step))
+        title = common.figure_title(name, config, int(result.state.step))
         digits = dataset.test[:256]  # fewer with --quick
         x = objective.preprocess(jnp.asarray(digits))
         mean, log_var = model.apply(variables, x, method=vae.VAE.encode)
@@ -155,6 +158,7 @@ def depth_study(args, dataset, root) -> dict:
                                title=f"{title}: KL per latent dimension ({len(digits)} test digits)"),
             save_gif(limiting_chain(model, params, rng), os.path.join(root, f"{name}_chain.gif")),
         ]
+        records.write_figures_to_tensorboard(root, figures, int(result.state.step))
         rows[name] = {**result.test_metrics, "parameters": count_parameters(params),
                       "collapsed_dims": int(np.sum(kl_dims < COLLAPSE_NATS)),
                       "figures": [os.path.basename(f) for f in figures]}
@@ -162,22 +166,41 @@ def depth_study(args, dataset, root) -> dict:
     figure = viz.save_curve_comparison(curves, os.path.join(root, "depth_elbo_curves.png"),
                                        name="neg_elbo", unit=NATS,
                                        title=common.figure_title(
-                                           "test -ELBO: baseline vs deep MLP VAE", args,
+                                           "test -ELBO: baseline vs deep MLP VAE", config,
                                            int(result.state.step)))
+    records.write_figures_to_tensorboard(root, [figure], int(result.state.step))
     return {"metrics": rows, "figure": os.path.basename(figure)}
 
 
-def train_and_evaluate(args) -> dict:
-    root = common.workdir(args, EXPERIMENT)
-    dataset = common.load_dataset(args)
+@dataclasses.dataclass(frozen=True)
+class Config(common.Config):
+    """The MLP VAE studies' settings."""
+
+    dataset: Literal["mnist_embedded", "mnist"] = configs.setting("mnist_embedded",
+                                                                  "the data to train on")
+    # A learned-variance Gaussian on digits is unbounded above (constant background pixels
+    # let the variance shrink without limit); unclipped, its gradient norms reach 1e5 and
+    # the test -ELBO swings by 1000 nats between epochs.
+    grad_clip: float | None = configs.redefault(common.Config, "grad_clip", 1000.0)
+    study: Literal["all", "decoders", "depth"] = configs.setting(
+        "all", "which study to run: the three decoders (seed 001), the two depths (seed 004), "
+               "or both")
+    latent_dim: int = configs.setting(20, "latent dimensions", configs.POSITIVE_INT)
+
+
+def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
+    """Runs (or resumes) the studies `config` names under `workdir` (default
+    runs/mlp_vae/<dataset>), writes their figures and summary.json, and returns the summary."""
+    root = common.workdir(config, EXPERIMENT, workdir)
+    dataset = common.load_dataset(config)
     if dataset.event_shape != (32, 32, 1):
         raise data.DataError(f"{EXPERIMENT} takes MNIST digits; {dataset.name} has shape "
                              f"{dataset.event_shape}.")
     studies = {}
-    if args.study in ("decoders", "all"):
-        studies["decoders"] = decoder_study(args, dataset, root)
-    if args.study in ("depth", "all"):
-        studies["depth"] = depth_study(args, dataset, root)
+    if config.study in ("decoders", "all"):
+        studies["decoders"] = decoder_study(config, dataset, root)
+    if config.study in ("depth", "all"):
+        studies["depth"] = depth_study(config, dataset, root)
     summary = records.update_json(os.path.join(root, "summary.json"), {
         "studies": studies, "units": UNITS, "dataset": dataset.describe()})
     for study, result in studies.items():
@@ -191,19 +214,11 @@ def train_and_evaluate(args) -> dict:
 
 
 def parser():
-    p = common.parser(EXPERIMENT, __doc__, ["mnist_embedded", "mnist"], "mnist_embedded", epochs=20)
-    p.add_argument("--study", default="all", choices=["all", "decoders", "depth"],
-                   help="which study to run: the three decoders (seed 001), the two depths (seed 004), or both")
-    p.add_argument("--latent_dim", type=common.positive_int, default=20, help="latent dimensions")
-    # A learned-variance Gaussian on digits is unbounded above (constant background pixels
-    # let the variance shrink without limit); unclipped, its gradient norms reach 1e5 and
-    # the test -ELBO swings by 1000 nats between epochs.
-    p.set_defaults(grad_clip=1000.0)
-    return p
+    return common.parser(Config, EXPERIMENT, __doc__)
 
 
 def main(argv=None):
-    return common.run(parser(), train_and_evaluate, argv)
+    return common.run(parser(), Config, train_and_evaluate, argv)
 
 
 if __name__ == "__main__":

@@ -6,19 +6,22 @@ Writes into the workdir: samples.png (100 prior samples), reconstructions.png
 (50 test images, each beside its reconstruction), interpolations.png (10 rows
 of 10 frames between the encodings of two test images), curves.png,
 metrics.csv, summary.json (test -ELBO, recon and KL in nats per example,
-bits/dim, and the course's summed-squared-error units) and checkpoints/.
+bits/dim, and the course's summed-squared-error units), checkpoints/ and
+tensorboard/ (the scalars of metrics.csv and the figures).
 `experiments.vlae` runs the same with the MADE-flow prior.
 """
 
+import dataclasses
 import functools
 import os
 import sys
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import common
+from experiments import common, configs
 from lvm_jax import data, evaluate, viz
 from lvm_jax.models import likelihoods, vae
 from lvm_jax.models.priors import MADEFlowPrior, StandardNormalPrior
@@ -26,6 +29,7 @@ from lvm_jax.train import Objective, fit, records
 
 LATENT_DIM = 16
 PRIORS = {"standard": StandardNormalPrior, "made": MADEFlowPrior}
+Prior = Literal[tuple(sorted(PRIORS))]
 NATS = "nats per example"
 UNITS = {"neg_elbo": NATS, "recon": NATS, "kl": NATS, "loss": NATS,
          "bits_per_dim": "bits per dimension (8-bit scale)",
@@ -97,25 +101,51 @@ def _decode_mean(model: vae.VAE, z):
     return model.likelihood.mean(model.decode(z))
 
 
-def train_and_evaluate(args, experiment: str = "vae") -> dict:
-    workdir = common.workdir(args, experiment)
-    dataset = common.load_dataset(args)
+@dataclasses.dataclass(frozen=True)
+class Config(common.Config):
+    """The image VAE's settings; `experiments.vlae` runs them with prior="made"."""
+
+    dataset: common.ImageDataset = configs.setting("mnist_embedded", "the data to train on")
+    prior: Prior = configs.setting(
+        "standard", "p(z): N(0, I), or the MADE autoregressive flow (VLAE)")
+    likelihood: common.Likelihood = configs.setting(
+        "unit_gaussian", "p(x|z): N(mu, I) as in the course (unit_gaussian), a learned diagonal "
+                         "variance (gaussian), Bernoulli (images binarized at half intensity), or "
+                         "the discretized mixture of 10 logistics of PixelCNN++ (dmol), a true "
+                         "8-bit likelihood")
+    num_samples: int = configs.setting(
+        1, "reparameterised samples z ~ q(z|x) per example in training", configs.POSITIVE_INT)
+    beta: float = configs.setting(1.0, "weight of the KL term (beta-VAE)", configs.POSITIVE_FLOAT)
+    free_bits: float = configs.setting(
+        0.0, "floor in nats on the batch-mean KL of each latent group (each dimension for "
+             "N(0, I), the whole latent for the flow); the reported ELBO excludes it",
+        configs.NON_NEGATIVE_FLOAT)
+
+
+def train_and_evaluate(config: Config, workdir: str | None = None, experiment: str = "vae") -> dict:
+    """Trains (or resumes) the run `config` describes in `workdir` (default
+    runs/<experiment>/<dataset>), writes its figures and summary.json, and returns the
+    summary."""
+    workdir = common.workdir(config, experiment, workdir)
+    dataset = common.load_dataset(config)
     if dataset.kind != "image":
         raise data.DataError(f"{experiment} trains on images; {dataset.name} is not an image dataset.")
-    model = build_model(dataset, args.prior, args.likelihood, args.dtype)
-    objective = make_objective(model, args.num_samples, args.beta, args.free_bits)
-    result = fit(objective, dataset.train, dataset.test, common.train_config(args, convolutional=True),
-                 workdir, common.run_config(args, experiment, prior=args.prior,
-                                            likelihood=args.likelihood, latent_dim=LATENT_DIM,
-                                            num_samples=args.num_samples, beta=args.beta,
-                                            free_bits=args.free_bits))
-    metrics = summary_metrics(result.test_metrics, dataset.num_dims, args.likelihood)
+    model = build_model(dataset, config.prior, config.likelihood, config.dtype)
+    objective = make_objective(model, config.num_samples, config.beta, config.free_bits)
+    result = fit(objective, dataset.train, dataset.test, common.train_config(config, convolutional=True),
+                 workdir, common.run_config(config, experiment, prior=config.prior,
+                                            likelihood=config.likelihood, latent_dim=LATENT_DIM,
+                                            num_samples=config.num_samples, beta=config.beta,
+                                            free_bits=config.free_bits))
+    metrics = summary_metrics(result.test_metrics, dataset.num_dims, config.likelihood)
     title = f"{experiment.upper()} on {dataset.name}"
-    figures = save_figures(model, result.state.eval_params, dataset, workdir, args.seed,
-                           common.figure_title(title, args, int(result.state.step)))
+    step = int(result.state.step)
+    figures = save_figures(model, result.state.eval_params, dataset, workdir, config.seed,
+                           common.figure_title(title, config, step))
+    records.write_figures_to_tensorboard(workdir, figures, step)
     summary = records.update_json(os.path.join(workdir, "summary.json"), {
         "test_metrics": metrics, "units": UNITS, "dataset": dataset.describe(),
-        "reference_results": common.REFERENCE_RESULTS.get((experiment, args.dataset)),
+        "reference_results": common.REFERENCE_RESULTS.get((experiment, config.dataset)),
         "figures": [os.path.basename(f) for f in figures]})
     print(f"{title}: test -ELBO {metrics['neg_elbo']:.2f} nats ({metrics['bits_per_dim']:.3f} bits/dim), "
           f"recon {metrics['recon']:.2f}, KL {metrics['kl']:.2f}"
@@ -125,25 +155,12 @@ def train_and_evaluate(args, experiment: str = "vae") -> dict:
     return summary
 
 
-def parser(experiment: str, description: str, default_prior: str):
-    p = common.parser(experiment, description, data.IMAGE_DATASETS, "mnist_embedded", epochs=20)
-    p.add_argument("--prior", default=default_prior, choices=sorted(PRIORS),
-                   help="p(z): N(0, I), or the MADE autoregressive flow (VLAE)")
-    p.add_argument("--likelihood", default="unit_gaussian", choices=sorted(likelihoods.LIKELIHOODS),
-                   help="p(x|z): N(mu, I) as in the course (unit_gaussian), a learned diagonal "
-                        "variance (gaussian), Bernoulli (images binarized at half intensity), or the discretized "
-                        "mixture of 10 logistics of PixelCNN++ (dmol), a true 8-bit likelihood")
-    p.add_argument("--num_samples", type=common.positive_int, default=1,
-                   help="reparameterised samples z ~ q(z|x) per example in training")
-    p.add_argument("--beta", type=common.positive_float, default=1.0, help="weight of the KL term (beta-VAE)")
-    p.add_argument("--free_bits", type=common.non_negative_float, default=0.0,
-                   help="floor in nats on the batch-mean KL of each latent group (each dimension "
-                        "for N(0, I), the whole latent for the flow); the reported ELBO excludes it")
-    return p
+def parser():
+    return common.parser(Config, "vae", __doc__)
 
 
 def main(argv=None):
-    return common.run(parser("vae", __doc__, "standard"), train_and_evaluate, argv, "vae")
+    return common.run(parser(), Config, train_and_evaluate, argv)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,16 @@ variance), compares its test -ELBO with the exact NLL of the true distribution,
 and plots 1000 samples with and without decoder noise over the test data.
 """
 
+import dataclasses
 import functools
 import os
 import sys
+from typing import Literal
 
 import jax
 import numpy as np
 
-from experiments import common
+from experiments import common, configs
 from lvm_jax import data, viz
 from lvm_jax.models import likelihoods, vae
 from lvm_jax.train import Objective, evaluate_test_set, fit, records
@@ -47,24 +49,37 @@ def make_objective(model: vae.VAE, eval_samples: int = EPOCH_EVAL_SAMPLES) -> Ob
         eval_loss_fn=functools.partial(vae.loss_fn, model, num_samples=eval_samples), units=UNITS)
 
 
-def train_and_evaluate(args) -> dict:
-    workdir = common.workdir(args, EXPERIMENT)
-    dataset = common.load_dataset(args, f"toy2d_{args.dataset}")
-    model = build_model(args.dtype)
-    config = common.train_config(args, convolutional=False)
-    result = fit(make_objective(model), dataset.train, dataset.test, config, workdir,
-                 common.run_config(args, EXPERIMENT))
+@dataclasses.dataclass(frozen=True)
+class Config(common.Config):
+    """The 2D VAE's settings."""
+
+    dataset: Literal["1", "2", "1b", "2b"] = configs.setting(
+        "1", "the data to train on: one of the toy 2D Gaussian datasets")
+    epochs: int = configs.redefault(common.Config, "epochs", 10)
+    ema_decay: float | None = configs.redefault(common.Config, "ema_decay", 0.99)
+
+
+def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
+    """Trains (or resumes) the run `config` describes in `workdir` (default
+    runs/vae_2d/<dataset>), writes its figures and summary.json, and returns the summary."""
+    workdir = common.workdir(config, EXPERIMENT, workdir)
+    dataset = common.load_dataset(config, f"toy2d_{config.dataset}")
+    model = build_model(config.dtype)
+    train_config = common.train_config(config, convolutional=False)
+    result = fit(make_objective(model), dataset.train, dataset.test, train_config, workdir,
+                 common.run_config(config, EXPERIMENT))
     # The final figure, once: the same batches and noise as fit's evaluations, 100 samples.
     final = evaluate_test_set(make_objective(model, EVAL_SAMPLES), result.state, dataset.test,
-                              config)
+                              train_config)
 
-    exact_nll = float(np.mean(data.toy2d.exact_nll(dataset.test, args.dataset)))
+    exact_nll = float(np.mean(data.toy2d.exact_nll(dataset.test, config.dataset)))
     metrics = {**final, "exact_nll": exact_nll, "gap_to_exact_nll": final["neg_elbo"] - exact_nll}
 
     sample = jax.jit(lambda p, r, noise: model.apply({"params": p}, r, 1000, noise,
                                                      method=vae.VAE.sample), static_argnums=2)
-    rng = jax.random.key(args.seed + 1)
-    title = common.figure_title(f"2D VAE, dataset {args.dataset}", args, int(result.state.step))
+    rng = jax.random.key(config.seed + 1)
+    step = int(result.state.step)
+    title = common.figure_title(f"2D VAE, dataset {config.dataset}", config, step)
     figures = [
         viz.save_scatter(os.path.join(workdir, "samples.png"), dataset.test, {
             "samples with decoder noise": np.asarray(sample(result.state.eval_params, rng, True)),
@@ -73,6 +88,7 @@ def train_and_evaluate(args) -> dict:
         viz.save_curves(os.path.join(workdir, "metrics.csv"), os.path.join(workdir, "curves.png"),
                         title=title),
     ]
+    records.write_figures_to_tensorboard(workdir, figures, step)
     summary = records.update_json(os.path.join(workdir, "summary.json"), {
         "test_metrics": metrics, "units": UNITS, "dataset": dataset.describe(),
         "z_samples_per_test_point": {"test_metrics": EVAL_SAMPLES,
@@ -85,13 +101,11 @@ def train_and_evaluate(args) -> dict:
 
 
 def parser():
-    p = common.parser(EXPERIMENT, __doc__, ["1", "2", "1b", "2b"], "1", epochs=10)
-    p.set_defaults(ema_decay=0.99)
-    return p
+    return common.parser(Config, EXPERIMENT, __doc__)
 
 
 def main(argv=None):
-    return common.run(parser(), train_and_evaluate, argv)
+    return common.run(parser(), Config, train_and_evaluate, argv)
 
 
 if __name__ == "__main__":

@@ -8,17 +8,30 @@ Carlo log q(z|x) - log p(z). Samples invert the flow one dimension at a time
 inside one compiled loop.
 """
 
+import dataclasses
 import sys
 
-from experiments import common, vae
+from experiments import common, configs, vae
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(vae.Config):
+    """The image VAE's settings with the MADE-flow prior."""
+
+    prior: vae.Prior = configs.redefault(vae.Config, "prior", "made")
+
+
+def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
+    """`vae.train_and_evaluate` as the VLAE: its workdir defaults to runs/vlae/<dataset>."""
+    return vae.train_and_evaluate(config, workdir, "vlae")
 
 
 def parser():
-    return vae.parser("vlae", __doc__, "made")
+    return common.parser(Config, "vlae", __doc__)
 
 
 def main(argv=None):
-    return common.run(parser(), vae.train_and_evaluate, argv, "vlae")
+    return common.run(parser(), Config, train_and_evaluate, argv)
 
 
 if __name__ == "__main__":

@@ -28,11 +28,12 @@ import dataclasses
 import functools
 import os
 import sys
+from typing import Literal
 
 import jax
 import numpy as np
 
-from experiments import common
+from experiments import common, configs
 from lvm_jax import data, viz
 from lvm_jax.models import vqvae
 from lvm_jax.nn import sampling
@@ -69,20 +70,28 @@ REFERENCE_RESULTS = {
 }
 
 
-def code_dim(args) -> int:
-    return QUICK_CODE_DIM if args.quick else vqvae.CODE_DIM
+def code_dim(config) -> int:
+    return QUICK_CODE_DIM if config.quick else vqvae.CODE_DIM
 
 
-def quantizer_options(args) -> dict:
-    """The options of `vqvae.quantizer`: the --quantizer preset, then the flags given on top.
+# The quantizer option each setting sets, as `vqvae.quantizer` and config.json name them.
+QUANTIZER_SETTINGS = {"ema_codebook": "ema", "restart_dead_codes": "restart_after",
+                      "kmeans_iters": "kmeans_iters", "cosine": "cosine",
+                      "lookup_dim": "lookup_dim", "rotation_trick": "rotation_trick",
+                      "fsq_levels": "fsq_levels"}
+
+
+def quantizer_options(config) -> dict:
+    """The options of `vqvae.quantizer`: the `quantizer` preset, then the settings given on
+    top (a switch that is off, or a setting left unset, keeps the preset's).
 
     Raises FlagError for contradictory options, before any compute.
     """
-    flags = {"ema": args.ema_codebook or None, "restart_after": args.restart_dead_codes,
-             "kmeans_iters": args.kmeans_iters, "cosine": args.cosine or None,
-             "lookup_dim": args.lookup_dim, "rotation_trick": args.rotation_trick or None,
-             "fsq_levels": args.fsq_levels and tuple(args.fsq_levels)}
-    options = {**vqvae.QUANTIZER_PRESETS[args.quantizer],
+    flags = {"ema": config.ema_codebook or None, "restart_after": config.restart_dead_codes,
+             "kmeans_iters": config.kmeans_iters, "cosine": config.cosine or None,
+             "lookup_dim": config.lookup_dim, "rotation_trick": config.rotation_trick or None,
+             "fsq_levels": config.fsq_levels}
+    options = {**vqvae.QUANTIZER_PRESETS[config.quantizer],
                **{name: value for name, value in flags.items() if value is not None}}
     for option, flag in (("restart_after", "--restart_dead_codes"),
                          ("kmeans_iters", "--kmeans_iters")):
@@ -90,17 +99,17 @@ def quantizer_options(args) -> dict:
             raise common.FlagError(f"{flag} needs --ema_codebook: the gradient-trained codebook "
                                    "belongs to the optimizer, which the quantizer cannot move.")
     try:
-        vqvae.quantizer(vqvae.NUM_CODES, code_dim(args), **options)
+        vqvae.quantizer(vqvae.NUM_CODES, code_dim(config), **options)
     except ValueError as err:
         raise common.FlagError(
-            f"--quantizer {args.quantizer} with the flags given: {err}") from None
+            f"--quantizer {config.quantizer} with the flags given: {err}") from None
     return options
 
 
-def build_model(args, dataset: data.Dataset, options: dict) -> vqvae.VQVAE:
-    """The VQ-VAE the flags name (quantizer `options`), narrower with --quick."""
-    return vqvae.conv_vqvae(dataset.event_shape, vqvae.NUM_CODES, code_dim(args), dtype=args.dtype,
-                            **options)
+def build_model(config, dataset: data.Dataset, options: dict) -> vqvae.VQVAE:
+    """The VQ-VAE `config` names (quantizer `options`), narrower with --quick."""
+    return vqvae.conv_vqvae(dataset.event_shape, vqvae.NUM_CODES, code_dim(config),
+                            dtype=config.dtype, **options)
 
 
 def run_settings(model: vqvae.VQVAE, options: dict) -> dict:
@@ -161,58 +170,123 @@ def _timing(summary: dict) -> dict:
                                     "train_steps_per_second", "train_examples_per_second")}
 
 
-def train_prior(args, prior_name: str, config, train_codes, test_codes, workdir: str,
+def train_prior(config, prior_name: str, loop, train_codes, test_codes, workdir: str,
                 model_settings: dict):
     """Stage 2 for one prior, in <workdir>/prior_<name>; returns (the prior, its FitResult)."""
-    prior = vqvae.PRIORS[prior_name](vqvae.NUM_CODES, **(QUICK_PRIORS[prior_name] if args.quick
-                                                         else {}), dtype=args.dtype)
-    prior_config = dataclasses.replace(config,
-                                       epochs=config.epochs if args.quick else args.prior_epochs)
+    prior = vqvae.PRIORS[prior_name](vqvae.NUM_CODES, **(QUICK_PRIORS[prior_name] if config.quick
+                                                         else {}), dtype=config.dtype)
+    prior_loop = dataclasses.replace(loop, epochs=loop.epochs if config.quick else config.prior_epochs)
     # The codes depend on the VQ-VAE's step: a prior must not resume on another's codes.
-    result = fit(prior_objective(prior), train_codes, test_codes, prior_config,
+    result = fit(prior_objective(prior), train_codes, test_codes, prior_loop,
                  os.path.join(workdir, f"prior_{prior_name}"),
-                 common.run_config(args, "vqvae_prior", prior=prior_name, **model_settings))
+                 common.run_config(config, "vqvae_prior", prior=prior_name, **model_settings))
     return prior, result
 
 
-def train_and_evaluate(args) -> dict:
-    options = quantizer_options(args)
-    workdir = common.workdir(args, "vqvae")
-    dataset = common.load_dataset(args)
+@dataclasses.dataclass(frozen=True)
+class Config(common.Config):
+    """The VQ-VAE's and its priors' settings; contradictory quantizer settings are refused."""
+
+    dataset: common.ImageDataset = configs.setting("patches_embedded", "the data to train on")
+    prior: tuple[Literal[tuple(sorted(vqvae.PRIORS))], ...] = configs.setting(
+        ("pixelcnn",), "the autoregressive prior(s) over the code grid (stage 2), each trained "
+                       "on the same codes: --prior pixelcnn gated compares them")
+    prior_epochs: int = configs.setting(20, "epochs of stage 2 (--epochs sets stage 1); --quick "
+                                            "runs 2", configs.POSITIVE_INT)
+    quantizer: Literal[tuple(vqvae.QUANTIZER_PRESETS)] = configs.setting(
+        "plain", "named quantizer settings: "
+                 + "; ".join(f"{name} = {options or 'the course VQ-VAE'}"
+                             for name, options in vqvae.QUANTIZER_PRESETS.items())
+                 + ". The settings below add to the preset")
+    ema_codebook: bool = configs.setting(
+        False, "learn the codebook by exponential moving averages of the encoder outputs "
+               "(beta = 0.25) instead of by gradient (beta = 1, the course's VQ-VAE)")
+    restart_dead_codes: int | None = configs.setting(
+        None, "with --ema_codebook: move a code that no encoder output chose for this many "
+              "training steps onto an encoder output of the current batch", configs.POSITIVE_INT,
+        metavar="STEPS")
+    kmeans_iters: int | None = configs.setting(
+        None, "with --ema_codebook: the first training step sets the codebook to the k-means "
+              "(k-means++ seeds, this many Lloyd iterations) of its encoder outputs",
+        metavar="ITERS")
+    cosine: bool = configs.setting(
+        False, "l2-normalise codes and encoder outputs: nearest code by cosine similarity "
+               "(ViT-VQGAN)")
+    lookup_dim: int | None = configs.setting(
+        None, "search the nearest code in this smaller dimension: z_e projected down, the code "
+              "projected back (ViT-VQGAN's factorized codes)")
+    rotation_trick: bool = configs.setting(
+        False, "feed the decoder z_e rotated and rescaled onto its code, the transform held "
+               "constant in backprop, instead of straight-through (Fifty et al. 2024)")
+    fsq_levels: tuple[int, ...] | None = configs.setting(
+        None, "finite scalar quantization with these levels per dimension, whose product must "
+              "be the 128 codes, e.g. 8 4 4 (Mentzer et al. 2023)", metavar="L")
+    sampler: Literal[tuple(sampling.METHODS)] = configs.setting(
+        "cached", "how the prior samples are drawn: cached computes only what each new code "
+                  "changes (about one pass of the network per grid); raster runs the whole "
+                  "network once per code, the reference (same codes for a seed)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        quantizer_options(self)
+
+    @classmethod
+    def from_saved(cls, saved: dict):
+        """As `configs.Config.from_saved`; the quantizer's options, which config.json names as
+        `vqvae.quantizer` does, come back as settings over the plain preset, and a stage-2
+        config.json's prior as the one prior."""
+        options = saved.get("quantizer", {})
+        settings = {name: options[option] for name, option in QUANTIZER_SETTINGS.items()
+                    if option in options}
+        if "prior" in saved:
+            settings["prior"] = (saved["prior"],)
+        base = super().from_saved({k: v for k, v in saved.items() if k not in ("quantizer", "prior")})
+        return base.replace(**settings)
+
+
+def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
+    """Trains (or resumes) the VQ-VAE, then each prior, that `config` describes in `workdir`
+    (default runs/vqvae/<dataset>), writes their figures and summary.json, and returns the
+    summary."""
+    options = quantizer_options(config)
+    workdir = common.workdir(config, "vqvae", workdir)
+    dataset = common.load_dataset(config)
     if dataset.kind != "image":
         raise data.DataError(f"vqvae trains on images; {dataset.name} is not an image dataset.")
-    model = build_model(args, dataset, options)
+    model = build_model(config, dataset, options)
     model_settings = run_settings(model, options)
 
-    config = common.train_config(args, convolutional=True)
-    stage1 = fit(vqvae_objective(model), dataset.train, dataset.test, config,
-                 os.path.join(workdir, "vqvae"), common.run_config(args, "vqvae", **model_settings))
+    loop = common.train_config(config, convolutional=True)
+    stage1 = fit(vqvae_objective(model), dataset.train, dataset.test, loop,
+                 os.path.join(workdir, "vqvae"), common.run_config(config, "vqvae", **model_settings))
     variables = {"params": stage1.state.eval_params, **stage1.state.model_state}
     train_codes, test_codes = (
-        vqvae.encode_dataset(model, variables, images, config.eval_batch_size, data.scale_images)
+        vqvae.encode_dataset(model, variables, images, loop.eval_batch_size, data.scale_images)
         for images in (dataset.train, dataset.test))
     model_settings["vqvae_step"] = int(stage1.state.step)
 
     # With --quick, both stages train the same few steps (same epochs, batch and examples).
-    title = common.figure_title(f"VQ-VAE on {dataset.name}", args, int(stage1.state.step))
+    title = common.figure_title(f"VQ-VAE on {dataset.name}", config, int(stage1.state.step))
     # Test images of evenly spread contrast: the photo patches are mostly flat sky.
     shown = viz.spread_by_contrast(dataset.test, NUM_RECONSTRUCTIONS)
     reconstructions = vqvae.decode(model, variables, test_codes[shown])
     figures = save_stage1_figures(workdir, title, data.scale_images(dataset.test[shown]),
                                   np.asarray(reconstructions))
+    records.write_figures_to_tensorboard(workdir, figures, int(stage1.state.step))
 
     # Priors trained earlier in this workdir on the same codes stay in the summary.
     summary_path = os.path.join(workdir, "summary.json")
     previous = records.read_json(summary_path) if os.path.exists(summary_path) else {}
     priors = {name: entry for name, entry in previous.get("priors", {}).items()
               if entry["vqvae_step"] == model_settings["vqvae_step"]}
-    for prior_name in args.prior:
-        prior, stage2 = train_prior(args, prior_name, config, train_codes, test_codes, workdir,
+    for prior_name in config.prior:
+        prior, stage2 = train_prior(config, prior_name, loop, train_codes, test_codes, workdir,
                                     model_settings)
         _, samples = vqvae.sample(model, variables, prior, stage2.state.eval_params,
-                                  jax.random.key(args.seed + 1), NUM_SAMPLES, test_codes.shape[1:],
-                                  args.sampler)
+                                  jax.random.key(config.seed + 1), NUM_SAMPLES, test_codes.shape[1:],
+                                  config.sampler)
         prior_figures = save_prior_figures(workdir, title, prior_name, samples)
+        records.write_figures_to_tensorboard(workdir, prior_figures, int(stage2.state.step))
         priors[prior_name] = {"prior_nll": stage2.test_metrics["prior_nll"],
                               "vqvae_step": model_settings["vqvae_step"],
                               "config": stage2.summary["config"], "stage": _timing(stage2.summary),
@@ -243,50 +317,11 @@ def train_and_evaluate(args) -> dict:
 
 
 def parser():
-    p = common.parser("vqvae", __doc__, data.IMAGE_DATASETS, "patches_embedded", epochs=20)
-    p.add_argument("--prior", nargs="+", default=["pixelcnn"], choices=sorted(vqvae.PRIORS),
-                   help="the autoregressive prior(s) over the code grid (stage 2), each trained "
-                        "on the same codes: --prior pixelcnn gated compares them")
-    p.add_argument("--prior_epochs", type=common.positive_int, default=20,
-                   help="epochs of stage 2 (--epochs sets stage 1); --quick runs 2")
-    # The quantizer: a preset, and flags that add to it (checked together before any compute).
-    p.add_argument("--quantizer", default="plain", choices=list(vqvae.QUANTIZER_PRESETS),
-                   help="named quantizer settings: "
-                        + "; ".join(f"{name} = {options or 'the course VQ-VAE'}"
-                                    for name, options in vqvae.QUANTIZER_PRESETS.items())
-                        + ". The flags below add to the preset")
-    p.add_argument("--ema_codebook", action="store_true",
-                   help="learn the codebook by exponential moving averages of the encoder outputs "
-                        "(beta = 0.25) instead of by gradient (beta = 1, the course's VQ-VAE)")
-    p.add_argument("--restart_dead_codes", type=common.positive_int, default=None, metavar="STEPS",
-                   help="with --ema_codebook: move a code that no encoder output chose for this "
-                        "many training steps onto an encoder output of the current batch")
-    p.add_argument("--kmeans_iters", type=int, default=None, metavar="ITERS",
-                   help="with --ema_codebook: the first training step sets the codebook to the "
-                        "k-means (k-means++ seeds, this many Lloyd iterations) of its encoder "
-                        "outputs")
-    p.add_argument("--cosine", action="store_true",
-                   help="l2-normalise codes and encoder outputs: nearest code by cosine "
-                        "similarity (ViT-VQGAN)")
-    p.add_argument("--lookup_dim", type=int, default=None,
-                   help="search the nearest code in this smaller dimension: z_e projected down, "
-                        "the code projected back (ViT-VQGAN's factorized codes)")
-    p.add_argument("--rotation_trick", action="store_true",
-                   help="feed the decoder z_e rotated and rescaled onto its code, the transform "
-                        "held constant in backprop, instead of straight-through (Fifty et al. "
-                        "2024)")
-    p.add_argument("--fsq_levels", type=int, nargs="+", default=None, metavar="L",
-                   help="finite scalar quantization with these levels per dimension, whose "
-                        "product must be the 128 codes, e.g. 8 4 4 (Mentzer et al. 2023)")
-    p.add_argument("--sampler", default="cached", choices=sampling.METHODS,
-                   help="how the prior samples are drawn: cached computes only what each new "
-                        "code changes (about one pass of the network per grid); raster runs the "
-                        "whole network once per code, the reference (same codes for a seed)")
-    return p
+    return common.parser(Config, "vqvae", __doc__)
 
 
 def main(argv=None):
-    return common.run(parser(), train_and_evaluate, argv)
+    return common.run(parser(), Config, train_and_evaluate, argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from experiments import common, evaluate, lvae, mlp_vae, vae, vae_2d, vlae, vqva
 from lvm_jax import viz
 from lvm_jax.train.records import MetricsLog
 
-PARSERS = {"vae_2d": vae_2d.parser, "vae": lambda: vae.parser("vae", vae.__doc__, "standard"),
+PARSERS = {"vae_2d": vae_2d.parser, "vae": vae.parser,
            "vlae": vlae.parser, "vqvae": vqvae.parser, "lvae": lvae.parser,
            "mlp_vae": mlp_vae.parser, "evaluate": evaluate.parser}
 MAINS = {"vae_2d": vae_2d.main, "vae": vae.main, "vlae": vlae.main, "vqvae": vqvae.main,
@@ -165,7 +165,7 @@ def test_boundary_values_are_accepted():
 
 
 def test_quick_figure_titles_say_they_show_a_smoke_run():
-    quick, full = (PARSERS["vae"]().parse_args(flags) for flags in (["--quick"], []))
+    quick, full = vae.Config(quick=True), vae.Config()
     assert common.figure_title("VAE", quick, 8) == "VAE [--quick smoke run, 8 steps: not a trained model]"
     assert common.figure_title("VAE", full, 8) == "VAE"
 

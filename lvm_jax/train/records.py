@@ -1,4 +1,5 @@
-"""What a run writes besides checkpoints: metrics.csv, config.json, summary.json.
+"""What a run writes besides checkpoints: metrics.csv, config.json, summary.json, and the
+TensorBoard events of tensorboard/ (the scalars of metrics.csv and the run's figures).
 
 Every file is replaced atomically (write to a temporary file, then rename), so
 an interrupted run never leaves one half-written, and gets the permissions of
@@ -17,8 +18,15 @@ import io
 import json
 import os
 import tempfile
+import time
+import weakref
 
 import jax
+import numpy as np
+from PIL import Image
+
+# Where a run's TensorBoard events go, inside its workdir: `tensorboard --logdir runs/`.
+TENSORBOARD_DIR = "tensorboard"
 
 
 def is_primary() -> bool:
@@ -106,16 +114,82 @@ def update_json(path: str, updates: dict, replace=()) -> dict:
     return obj
 
 
+class TensorBoardWriter:
+    """Writes TensorBoard events into <workdir>/tensorboard/, through tensorboardX's event
+    files and summaries (no TensorFlow needed).
+
+    Every event is on disk once `flush` returns: tensorboardX's SummaryWriter queues events
+    for a background thread that its flush does not wait for. Each writer opens its own
+    event file, named after the time in nanoseconds, so TensorBoard reads a directory's
+    files in the order they were written.
+
+    purge_step: TensorBoard drops the events written earlier into the directory from this
+      step on (those a resumed run redoes).
+    """
+
+    def __init__(self, workdir: str, purge_step: int | None = None):
+        # Imported here: tensorboardX's import takes about a second.
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto import event_pb2
+        from tensorboardX import summary
+
+        self._event, self._summary = event_pb2, summary
+        directory = os.path.join(workdir, TENSORBOARD_DIR)
+        os.makedirs(directory, exist_ok=True)
+        self._file = EventsWriter(os.path.join(directory, "events"), f".{time.time_ns()}")
+        if purge_step is not None:
+            start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+            self._write(event_pb2.Event(step=purge_step, session_log=start))
+
+    def _write(self, event) -> None:
+        event.wall_time = time.time()
+        self._file.write_event(event)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self._write(self._event.Event(step=step, summary=self._summary.scalar(tag, value)))
+
+    def image(self, tag: str, pixels: np.ndarray, step: int) -> None:
+        """pixels: (H, W, 3) uint8."""
+        self._write(self._event.Event(
+            step=step, summary=self._summary.image(tag, pixels, dataformats="HWC")))
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def write_figures_to_tensorboard(workdir: str, figures, step: int) -> None:
+    """Adds each figure file (PNG; a GIF's first frame) of `figures` to <workdir>/tensorboard/
+    as an image at training step `step`, tagged figures/<file name without extension>.
+    Writes on the primary process only."""
+    if not is_primary():
+        return
+    writer = TensorBoardWriter(workdir)
+    try:
+        for path in figures:
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"))
+            writer.image(f"figures/{os.path.splitext(os.path.basename(path))[0]}", pixels, step)
+    finally:
+        writer.close()
+
+
 class MetricsLog:
     """metrics.csv: one row per training step and one per test evaluation.
 
     Columns: split ("train" or "test"), epoch, step (optimizer steps taken),
     time (seconds of training wall time), then the metrics in alphabetical order.
+    The primary process also writes each metric as the TensorBoard scalar <split>/<name>
+    at its step into tensorboard/ beside metrics.csv, flushed at each test evaluation.
     """
 
     def __init__(self, path: str, metric_names, resume_step: int | None):
         self.path = path
         self.columns = ["split", "epoch", "step", "time", *sorted(metric_names)]
+        self._resume_step = resume_step
+        self._tensorboard = None  # opened with the first rows
         logged = self.read(path) if resume_step is not None and os.path.exists(path) else None
         # Rows logged after the checkpoint we resume from are redone by this run.
         self.rows = [r for r in logged or [] if int(r["step"]) <= resume_step]
@@ -144,3 +218,18 @@ class MetricsLog:
             return
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, self.columns, extrasaction="ignore").writerows(rows)
+        self._write_scalars(rows)
+
+    def _write_scalars(self, rows: list[dict]) -> None:
+        if self._tensorboard is None:
+            resumed = None if self._resume_step is None else self._resume_step + 1
+            self._tensorboard = TensorBoardWriter(os.path.dirname(os.path.abspath(self.path)),
+                                                  purge_step=resumed)
+            weakref.finalize(self, self._tensorboard.close)  # fit holds the log until it returns
+        for row in rows:
+            for name in self.columns[4:]:
+                if row.get(name) is not None:
+                    self._tensorboard.scalar(f"{row['split']}/{name}", float(row[name]),
+                                             int(row["step"]))
+        if any(row["split"] == "test" for row in rows):
+            self._tensorboard.flush()

@@ -1,0 +1,183 @@
+"""Experiment settings as frozen dataclasses, and the command lines generated from them.
+
+A config's fields are the run's settings. Each is declared with `setting`, which records
+its one-line help and, for numbers, the `Range` it must lie in; the type annotation says
+the rest: `bool` is a switch, `Literal[...]` lists the choices, `tuple[...]` takes one or
+more values, `X | None` may be left unset. From these:
+
+* `Config.__post_init__` checks every value (a `ConfigError` names the field and what it
+  must be), and the subclass checks settings that contradict each other;
+* `add_flags` declares one argparse flag per field, with the field's name (underscores
+  kept), help, default and checks, so that a bad value on the command line is refused by
+  argparse itself (exit status 2) before any compute;
+* `Config.from_json` rebuilds the config of a finished run from its config.json.
+
+A small helper over argparse rather than a library such as tyro: the flags stay exactly
+those of the README (`--batch_size`, `--skip/--no-skip`, `--prior pixelcnn gated`),
+argparse's messages and exit status stay, and nothing is added to the import time.
+"""
+
+import argparse
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, Literal
+
+from lvm_jax import errors
+from lvm_jax.train import records
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a number may take: `holds(value)` for a value of type `kind`."""
+
+    kind: type
+    holds: Callable[[Any], bool]
+    requirement: str  # completes "<value> is not ..."
+
+    def accepts(self, value) -> bool:
+        number = isinstance(value, self.kind) or (self.kind is float and isinstance(value, int))
+        return number and not isinstance(value, bool) and self.holds(value)
+
+    def parse(self, text: str):
+        """An argparse `type=`: the value of `text`, or ArgumentTypeError (exit status 2)."""
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {self.requirement}") from None
+        if not self.accepts(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {self.requirement}")
+        return value
+
+
+POSITIVE_INT = Range(int, lambda v: v > 0, "a positive integer")
+NON_NEGATIVE_INT = Range(int, lambda v: v >= 0, "a non-negative integer")
+POSITIVE_FLOAT = Range(float, lambda v: 0 < v < math.inf, "a finite positive number")
+NON_NEGATIVE_FLOAT = Range(float, lambda v: 0 <= v < math.inf, "a finite non-negative number")
+POSITIVE_OR_INF = Range(float, lambda v: v > 0, "a positive number (inf allowed)")  # inf: no clip
+DECAY_RATE = Range(float, lambda v: 0 <= v < 1, "a decay rate in [0, 1)")
+
+
+def setting(default, help: str, range: Range | None = None, metavar: str | None = None):
+    """A config field: its default, its one-line help (shown by --help with the default),
+    the range a number must lie in, and the flag's metavar."""
+    return dataclasses.field(default=default,
+                             metadata={"help": help, "range": range, "metavar": metavar})
+
+
+def redefault(config: type, name: str, default):
+    """Field `name` of `config` with another default (help and range kept), for a subclass
+    that changes a default: `ema_decay: float | None = redefault(Base, "ema_decay", 0.99)`."""
+    metadata = config.__dataclass_fields__[name].metadata
+    return setting(default, metadata["help"], metadata["range"], metadata["metavar"])
+
+
+def _unset_allowed(annotation) -> tuple[Any, bool]:
+    """(the annotation without `| None`, whether None is allowed)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        kinds = [k for k in typing.get_args(annotation) if k is not type(None)]
+        return kinds[0], len(kinds) < len(typing.get_args(annotation))
+    return annotation, False
+
+
+def _element(annotation) -> tuple[Any, bool]:
+    """(the type of each value, whether the field takes several)."""
+    if typing.get_origin(annotation) is tuple:
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Base of the experiments' configs: checks every field against its declaration."""
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            annotation, optional = _unset_allowed(hints[field.name])
+            kind, several = _element(annotation)
+            if value is None and optional:
+                continue
+            if several:
+                if isinstance(value, str) or not isinstance(value, (tuple, list)) or not value:
+                    self._refuse(field.name, value, "one or more values")
+                value = tuple(value)
+                object.__setattr__(self, field.name, value)  # a list from JSON or argparse
+            for item in value if several else (value,):
+                self._check(field, kind, item, value)
+
+    def _check(self, field, kind, item, value) -> None:
+        if typing.get_origin(kind) is Literal:
+            if item not in typing.get_args(kind):
+                self._refuse(field.name, value,
+                             "one of " + ", ".join(map(str, typing.get_args(kind))))
+        elif kind is bool:
+            if not isinstance(item, bool):
+                self._refuse(field.name, value, "True or False")
+        elif field.metadata["range"] is not None:
+            if not field.metadata["range"].accepts(item):
+                self._refuse(field.name, value, field.metadata["range"].requirement)
+        elif not isinstance(item, kind):
+            self._refuse(field.name, value, f"a {kind.__name__}")
+
+    def _refuse(self, name: str, value, requirement: str):
+        raise errors.ConfigError(f"{type(self).__module__}.{type(self).__qualname__}: {name}="
+                                 f"{value!r} is not {requirement}.")
+
+    def replace(self, **changes):
+        """A copy with `changes`, checked like the original."""
+        return dataclasses.replace(self, **changes)
+
+    # Where config.json keeps the fields that configure the training loop.
+    SAVED_IN_TRAIN: typing.ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def from_saved(cls, saved: dict):
+        """The config of a run from its saved settings (config.json's contents): each field
+        named at the top level or, for the loop's settings, in "train"; settings the config
+        does not have (those derived from it) are left out, missing fields take their
+        defaults."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        values = {name: saved[name] for name in names if name in saved}
+        train = saved.get("train", {})
+        values.update({field: train[key] for field, key in cls.SAVED_IN_TRAIN.items()
+                       if key in train and field in names})
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path: str):
+        """The config of the finished run whose config.json is at `path`."""
+        return cls.from_saved(records.read_json(path))
+
+
+def add_flags(parser: argparse.ArgumentParser, config: type[Config]) -> argparse.ArgumentParser:
+    """Declares a flag `--<field>` for every field of `config`, with its help, default,
+    type, range and choices."""
+    hints = typing.get_type_hints(config)
+    for field in dataclasses.fields(config):
+        annotation, _ = _unset_allowed(hints[field.name])
+        kind, several = _element(annotation)
+        flag = {"help": field.metadata["help"], "default": field.default}
+        if kind is bool:
+            flag["action"] = argparse.BooleanOptionalAction if field.default else "store_true"
+        else:
+            if typing.get_origin(kind) is Literal:
+                flag["choices"] = typing.get_args(kind)
+            else:
+                flag["type"] = field.metadata["range"].parse if field.metadata["range"] else kind
+            if several:
+                flag["nargs"] = "+"
+                flag["default"] = None if field.default is None else list(field.default)
+            if field.metadata["metavar"]:
+                flag["metavar"] = field.metadata["metavar"]
+        parser.add_argument(f"--{field.name}", **flag)
+    return parser
+
+
+def from_flags(config: type[Config], flags: argparse.Namespace):
+    """The config the parsed `flags` name (flags of no field, such as --workdir, ignored)."""
+    values = vars(flags)
+    return config(**{field.name: values[field.name] for field in dataclasses.fields(config)})
