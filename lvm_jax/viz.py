@@ -112,7 +112,8 @@ def save_curves(metrics_csv: str, path: str, names=("neg_elbo", "recon", "kl"),
             ax.set_yscale("log")
         elif values:  # keep the first steps' large values from flattening the curve
             low, high = np.percentile(values, [0, 97])
-            ax.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
+            if high > low:  # a constant metric keeps matplotlib's own margins
+                ax.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
         ax.set(title=name, xlabel="step", ylabel=unit[name] if isinstance(unit, dict) else unit)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no half steps on short runs
         ax.legend()
