@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import Literal
 
 import jax
-import numpy as np
 
 from experiments import configs
 from lvm_jax import compilation_cache, data, errors
@@ -171,7 +170,3 @@ def run_config(config: Config, experiment: str, **model_settings) -> dict:
     must match it, and `Config.from_json` reads the config's fields back from it."""
     return {"experiment": experiment, "dataset": config.dataset, "quick": config.quick,
             "dtype": config.dtype, **model_settings}
-
-
-def as_float(metrics: dict) -> dict:
-    return {k: float(np.asarray(v)) for k, v in metrics.items()}
