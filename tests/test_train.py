@@ -4,6 +4,7 @@ import functools
 import json
 import os
 import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import pytest
 from lvm_jax.data import toy2d
 from lvm_jax.models import likelihoods, vae
 from lvm_jax.train import (Checkpointer, CheckpointError, NonFiniteLossError, Objective,
-                           TrainConfig, evaluate_test_set, fit)
+                           TrainConfig, evaluate_test_set, fit, initial_state)
 from lvm_jax.train.checkpoint import RECORD_FILE, file_digests
 from lvm_jax.train.records import MetricsLog
 
@@ -103,6 +104,22 @@ def test_asynchronous_saves_are_complete_and_recorded_before_anything_reads_them
     for saved, back in zip(jax.tree.leaves(jax.device_get(state)),
                            jax.tree.leaves(jax.device_get(restored.replace(step=state.step)))):
         np.testing.assert_array_equal(saved, back)
+
+
+def test_a_finished_save_is_recorded_without_waiting_so_a_killed_run_stays_verifiable(tmp_path):
+    """The record follows the files in the background: a run killed after the save completed
+    but before anything else touched the checkpointer leaves a verifiable checkpoint."""
+    state = initial_state(tiny_objective(), TRAIN[:1], CONFIG)
+    checkpointer = Checkpointer(str(tmp_path / "run"))
+    checkpointer.save(state, {"elapsed_seconds": 1.5})
+    record = os.path.join(checkpointer.step_directory(0), RECORD_FILE)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(record) and time.monotonic() < deadline:
+        time.sleep(0.05)  # nothing here calls the checkpointer, as in a run killed now
+    assert os.path.exists(record)
+    assert json.loads(open(record).read()) == {
+        "sha256": file_digests(checkpointer.step_directory(0)), "timing": {"elapsed_seconds": 1.5}}
+    checkpointer.close()
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):

@@ -14,6 +14,7 @@ cannot be verified.
 import hashlib
 import os
 import sys
+import threading
 
 import jax
 import orbax.checkpoint as ocp
@@ -44,11 +45,12 @@ class Checkpointer:
     Orbax writes each step into a temporary directory and renames it when
     complete, so an interrupted save never replaces a good checkpoint. A save
     returns once the state is copied to host memory and writes its files in the
-    background while training goes on; its record follows when it is complete,
-    which every other method waits for first (the next save, a read of the
-    checkpoints, `wait`, `close`). Use it as a context manager, or call `close`,
-    so that the last save is complete, with its record, before the interpreter
-    shuts down.
+    background while training goes on; a background thread writes its record as
+    soon as they are complete, so a run killed later leaves a verifiable
+    checkpoint. Every other method waits for that thread first (the next save,
+    a read of the checkpoints, `wait`, `close`), so the manager is never used by
+    two threads at once. Use it as a context manager, or call `close`, so that
+    the last save is complete, with its record, before the interpreter shuts down.
     """
 
     def __init__(self, workdir: str, keep: int = 2):
@@ -57,7 +59,8 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
             item_handlers=ocp.StandardCheckpointHandler())  # so its metadata reads before a save
-        self._in_flight: tuple[int, dict] | None = None  # (step, timing) of a save not yet recorded
+        self._recorder: threading.Thread | None = None  # writes the record of the save in flight
+        self._recorder_error: BaseException | None = None
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -113,19 +116,29 @@ class Checkpointer:
         if step in self.all_steps():
             return
         self._manager.save(step, args=ocp.args.StandardSave(state))
-        self._in_flight = (step, timing or {})
+        self._recorder = threading.Thread(target=self._record_when_saved, args=(step, timing or {}),
+                                          name=f"checkpoint-record-{step}", daemon=True)
+        self._recorder.start()
+
+    def _record_when_saved(self, step: int, timing: dict) -> None:
+        try:
+            self._manager.wait_until_finished()
+            directory = self.step_directory(step)
+            if records.is_primary():
+                records.write_json(os.path.join(directory, RECORD_FILE),
+                                   {"sha256": file_digests(directory), "timing": timing})
+        except BaseException as err:  # re-raised by wait(), in the caller's thread
+            self._recorder_error = err
 
     def wait(self) -> None:
         """Blocks until the save in flight, if any, is complete on disk with its record."""
-        if self._in_flight is None:
+        if self._recorder is None:
             return
-        step, timing = self._in_flight
-        self._manager.wait_until_finished()
-        self._in_flight = None
-        directory = self.step_directory(step)
-        if records.is_primary():
-            records.write_json(os.path.join(directory, RECORD_FILE),
-                               {"sha256": file_digests(directory), "timing": timing})
+        self._recorder.join()
+        self._recorder = None
+        error, self._recorder_error = self._recorder_error, None
+        if error is not None:
+            raise error
 
     def close(self) -> None:
         try:
