@@ -11,8 +11,8 @@ and resumes an interrupted one from its checkpoints.
 
 Writes into the workdir:
   table.md, results.json: per variant, over the test set: codebook usage (codes used / K),
-    perplexity, reconstruction MSE and its change against plain, the VQ terms, training
-    wall time per step, the Gated PixelCNN prior's NLL in nats per code and, beside it, the
+    perplexity, reconstruction MSE and its change against plain, the VQ terms, the median
+    wall time of a training step, the Gated PixelCNN prior's NLL in nats per code and, beside it, the
     entropy of the code frequencies (ln perplexity, the NLL of a prior without context);
   usage.png: fraction of the K codes used per batch against training step, every variant;
   reconstructions_best3.png: the same evenly spaced test patches and their reconstructions
@@ -84,10 +84,21 @@ def run_variant(args, preset: str) -> dict:
     return vqvae_experiment.train_and_evaluate(variant_config(args, preset), workdir)
 
 
-def row(preset: str, summary: dict) -> dict:
-    """The table's figures for one variant, from its summary.json."""
+def median_step_seconds(metrics_csv: str) -> float | None:
+    """Median wall seconds of one training step, from the time column of consecutive train
+    rows of one epoch: unlike the stage's total, it leaves out compilation, evaluations,
+    checkpoints and any pause of the process (None with fewer than two such rows)."""
+    rows = [r for r in records.MetricsLog.read(metrics_csv) if r["split"] == "train"]
+    intervals = [(float(b["time"]) - float(a["time"])) / (int(b["step"]) - int(a["step"]))
+                 for a, b in zip(rows, rows[1:])
+                 if a["epoch"] == b["epoch"] and int(b["step"]) > int(a["step"])]
+    return float(np.median(intervals)) if intervals else None
+
+
+def row(preset: str, summary: dict, workdir: str) -> dict:
+    """The table's figures for one variant, from its summary.json and metrics.csv."""
     metrics = summary["test_metrics"]
-    steps_per_second = summary["stage"]["train_steps_per_second"]
+    step_seconds = median_step_seconds(os.path.join(workdir, "vqvae", "metrics.csv"))
     return {
         "variant": preset,
         "options": {name: list(value) if isinstance(value, tuple) else value
@@ -99,7 +110,7 @@ def row(preset: str, summary: dict) -> dict:
         "codebook_loss": metrics["codebook_loss"],
         "commitment_loss": metrics["commitment_loss"],
         "vq_loss": metrics["vq_loss"],
-        "ms_per_step": 1e3 / steps_per_second if steps_per_second else None,
+        "ms_per_step": 1e3 * step_seconds if step_seconds else None,
         "prior_nll": metrics["prior_nll"][PRIOR],
         "code_entropy": math.log(metrics["perplexity"]),
         "meets_usage_goals": (metrics["codebook_usage"] >= USAGE_GOAL
@@ -114,7 +125,7 @@ def ranked(rows: list[dict]) -> list[dict]:
 
 def markdown_table(rows: list[dict], plain_mse: float | None) -> str:
     header = ("| variant | codes used / 128 | perplexity | recon MSE | vs plain | codebook | "
-              "commitment | vq_loss | ms / step | Gated PixelCNN NLL (nats/code) | "
+              "commitment | vq_loss | ms / step (median) | Gated PixelCNN NLL (nats/code) | "
               "code entropy ln(perplexity) (nats/code) |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
@@ -174,7 +185,8 @@ def main(argv=None) -> dict:
     args.workdir = args.workdir or os.path.join(
         "runs", "vq_codebook" + ("_quick" if args.quick else ""))
     summaries = {preset: run_variant(args, preset) for preset in args.only}
-    rows = ranked([row(preset, summary) for preset, summary in summaries.items()])
+    rows = ranked([row(preset, summary, variant_workdir(args, preset))
+                   for preset, summary in summaries.items()])
     plain = summaries.get("plain")
     table = markdown_table(rows, plain["test_metrics"]["recon_mse"] if plain else None)
     best = [r["variant"] for r in rows]

@@ -27,6 +27,20 @@ def test_variants_reaching_the_usage_goals_rank_first_then_by_reconstruction():
     assert table[2].startswith("| plain | 38 (30%) | 12.8 | 0.0200 | +0% |")
 
 
+def test_step_time_is_the_median_interval_within_epochs(tmp_path):
+    """Epoch boundaries (evaluation, checkpoint) and a pause of the process stay out of it."""
+    path = str(tmp_path / "metrics.csv")
+    rows = [("train", 1, 1, 0.0), ("train", 1, 2, 1.0), ("train", 1, 3, 1.9),
+            ("train", 1, 4, 100.0),  # the process was paused for a minute and a half
+            ("test", 1, 4, 101.0), ("train", 2, 5, 120.0), ("train", 2, 7, 122.2),
+            ("train", 2, 8, 123.3)]
+    with open(path, "w") as f:
+        f.write("split,epoch,step,time,loss\n")
+        f.writelines(f"{s},{e},{t},{w},0.5\n" for s, e, t, w in rows)
+    # Per-step intervals 1.0, 0.9, 98.1, 1.1 (two steps in 2.2 s), 1.1.
+    assert np.isclose(vq_codebook.median_step_seconds(path), 1.1)
+
+
 def test_quick_study_writes_its_table_and_figures_and_reuses_finished_variants(tmp_path, capsys):
     """One variant (FSQ, the fastest) of `python -m benchmarks.vq_codebook --quick`."""
     workdir = str(tmp_path)
