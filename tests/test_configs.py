@@ -3,6 +3,7 @@ them, config.json read back, and the TensorBoard events every run writes."""
 
 import csv
 import dataclasses
+import io
 import math
 import types
 
@@ -115,6 +116,29 @@ def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
             for tag in events.Tags()["scalars"]}, events
+
+
+def test_event_files_read_back_through_tensorboard_bit_for_bit(tmp_path):
+    """lvm_jax.train.events against TensorBoard's reader: CRC-32C on its check value,
+    scalars as float32, images pixel for pixel."""
+    from PIL import Image
+
+    from lvm_jax.train import events as event_files
+
+    assert event_files.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    writer = event_files.EventFile(str(tmp_path))
+    pixels = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    writer.scalars({"train/loss": 1.25, "train/kl": -3e-8}, 3)
+    writer.scalars({"train/loss": 2 ** 40}, 2 ** 35)  # a step past 32 bits
+    writer.image("figures/noise", pixels, 3)
+    writer.close()
+    scalars, accumulated = read_scalars(str(tmp_path))
+    assert scalars == {"train/loss": [(3, 1.25), (2 ** 35, 2.0 ** 40)],
+                       "train/kl": [(3, np.float32(-3e-8))]}
+    (image,) = accumulated.Images("figures/noise")
+    assert (image.step, image.height, image.width) == (3, 7, 5)
+    decoded = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)))
+    np.testing.assert_array_equal(decoded, pixels)
 
 
 def test_a_run_from_its_config_writes_tensorboard_events_that_match_metrics_csv(tmp_path):

@@ -25,6 +25,8 @@ import jax
 import numpy as np
 from PIL import Image
 
+from lvm_jax.train.events import EventFile
+
 # Where a run's TensorBoard events go, inside its workdir: `tensorboard --logdir runs/`.
 TENSORBOARD_DIR = "tensorboard"
 
@@ -114,50 +116,13 @@ def update_json(path: str, updates: dict, replace=()) -> dict:
     return obj
 
 
-class TensorBoardWriter:
-    """Writes TensorBoard events into <workdir>/tensorboard/, through tensorboardX's event
-    files and summaries (no TensorFlow needed).
-
-    Every event is on disk once `flush` returns: tensorboardX's SummaryWriter queues events
-    for a background thread that its flush does not wait for. Each writer opens its own
-    event file, named after the time in nanoseconds, so TensorBoard reads a directory's
-    files in the order they were written.
-
-    purge_step: TensorBoard drops the events written earlier into the directory from this
-      step on (those a resumed run redoes).
-    """
-
-    def __init__(self, workdir: str, purge_step: int | None = None):
-        # Imported here: tensorboardX's import takes about a second.
-        from tensorboardX.event_file_writer import EventsWriter
-        from tensorboardX.proto import event_pb2
-        from tensorboardX import summary
-
-        self._event, self._summary = event_pb2, summary
-        directory = os.path.join(workdir, TENSORBOARD_DIR)
-        os.makedirs(directory, exist_ok=True)
-        self._file = EventsWriter(os.path.join(directory, "events"), f".{time.time_ns()}")
-        if purge_step is not None:
-            start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
-            self._write(event_pb2.Event(step=purge_step, session_log=start))
-
-    def _write(self, event) -> None:
-        event.wall_time = time.time()
-        self._file.write_event(event)
-
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        self._write(self._event.Event(step=step, summary=self._summary.scalar(tag, value)))
-
-    def image(self, tag: str, pixels: np.ndarray, step: int) -> None:
-        """pixels: (H, W, 3) uint8."""
-        self._write(self._event.Event(
-            step=step, summary=self._summary.image(tag, pixels, dataformats="HWC")))
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
+def tensorboard_events(workdir: str, purge_step: int | None = None) -> EventFile:
+    """A new event file in <workdir>/tensorboard/; with `purge_step`, TensorBoard drops the
+    events written earlier into the directory from that step on (those a resumed run redoes)."""
+    writer = EventFile(os.path.join(workdir, TENSORBOARD_DIR))
+    if purge_step is not None:
+        writer.session_start(purge_step)
+    return writer
 
 
 def write_figures_to_tensorboard(workdir: str, figures, step: int) -> None:
@@ -166,7 +131,7 @@ def write_figures_to_tensorboard(workdir: str, figures, step: int) -> None:
     Writes on the primary process only."""
     if not is_primary():
         return
-    writer = TensorBoardWriter(workdir)
+    writer = tensorboard_events(workdir)
     try:
         for path in figures:
             with Image.open(path) as image:
@@ -223,13 +188,12 @@ class MetricsLog:
     def _write_scalars(self, rows: list[dict]) -> None:
         if self._tensorboard is None:
             resumed = None if self._resume_step is None else self._resume_step + 1
-            self._tensorboard = TensorBoardWriter(os.path.dirname(os.path.abspath(self.path)),
-                                                  purge_step=resumed)
+            self._tensorboard = tensorboard_events(os.path.dirname(os.path.abspath(self.path)),
+                                                   purge_step=resumed)
             weakref.finalize(self, self._tensorboard.close)  # fit holds the log until it returns
         for row in rows:
-            for name in self.columns[4:]:
-                if row.get(name) is not None:
-                    self._tensorboard.scalar(f"{row['split']}/{name}", float(row[name]),
-                                             int(row["step"]))
+            self._tensorboard.scalars({f"{row['split']}/{name}": float(row[name])
+                                       for name in self.columns[4:] if row.get(name) is not None},
+                                      int(row["step"]))
         if any(row["split"] == "test" for row in rows):
             self._tensorboard.flush()
