@@ -1,4 +1,4 @@
-"""XLA:CPU's oneDNN options on the training steps, lvm_jax alone.
+"""XLA:CPU's oneDNN and YNNPACK options on the training steps, lvm_jax alone.
 
 Each configuration of XLA_FLAGS runs in its own process (XLA reads the flags
 once, at start-up) and times the image VAE (32x32x1, 32x32x3), VLAE (32x32x3)
@@ -32,6 +32,10 @@ CONFIGURATIONS = {
     "default": "",
     "oneDNN custom calls": "--xla_cpu_experimental_onednn_custom_call=true",
     "oneDNN": "--xla_cpu_use_onednn=true",
+    # Convolutions already run through YNNPACK by default; this also hands it the dots,
+    # elementwise fusions and reductions.
+    "YNNPACK fusions": ("--xla_cpu_experimental_ynn_fusion_type="
+                        "individual_convolution,dot,eltwise,reduce"),
 }
 MODELS = ("image VAE 32x32x1", "image VAE 32x32x3", "VLAE 32x32x3", "VQ-VAE 32x32x3")
 MAX_ROUNDS = 3

@@ -5,7 +5,6 @@ that runs code, two runs in one workdir, a NaN "last good state", a silently
 corrupted checkpoint, a resume that rewrote history, files others cannot read.
 """
 
-import functools
 import hashlib
 import json
 import os
@@ -29,21 +28,14 @@ from lvm_jax import data
 from lvm_jax.data import toy2d
 from lvm_jax.errors import (CheckpointError, ConfigError, NonFiniteLossError, UserError,
                             WorkdirError)
-from lvm_jax.models import likelihoods
-from lvm_jax.models import vae as vae_model
-from lvm_jax.train import Checkpointer, Objective, TrainConfig, fit, initial_state, records
+from lvm_jax.train import Checkpointer, TrainConfig, fit, initial_state, records
 from lvm_jax.train.records import MetricsLog
+from tests.helpers import tiny_objective
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN, TEST = toy2d.sample("1", 640, 0), toy2d.sample("1", 100, 1)
 CONFIG = TrainConfig(epochs=2, batch_size=64, steps_per_call=4, eval_batch_size=100,
                      progress=False)
-
-
-def tiny_objective():
-    model = vae_model.mlp_vae(2, 2, (16,), likelihoods.get("gaussian"))
-    return Objective.stateless(init=lambda rng, x: model.init(rng, x, rng),
-                               loss_fn=functools.partial(vae_model.loss_fn, model))
 
 
 def with_config(**changes) -> TrainConfig:

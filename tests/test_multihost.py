@@ -7,7 +7,6 @@ They must agree with each other and with one process trained on the same global
 batches, and only process 0 may write files.
 """
 
-import functools
 import json
 import os
 import socket
@@ -20,9 +19,9 @@ import numpy as np
 import pytest
 
 from lvm_jax.data import batching, toy2d
-from lvm_jax.models import likelihoods, vae
-from lvm_jax.train import Objective, TrainConfig, loop
+from lvm_jax.train import TrainConfig, loop
 from lvm_jax.train.records import MetricsLog
+from tests.helpers import tiny_objective
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOSTS = 2
@@ -31,12 +30,6 @@ TRAIN, TEST = toy2d.sample("1", 131, 0), toy2d.sample("1", 50, 1)
 # 16, 16, 16 and 2 test examples: the last does not divide over the 4 devices.
 CONFIG = TrainConfig(epochs=2, batch_size=32, steps_per_call=4, eval_batch_size=16,
                      progress=False)
-
-
-def tiny_objective():
-    model = vae.mlp_vae(2, 2, (16,), likelihoods.get("gaussian"))
-    return Objective.stateless(init=lambda rng, x: model.init(rng, x, rng),
-                               loss_fn=functools.partial(vae.loss_fn, model))
 
 
 @pytest.mark.parametrize("num_examples", [10, 11, 131, 640])
@@ -83,7 +76,8 @@ CHILD = textwrap.dedent("""
     import numpy as np
     from lvm_jax import viz
     from lvm_jax.train import TrainConfig, fit, records
-    from tests.test_multihost import CONFIG, TEST, TRAIN, tiny_objective
+    from tests.helpers import tiny_objective
+    from tests.test_multihost import CONFIG, TEST, TRAIN
 
     assert jax.device_count() == 4 and jax.local_device_count() == 2, jax.devices()
     first = TrainConfig(**{**CONFIG.__dict__, "epochs": 1})

@@ -17,16 +17,10 @@ from lvm_jax.train import (Checkpointer, CheckpointError, NonFiniteLossError, Ob
                            TrainConfig, evaluate_test_set, fit, initial_state)
 from lvm_jax.train.checkpoint import RECORD_FILE, file_digests
 from lvm_jax.train.records import MetricsLog
+from tests.helpers import tiny_objective
 
 TRAIN, TEST = toy2d.sample("1", 640, 0), toy2d.sample("1", 100, 1)
 CONFIG = TrainConfig(epochs=2, batch_size=64, steps_per_call=4, eval_batch_size=64, progress=False)
-
-
-def tiny_objective():
-    model = vae.mlp_vae(2, 2, (16,), likelihoods.get("gaussian"))
-    return Objective.stateless(init=lambda rng, x: model.init(rng, x, rng),
-                               loss_fn=functools.partial(vae.loss_fn, model),
-                               units={"neg_elbo": "nats per example"})
 
 
 def params_of(result):
