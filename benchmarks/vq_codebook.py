@@ -15,8 +15,8 @@ Writes into the workdir:
     wall time of a training step, the Gated PixelCNN prior's NLL in nats per code and, beside it, the
     entropy of the code frequencies (ln perplexity, the NLL of a prior without context);
   usage.png: fraction of the K codes used per batch against training step, every variant;
-  reconstructions_best3.png: the same evenly spaced test patches and their reconstructions
-    by the three best variants;
+  reconstructions_best3.png: the same varied test patches (`varied_patches`) and their
+    reconstructions by the three best variants;
   samples_best.png: 100 samples of the best variant's Gated PixelCNN prior.
 The best variant is the one of lowest reconstruction MSE among those that reach the
 issue's usage goals (>= 95% of the codes, perplexity >= 64), or among all if none does.
@@ -153,6 +153,20 @@ def restore_variables(args, preset: str, dataset: data.Dataset) -> tuple[vqvae.V
     return model, {"params": state.eval_params, **state.model_state}
 
 
+def varied_patches(images: np.ndarray, num: int) -> np.ndarray:
+    """Indices of `num` of `images` (N, H, W, C) far apart in mean colour and contrast: greedy
+    farthest-point selection from the image nearest the median, shown darkest first."""
+    pixels = images.astype(np.float64)
+    features = np.concatenate([pixels.mean(axis=(1, 2)), pixels.std(axis=(1, 2))], axis=-1)
+    chosen = [int(np.argmin(np.linalg.norm(features - np.median(features, axis=0), axis=1)))]
+    distance = np.linalg.norm(features - features[chosen[0]], axis=1)
+    for _ in range(min(num, len(images)) - 1):
+        distance[chosen] = -np.inf  # never twice, even among identical images
+        chosen.append(int(np.argmax(distance)))
+        distance = np.minimum(distance, np.linalg.norm(features - features[chosen[-1]], axis=1))
+    return np.asarray(sorted(chosen, key=lambda i: pixels[i].mean()))
+
+
 def save_figures(args, best: list[str]) -> list[str]:
     """usage.png, reconstructions_best3.png and samples_best.png in the workdir."""
     variants = args.only
@@ -163,7 +177,7 @@ def save_figures(args, best: list[str]) -> list[str]:
         "Codebook usage during training (train: per step; test: batch mean per epoch)")]
 
     dataset = common.load_dataset(variant_config(args, best[0]))
-    shown = np.linspace(0, len(dataset.test) - 1, NUM_SHOWN).astype(int)
+    shown = varied_patches(dataset.test, NUM_SHOWN)
     images = data.scale_images(dataset.test[shown])
     rows = [np.asarray(images)]
     for preset in best[:3]:

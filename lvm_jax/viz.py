@@ -139,20 +139,23 @@ def save_histogram(values: np.ndarray, path: str, threshold: float, title: str) 
 @primary_only
 def save_curve_comparison(metrics_csvs: dict[str, str], path: str, name: str, unit: str,
                           title: str) -> str:
-    """One metric of several runs: train per step (thin) and test per epoch (markers)."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    """One metric of several runs: train per step (thin) and test per epoch (markers), one
+    colour and one legend entry per run, the legend beside the axes."""
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     for i, (label, csv_path) in enumerate(metrics_csvs.items()):
         rows = MetricsLog.read(csv_path)
-        for split, style in (("train", dict(lw=0.5, alpha=0.5)), ("test", dict(marker="o", lw=1.5))):
+        for split, style in (("train", dict(lw=0.5, alpha=0.5)),
+                             ("test", dict(marker="o", lw=1.5, label=label))):
             points = [(int(r["step"]), float(r[name])) for r in rows if r["split"] == split and r[name]]
             steps, values = zip(*points)
-            ax.plot(steps, values, color=f"C{i}", label=f"{label} ({split})", **style)
+            ax.plot(steps, values, color=f"C{i}", **style)
     values = [float(r[name]) for p in metrics_csvs.values() for r in MetricsLog.read(p) if r[name]]
     low, high = np.percentile(values, [0, 95])
     ax.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
     ax.set(xlabel="step", ylabel=unit, title=title)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend()
+    ax.legend(title="thin: train, per step\nmarkers: test, per epoch", loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), fontsize="small", title_fontsize="small")
     return _save(fig, path)
 
 

@@ -41,6 +41,18 @@ def test_step_time_is_the_median_interval_within_epochs(tmp_path):
     assert np.isclose(vq_codebook.median_step_seconds(path), 1.1)
 
 
+def test_varied_patches_take_one_of_each_kind_before_a_second():
+    """Three flat colours, many patches of each: three picks are one of each, darkest first."""
+    colours = np.array([[200, 220, 250], [20, 60, 60], [230, 120, 40]], np.uint8)
+    kinds = np.repeat(np.arange(3), [50, 200, 30])
+    images = np.broadcast_to(colours[kinds][:, None, None, :], (len(kinds), 4, 4, 3)).copy()
+    images[::7] += 1  # near-duplicates within a kind
+    picked = vq_codebook.varied_patches(images, 3)
+    assert sorted(kinds[picked]) == [0, 1, 2]
+    assert list(kinds[picked]) == [1, 2, 0]  # by mean brightness
+    assert len(set(vq_codebook.varied_patches(images, 10))) == 10
+
+
 def test_quick_study_writes_its_table_and_figures_and_reuses_finished_variants(tmp_path, capsys):
     """One variant (FSQ, the fastest) of `python -m benchmarks.vq_codebook --quick`."""
     workdir = str(tmp_path)
