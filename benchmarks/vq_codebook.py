@@ -20,7 +20,8 @@ Writes into the workdir:
   samples_best.png: 100 samples of the best variant's Gated PixelCNN prior.
 The best variant is the one of lowest reconstruction MSE among those that reach the
 issue's usage goals (>= 95% of the codes, perplexity >= 64), or among all if none does.
-A full run (not --quick) also writes the table to benchmarks/results/vq_codebook.md.
+A full run (not --quick) also writes the table and the figures to benchmarks/results/
+(vq_codebook.md, vq_codebook/*.png).
 """
 
 import argparse
@@ -42,6 +43,7 @@ PRIOR = "gated"
 USAGE_GOAL, PERPLEXITY_GOAL = 0.95, 64.0
 NUM_SHOWN = 10
 RESULTS_FILE = os.path.join(os.path.dirname(__file__), "results", "vq_codebook.md")
+RESULTS_FIGURES = os.path.join(os.path.dirname(__file__), "results", "vq_codebook")
 
 
 def variant_config(args, preset: str) -> vqvae_experiment.Config:
@@ -216,9 +218,14 @@ def main(argv=None) -> dict:
                "device": loop.device_description()}
     records.write_json(os.path.join(args.workdir, "results.json"), results)
     if not args.quick:
+        os.makedirs(RESULTS_FIGURES, exist_ok=True)
+        for figure in figures:
+            shutil.copyfile(figure, os.path.join(RESULTS_FIGURES, os.path.basename(figure)))
+        images = "\n".join(f"![{os.path.basename(f)}](vq_codebook/{os.path.basename(f)})"
+                           for f in figures)
         records.write_atomic(RESULTS_FILE, f"# Codebook study (issue 15)\n\n`python -m "
                                            f"benchmarks.vq_codebook {' '.join(argv or [])}`\n\n"
-                                           + text)
+                                           + text + "\n" + images + "\n")
     print(text + f"table, results.json and figures in {args.workdir}")
     return results
 
