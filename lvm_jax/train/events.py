@@ -25,6 +25,7 @@ import struct
 import time
 
 import numpy as np
+from PIL import Image
 
 _VARINT, _FIXED64, _BYTES, _FIXED32 = 0, 1, 2, 5
 _SESSION_START = 1
@@ -93,8 +94,6 @@ def _event(step: int, **fields: bytes) -> bytes:
 
 
 def _png(pixels: np.ndarray) -> bytes:
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()

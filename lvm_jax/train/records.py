@@ -18,7 +18,6 @@ import io
 import json
 import os
 import tempfile
-import time
 import weakref
 
 import jax
