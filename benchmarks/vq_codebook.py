@@ -12,8 +12,9 @@ and resumes an interrupted one from its checkpoints.
 Writes into the workdir:
   table.md, results.json: per variant, over the test set: codebook usage (codes used / K),
     perplexity, reconstruction MSE and its change against plain, the VQ terms, the median
-    wall time of a training step, the Gated PixelCNN prior's NLL in nats per code and, beside it, the
-    entropy of the code frequencies (ln perplexity, the NLL of a prior without context);
+    wall time of a training step, the Gated PixelCNN prior's NLL in nats per code and,
+    beside it, the entropy of the code frequencies (ln perplexity, the NLL of a prior
+    without context);
   usage.png: fraction of the K codes used per batch against training step, every variant;
   reconstructions_best3.png: the same varied test patches (`varied_patches`) and their
     reconstructions by the three best variants;

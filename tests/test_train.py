@@ -16,7 +16,7 @@ from lvm_jax.models import likelihoods, vae
 from lvm_jax.train import (Checkpointer, CheckpointError, NonFiniteLossError, Objective,
                            TrainConfig, evaluate_test_set, fit, initial_state)
 from lvm_jax.train.checkpoint import RECORD_FILE, file_digests
-from lvm_jax.train.records import MetricsLog
+from lvm_jax.train.records import MetricsLog, read_json
 from tests.helpers import tiny_objective
 
 TRAIN, TEST = toy2d.sample("1", 640, 0), toy2d.sample("1", 100, 1)
@@ -111,7 +111,7 @@ def test_a_finished_save_is_recorded_without_waiting_so_a_killed_run_stays_verif
     while not os.path.exists(record) and time.monotonic() < deadline:
         time.sleep(0.05)  # nothing here calls the checkpointer, as in a run killed now
     assert os.path.exists(record)
-    assert json.loads(open(record).read()) == {
+    assert read_json(record) == {
         "sha256": file_digests(checkpointer.step_directory(0)), "timing": {"elapsed_seconds": 1.5}}
     checkpointer.close()
 

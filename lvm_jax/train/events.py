@@ -29,6 +29,7 @@ from PIL import Image
 
 _VARINT, _FIXED64, _BYTES, _FIXED32 = 0, 1, 2, 5
 _SESSION_START = 1
+_EVENT_FIELDS = {"file_version": 3, "summary": 5, "session_log": 7}
 
 
 def _crc32c_table() -> tuple[int, ...]:
@@ -88,9 +89,8 @@ def _bytes(field: int, value: bytes) -> bytes:
 def _event(step: int, **fields: bytes) -> bytes:
     """An Event at `step` now, with its other fields (file_version, summary, session_log)
     already encoded."""
-    numbers = {"file_version": 3, "summary": 5, "session_log": 7}
     return (_key(1, _FIXED64) + struct.pack("<d", time.time()) + _int(2, step)
-            + b"".join(_bytes(numbers[name], value) for name, value in fields.items()))
+            + b"".join(_bytes(_EVENT_FIELDS[name], value) for name, value in fields.items()))
 
 
 def _png(pixels: np.ndarray) -> bytes:
