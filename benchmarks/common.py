@@ -111,13 +111,15 @@ class Row:
                 "goal_met": None if met is None else bool(met)}
 
 
-def device(torch_threads: int | None = None) -> str:
-    """Where both sides ran, e.g. "cpu x2 (torch 1 thread)"."""
+def device(torch_threads: int | None = None, jax_devices: int | None = None) -> str:
+    """Where both sides ran, e.g. "cpu x2 as 8 jax devices (torch 1 thread)": lvm_jax on
+    `jax_devices` devices (default all of JAX's)."""
     jax_device = jax.devices()[0]
     threads = "" if torch_threads is None else f" (torch {torch_threads} thread" + (
         "s)" if torch_threads > 1 else ")")
     if jax_device.platform == "cpu":
-        return f"cpu x{NUM_CORES}{threads}"
+        split = jax_devices or len(jax.devices())
+        return f"cpu x{NUM_CORES}" + (f" as {split} jax devices" if split > 1 else "") + threads
     return f"jax {len(jax.devices())} x {jax_device.device_kind}; torch cpu x{NUM_CORES}{threads}"
 
 

@@ -146,7 +146,7 @@ def layer_rows(settings: Settings) -> list[Row]:
             benchmark=NAME, model=f"{name} vs torch ConvTranspose2d",
             step=f"fwd + bwd, {IN_CHANNELS}->{OUT_CHANNELS} ch, {SIZE}x{SIZE}->{2 * SIZE}x{2 * SIZE}",
             batch=BATCH, lvm_jax=1e3 * result.jax_seconds, pytorch=1e3 * result.torch_seconds,
-            unit="ms", higher_is_better=False, device=device(result.torch_threads),
+            unit="ms", higher_is_better=False, device=device(result.torch_threads, jax_devices=1),
             note=f"gradients of input, kernel and bias; XLA {gflops:.2f} GFLOP; "
                  f"{result.torch_note()}"))
     return rows

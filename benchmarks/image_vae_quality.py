@@ -33,7 +33,7 @@ from lvm_jax.train import TrainConfig, fit
 
 NAME = "image_vae_quality"
 DATASET = "mnist_embedded"
-EVAL_BATCH = 500
+EVAL_BATCH = TrainConfig.eval_batch_size  # as lvm_jax evaluates
 
 
 def train_lvm_jax(dataset: data.Dataset, epochs: int, seed: int) -> dict[str, float]:

@@ -71,8 +71,9 @@ def _cold_and_warm(command: str, argv_in, scratch: str, repeats: int) -> list[Ro
             notes[kind].append(f"{seconds[-1]:.1f} s{_final_neg_elbo(workdir)}")
     return [Row(benchmark=NAME, model=command, step=f"whole run, {kind} compilation cache",
                 batch="", lvm_jax=statistics.median(seconds), unit="s", higher_is_better=False,
-                device=device(),
-                note=f"wall time of a fresh process; median of {len(seconds)}: "
+                device=device(jax_devices=1),
+                note=f"wall time of a fresh process (on the CPU devices the experiment chooses, "
+                     f"lvm_jax.cpu_devices); median of {len(seconds)}: "
                      + ", ".join(notes[kind]))
             for kind, seconds in times.items()]
 

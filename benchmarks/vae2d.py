@@ -47,14 +47,21 @@ from lvm_jax.train.loop import make_train_chunk
 from lvm_jax.train.state import TrainState
 
 NAME = "vae2d"
-EPOCHS, BATCH, LEARNING_RATE, EVAL_BATCH = 10, 128, 1e-3, 500
+EPOCHS, BATCH, LEARNING_RATE = 10, 128, 1e-3
+EVAL_BATCH = TrainConfig.eval_batch_size  # as `fit` evaluates
+
+
+def one_device_mesh():
+    """The mesh of `experiments.vae_2d`: one device, since `lvm_jax.cpu_devices` splits the CPU
+    for convolutional models only."""
+    return batching.data_mesh(jax.devices()[:1])
 
 
 class JaxRun:
     """Trains the lvm_jax 2D VAE as `fit` does, without evaluation or checkpoints."""
 
     def __init__(self, train, seed: int):
-        self.mesh = batching.data_mesh()
+        self.mesh = one_device_mesh()
         self.objective = vae_2d.make_objective(vae_2d.build_model())
         self.train = batching.put_host_shard(train, self.mesh)
         self.num, self.seed = len(train), seed
@@ -173,8 +180,9 @@ def _end_to_end_samplers(dataset: data.Dataset, epochs: int, seed: int):
             return time.perf_counter() - tic
 
     def jax_experiment(workdir):
-        state = fit(objective, dataset.train, dataset.test, config, workdir).state
-        return evaluate_test_set(final_objective, state, dataset.test, config)
+        mesh = one_device_mesh()
+        state = fit(objective, dataset.train, dataset.test, config, workdir, mesh=mesh).state
+        return evaluate_test_set(final_objective, state, dataset.test, config, mesh)
 
     def jax_sample() -> float:
         with contextlib.redirect_stdout(io.StringIO()):  # fit's per-epoch lines
@@ -206,15 +214,15 @@ def run(settings: Settings) -> list[Row]:
                   unit="s", higher_is_better=False, goal=20.0)
     return [
         Row(step=f"{step}, cold", lvm_jax=cold.jax_seconds, pytorch=cold.torch_seconds,
-            device=device(cold.torch_threads),
+            device=device(cold.torch_threads, jax_devices=1),
             note=f"includes JAX tracing and XLA compilation; {cold.torch_note()}", **common),
         Row(step=f"{step}, warm", lvm_jax=warm.jax_seconds, pytorch=warm.torch_seconds,
-            device=device(warm.torch_threads),
+            device=device(warm.torch_threads, jax_devices=1),
             note=(f"compiled function rerun from a fresh state; {warm.torch_note()}; final batch "
                   f"loss {jax_run.last_loss:.3f} (lvm_jax), {torch_run.last_loss:.3f} (PyTorch) "
                   "nats"), **common),
         Row(step=f"{step}, end to end", lvm_jax=end_to_end.jax_seconds,
-            pytorch=end_to_end.torch_seconds, device=device(end_to_end.torch_threads),
+            pytorch=end_to_end.torch_seconds, device=device(end_to_end.torch_threads, jax_devices=1),
             note=(f"lvm_jax `fit` (compile, eval each epoch with {vae_2d.EPOCH_EVAL_SAMPLES} z "
                   "samples per point, metrics.csv, asynchronous orbax checkpoints) and a final "
                   f"eval with {vae_2d.EVAL_SAMPLES} vs the PyTorch loop with the same evals, CSV "

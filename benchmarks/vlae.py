@@ -54,7 +54,7 @@ def sampling(settings: Settings) -> list[Row]:
             benchmark="vlae_sampling", model=f"MADE prior ({LATENT_DIM}-d, hidden 512-512)",
             step=f"draw {num:,} samples ({LATENT_DIM} sequential MADE passes)", batch=num,
             lvm_jax=1e3 * result.jax_seconds, pytorch=1e3 * result.torch_seconds, unit="ms",
-            higher_is_better=False, device=device(result.torch_threads),
+            higher_is_better=False, device=device(result.torch_threads, jax_devices=1),
             goal=10.0 if num == 10_000 else None,
             note=f"lvm_jax: one jitted call; PyTorch: Python loop over dims; {result.torch_note()}"))
     return rows

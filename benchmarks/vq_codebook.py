@@ -35,9 +35,9 @@ import numpy as np
 
 from experiments import common
 from experiments import vqvae as vqvae_experiment
-from lvm_jax import data, viz
+from lvm_jax import cpu_devices, data, viz
 from lvm_jax.models import vqvae
-from lvm_jax.train import checkpoint, loop, records
+from lvm_jax.train import TrainConfig, checkpoint, loop, records
 
 DATASET = "patches_embedded"
 PRIOR = "gated"
@@ -72,7 +72,7 @@ def _finished(summary_path: str, epochs: int, prior_epochs: int) -> dict | None:
 def budget_epochs(args) -> tuple[int, int]:
     """(VQ-VAE epochs, prior epochs) each variant trains; --quick shortens both as
     experiments.vqvae does."""
-    epochs = common.train_config(variant_config(args, "plain"), convolutional=True).epochs
+    epochs = common.train_config(variant_config(args, "plain")).epochs
     return epochs, epochs if args.quick else args.prior_epochs
 
 
@@ -147,7 +147,7 @@ def restore_variables(args, preset: str, dataset: data.Dataset) -> tuple[vqvae.V
     config = variant_config(args, preset)
     model = vqvae_experiment.build_model(config, dataset, vqvae_experiment.quantizer_options(config))
     like = loop.initial_state(vqvae_experiment.vqvae_objective(model), dataset.train[:1],
-                              common.train_config(config, convolutional=True))
+                              common.train_config(config))
     checkpointer = checkpoint.Checkpointer(os.path.join(variant_workdir(args, preset), "vqvae"))
     try:
         state = checkpointer.restore(like)
@@ -199,6 +199,8 @@ def save_figures(args, best: list[str]) -> list[str]:
 
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
+    # The CPU split over devices as `python -m experiments.vqvae` splits it (before JAX starts).
+    cpu_devices.split(variant_config(args, "plain").batch_size, TrainConfig.eval_batch_size)
     args.workdir = args.workdir or os.path.join(
         "runs", "vq_codebook" + ("_quick" if args.quick else ""))
     summaries = {preset: run_variant(args, preset) for preset in args.only}

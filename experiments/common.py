@@ -9,7 +9,7 @@ from typing import Literal
 import jax
 
 from experiments import configs
-from lvm_jax import compilation_cache, data, errors
+from lvm_jax import compilation_cache, cpu_devices, data, errors
 from lvm_jax.models import likelihoods
 from lvm_jax.train import TrainConfig
 
@@ -83,6 +83,10 @@ class Config(configs.Config):
                    "multiplies at bfloat16 speed on GPUs and TPUs, while parameters, optimizer "
                    "state, losses and metrics stay float32 (no faster on CPU)")
 
+    # Whether the model is convolutional: on CPU its training steps run one per compiled
+    # call, split over several CPU devices (`lvm_jax.cpu_devices`).
+    CONVOLUTIONAL = False
+
     # config.json keeps the loop's settings under "train", as TrainConfig names them.
     SAVED_IN_TRAIN = {"epochs": "epochs", "batch_size": "batch_size",
                       "learning_rate": "learning_rate", "seed": "seed",
@@ -116,11 +120,15 @@ def run(parser: argparse.ArgumentParser, config: type[Config], train_and_evaluat
     """
     compilation_cache.enable()
     flags = parser.parse_args(argv)
-    # Before any JAX computation, as JAX requires; evaluate's parser has no --multihost.
-    if getattr(flags, "multihost", False):
-        jax.distributed.initialize()
     try:
-        return train_and_evaluate(configs.from_flags(config, flags), flags.workdir)
+        settings = configs.from_flags(config, flags)
+        # Both before any JAX computation, as JAX requires; evaluate's parser has no
+        # --multihost.
+        if isinstance(settings, Config) and settings.CONVOLUTIONAL:
+            cpu_devices.split(settings.batch_size, TrainConfig.eval_batch_size)
+        if getattr(flags, "multihost", False):
+            jax.distributed.initialize()
+        return train_and_evaluate(settings, flags.workdir)
     except errors.UserError as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
 
@@ -153,11 +161,11 @@ def image_preprocess(likelihood) -> Callable:
     return data.binarize_images if isinstance(likelihood, likelihoods.Bernoulli) else data.scale_images
 
 
-def train_config(config: Config, convolutional: bool) -> TrainConfig:
+def train_config(config: Config) -> TrainConfig:
     """The training loop's settings in `config`."""
     steps_per_call = config.steps_per_call
     if steps_per_call is None:
-        steps_per_call = 1 if convolutional and jax.default_backend() == "cpu" else 100
+        steps_per_call = 1 if config.CONVOLUTIONAL and jax.default_backend() == "cpu" else 100
     return TrainConfig(epochs=QUICK_EPOCHS if config.quick else config.epochs,
                        batch_size=config.batch_size, learning_rate=config.learning_rate,
                        seed=config.seed, steps_per_call=steps_per_call,

@@ -141,6 +141,8 @@ def save_figures(model: lvae.LVAE, params, test: jax.Array, workdir: str, seed: 
 class Config(common.Config):
     """The Ladder VAE's settings."""
 
+    CONVOLUTIONAL = True
+
     dataset: common.ImageDataset = configs.setting("mnist_embedded", "the data to train on")
     latent_layers: int = configs.setting(3, "stochastic layers L", configs.POSITIVE_INT)
     free_bits: float | None = configs.setting(
@@ -187,7 +189,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     model = build_model(dataset, **settings, dtype=config.dtype)
     objective = make_objective(model, free_bits,
                                dataset.train[:INIT_EXAMPLES] if config.data_init else None)
-    result = fit(objective, dataset.train, dataset.test, common.train_config(config, convolutional=True),
+    result = fit(objective, dataset.train, dataset.test, common.train_config(config),
                  workdir, common.run_config(config, "lvae", free_bits=free_bits, **settings))
     params = result.state.eval_params
     metrics = dict(result.test_metrics)

@@ -70,7 +70,7 @@ def count_parameters(params) -> int:
 def train_variant(config, dataset, workdir, likelihood, hidden, num_samples):
     model = build_model(likelihood, hidden, config.latent_dim, config.dtype)
     objective = make_objective(model, num_samples)
-    result = fit(objective, dataset.train, dataset.test, common.train_config(config, convolutional=False),
+    result = fit(objective, dataset.train, dataset.test, common.train_config(config),
                  workdir, common.run_config(config, EXPERIMENT, likelihood=likelihood,
                                             hidden=list(hidden), latent_dim=config.latent_dim,
                                             num_samples=num_samples))

@@ -105,6 +105,8 @@ def _decode_mean(model: vae.VAE, z):
 class Config(common.Config):
     """The image VAE's settings; `experiments.vlae` runs them with prior="made"."""
 
+    CONVOLUTIONAL = True
+
     dataset: common.ImageDataset = configs.setting("mnist_embedded", "the data to train on")
     prior: Prior = configs.setting(
         "standard", "p(z): N(0, I), or the MADE autoregressive flow (VLAE)")
@@ -132,7 +134,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None, experiment: s
         raise data.DataError(f"{experiment} trains on images; {dataset.name} is not an image dataset.")
     model = build_model(dataset, config.prior, config.likelihood, config.dtype)
     objective = make_objective(model, config.num_samples, config.beta, config.free_bits)
-    result = fit(objective, dataset.train, dataset.test, common.train_config(config, convolutional=True),
+    result = fit(objective, dataset.train, dataset.test, common.train_config(config),
                  workdir, common.run_config(config, experiment, prior=config.prior,
                                             likelihood=config.likelihood, latent_dim=LATENT_DIM,
                                             num_samples=config.num_samples, beta=config.beta,

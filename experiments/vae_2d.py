@@ -65,7 +65,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     workdir = common.workdir(config, EXPERIMENT, workdir)
     dataset = common.load_dataset(config, f"toy2d_{config.dataset}")
     model = build_model(config.dtype)
-    train_config = common.train_config(config, convolutional=False)
+    train_config = common.train_config(config)
     result = fit(make_objective(model), dataset.train, dataset.test, train_config, workdir,
                  common.run_config(config, EXPERIMENT))
     # The final figure, once: the same batches and noise as fit's evaluations, 100 samples.

@@ -187,6 +187,8 @@ def train_prior(config, prior_name: str, loop, train_codes, test_codes, workdir:
 class Config(common.Config):
     """The VQ-VAE's and its priors' settings; contradictory quantizer settings are refused."""
 
+    CONVOLUTIONAL = True
+
     dataset: common.ImageDataset = configs.setting("patches_embedded", "the data to train on")
     prior: tuple[Literal[tuple(sorted(vqvae.PRIORS))], ...] = configs.setting(
         ("pixelcnn",), "the autoregressive prior(s) over the code grid (stage 2), each trained "
@@ -256,7 +258,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     model = build_model(config, dataset, options)
     model_settings = run_settings(model, options)
 
-    loop = common.train_config(config, convolutional=True)
+    loop = common.train_config(config)
     stage1 = fit(vqvae_objective(model), dataset.train, dataset.test, loop,
                  os.path.join(workdir, "vqvae"), common.run_config(config, "vqvae", **model_settings))
     variables = {"params": stage1.state.eval_params, **stage1.state.model_state}

@@ -103,7 +103,7 @@ def test_vqvae_quantizer_settings_survive_config_json():
     options = vqvae.quantizer_options(config)
     model = types.SimpleNamespace(quantizer=types.SimpleNamespace(num_codes=128, code_dim=32))
     saved = {**common.run_config(config, "vqvae", **vqvae.run_settings(model, options)),
-             "train": dataclasses.asdict(common.train_config(config, convolutional=True))}
+             "train": dataclasses.asdict(common.train_config(config))}
     loaded = vqvae.Config.from_saved(saved)
     assert vqvae.quantizer_options(loaded) == options
     assert (loaded.quick, loaded.seed, loaded.dataset) == (True, 4, "patches_embedded")

@@ -1,0 +1,126 @@
+"""Splitting the CPU into several JAX devices (`lvm_jax.cpu_devices`).
+
+The count must be set before JAX starts its backend, so every split runs in a
+subprocess of its own.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from lvm_jax import cpu_devices
+
+
+@pytest.mark.parametrize("batch_sizes, limit, expected", [
+    ((128,), 8, 8), ((128, 512), 8, 8), ((128, 500), 8, 4), ((32, 512), 8, 8),
+    ((100,), 8, 5), ((7,), 8, 7), ((9,), 8, 3), ((13, 512), 8, 1), ((128,), 3, 2),
+    ((128,), 1, 1), ((96, 512), 16, 16)])
+def test_count_is_the_largest_divisor_of_every_batch_size_up_to_the_limit(batch_sizes, limit,
+                                                                          expected):
+    assert cpu_devices.count_for(batch_sizes, limit) == expected
+
+
+def test_limit_reads_the_variable_and_refuses_what_is_not_a_positive_integer(monkeypatch):
+    monkeypatch.delenv(cpu_devices.LIMIT_VARIABLE, raising=False)
+    assert cpu_devices.limit() == cpu_devices.DEFAULT_LIMIT == 8
+    monkeypatch.setenv(cpu_devices.LIMIT_VARIABLE, " 3 ")
+    assert cpu_devices.limit() == 3
+    for bad in ("0", "-2", "two", "2.5"):
+        monkeypatch.setenv(cpu_devices.LIMIT_VARIABLE, bad)
+        with pytest.raises(ValueError, match=f"LVM_JAX_CPU_DEVICES='{bad}'.*positive integer"):
+            cpu_devices.limit()
+
+
+def _run(script: str, **env) -> dict:
+    """Runs `script` in a fresh Python with `env` added (and the variables the split reads
+    removed unless given); returns the JSON object it prints last."""
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES", cpu_devices.LIMIT_VARIABLE)}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)],
+                          env={**base, "JAX_PLATFORMS": "cpu", **env}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+SPLIT = """
+    import json
+    from lvm_jax import cpu_devices
+    count = cpu_devices.split(96, 512)
+    import jax
+    print(json.dumps({"count": count, "devices": jax.device_count(),
+                      "again": cpu_devices.split(96, 512)}))
+"""
+
+
+@pytest.mark.parametrize("env, count, devices", [
+    ({}, 8, 8),
+    ({cpu_devices.LIMIT_VARIABLE: "3"}, 2, 2),  # 96 and 512 share 2, not 3
+    ({cpu_devices.LIMIT_VARIABLE: "1"}, 1, 1),
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}, None, 3),  # the user's count
+    ({"JAX_NUM_CPU_DEVICES": "5"}, None, 5),
+])
+def test_split_sets_the_count_before_jax_starts_and_keeps_the_users(env, count, devices):
+    out = _run(SPLIT, **env)
+    assert (out["count"], out["devices"]) == (count, devices)
+    assert out["again"] is None  # the backend has started: nothing changes
+
+
+@pytest.mark.parametrize("experiment, devices", [
+    ("vae_2d", 1), ("mlp_vae", 1), ("vae", 8), ("vlae", 8), ("vqvae", 8), ("lvae", 8)])
+def test_experiments_split_for_convolutional_models_only(experiment, devices):
+    out = _run(f"""
+        import json, jax
+        from experiments import common, {experiment} as experiment
+
+        def devices(config, workdir):
+            return {{"devices": jax.device_count()}}
+
+        print(json.dumps(common.run(experiment.parser(), experiment.Config, devices,
+                                    ["--batch_size", "96"])))
+    """)
+    assert out == {"devices": devices}
+
+
+def test_batchnorm_vqvae_steps_on_eight_devices_match_one():
+    """Two steps give the same loss, parameters and BatchNorm statistics whatever the split:
+    the gradient and the statistics are those of the whole batch."""
+    out = _run("""
+        import json, jax, numpy as np, optax
+        from experiments.vqvae import vqvae_objective
+        from lvm_jax.data import batching
+        from lvm_jax.models import vqvae
+        from lvm_jax.train.loop import initial_state, make_train_chunk
+        from lvm_jax.train import TrainConfig
+
+        assert jax.device_count() == 8
+        objective = vqvae_objective(vqvae.conv_vqvae((8, 8, 3), num_codes=8, code_dim=8))
+        images = np.random.default_rng(0).integers(0, 256, (32, 8, 8, 3), np.uint8)
+        idx = np.arange(32).reshape(2, 16)
+        key = jax.random.key(1)
+        out = {}
+        for n in (1, 8):
+            mesh = batching.data_mesh(jax.devices()[:n])
+            # SGD: Adam would turn the rounding noise of gradients that are zero in exact
+            # arithmetic (a conv bias before BatchNorm) into steps of the learning rate.
+            state = batching.put_replicated(
+                initial_state(objective, images[:1], TrainConfig(seed=0), optax.sgd(0.1)), mesh)
+            chunk = make_train_chunk(objective, mesh)
+            for rows in idx:  # one step per call, as on CPU
+                state, metrics = chunk(state, batching.put_host_shard(images, mesh),
+                                       batching.put_host_indices(rows[None], mesh), key)
+            out[n] = {"loss": float(metrics["loss"][0]),
+                      "leaves": [np.asarray(x).ravel().tolist()
+                                 for x in jax.tree.leaves((state.params, state.model_state))]}
+        print(json.dumps(out))
+    """, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    one, eight = out["1"], out["8"]
+    assert abs(one["loss"] - eight["loss"]) <= 1e-5 * max(1.0, abs(one["loss"]))
+    assert len(one["leaves"]) == len(eight["leaves"]) > 0
+    for a, b in zip(one["leaves"], eight["leaves"]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
