@@ -27,20 +27,21 @@ from benchmarks.common import NUM_CORES, Row, Settings, device
 from benchmarks.image_vae import BATCH, jax_model
 from benchmarks.trainers import TorchSteps, scale_images, to_torch_images
 from experiments import vae as vae_experiment
+from experiments.common import CONVOLUTIONAL_EVAL_BATCH
 from lvm_jax import data
 from lvm_jax.models import likelihoods
 from lvm_jax.train import TrainConfig, fit
 
 NAME = "image_vae_quality"
 DATASET = "mnist_embedded"
-EVAL_BATCH = TrainConfig.eval_batch_size  # as lvm_jax evaluates
+EVAL_BATCH = CONVOLUTIONAL_EVAL_BATCH  # as lvm_jax evaluates
 
 
 def train_lvm_jax(dataset: data.Dataset, epochs: int, seed: int) -> dict[str, float]:
     """Test metrics (nats per example) after `epochs` of `fit`."""
     objective = vae_experiment.make_objective(jax_model(dataset, "standard"))
     config = TrainConfig(epochs=epochs, batch_size=BATCH, seed=seed, steps_per_call=1,
-                         progress=False)
+                         eval_batch_size=EVAL_BATCH, progress=False)
     with tempfile.TemporaryDirectory() as workdir:
         return fit(objective, dataset.train, dataset.test, config, workdir).test_metrics
 

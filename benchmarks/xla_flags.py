@@ -25,9 +25,9 @@ from benchmarks.image_vae import BATCH, DATASETS, jax_model
 from benchmarks.trainers import JaxSteps
 from experiments import vae as vae_experiment
 from experiments import vqvae as vqvae_experiment
+from experiments.common import CONVOLUTIONAL_EVAL_BATCH
 from lvm_jax import cpu_devices, data
 from lvm_jax.models import vqvae
-from lvm_jax.train import TrainConfig
 
 NAME = "xla_flags"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +73,7 @@ def _cpu_timer(step, number: int):
 def worker(settings: Settings) -> dict[str, tuple[float, float, int]]:
     """Median (wall, CPU) seconds per step of every model, and the number of JAX devices,
     in this process's configuration."""
-    cpu_devices.split(BATCH, TrainConfig.eval_batch_size)  # as the experiments do
+    cpu_devices.split(BATCH, CONVOLUTIONAL_EVAL_BATCH)  # as the experiments do
     number = 1 if settings.quick else 3
     seconds = {}
     for model in MODELS:

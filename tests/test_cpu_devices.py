@@ -17,11 +17,12 @@ from lvm_jax import cpu_devices
 
 
 @pytest.mark.parametrize("batch_sizes, limit, expected", [
-    ((128,), 8, 8), ((128, 512), 8, 8), ((128, 500), 8, 4), ((32, 512), 8, 8),
-    ((100,), 8, 5), ((7,), 8, 7), ((9,), 8, 3), ((13, 512), 8, 1), ((128,), 3, 2),
-    ((128,), 1, 1), ((96, 512), 16, 16)])
-def test_count_is_the_largest_divisor_of_every_batch_size_up_to_the_limit(batch_sizes, limit,
-                                                                          expected):
+    ((128,), 8, 8), ((128, 512), 8, 8), ((128, 500), 8, 4), ((256, 512), 16, 16),
+    ((64, 512), 8, 4), ((32, 512), 8, 2), ((16,), 8, 1), ((8,), 8, 1),  # >= 16 per device
+    ((100,), 8, 5), ((96, 512), 8, 4), ((144,), 8, 8), ((112,), 8, 7),
+    ((13 * 17, 512), 8, 1), ((128,), 3, 2), ((128,), 1, 1)])
+def test_count_is_the_largest_divisor_of_the_batch_sizes_with_16_examples_per_device(
+        batch_sizes, limit, expected):
     assert cpu_devices.count_for(batch_sizes, limit) == expected
 
 
@@ -51,16 +52,16 @@ def _run(script: str, **env) -> dict:
 SPLIT = """
     import json
     from lvm_jax import cpu_devices
-    count = cpu_devices.split(96, 512)
+    count = cpu_devices.split(128, 512)
     import jax
     print(json.dumps({"count": count, "devices": jax.device_count(),
-                      "again": cpu_devices.split(96, 512)}))
+                      "again": cpu_devices.split(128, 512)}))
 """
 
 
 @pytest.mark.parametrize("env, count, devices", [
     ({}, 8, 8),
-    ({cpu_devices.LIMIT_VARIABLE: "3"}, 2, 2),  # 96 and 512 share 2, not 3
+    ({cpu_devices.LIMIT_VARIABLE: "3"}, 2, 2),  # 128 and 512 share 2, not 3
     ({cpu_devices.LIMIT_VARIABLE: "1"}, 1, 1),
     ({"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}, None, 3),  # the user's count
     ({"JAX_NUM_CPU_DEVICES": "5"}, None, 5),
@@ -71,20 +72,24 @@ def test_split_sets_the_count_before_jax_starts_and_keeps_the_users(env, count, 
     assert out["again"] is None  # the backend has started: nothing changes
 
 
-@pytest.mark.parametrize("experiment, devices", [
-    ("vae_2d", 1), ("mlp_vae", 1), ("vae", 8), ("vlae", 8), ("vqvae", 8), ("lvae", 8)])
-def test_experiments_split_for_convolutional_models_only(experiment, devices):
+@pytest.mark.parametrize("experiment, flags, devices, eval_batch", [
+    ("vae_2d", [], 1, 500), ("mlp_vae", [], 1, 500), ("vae", [], 8, 512), ("vlae", [], 8, 512),
+    ("vqvae", [], 8, 512), ("lvae", [], 8, 512), ("vlae", ["--batch_size", "32"], 2, 512),
+    ("vae", ["--quick"], 1, 512)])
+def test_experiments_split_for_convolutional_models_only(experiment, flags, devices, eval_batch):
+    """Convolutional models split, with 16 examples or more per device, and evaluate in
+    batches that split as far; a --quick run, mostly compilation, does not split."""
     out = _run(f"""
         import json, jax
         from experiments import common, {experiment} as experiment
 
         def devices(config, workdir):
-            return {{"devices": jax.device_count()}}
+            return {{"devices": jax.device_count(),
+                     "eval_batch": common.train_config(config).eval_batch_size}}
 
-        print(json.dumps(common.run(experiment.parser(), experiment.Config, devices,
-                                    ["--batch_size", "96"])))
+        print(json.dumps(common.run(experiment.parser(), experiment.Config, devices, {flags!r})))
     """)
-    assert out == {"devices": devices}
+    assert out == {"devices": devices, "eval_batch": eval_batch}
 
 
 def test_batchnorm_vqvae_steps_on_eight_devices_match_one():

@@ -85,8 +85,8 @@ class TrainConfig:
         progress bar and `metrics.csv` are updated after each call. Use 1 for
         convolutional models on CPU, where XLA runs convolutions inside loops
         many times slower (jax-ml/jax#12868); 100 elsewhere.
-      eval_batch_size: batch size of test-set evaluation; a multiple of the device
-        count splits over the devices (other batches run whole on each).
+      eval_batch_size: batch size of test-set evaluation; a batch splits over the
+        devices when their number divides it, else runs whole on each.
       grad_clip_norm: clip the global gradient norm to this before the optimizer
         (None: off); keeps ill-posed objectives such as a learned-variance
         Gaussian decoder on images from diverging.
@@ -100,7 +100,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     seed: int = 0
     steps_per_call: int = 100
-    eval_batch_size: int = 512
+    eval_batch_size: int = 500
     grad_clip_norm: float | None = None
     ema_decay: float | None = None
     progress: bool = True
