@@ -92,9 +92,10 @@ def run(settings: Settings) -> list[Row]:
                      f"call per step, as fit on CPU; steps per sample: {number}"))
             rows.append(Row(
                 benchmark=NAME, model=name, step="memory of the compiled step", batch=batch,
-                lvm_jax=total / MB, unit="MB (XLA buffers: args + outputs + temps)",
+                lvm_jax=total / MB, unit="MB per device (XLA buffers: args + outputs + temps)",
                 higher_is_better=False, device=device(),
-                note=f"compiled train step's memory_analysis(): {parts}"
+                note=f"compiled train step's memory_analysis(), for each of the "
+                     f"{steps.mesh.devices.size} devices' part of the batch: {parts}"
                      + ("" if peak is None else
                         f"; device peak_bytes_in_use, process so far: {peak / MB:.1f} MB")))
             del steps

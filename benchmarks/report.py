@@ -67,6 +67,12 @@ def text_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _counted(names: list[str]) -> str:
+    """["cpu:cpu"] * 8 -> "8 x cpu:cpu", keeping the order of first appearance."""
+    counts = {name: names.count(name) for name in names}
+    return ", ".join(f"{n} x {name}" if n > 1 else name for name, n in counts.items())
+
+
 def markdown(results: dict) -> str:
     cells = table_rows(results)
     notes = [row["note"] for entry in results["benchmarks"].values() for row in entry["rows"]]
@@ -98,15 +104,17 @@ def markdown(results: dict) -> str:
         m = entry["machine"]
         lines.append(
             f"- `{name}`: {m['date']}, {m['cpu']}, {m['cores']} cores, JAX devices "
-            f"{', '.join(m['jax_devices'])}; jax {m['jax']}, jaxlib {m['jaxlib']}, flax "
+            f"{_counted(m['jax_devices'])}; jax {m['jax']}, jaxlib {m['jaxlib']}, flax "
             f"{m['flax']}, torch {m['torch']}, Python {m['python']}; 1-min load average "
             f"{entry['load_before']:.1f} before, {entry['load_after']:.1f} after; "
             f"{entry['seconds']:.0f} s; settings {json.dumps(entry['settings'])}.")
     busy = [name for name, entry in results["benchmarks"].items()
             if max(entry["load_before"], entry["load_after"]) > entry["machine"]["cores"]]
     if busy:
-        lines += ["", f"The machine was busy during {', '.join(busy)} (load average above the "
-                      "core count): those timings are slower and noisier than on an idle "
+        lines += ["", f"The 1-min load average exceeded the core count during {', '.join(busy)}: "
+                      "other work ran, or the benchmark's own threads (JAX's CPU devices, "
+                      "PyTorch's threads, the subprocesses it times) queued for the cores. Where "
+                      "other work ran, those timings are slower and noisier than on an idle "
                       "machine, for both sides."]
     if results.get("note"):
         lines += ["", results["note"]]

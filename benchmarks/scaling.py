@@ -1,11 +1,12 @@
 """Data-parallel training on 1, 2, 4 and 8 simulated CPU devices (issue #7, item 5).
 
-A correctness and overhead check; real speedups are measured on accelerators.
-The simulated devices (`XLA_FLAGS=--xla_force_host_platform_device_count=8`,
-which must be set before JAX starts, so every device count runs in a
-subprocess of its own) share the host's cores: more devices cannot be faster,
-and the steps/s show what sharding the batch and all-reducing the gradients
-cost.
+A correctness and overhead check. The simulated devices
+(`XLA_FLAGS=--xla_force_host_platform_device_count=8`, which must be set
+before JAX starts, so every device count runs in a subprocess of its own)
+share the host's cores: for this small MLP more devices cannot be faster, and
+the steps/s show what sharding the batch and all-reducing the gradients cost.
+(Convolutional models, which one CPU device leaves partly idle, do run faster
+split: `lvm_jax.cpu_devices`, measured by xla_flags.py.)
 
 Each subprocess trains the 2D VAE of `python -m experiments.vae_2d` (MLP
 128-128, 2-d latent, Gaussian decoder; Adam 1e-3, parameter EMA 0.99) on toy2d
