@@ -14,7 +14,7 @@ import pytest
 from lvm_jax.data import toy2d
 from lvm_jax.models import likelihoods, vae
 from lvm_jax.train import (Checkpointer, CheckpointError, NonFiniteLossError, Objective,
-                           TrainConfig, evaluate_test_set, fit, initial_state)
+                           TrainConfig, evaluate_test_set, fit, initial_state, loop)
 from lvm_jax.train.checkpoint import RECORD_FILE, file_digests
 from lvm_jax.train.records import MetricsLog, read_json
 from tests.helpers import tiny_objective
@@ -55,22 +55,34 @@ def test_evaluation_counts_every_test_example_once(tmp_path):
 
 
 def test_evaluate_test_set_repeats_fits_evaluation_and_counts_a_partial_batch(tmp_path):
-    """The same batches and noise as fit's last evaluation (64 + a partial 36), to the bit,
-    and another objective (more Monte Carlo samples) evaluated the same way."""
+    """The same batches and noise as fit's last evaluation (64, then the partial 36 cut into
+    32 + 4), to the bit, and another objective (more Monte Carlo samples) evaluated the same
+    way."""
     result = fit(tiny_objective(), TRAIN, TEST, CONFIG, str(tmp_path))
     assert evaluate_test_set(tiny_objective(), result.state, TEST, CONFIG) == result.test_metrics
     model = vae.mlp_vae(2, 2, (16,), likelihoods.get("gaussian"))
     many = Objective.stateless(init=None, loss_fn=functools.partial(vae.loss_fn, model),
                                eval_loss_fn=functools.partial(vae.loss_fn, model, num_samples=50))
     tight = evaluate_test_set(many, result.state, TEST, CONFIG)
-    # NumPy reference of the weighting: batch means of 64 and 36 examples, keyed as fit keys them.
+    # Reference of the weighting: batch means of 64, 32 and 4 examples, keyed as fit keys them.
     key = jax.random.split(jax.random.key(CONFIG.seed), 3)[2]
-    means = [vae.loss_fn(model, result.state.params, jnp.asarray(TEST[s:s + 64]),
+    bounds = [(0, 64), (64, 96), (96, 100)]
+    means = [vae.loss_fn(model, result.state.params, jnp.asarray(TEST[start:stop]),
                          jax.random.fold_in(key, j), num_samples=50)[1]["kl"]
-             for j, s in enumerate((0, 64))]
-    assert tight["kl"] == pytest.approx((64 * float(means[0]) + 36 * float(means[1])) / 100,
-                                        rel=1e-6)
+             for j, (start, stop) in enumerate(bounds)]
+    expected = sum((stop - start) * float(m) for (start, stop), m in zip(bounds, means)) / 100
+    assert tight["kl"] == pytest.approx(expected, rel=1e-6)
     assert tight["neg_elbo"] != result.test_metrics["neg_elbo"]  # 50 samples, not 1
+
+
+@pytest.mark.parametrize("num, batch, expected", [
+    (100, 64, [(0, 64), (64, 96), (96, 100)]), (1300, 512, [(0, 512), (512, 1024), (1024, 1296),
+                                                             (1296, 1300)]),
+    (1000, 512, [(0, 512), (512, 1000)]), (2500, 500, [(0, 500), (500, 1000), (1000, 1500),
+                                                        (1500, 2000), (2000, 2500)]),
+    (5, 64, [(0, 5)]), (100, 100, [(0, 100)]), (12, 10, [(0, 10), (10, 12)])])
+def test_evaluation_batches_cut_a_partial_last_batch_at_a_multiple_of_8(num, batch, expected):
+    assert loop.eval_batches(num, batch) == expected
 
 
 def test_asynchronous_saves_are_complete_and_recorded_before_anything_reads_them(tmp_path):

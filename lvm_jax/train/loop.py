@@ -103,14 +103,31 @@ def make_train_chunk(objective: Objective, mesh, ema_decay: float | None = None)
     return chunk
 
 
+# A partial last evaluation batch is cut into its largest multiple of this and the rest,
+# so that most of it splits over up to 8 devices (the CPU split of `lvm_jax.cpu_devices`,
+# a TPU v2-8) instead of running whole on each; cut the same way on any number of devices,
+# it draws the same noise on all.
+EVAL_ALIGNMENT = 8
+
+
+def eval_batches(num_examples: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of the evaluation batches: `batch_size` examples each, then the rest,
+    cut into its largest multiple of EVAL_ALIGNMENT and the fewer than EVAL_ALIGNMENT left."""
+    batches = [(start, start + batch_size)
+               for start in range(0, num_examples - batch_size + 1, batch_size)]
+    start = len(batches) * batch_size
+    cut = start + (num_examples - start) // EVAL_ALIGNMENT * EVAL_ALIGNMENT
+    return batches + [(a, b) for a, b in ((start, cut), (cut, num_examples)) if a < b]
+
+
 def make_evaluate(objective: Objective, mesh):
     """Returns evaluate(state, data, batch_size, key) -> test-set means of the loss metrics.
 
-    One compiled program per batch size, called once per batch (convolutions run
-    many times slower inside compiled loops on CPU, jax-ml/jax#12868); the calls
-    are all dispatched before the one read of their means, so the host never
-    waits between batches. A trailing partial batch counts with its size, so
-    every example counts exactly once. Batch j draws its noise from
+    One compiled program per batch size, called once per batch of `eval_batches`
+    (convolutions run many times slower inside compiled loops on CPU,
+    jax-ml/jax#12868); the calls are all dispatched before the one read of their
+    means, so the host never waits between batches. Each batch counts with its
+    size, so every example counts exactly once. Batch j draws its noise from
     fold_in(key, j), the same at every evaluation.
     """
 
@@ -122,16 +139,15 @@ def make_evaluate(objective: Objective, mesh):
 
     def evaluate(state, data, batch_size, key):
         n = data.shape[0]
-        starts = range(0, n, batch_size)
-        pending = [batch_means(state, data, batching.put_indices(
-                       np.arange(start, min(start + batch_size, n))[None], mesh),
-                       jax.random.fold_in(key, j))
-                   for j, start in enumerate(starts)]
+        batches = eval_batches(n, batch_size)
+        pending = [batch_means(state, data,
+                               batching.put_indices(np.arange(start, stop)[None], mesh),
+                               jax.random.fold_in(key, j))
+                   for j, (start, stop) in enumerate(batches)]
         totals = {}
-        for start, metrics in zip(starts, jax.device_get(pending)):
-            size = min(start + batch_size, n) - start
+        for (start, stop), metrics in zip(batches, jax.device_get(pending)):
             for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + float(value) * size
+                totals[name] = totals.get(name, 0.0) + float(value) * (stop - start)
         return {name: total / n for name, total in totals.items()}
 
     return evaluate
