@@ -126,12 +126,14 @@ def run(parser: argparse.ArgumentParser, config: type[Config], train_and_evaluat
     flags = parser.parse_args(argv)
     try:
         settings = configs.from_flags(config, flags)
-        # Both before any JAX computation, as JAX requires; evaluate's parser has no
-        # --multihost. A --quick run is mostly compilation, which takes longer for several
-        # devices than the split saves on its four steps (vae --quick: 13.7 s against 9.6).
-        if isinstance(settings, Config) and settings.CONVOLUTIONAL and not settings.quick:
+        multihost = getattr(flags, "multihost", False)  # evaluate's parser has none
+        # Both before any JAX computation, as JAX requires. A --quick run is mostly
+        # compilation, which takes longer for several devices than the split saves on its four
+        # steps (vae --quick: 13.7 s against 9.6); multi-host runs keep the hosts' devices.
+        if (isinstance(settings, Config) and settings.CONVOLUTIONAL and not settings.quick
+                and not multihost):
             cpu_devices.split(settings.batch_size, CONVOLUTIONAL_EVAL_BATCH)
-        if getattr(flags, "multihost", False):
+        if multihost:
             jax.distributed.initialize()
         return train_and_evaluate(settings, flags.workdir)
     except errors.UserError as err:

@@ -34,6 +34,8 @@ import os
 
 import jax
 
+from lvm_jax.errors import ConfigError
+
 LIMIT_VARIABLE = "LVM_JAX_CPU_DEVICES"
 DEFAULT_LIMIT = 8
 MIN_EXAMPLES_PER_DEVICE = 16
@@ -53,14 +55,14 @@ def limit() -> int:
     """The most CPU devices `split` makes: LVM_JAX_CPU_DEVICES, default 8.
 
     Raises:
-      ValueError: LVM_JAX_CPU_DEVICES is not a positive integer.
+      ConfigError: LVM_JAX_CPU_DEVICES is not a positive integer.
     """
     value = os.environ.get(LIMIT_VARIABLE, "").strip()
     if not value:
         return DEFAULT_LIMIT
     if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{LIMIT_VARIABLE}={value!r}: expected a positive integer (1 turns the "
-                         "split of the CPU into several devices off)")
+        raise ConfigError(f"{LIMIT_VARIABLE}={value!r}: expected a positive integer (1 turns the "
+                          "split of the CPU into several devices off)")
     return int(value)
 
 

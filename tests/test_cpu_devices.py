@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from lvm_jax import cpu_devices
+from lvm_jax.errors import ConfigError
 
 
 @pytest.mark.parametrize("batch_sizes, limit, expected", [
@@ -33,7 +34,7 @@ def test_limit_reads_the_variable_and_refuses_what_is_not_a_positive_integer(mon
     assert cpu_devices.limit() == 3
     for bad in ("0", "-2", "two", "2.5"):
         monkeypatch.setenv(cpu_devices.LIMIT_VARIABLE, bad)
-        with pytest.raises(ValueError, match=f"LVM_JAX_CPU_DEVICES='{bad}'.*positive integer"):
+        with pytest.raises(ConfigError, match=f"LVM_JAX_CPU_DEVICES='{bad}'.*positive integer"):
             cpu_devices.limit()
 
 
@@ -90,6 +91,16 @@ def test_experiments_split_for_convolutional_models_only(experiment, flags, devi
         print(json.dumps(common.run(experiment.parser(), experiment.Config, devices, {flags!r})))
     """)
     assert out == {"devices": devices, "eval_batch": eval_batch}
+
+
+def test_a_bad_limit_ends_an_experiment_with_one_line():
+    proc = subprocess.run([sys.executable, "-m", "experiments.vae", "--epochs", "1"],
+                          env={**os.environ, cpu_devices.LIMIT_VARIABLE: "many"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "python -m experiments.vae: error: LVM_JAX_CPU_DEVICES='many': expected a positive "
+        "integer (1 turns the split of the CPU into several devices off)"]
 
 
 def test_batchnorm_vqvae_steps_on_eight_devices_match_one():
