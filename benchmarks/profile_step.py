@@ -9,7 +9,10 @@ convolutions XLA hands to YNNPACK; other convolutions, which run on XLA's slower
 such as the zero-dilated input gradients of strided convolutions; transposes, the layout
 changes of kernel gradients; everything else) and of the `--top` slowest operations, each
 with its output shape and op from the compiled HLO. Profiling slows the step itself (compare
-kinds, not the total, with the step benchmarks). Writes the table to
+kinds, not the total, with the step benchmarks). It profiles one JAX device, not the CPU split
+of the experiments (`lvm_jax.cpu_devices`): with 8 device threads on 2 cores, an operation's
+traced duration also counts the time its thread waits for a core, and the all-reduces' the
+time each device waits for the others (measured: 292 of 941 traced ms per image-VAE step). Writes the table to
 benchmarks/results/profile_step.md.
 """
 
