@@ -27,6 +27,10 @@ bold): the image VAE 32x32x1 at batch 128 took 210 / 123 / **118** / 147 on
 `LVM_JAX_CPU_DEVICES=1` turns it off. A count the user set, in XLA_FLAGS
 (`--xla_force_host_platform_device_count`) or `jax_num_cpu_devices`, is kept.
 Accelerators are untouched: the split applies to JAX's CPU backend only.
+
+Memory: `fit` keeps a copy of the training set on each device
+(`lvm_jax.data.batching`), so CIFAR-10's 146 MB take 1.2 GB of host memory on
+8 CPU devices; where memory is short, cap the count.
 """
 
 import math
