@@ -12,8 +12,8 @@ with its output shape and op from the compiled HLO. Profiling slows the step its
 kinds, not the total, with the step benchmarks). It profiles one JAX device, not the CPU split
 of the experiments (`lvm_jax.cpu_devices`): with 8 device threads on 2 cores, an operation's
 traced duration also counts the time its thread waits for a core, and the all-reduces' the
-time each device waits for the others (measured: 292 of 941 traced ms per image-VAE step). Writes the table to
-benchmarks/results/profile_step.md.
+time each device waits for the others (measured: 292 of 941 traced ms per image-VAE step).
+Writes the table to benchmarks/results/profile_step.md.
 """
 
 import argparse

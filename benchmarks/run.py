@@ -20,8 +20,8 @@ import time
 from benchmarks import conv_transpose, image_vae, image_vae_quality, report, vae2d, vlae, vqvae
 from benchmarks import lvae, scaling, startup, xla_flags
 from benchmarks.common import NUM_CORES, Settings, default_torch_threads, machine
-from experiments.common import CONVOLUTIONAL_EVAL_BATCH
-from lvm_jax import cpu_devices
+from experiments import common
+from experiments import vae as vae_experiment
 
 BENCHMARKS = {
     "vae2d": vae2d.run,
@@ -67,9 +67,9 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    # Before JAX starts: the CPU as the experiments of convolutional models split it (the
-    # 2D VAE benchmark keeps to one device, as its experiment does).
-    cpu_devices.split(image_vae.BATCH, CONVOLUTIONAL_EVAL_BATCH)
+    # Before JAX starts: the CPU as `python -m experiments.vae` splits it (the 2D VAE benchmark
+    # keeps to one device, as its experiment does).
+    common.split_cpu(vae_experiment.Config(batch_size=image_vae.BATCH))
     settings = Settings(quick=args.quick, quality_epochs=args.quality_epochs,
                         repeats=1 if args.quick else args.repeats, seed=args.seed,
                         torch_threads=tuple(args.torch_threads))

@@ -222,7 +222,8 @@ def run(settings: Settings) -> list[Row]:
                   f"loss {jax_run.last_loss:.3f} (lvm_jax), {torch_run.last_loss:.3f} (PyTorch) "
                   "nats"), **common),
         Row(step=f"{step}, end to end", lvm_jax=end_to_end.jax_seconds,
-            pytorch=end_to_end.torch_seconds, device=device(end_to_end.torch_threads, jax_devices=1),
+            pytorch=end_to_end.torch_seconds,
+            device=device(end_to_end.torch_threads, jax_devices=1),
             note=(f"lvm_jax `fit` (compile, eval each epoch with {vae_2d.EPOCH_EVAL_SAMPLES} z "
                   "samples per point, metrics.csv, asynchronous orbax checkpoints) and a final "
                   f"eval with {vae_2d.EVAL_SAMPLES} vs the PyTorch loop with the same evals, CSV "

@@ -35,7 +35,7 @@ import numpy as np
 
 from experiments import common
 from experiments import vqvae as vqvae_experiment
-from lvm_jax import cpu_devices, data, viz
+from lvm_jax import data, viz
 from lvm_jax.models import vqvae
 from lvm_jax.train import checkpoint, loop, records
 
@@ -200,7 +200,7 @@ def save_figures(args, best: list[str]) -> list[str]:
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
     # The CPU split over devices as `python -m experiments.vqvae` splits it (before JAX starts).
-    cpu_devices.split(variant_config(args, "plain").batch_size, common.CONVOLUTIONAL_EVAL_BATCH)
+    common.split_cpu(variant_config(args, "plain"))
     args.workdir = args.workdir or os.path.join(
         "runs", "vq_codebook" + ("_quick" if args.quick else ""))
     summaries = {preset: run_variant(args, preset) for preset in args.only}

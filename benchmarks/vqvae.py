@@ -132,7 +132,8 @@ def _sampling_rows(name: str, num: int, grid: tuple[int, int], settings: Setting
     quick = " [quick]" if settings.quick else ""
     timing = (f"median of {settings.repeats}" if settings.repeats > 1 else "timed once") + (
         " after a warm-up round" if warmup else " after compiling")
-    shared = dict(pytorch=1e3 * result.torch_seconds / num, device=device(result.torch_threads, jax_devices=1))
+    shared = dict(pytorch=1e3 * result.torch_seconds / num,
+                  device=device(result.torch_threads, jax_devices=1))
     return [
         _row(name, num, step=f"{_what(num, grid)}: cached sampler vs PyTorch raster loop{quick}",
              lvm_jax=1e3 * result.jax_seconds / num, goal=goal,

@@ -25,7 +25,7 @@ from benchmarks.image_vae import BATCH, DATASETS, jax_model
 from benchmarks.trainers import JaxSteps
 from experiments import vae as vae_experiment
 from experiments import vqvae as vqvae_experiment
-from experiments.common import CONVOLUTIONAL_EVAL_BATCH
+from experiments import common
 from lvm_jax import cpu_devices, data
 from lvm_jax.models import vqvae
 
@@ -73,7 +73,7 @@ def _cpu_timer(step, number: int):
 def worker(settings: Settings) -> dict[str, tuple[float, float, int]]:
     """Median (wall, CPU) seconds per step of every model, and the number of JAX devices,
     in this process's configuration."""
-    cpu_devices.split(BATCH, CONVOLUTIONAL_EVAL_BATCH)  # as the experiments do
+    common.split_cpu(vae_experiment.Config(batch_size=BATCH))  # as the experiments do
     number = 1 if settings.quick else 3
     seconds = {}
     for model in MODELS:

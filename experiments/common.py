@@ -127,17 +127,25 @@ def run(parser: argparse.ArgumentParser, config: type[Config], train_and_evaluat
     try:
         settings = configs.from_flags(config, flags)
         multihost = getattr(flags, "multihost", False)  # evaluate's parser has none
-        # Both before any JAX computation, as JAX requires. A --quick run is mostly
-        # compilation, which takes longer for several devices than the split saves on its four
-        # steps (vae --quick: 13.7 s against 9.6); multi-host runs keep the hosts' devices.
-        if (isinstance(settings, Config) and settings.CONVOLUTIONAL and not settings.quick
-                and not multihost):
-            cpu_devices.split(settings.batch_size, CONVOLUTIONAL_EVAL_BATCH)
+        # Both before any JAX computation, as JAX requires; multi-host runs keep the hosts'
+        # devices.
         if multihost:
             jax.distributed.initialize()
+        elif isinstance(settings, Config):
+            split_cpu(settings)
         return train_and_evaluate(settings, flags.workdir)
     except errors.UserError as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
+
+
+def split_cpu(config: Config) -> int | None:
+    """Splits the CPU into several JAX devices for `config`'s run (`lvm_jax.cpu_devices`), as
+    the experiments do before JAX starts: for convolutional models only, and not for --quick
+    runs, which are mostly compilation, longer for several devices than the split saves on
+    their four steps (vae --quick: 13.7 s against 9.6). Returns the count set, or None."""
+    if config.CONVOLUTIONAL and not config.quick:
+        return cpu_devices.split(config.batch_size, CONVOLUTIONAL_EVAL_BATCH)
+    return None
 
 
 def workdir(config: Config, experiment: str, workdir: str | None = None) -> str:
