@@ -18,7 +18,7 @@ import sys
 import time
 
 from benchmarks import conv_transpose, image_vae, image_vae_quality, report, vae2d, vlae, vqvae
-from benchmarks import lvae, scaling, startup, xla_flags
+from benchmarks import iwae, lvae, scaling, startup, xla_flags
 from benchmarks.common import NUM_CORES, Settings, default_torch_threads, machine
 from experiments import common
 from experiments import vae as vae_experiment
@@ -33,6 +33,7 @@ BENCHMARKS = {
     "vqvae_step": vqvae.train_step,
     "conv_transpose": conv_transpose.run,
     "lvae_step": lvae.run,
+    "iwae": iwae.run,
     "scaling": scaling.run,
     "xla_flags": xla_flags.run,
     "startup": startup.run,

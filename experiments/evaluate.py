@@ -31,7 +31,8 @@ import jax
 import numpy as np
 
 from experiments import common, configs
-from lvm_jax import data, evaluate
+from lvm_jax import cpu_devices, data, evaluate
+from lvm_jax.errors import ConfigError
 from lvm_jax.models.priors import StandardNormalPrior
 from lvm_jax.train import (CheckpointError, Checkpointer, Objective, TrainConfig,
                            device_description, initial_state, records)
@@ -126,9 +127,11 @@ class Config(configs.Config):
 
     num_samples: int = configs.setting(1000, "importance samples k per example",
                                        configs.POSITIVE_INT)
-    chunk: int = configs.setting(100, "samples per compiled call (divides num_samples); bounds "
-                                      "the memory", configs.POSITIVE_INT)
-    batch_size: int = configs.setting(50, "test examples per compiled call", configs.POSITIVE_INT)
+    chunk: int | None = configs.setting(
+        None, "samples per compiled call, split over the devices (divides num_samples; default "
+              f"its largest divisor up to {evaluate.DEFAULT_CHUNK}); bounds the memory",
+        configs.POSITIVE_INT)
+    batch_size: int = configs.setting(10, "test examples per compiled call", configs.POSITIVE_INT)
     active_threshold: float = configs.setting(
         0.01, "a latent dimension is active when Cov_x(E_q[z_u]) exceeds this",
         configs.NON_NEGATIVE_FLOAT)
@@ -139,10 +142,40 @@ class Config(configs.Config):
     data_dir: str | None = configs.setting(None, common.DATA_DIR_HELP)
     no_progress: bool = configs.setting(False, "hide the progress bar")
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.chunk is not None and self.num_samples % min(self.chunk, self.num_samples):
+            raise ConfigError(f"--chunk {self.chunk} must divide --num_samples {self.num_samples}: "
+                              "each compiled call draws --chunk of the samples.")
+
+
+def _chunk(config: Config) -> int:
+    """The samples of each compiled call: --chunk (at most k), or the default for k."""
+    if config.chunk is None:
+        return evaluate.default_chunk(config.num_samples)
+    return min(config.chunk, config.num_samples)
+
+
+def split_cpu(config: Config, workdir: str) -> int | None:
+    """Splits the CPU into several JAX devices (`lvm_jax.cpu_devices`) before JAX starts, for
+    the run in `workdir` if its training split it: a convolutional model, not --quick. Each
+    device then decodes its share of every call's samples (`evaluate.iwae_nll`). Returns the
+    count set, or None (also when config.json is missing or names no experiment, which
+    `load_run` then reports)."""
+    try:
+        run_config = records.read_json(os.path.join(workdir, "config.json"))
+        experiment = importlib.import_module(f"experiments.{run_config['experiment']}")
+    except (OSError, ValueError, TypeError, KeyError, ImportError):
+        return None
+    if not experiment.Config.CONVOLUTIONAL or run_config.get("quick", False):
+        return None
+    return cpu_devices.split(_chunk(config), min_per_device=1)
+
 
 def evaluate_run(config: Config, workdir: str) -> dict:
     """Evaluates the run in `workdir` and merges the results into its summary.json,
     holding the workdir's lock so that no training run writes there meanwhile."""
+    split_cpu(config, workdir)
     with workdir_lock.locked(workdir, create=False):
         return _evaluate_run(config, workdir)
 
@@ -153,16 +186,17 @@ def _evaluate_run(config: Config, workdir: str) -> dict:
     run = load_run(workdir, config.data_dir)
     dataset, model, params = run.dataset, run.model, run.params
     preprocess = run.objective.preprocess
+    chunk = _chunk(config)
 
     def iwae_nll(examples, num_samples, progress=False):
         return evaluate.iwae_nll(model, params, examples, jax.random.key(config.seed), num_samples,
-                                 config.chunk, config.batch_size, preprocess, progress)
+                                 min(chunk, num_samples), config.batch_size, preprocess, progress)
 
     # A fixed subset keeps k = 1000 affordable for convolutional models on a CPU.
     examples = dataset.test[:config.num_examples]
     # One chunk of one (padded) batch compiles every call's shapes, so the timing leaves it out.
     _note(f"compiling the importance-weighted bound (step {run.step} checkpoint)")
-    iwae_nll(examples[:1], min(config.chunk, config.num_samples))
+    iwae_nll(examples[:1], chunk)
     _note(f"IWAE bound with k={config.num_samples} on {len(examples)} test examples")
     tic = time.perf_counter()
     nll = iwae_nll(examples, config.num_samples, progress=not config.no_progress)

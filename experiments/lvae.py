@@ -36,7 +36,7 @@ from lvm_jax.train import Objective, fit, records
 NATS = "nats per example"
 INIT_EXAMPLES = 256  # training examples the data-dependent initialisation sees
 LAYER_ROWS, LAYER_COLS = 6, 10
-IWAE_BATCH = 10  # examples per compiled call: x 100 samples, 1000 decoder passes
+IWAE_BATCH = 10  # examples per compiled call, each with evaluate.default_chunk(k) samples
 ELBO_SAMPLES = 100
 
 
@@ -88,8 +88,8 @@ def iwae_metrics(model: lvae.LVAE, params, examples: np.ndarray, preprocess, num
     error, and their -ELBO from `ELBO_SAMPLES` samples per example, so the two compare on
     the same examples (the bound is at least the ELBO)."""
     key = jax.random.key(seed)
-    nll = evaluate.iwae_nll(model, params, examples, key, num_samples, chunk=min(100, num_samples),
-                            batch_size=IWAE_BATCH, preprocess=preprocess, progress=progress)
+    nll = evaluate.iwae_nll(model, params, examples, key, num_samples, batch_size=IWAE_BATCH,
+                            preprocess=preprocess, progress=progress)
     # The mean of the log-weights estimates the ELBO (Monte Carlo KL, as in training).
     mean_log_weight = jax.jit(lambda p, x, r: evaluate.iwae_log_weights(
         model, p, preprocess(x), r, ELBO_SAMPLES).mean(axis=0))

@@ -46,12 +46,12 @@ MIN_EXAMPLES_PER_DEVICE = 16
 _XLA_FLAG = "--xla_force_host_platform_device_count"
 
 
-def count_for(batch_sizes, limit: int = DEFAULT_LIMIT) -> int:
+def count_for(batch_sizes, limit: int = DEFAULT_LIMIT,
+              min_per_device: int = MIN_EXAMPLES_PER_DEVICE) -> int:
     """The largest device count up to `limit` that divides every one of `batch_sizes` and
-    leaves each device at least MIN_EXAMPLES_PER_DEVICE examples of the smallest (1 if none
-    does)."""
+    leaves each device at least `min_per_device` examples of the smallest (1 if none does)."""
     common = math.gcd(*batch_sizes)
-    most = min(limit, min(batch_sizes) // MIN_EXAMPLES_PER_DEVICE)
+    most = min(limit, min(batch_sizes) // min_per_device)
     return max(d for d in range(1, max(most, 1) + 1) if common % d == 0)
 
 
@@ -70,8 +70,10 @@ def limit() -> int:
     return int(value)
 
 
-def split(*batch_sizes: int) -> int | None:
-    """Gives JAX's CPU backend `count_for(batch_sizes, limit())` devices and returns that count.
+def split(*batch_sizes: int, min_per_device: int = MIN_EXAMPLES_PER_DEVICE) -> int | None:
+    """Gives JAX's CPU backend `count_for(batch_sizes, limit(), min_per_device)` devices and
+    returns that count. (Importance-weighted evaluation splits the samples of each call, each
+    a whole decoder pass per example, with `min_per_device=1`.)
 
     Call it before the first JAX computation; it starts nothing itself (so
     `jax.distributed.initialize()` may still follow). Returns None, changing
@@ -80,7 +82,7 @@ def split(*batch_sizes: int) -> int | None:
     """
     if _XLA_FLAG in os.environ.get("XLA_FLAGS", "") or jax.config.jax_num_cpu_devices >= 0:
         return None
-    count = count_for(batch_sizes, limit())
+    count = count_for(batch_sizes, limit(), min_per_device)
     try:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError:  # the backend has started

@@ -8,13 +8,13 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 from lvm_jax import cpu_devices
 from lvm_jax.errors import ConfigError
+from tests.helpers import run_python
 
 
 @pytest.mark.parametrize("batch_sizes, limit, expected", [
@@ -38,18 +38,6 @@ def test_limit_reads_the_variable_and_refuses_what_is_not_a_positive_integer(mon
             cpu_devices.limit()
 
 
-def _run(script: str, **env) -> dict:
-    """Runs `script` in a fresh Python with `env` added (and the variables the split reads
-    removed unless given); returns the JSON object it prints last."""
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES", cpu_devices.LIMIT_VARIABLE)}
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)],
-                          env={**base, "JAX_PLATFORMS": "cpu", **env}, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 SPLIT = """
     import json
     from lvm_jax import cpu_devices
@@ -68,7 +56,7 @@ SPLIT = """
     ({"JAX_NUM_CPU_DEVICES": "5"}, None, 5),
 ])
 def test_split_sets_the_count_before_jax_starts_and_keeps_the_users(env, count, devices):
-    out = _run(SPLIT, **env)
+    out = run_python(SPLIT, **env)
     assert (out["count"], out["devices"]) == (count, devices)
     assert out["again"] is None  # the backend has started: nothing changes
 
@@ -80,7 +68,7 @@ def test_split_sets_the_count_before_jax_starts_and_keeps_the_users(env, count, 
 def test_experiments_split_for_convolutional_models_only(experiment, flags, devices, eval_batch):
     """Convolutional models split, with 16 examples or more per device, and evaluate in
     batches that split as far; a --quick run, mostly compilation, does not split."""
-    out = _run(f"""
+    out = run_python(f"""
         import json, jax
         from experiments import common, {experiment} as experiment
 
@@ -106,7 +94,7 @@ def test_a_bad_limit_ends_an_experiment_with_one_line():
 def test_batchnorm_vqvae_steps_on_eight_devices_match_one():
     """Two steps give the same loss, parameters and BatchNorm statistics whatever the split:
     the gradient and the statistics are those of the whole batch."""
-    out = _run("""
+    out = run_python("""
         import json, jax, numpy as np, optax
         from experiments.vqvae import vqvae_objective
         from lvm_jax.data import batching
@@ -140,3 +128,25 @@ def test_batchnorm_vqvae_steps_on_eight_devices_match_one():
     assert len(one["leaves"]) == len(eight["leaves"]) > 0
     for a, b in zip(one["leaves"], eight["leaves"]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("run_config, flags, devices", [
+    ({"experiment": "vae", "quick": False}, [], 8),  # k = 1000: calls of 40 samples
+    ({"experiment": "vlae", "quick": False}, ["--num_samples", "100"], 5),  # calls of 25
+    ({"experiment": "lvae", "quick": False}, ["--num_samples", "600", "--chunk", "12"], 6),
+    ({"experiment": "vae", "quick": True}, [], 1),
+    ({"experiment": "vae_2d", "quick": False}, [], 1),  # an MLP
+    ({"experiment": "no_such_experiment"}, [], 1)])  # left for load_run to report
+def test_evaluate_splits_the_cpu_as_the_run_trained(tmp_path, run_config, flags, devices):
+    """experiments.evaluate splits before JAX starts, for runs whose training split, into
+    as many devices as divide a call's samples."""
+    (tmp_path / "config.json").write_text(json.dumps(run_config))
+    out = run_python(f"""
+        import json, jax
+        from experiments import evaluate
+        config = evaluate.configs.from_flags(
+            evaluate.Config, evaluate.parser().parse_args(["--workdir", "w", *{flags!r}]))
+        evaluate.split_cpu(config, {str(tmp_path)!r})
+        print(json.dumps({{"devices": jax.device_count()}}))
+    """)
+    assert out == {"devices": devices}

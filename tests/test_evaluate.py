@@ -19,6 +19,7 @@ from lvm_jax import evaluate, losses
 from lvm_jax.models import likelihoods, vae
 from lvm_jax.models.priors import MADEFlowPrior, StandardNormalPrior
 from lvm_jax.nn.dense import GaussianHead
+from tests.helpers import run_python
 
 
 # Compiled: op-by-op dispatch would dominate these small tests' time.
@@ -230,8 +231,7 @@ def test_evaluate_cli_writes_the_iwae_nll_into_the_run_summary(tmp_path, capsys)
         evaluate_cli.main(["--workdir", workdir])
     assert done.value.code == 1 and "no config.json" in capsys.readouterr().err
     vae_2d.main(["--quick", "--workdir", workdir, "--no_progress"])
-    evaluate_cli.main(["--workdir", workdir, "--num_samples", "50", "--chunk", "25",
-                       "--no_progress"])
+    evaluate_cli.main(["--workdir", workdir, "--num_samples", "50", "--no_progress"])
     summary = json.load(open(tmp_path / "run" / "summary.json"))
     metrics = summary["test_metrics"]
     assert metrics["iwae_num_samples"] == 50 and metrics["iwae_nll"] <= metrics["neg_elbo"] + 0.05
@@ -246,3 +246,58 @@ def test_evaluate_cli_writes_the_iwae_nll_into_the_run_summary(tmp_path, capsys)
     with pytest.raises(SystemExit) as done:
         evaluate_cli.main(["--workdir", str(empty)])
     assert done.value.code == 1 and "no checkpoints/" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("k, chunk", [(1, 1), (7, 7), (40, 40), (100, 25), (1000, 40),
+                                      (5000, 40), (64, 32), (97, 1)])
+def test_default_chunk_is_the_largest_divisor_of_k_up_to_40(k, chunk):
+    assert evaluate.default_chunk(k) == chunk
+
+
+def test_an_empty_test_set_is_refused():
+    model = vae.mlp_vae(3, 2, (8,), likelihoods.get("gaussian"))
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 3)), jax.random.key(1))["params"]
+    with pytest.raises(ValueError, match="at least one example"):
+        evaluate.iwae_nll(model, params, np.zeros((0, 3), np.float32), jax.random.key(2), 10)
+
+
+EIGHT_DEVICES = """
+    import json, re
+    import jax, numpy as np
+    from lvm_jax import evaluate
+    from lvm_jax.data import batching
+    from lvm_jax.models import likelihoods, vae
+
+    model = vae.conv_vae((32, 32, 1), 4, likelihoods.get("bernoulli"))
+    x = np.random.default_rng(0).uniform(-1, 1, (13, 32, 32, 1)).astype(np.float32)
+    params = jax.jit(model.init)(jax.random.key(0), x[:1], jax.random.key(1))["params"]
+    rng = jax.random.key(2)
+    one = evaluate.iwae_nll(model, params, x, rng, 80, batch_size=5,
+                            mesh=batching.data_mesh(jax.devices()[:1]))
+    eight = evaluate.iwae_nll(model, params, x, rng, 80, batch_size=5)
+    mesh = evaluate.sample_mesh(40)
+    hlo = evaluate._chunk_log_weights.lower(
+        model, batching.put_replicated(params, mesh), batching.put_replicated(x[:5], mesh), rng,
+        40, evaluate._identity, mesh).compile().as_text()
+    try:
+        evaluate.iwae_nll(model, params, x, rng, 80, chunk=20, mesh=mesh)
+        error = None
+    except ValueError as err:
+        error = str(err)
+    print(json.dumps({
+        "one": one.tolist(), "eight": eight.tolist(), "error": error,
+        "collectives": re.findall(r"all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute", hlo),
+        "mesh_sizes": {c: evaluate.sample_mesh(c).devices.size for c in (40, 25, 7, 1, 12)}}))
+"""
+
+
+def test_iwae_splits_each_calls_samples_over_the_devices_with_one_devices_draws():
+    """On 8 devices every call's 40 samples split 5 per device, each device decoding its
+    own (no collective in the compiled call), and the bound is the one device's: the draws
+    do not depend on the devices."""
+    out = run_python(EIGHT_DEVICES, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    np.testing.assert_allclose(out["eight"], out["one"], rtol=1e-6)
+    assert len(out["one"]) == 13 and np.all(np.isfinite(out["one"]))
+    assert out["collectives"] == []
+    assert out["mesh_sizes"] == {"40": 8, "25": 5, "7": 7, "1": 1, "12": 6}
+    assert out["error"] == "the 8 devices of the mesh must divide chunk (20)."

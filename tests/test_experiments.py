@@ -157,6 +157,15 @@ def test_evaluate_flags_are_range_checked(flags, message, tmp_path, capsys):
     assert done.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_evaluate_refuses_a_chunk_that_does_not_divide_the_samples(tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        evaluate.main(["--workdir", str(tmp_path), "--num_samples", "100", "--chunk", "40"])
+    assert done.value.code == 1
+    assert capsys.readouterr().err.strip().endswith(
+        "error: --chunk 40 must divide --num_samples 100: each compiled call draws --chunk of "
+        "the samples.")
+
+
 def test_boundary_values_are_accepted():
     args = PARSERS["vae"]().parse_args(["--grad_clip", "inf", "--ema_decay", "0", "--free_bits", "0",
                                         "--seed", "0", "--learning_rate", "1e-4"])
