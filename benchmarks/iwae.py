@@ -7,8 +7,8 @@ digits with k = 200 importance samples each (10,000 decoder passes):
 
 * lvm_jax: `iwae_nll` with its defaults: calls of 40 samples x 10 examples, each call's
   samples split over all JAX devices (here the CPU split of `lvm_jax.cpu_devices`).
-* lvm_jax before 2026-12-01 (row "one device, calls of 100 x 50"): the former defaults,
-  calls of 100 samples x 50 examples on one device.
+* lvm_jax with the former settings (the defaults before 2026-12-01): calls of 100 samples x
+  50 examples on one device, run by today's `iwae_nll`.
 * PyTorch: the loop a PyTorch user writes, in the same calls of 40 samples x 10 examples
   under `torch.no_grad`, the log-weights combined by a float64 logsumexp.
 
@@ -91,7 +91,7 @@ def run(settings: Settings) -> list[Row]:
             batch=BATCH, lvm_jax=passes / result.jax_seconds, pytorch=passes / result.torch_seconds,
             device=device(result.torch_threads, jax_devices=devices), note=note, **common),
         Row(step=f"IWAE bound, k = {NUM_SAMPLES}: one device, calls of {BEFORE_CHUNK} x "
-                 f"{BEFORE_BATCH} (the defaults before 2026-12-01)",
+                 f"{BEFORE_BATCH} (the former defaults' settings)",
             batch=BEFORE_BATCH, lvm_jax=passes / result.also_seconds["before"],
             pytorch=passes / result.torch_seconds,
             device=device(result.torch_threads, jax_devices=1), note=note, **common),

@@ -143,9 +143,15 @@ def split_cpu(config: Config) -> int | None:
     the experiments do before JAX starts: for convolutional models only, and not for --quick
     runs, which are mostly compilation, longer for several devices than the split saves on
     their four steps (vae --quick: 13.7 s against 9.6). Returns the count set, or None."""
-    if config.CONVOLUTIONAL and not config.quick:
+    if splits_cpu(type(config), config.quick):
         return cpu_devices.split(config.batch_size, CONVOLUTIONAL_EVAL_BATCH)
     return None
+
+
+def splits_cpu(config_type: type, quick: bool) -> bool:
+    """Whether runs of an experiment (its Config class) split the CPU: convolutional models,
+    not --quick."""
+    return getattr(config_type, "CONVOLUTIONAL", False) and not quick
 
 
 def workdir(config: Config, experiment: str, workdir: str | None = None) -> str:

@@ -167,7 +167,7 @@ def split_cpu(config: Config, workdir: str) -> int | None:
         experiment = importlib.import_module(f"experiments.{run_config['experiment']}")
     except (OSError, ValueError, TypeError, KeyError, ImportError):
         return None
-    if not experiment.Config.CONVOLUTIONAL or run_config.get("quick", False):
+    if not common.splits_cpu(getattr(experiment, "Config", None), run_config.get("quick", False)):
         return None
     return cpu_devices.split(_chunk(config), min_per_device=1)
 
@@ -190,7 +190,7 @@ def _evaluate_run(config: Config, workdir: str) -> dict:
 
     def iwae_nll(examples, num_samples, progress=False):
         return evaluate.iwae_nll(model, params, examples, jax.random.key(config.seed), num_samples,
-                                 min(chunk, num_samples), config.batch_size, preprocess, progress)
+                                 chunk, config.batch_size, preprocess, progress)
 
     # A fixed subset keeps k = 1000 affordable for convolutional models on a CPU.
     examples = dataset.test[:config.num_examples]

@@ -19,8 +19,10 @@ of one's own may do the same.
 
 How many: the largest number up to 8 (or up to `LVM_JAX_CPU_DEVICES`) that
 divides every batch size given, so that every batch splits evenly, and leaves
-each device at least 16 examples of the smallest: below that the devices'
-fixed costs outweigh the gain. Measured on 2 cores (ms per step; fastest in
+each device at least 16 examples of the smallest (`min_per_device`): below that
+the devices' fixed costs outweigh the gain in training. (Importance-weighted
+evaluation splits the samples of its calls, each a batch of decoder passes, with
+`min_per_device=1`.) Measured on 2 cores (ms per step; fastest in
 bold): the image VAE 32x32x1 at batch 128 took 210 / 123 / **118** / 147 on
 1 / 4 / 8 / 16 devices; the VLAE 32x32x1 at batch 64 97 / 72 / **68** / 84 on
 1 / 2 / 4 / 8, and at batch 32 38 / **37** / 40 / 59.
@@ -72,8 +74,7 @@ def limit() -> int:
 
 def split(*batch_sizes: int, min_per_device: int = MIN_EXAMPLES_PER_DEVICE) -> int | None:
     """Gives JAX's CPU backend `count_for(batch_sizes, limit(), min_per_device)` devices and
-    returns that count. (Importance-weighted evaluation splits the samples of each call, each
-    a whole decoder pass per example, with `min_per_device=1`.)
+    returns that count.
 
     Call it before the first JAX computation; it starts nothing itself (so
     `jax.distributed.initialize()` may still follow). Returns None, changing

@@ -18,6 +18,7 @@ Data: the dataset functions take the stored arrays (e.g. uint8 images) and a
 takes one batch already in the model's range.
 """
 
+import collections
 import functools
 from collections.abc import Callable, Iterator
 
@@ -31,6 +32,7 @@ from lvm_jax.data import batching
 from lvm_jax.models import vae
 from lvm_jax.models.likelihoods import Likelihood
 from lvm_jax.models.priors import StandardNormalPrior
+from lvm_jax.train.loop import MAX_EVAL_CALLS_IN_FLIGHT
 from lvm_jax.train.progress import Progress
 
 
@@ -40,8 +42,8 @@ def _identity(batch):
 
 # Samples per compiled call unless told: the largest divisor of k up to this. 40 divides the
 # usual k (1000, 5000; 100 gives 25) and splits over up to 8 devices. With 10 examples per
-# call, the image VAE's bound ran at 5,845 examples x samples per second on the 2-core CPU
-# split into 8 devices, against 1,669 for calls of 100 x 50 on one device (`python -m
+# call, the image VAE's bound ran at 6,055 examples x samples per second on the 2-core CPU
+# split into 8 devices, against 1,660 for calls of 100 x 50 on one device (`python -m
 # benchmarks.run --only iwae`) and 4,512 for 40 x 50 on 8 (a scratch sweep): larger calls
 # no longer keep the decoder's activations in the CPU's caches.
 DEFAULT_CHUNK = 40
@@ -125,39 +127,56 @@ def iwae_nll(model, params, data: np.ndarray, rng: jax.Array, num_samples: int =
       batch_size: examples per compiled call.
       preprocess: applied to each batch inside the compiled call.
       progress: show a progress bar over the batches.
-      mesh: the devices each call's samples split over; default `sample_mesh(chunk)`.
-        Its size must divide `chunk`.
+      mesh: the devices of this process that each call's samples split over, a 1-D mesh
+        with the axis "data" whose size divides `chunk`; default `sample_mesh(chunk)`.
     Returns:
       (N,) float64 upper bounds on -log p(x) in nats, tighter as k grows; their
       mean is the test NLL in nats per example.
     """
     if len(data) == 0:
         raise ValueError("iwae_nll needs at least one example; got an empty array.")
+    if num_samples < 1 or (chunk is not None and chunk < 1):
+        raise ValueError(f"num_samples ({num_samples}) and chunk ({chunk}) must be positive.")
     chunk = default_chunk(num_samples) if chunk is None else min(chunk, num_samples)
     if num_samples % chunk:
         raise ValueError(f"chunk ({chunk}) must divide num_samples ({num_samples}).")
-    mesh = mesh or sample_mesh(chunk)
-    if chunk % mesh.devices.size:
-        raise ValueError(f"the {mesh.devices.size} devices of the mesh must divide chunk "
-                         f"({chunk}).")
+    mesh = sample_mesh(chunk) if mesh is None else mesh
+    if mesh.axis_names != ("data",) or chunk % mesh.devices.size:
+        raise ValueError(f"the mesh must be 1-D with the axis 'data' and a size that divides "
+                         f"chunk ({chunk}); got axes {mesh.axis_names} of sizes "
+                         f"{tuple(mesh.shape.values())}.")
+    if any(d.process_index != jax.process_index() for d in mesh.devices.flat):
+        raise ValueError("the mesh must hold this process's devices only: each process reads "
+                         "its bounds from its own devices.")
     params = batching.put_replicated(params, mesh)
+    rng = jax.device_put(rng, batching.replicated(mesh))  # where the calls' keys are made
     nlls = []
     batches = list(_batches(data, batch_size))
     bar = Progress(len(batches), 0, f"IWAE k={num_samples}", bar=progress, unit="batch")
 
     def bound(log_weights, size):
         """-log (1/k) sum_j w_j of a batch's first `size` examples, from its (k, batch)
-        log-weights: a logsumexp over the samples in float64, without overflow."""
+        log-weights: a logsumexp over the samples in float64, without overflow (an example
+        whose weights are all 0 gets +inf)."""
         log_weights = np.concatenate(jax.device_get(log_weights))[:, :size].astype(np.float64)
         top = log_weights.max(axis=0)
-        return np.log(num_samples) - top - np.log(np.exp(log_weights - top).sum(axis=0))
+        top = np.where(np.isfinite(top), top, 0.0)
+        with np.errstate(divide="ignore"):  # log 0 = -inf: weights that are all 0
+            return np.log(num_samples) - top - np.log(np.exp(log_weights - top).sum(axis=0))
 
+    # At most MAX_EVAL_CALLS_IN_FLIGHT calls queued, as in `fit`'s evaluation; these hold no
+    # collective, which is what deadlocked there, but a queue of thousands gains nothing.
+    queued = collections.deque()
     previous = None
     for j, (batch, size) in enumerate(batches):
         keys = jax.random.split(jax.random.fold_in(rng, j), num_samples // chunk)
         batch = batching.put_replicated(batch, mesh)
-        calls = [_chunk_log_weights(model, params, batch, key, chunk, preprocess, mesh)
-                 for key in keys]
+        calls = []
+        for key in keys:
+            if len(queued) >= MAX_EVAL_CALLS_IN_FLIGHT:
+                jax.block_until_ready(queued.popleft())
+            calls.append(_chunk_log_weights(model, params, batch, key, chunk, preprocess, mesh))
+            queued.append(calls[-1])
         if previous is not None:  # read once the next batch is queued, so no device idles
             nlls.append(bound(*previous))
             bar.update(1)

@@ -27,6 +27,12 @@ def test_count_is_the_largest_divisor_of_the_batch_sizes_with_16_examples_per_de
     assert cpu_devices.count_for(batch_sizes, limit) == expected
 
 
+@pytest.mark.parametrize("sizes, expected", [((40,), 8), ((25,), 5), ((12,), 6), ((7,), 7),
+                                             ((1,), 1), ((16, 40), 8)])
+def test_count_with_one_per_device_is_the_largest_divisor_up_to_the_limit(sizes, expected):
+    assert cpu_devices.count_for(sizes, 8, min_per_device=1) == expected
+
+
 def test_limit_reads_the_variable_and_refuses_what_is_not_a_positive_integer(monkeypatch):
     monkeypatch.delenv(cpu_devices.LIMIT_VARIABLE, raising=False)
     assert cpu_devices.limit() == cpu_devices.DEFAULT_LIMIT == 8

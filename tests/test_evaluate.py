@@ -123,8 +123,8 @@ def test_ppca_elbo_and_iwae_bound_equal_the_exact_log_likelihood():
 
 
 def test_chunks_combine_to_the_k_sample_bound():
-    """The bound of equal chunks' bounds is the bound of all their weights: iwae_nll
-    in chunks equals iwae_bound on the concatenated log-weights of the same draws."""
+    """iwae_nll, drawing in chunks and combining their log-weights on the host, equals
+    iwae_bound on the concatenated log-weights of the same draws."""
     model = vae.mlp_vae(3, 2, (8,), likelihoods.get("gaussian"))
     x = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
     params = jax.jit(model.init)(jax.random.key(0), x, jax.random.key(1))["params"]
@@ -286,7 +286,8 @@ EIGHT_DEVICES = """
         error = str(err)
     print(json.dumps({
         "one": one.tolist(), "eight": eight.tolist(), "error": error,
-        "collectives": re.findall(r"all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute", hlo),
+        "collectives": re.findall(
+            r"all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute", hlo),
         "mesh_sizes": {c: evaluate.sample_mesh(c).devices.size for c in (40, 25, 7, 1, 12)}}))
 """
 
@@ -300,4 +301,26 @@ def test_iwae_splits_each_calls_samples_over_the_devices_with_one_devices_draws(
     assert len(out["one"]) == 13 and np.all(np.isfinite(out["one"]))
     assert out["collectives"] == []
     assert out["mesh_sizes"] == {"40": 8, "25": 5, "7": 7, "1": 1, "12": 6}
-    assert out["error"] == "the 8 devices of the mesh must divide chunk (20)."
+    assert out["error"] == ("the mesh must be 1-D with the axis 'data' and a size that divides "
+                            "chunk (20); got axes ('data',) of sizes (8,).")
+
+
+def test_iwae_of_weights_that_are_all_zero_is_infinite_and_bad_sizes_are_refused():
+    """A log-weight of -inf everywhere (p(x, z) = 0) bounds -log p(x) by +inf, not NaN."""
+
+    class Impossible(nn.Module):
+        @nn.compact
+        def __call__(self, x, rng):
+            zero = self.param("zero", nn.initializers.zeros, ())
+            shape = x.shape[:1]
+            return {"log_px_z": jnp.full(shape, -jnp.inf) + zero, "log_pz": jnp.zeros(shape),
+                    "log_qz_x": jnp.zeros(shape)}
+
+    model, x = Impossible(), np.zeros((3, 2), np.float32)
+    params = model.init(jax.random.key(0), x, jax.random.key(1))["params"]
+    with np.errstate(all="raise"):
+        nll = evaluate.iwae_nll(model, params, x, jax.random.key(2), 8)
+    assert nll.tolist() == [np.inf] * 3
+    for k, chunk in ((0, None), (8, 0)):
+        with pytest.raises(ValueError, match="must be positive"):
+            evaluate.iwae_nll(model, params, x, jax.random.key(2), k, chunk)
