@@ -136,23 +136,37 @@ def test_batchnorm_vqvae_steps_on_eight_devices_match_one():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("run_config, flags, devices", [
-    ({"experiment": "vae", "quick": False}, [], 8),  # k = 1000: calls of 40 samples
-    ({"experiment": "vlae", "quick": False}, ["--num_samples", "100"], 5),  # calls of 25
-    ({"experiment": "lvae", "quick": False}, ["--num_samples", "600", "--chunk", "12"], 6),
-    ({"experiment": "vae", "quick": True}, [], 1),
-    ({"experiment": "vae_2d", "quick": False}, [], 1),  # an MLP
-    ({"experiment": "no_such_experiment"}, [], 1)])  # left for load_run to report
-def test_evaluate_splits_the_cpu_as_the_run_trained(tmp_path, run_config, flags, devices):
-    """experiments.evaluate splits before JAX starts, for runs whose training split, into
-    as many devices as divide a call's samples."""
+@pytest.mark.parametrize("run_config, flags, split", [
+    ({"experiment": "vae", "quick": False}, [], 40),  # k = 1000: calls of 40 samples
+    ({"experiment": "vlae", "quick": False}, ["--num_samples", "100"], 25),
+    ({"experiment": "lvae", "quick": False}, ["--num_samples", "600", "--chunk", "12"], 12),
+    ({"experiment": "vae", "quick": True}, [], None),
+    ({"experiment": "vae_2d", "quick": False}, [], None),  # an MLP
+    ({"experiment": "configs"}, [], None),  # a module without an experiment's Config
+    ({"experiment": "no_such_experiment"}, [], None),  # left for load_run to report
+    (["not", "a", "config"], [], None)])
+def test_evaluate_splits_the_cpu_for_the_runs_whose_training_split(
+        tmp_path, monkeypatch, run_config, flags, split):
+    """experiments.evaluate asks for as many devices as divide a call's samples, one sample
+    or more each, for convolutional runs that are not --quick."""
+    from experiments import configs, evaluate
+    asked = []
+    monkeypatch.setattr(cpu_devices, "split", lambda *sizes, **kw: asked.append((sizes, kw)))
     (tmp_path / "config.json").write_text(json.dumps(run_config))
+    config = configs.from_flags(evaluate.Config,
+                                evaluate.parser().parse_args(["--workdir", "w", *flags]))
+    evaluate.split_cpu(config, str(tmp_path))
+    assert asked == ([] if split is None else [((split,), {"min_per_device": 1})])
+
+
+def test_evaluate_splits_before_jax_starts(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"experiment": "vae", "quick": False}))
     out = run_python(f"""
         import json, jax
-        from experiments import evaluate
-        config = evaluate.configs.from_flags(
-            evaluate.Config, evaluate.parser().parse_args(["--workdir", "w", *{flags!r}]))
-        evaluate.split_cpu(config, {str(tmp_path)!r})
-        print(json.dumps({{"devices": jax.device_count()}}))
+        from experiments import configs, evaluate
+        config = configs.from_flags(evaluate.Config,
+                                    evaluate.parser().parse_args(["--workdir", "w"]))
+        count = evaluate.split_cpu(config, {str(tmp_path)!r})
+        print(json.dumps({{"count": count, "devices": jax.device_count()}}))
     """)
-    assert out == {"devices": devices}
+    assert out == {"count": 8, "devices": 8}
