@@ -12,6 +12,7 @@ from scipy import stats
 
 from lvm_jax import data
 from lvm_jax.data import batching, toy2d
+from tests.helpers import run_python
 
 
 @pytest.mark.parametrize("which, cov", [("1", [[13, 12], [12, 13]]), ("2", [[13, -12], [-12, 13]]),
@@ -135,3 +136,36 @@ def test_binarize_images_thresholds_at_half_the_range():
     for binary in (data.binarize_images(x), np.asarray(data.binarize_images(jnp.asarray(x)))):
         assert binary.dtype == np.float32
         np.testing.assert_array_equal(binary.ravel(), [-1.0, -1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("x", [np.arange(3 * 5 * 7, dtype=np.uint8).reshape(3, 5, 7),
+                               np.linspace(-1, 1, 10, dtype=np.float32)[1:],
+                               np.zeros((0, 4), np.int32),
+                               jnp.arange(6.0).reshape(2, 3)])
+def test_aligned_copy_is_a_private_copy_at_an_aligned_address(x):
+    copy = batching.aligned_copy(x)
+    assert copy.size == 0 or copy.ctypes.data % batching.HOST_ALIGNMENT == 0  # empty: no address
+    assert copy.dtype == x.dtype and copy.shape == x.shape and copy.flags.c_contiguous
+    np.testing.assert_array_equal(copy, np.asarray(x))
+    assert not np.shares_memory(copy, np.asarray(x))
+
+
+SHARED_BUFFERS = """
+    import json, jax, numpy as np
+    from lvm_jax.data import batching
+    mesh = batching.data_mesh()
+    train = np.arange(64 * 12, dtype=np.uint8).reshape(64, 12)
+    on_devices = [batching.put_host_shard(train, mesh), batching.put_replicated(train, mesh)]
+    print(json.dumps({
+        "devices": len(jax.devices()),
+        "buffers": [len({s.data.unsafe_buffer_pointer() for s in a.addressable_shards})
+                    for a in on_devices],
+        "equal": [bool((np.asarray(s.data) == train).all())
+                  for a in on_devices for s in a.addressable_shards]}))
+"""
+
+
+def test_cpu_devices_share_one_copy_of_the_data():
+    """On 8 CPU devices a training set and a test set each take one buffer, not eight."""
+    out = run_python(SHARED_BUFFERS, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    assert out == {"devices": 8, "buffers": [1, 1], "equal": [True] * 16}

@@ -2,7 +2,8 @@
 
 Training data are split between the hosts (processes) of a run: each host
 keeps a contiguous shard (`host_shard`) and every one of its devices holds a
-full copy of that shard (everything here fits: CIFAR-10 is 150 MB as uint8).
+full copy of that shard (everything here fits: CIFAR-10 is 150 MB as uint8);
+the CPU devices of one process share a single copy (`aligned_copy`).
 A step's global batch is the hosts' local batches side by side; each device
 gathers its part of it from its own copy, with indices into its host's shard,
 so no example crosses hosts. With one host the shard is the whole set.
@@ -27,8 +28,29 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+# XLA:CPU uses a host array whose address is a multiple of this in place, as the buffer of
+# every CPU device it is put on, instead of copying it per device (measured: 150 MB of uint8
+# put on 8 CPU devices raised the process's resident memory by 1,172 MB from an array at a
+# multiple of 16 bytes, by 0 MB from one at a multiple of 64).
+HOST_ALIGNMENT = 64
+
+
+def aligned_copy(x) -> np.ndarray:
+    """A private copy of `x` (NumPy or JAX) at an address that is a multiple of HOST_ALIGNMENT:
+    put on CPU devices, it is one buffer shared by all of them, and nothing else writes to
+    it (nor may a compiled call donate such an array). Accelerators copy it to their own
+    memory as they would any array."""
+    x = np.asarray(x)
+    buffer = np.empty(x.nbytes + HOST_ALIGNMENT, np.uint8)
+    start = -buffer.ctypes.data % HOST_ALIGNMENT
+    out = buffer[start:start + x.nbytes].view(x.dtype).reshape(x.shape)
+    out[...] = x
+    return out
+
+
 def put_replicated(tree, mesh: Mesh):
-    """A full copy of every array of `tree` (NumPy or JAX) on every device of `mesh`.
+    """A full copy of every array of `tree` (NumPy or JAX) on every device of `mesh` (on CPU
+    devices, one `aligned_copy` that they all share).
 
     In a multi-host run every process passes the same values (the same data, or
     parameters initialised from the same seed); each fills only its own devices.
@@ -38,7 +60,7 @@ def put_replicated(tree, mesh: Mesh):
     # Not jax.device_put: across several processes it first all-gathers a host value
     # to check that every process passed the same one.
     def put(x):
-        x = np.asarray(x)
+        x = aligned_copy(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda _: x)
 
     return jax.tree.map(put, tree)
@@ -84,6 +106,7 @@ def put_host_shard(shard: np.ndarray, mesh: Mesh) -> jax.Array:
     block per device, and each block is the shard of the device's own host.
     Every process calls this with its own shard; read it with `gather_host_shard`.
     """
+    shard = aligned_copy(shard)  # on CPU devices, one copy that all of them share
     shape = (mesh.devices.size * len(shard), *shard.shape[1:])
     return jax.make_array_from_callback(shape, NamedSharding(mesh, P("data")), lambda _: shard)
 
