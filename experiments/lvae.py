@@ -30,6 +30,7 @@ import numpy as np
 
 from experiments import common, configs
 from lvm_jax import data, evaluate, viz
+from lvm_jax.errors import ConfigError
 from lvm_jax.models import likelihoods, lvae
 from lvm_jax.train import Objective, fit, records
 
@@ -83,13 +84,13 @@ def make_objective(model: lvae.LVAE, free_bits: float = 0.5,
 
 
 def iwae_metrics(model: lvae.LVAE, params, examples: np.ndarray, preprocess, num_samples: int,
-                 seed: int, progress: bool) -> dict:
+                 seed: int, progress: bool, chunk: int | None = None) -> dict:
     """Importance-weighted NLL of `examples` (stored), nats per example, with its standard
     error, and their -ELBO from `ELBO_SAMPLES` samples per example, so the two compare on
     the same examples (the bound is at least the ELBO)."""
     key = jax.random.key(seed)
-    nll = evaluate.iwae_nll(model, params, examples, key, num_samples, batch_size=IWAE_BATCH,
-                            preprocess=preprocess, progress=progress)
+    nll = evaluate.iwae_nll(model, params, examples, key, num_samples, chunk, IWAE_BATCH,
+                            preprocess, progress)
     # The mean of the log-weights estimates the ELBO (Monte Carlo KL, as in training).
     mean_log_weight = jax.jit(lambda p, x, r: evaluate.iwae_log_weights(
         model, p, preprocess(x), r, ELBO_SAMPLES).mean(axis=0))
@@ -170,6 +171,16 @@ class Config(common.Config):
     iwae_examples: int | None = configs.setting(
         None, "evaluate the importance-weighted NLL on the first this many test examples "
               "(default all)", configs.POSITIVE_INT)
+    iwae_chunk: int | None = configs.setting(
+        None, "importance samples per compiled call, split over the devices (divides "
+              f"--iwae_samples; default its largest divisor up to {evaluate.DEFAULT_CHUNK}; 100 "
+              "draws the samples of the README's table)", configs.POSITIVE_INT)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.iwae_chunk and self.iwae_samples % min(self.iwae_chunk, self.iwae_samples or 1):
+            raise ConfigError(f"--iwae_chunk {self.iwae_chunk} must divide --iwae_samples "
+                              f"{self.iwae_samples}.")
 
 
 def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
@@ -199,7 +210,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     if config.iwae_samples:
         metrics.update(iwae_metrics(model, params, dataset.test[:config.iwae_examples],
                                     objective.preprocess, config.iwae_samples, config.seed,
-                                    not config.no_progress))
+                                    not config.no_progress, config.iwae_chunk))
         units.update(iwae_nll=f"{NATS}, importance-weighted bound with iwae_num_samples samples "
                               "on the first iwae_num_examples test examples",
                      iwae_nll_stderr=f"{NATS}, standard error of the mean over those examples",

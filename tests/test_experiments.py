@@ -132,6 +132,7 @@ def test_the_twenty_epoch_default_is_visible(capsys):
     ("lvae", ["--free_bits", "-1"], "argument --free_bits: -1 is not a finite non-negative number"),
     ("lvae", ["--iwae_samples", "-1"], "argument --iwae_samples: -1 is not a non-negative integer"),
     ("lvae", ["--iwae_examples", "0"], "argument --iwae_examples: 0 is not a positive integer"),
+    ("lvae", ["--iwae_chunk", "0"], "argument --iwae_chunk: 0 is not a positive integer"),
     ("mlp_vae", ["--latent_dim", "0"], "argument --latent_dim: 0 is not a positive integer"),
 ])
 def test_out_of_range_flags_are_argparse_errors_before_anything_runs(name, flags, message, tmp_path,
@@ -155,6 +156,16 @@ def test_evaluate_flags_are_range_checked(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         evaluate.main(["--workdir", str(tmp_path)] + flags)
     assert done.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_lvae_refuses_an_iwae_chunk_that_does_not_divide_the_samples(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    with pytest.raises(SystemExit) as done:
+        lvae.main(["--iwae_samples", "100", "--iwae_chunk", "40", "--quick", "--workdir",
+                   str(workdir)])
+    assert done.value.code == 1 and not workdir.exists()
+    assert capsys.readouterr().err.strip().endswith(
+        "error: --iwae_chunk 40 must divide --iwae_samples 100.")
 
 
 def test_evaluate_refuses_a_chunk_that_does_not_divide_the_samples(tmp_path, capsys):
