@@ -32,7 +32,7 @@ from lvm_jax.data import batching
 from lvm_jax.models import vae
 from lvm_jax.models.likelihoods import Likelihood
 from lvm_jax.models.priors import StandardNormalPrior
-from lvm_jax.train.loop import MAX_EVAL_CALLS_IN_FLIGHT
+from lvm_jax.train.loop import dispatch_bounded
 from lvm_jax.train.progress import Progress
 
 
@@ -164,19 +164,15 @@ def iwae_nll(model, params, data: np.ndarray, rng: jax.Array, num_samples: int =
         with np.errstate(divide="ignore"):  # log 0 = -inf: weights that are all 0
             return np.log(num_samples) - top - np.log(np.exp(log_weights - top).sum(axis=0))
 
-    # At most MAX_EVAL_CALLS_IN_FLIGHT calls queued, as in `fit`'s evaluation; these hold no
-    # collective, which is what deadlocked there, but a queue of thousands gains nothing.
+    # Calls queued as in `fit`'s evaluation: these hold no collective, which is what
+    # deadlocked there, but a queue of thousands gains nothing.
     queued = collections.deque()
     previous = None
     for j, (batch, size) in enumerate(batches):
         keys = jax.random.split(jax.random.fold_in(rng, j), num_samples // chunk)
         batch = batching.put_replicated(batch, mesh)
-        calls = []
-        for key in keys:
-            if len(queued) >= MAX_EVAL_CALLS_IN_FLIGHT:
-                jax.block_until_ready(queued.popleft())
-            calls.append(_chunk_log_weights(model, params, batch, key, chunk, preprocess, mesh))
-            queued.append(calls[-1])
+        calls = [dispatch_bounded(queued, _chunk_log_weights, model, params, batch, key, chunk,
+                                  preprocess, mesh) for key in keys]
         if previous is not None:  # read once the next batch is queued, so no device idles
             nlls.append(bound(*previous))
             bar.update(1)

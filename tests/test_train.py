@@ -1,5 +1,6 @@
 """The generic trainer: logs, checkpoints, resumption, failures and bad input."""
 
+import collections
 import functools
 import json
 import os
@@ -250,3 +251,21 @@ def test_gradient_clipping_bounds_the_first_update(tmp_path):
                   str(tmp_path / "clipped"), tx=optax.sgd(1.0))
     step = [a - b for a, b in zip(params_of(clipped), params_of(start))]
     assert float(optax.tree.norm(step)) == pytest.approx(1e-3, rel=1e-3)  # sgd(1) moves by the clip
+
+
+def test_dispatch_bounded_waits_for_the_oldest_call_once_the_queue_is_full():
+    from lvm_jax.train import loop
+    waited, queued = [], collections.deque()
+
+    class Call:
+        def __init__(self, i):
+            self.i = i
+
+        def block_until_ready(self):
+            waited.append(self.i)
+            return self
+
+    results = [loop.dispatch_bounded(queued, Call, i) for i in range(20)]
+    assert [r.i for r in results] == list(range(20))
+    assert waited == list(range(20 - loop.MAX_EVAL_CALLS_IN_FLIGHT))  # the oldest, in order
+    assert len(queued) == loop.MAX_EVAL_CALLS_IN_FLIGHT

@@ -127,15 +127,24 @@ def eval_batches(num_examples: int, batch_size: int) -> list[tuple[int, int]]:
 MAX_EVAL_CALLS_IN_FLIGHT = 8
 
 
+def dispatch_bounded(queued: collections.deque, call, *args):
+    """`call(*args)`, a compiled call, appended to `queued` and returned; dispatched after
+    waiting for the oldest call of `queued` when MAX_EVAL_CALLS_IN_FLIGHT are queued."""
+    if len(queued) >= MAX_EVAL_CALLS_IN_FLIGHT:
+        jax.block_until_ready(queued.popleft())
+    queued.append(call(*args))
+    return queued[-1]
+
+
 def make_evaluate(objective: Objective, mesh):
     """Returns evaluate(state, data, batch_size, key) -> test-set means of the loss metrics.
 
     One compiled program per batch size, called once per batch of `eval_batches`
     (convolutions run many times slower inside compiled loops on CPU,
     jax-ml/jax#12868); the calls are dispatched ahead of the one read of their
-    means, at most MAX_EVAL_CALLS_IN_FLIGHT queued at once, so the host rarely waits
-    between batches. Each batch counts with its size, so every example counts
-    exactly once. Batch j draws its noise from fold_in(key, j), the same at every
+    means, at most MAX_EVAL_CALLS_IN_FLIGHT queued at once (`dispatch_bounded`), so
+    the host rarely waits between batches. Each batch counts with its size, so every
+    example counts exactly once. Batch j draws its noise from fold_in(key, j), the same at every
     evaluation.
     """
 
@@ -148,13 +157,11 @@ def make_evaluate(objective: Objective, mesh):
     def evaluate(state, data, batch_size, key):
         n = data.shape[0]
         batches = eval_batches(n, batch_size)
-        pending = []
-        for j, (start, stop) in enumerate(batches):
-            if len(pending) >= MAX_EVAL_CALLS_IN_FLIGHT:
-                jax.block_until_ready(pending[-MAX_EVAL_CALLS_IN_FLIGHT])
-            pending.append(batch_means(state, data,
-                                       batching.put_indices(np.arange(start, stop)[None], mesh),
-                                       jax.random.fold_in(key, j)))
+        queued = collections.deque()
+        pending = [dispatch_bounded(queued, batch_means, state, data,
+                                    batching.put_indices(np.arange(start, stop)[None], mesh),
+                                    jax.random.fold_in(key, j))
+                   for j, (start, stop) in enumerate(batches)]
         totals = {}
         for (start, stop), metrics in zip(batches, jax.device_get(pending)):
             for name, value in metrics.items():
