@@ -332,7 +332,19 @@ def test_fewer_epochs_than_the_checkpoint_are_refused(resumed_run, tmp_path):
     before = tree_digest(workdir)
     with pytest.raises(ConfigError, match="trained for 20 steps, more than the 1 epochs \\(10 "
                                           "steps\\).*--epochs 2 or more"):
-        fit(tiny_objective(), TRAIN, TEST, with_config(epochs=1), str(workdir))
+        fit(tiny_objective(), TRAIN, TEST, TrainConfig(**{**RESUMED_CONFIG.__dict__, "epochs": 1}),
+            str(workdir), RESUMED_RUN_CONFIG)
+    assert tree_digest(workdir) == before
+
+
+def test_a_different_run_is_named_before_its_epoch_count(resumed_run, tmp_path):
+    """A workdir of another batch size counts its steps in other epochs: the error names the
+    difference, not an --epochs that could not resume it."""
+    workdir = copy_of(resumed_run, tmp_path)
+    before = tree_digest(workdir)
+    changed = TrainConfig(**{**RESUMED_CONFIG.__dict__, "epochs": 1, "batch_size": 128})
+    with pytest.raises(CheckpointError, match="different run.*batch_size: saved 64, now 128"):
+        fit(tiny_objective(), TRAIN, TEST, changed, str(workdir), RESUMED_RUN_CONFIG)
     assert tree_digest(workdir) == before
 
 

@@ -40,6 +40,7 @@ def test_fit_writes_metrics_summary_and_checkpoints(tmp_path):
     assert summary["steps"] == 20 and summary["config"]["model"] == "tiny"
     assert summary["test_metrics"]["neg_elbo"] == pytest.approx(float(test_rows[-1]["neg_elbo"]))
     assert summary["units"]["neg_elbo"] == "nats per example" and "cpu" in summary["device"]
+    assert {"time", "grad_norm"} <= set(summary["units"])  # the columns fit adds
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10", "20"]
     np.testing.assert_allclose(
         summary["test_metrics"]["neg_elbo"],
@@ -269,3 +270,12 @@ def test_dispatch_bounded_waits_for_the_oldest_call_once_the_queue_is_full():
     assert [r.i for r in results] == list(range(20))
     assert waited == list(range(20 - loop.MAX_EVAL_CALLS_IN_FLIGHT))  # the oldest, in order
     assert len(queued) == loop.MAX_EVAL_CALLS_IN_FLIGHT
+
+
+def test_epoch_lines_name_each_unit_once_after_the_metrics_in_it():
+    units = {"kl": "nats per example", "loss": "nats per example, the training objective",
+             "bits_per_dim": "bits per dimension (8-bit scale)"}
+    metrics = {"kl": 1.5, "loss": 2.25, "bits_per_dim": 3.0, "count": 4.0}
+    assert loop.metrics_line(metrics, units) == ("kl 1.5000, loss 2.2500 nats per example; "
+                                                 "bits_per_dim 3.0000 bits per dimension (8-bit "
+                                                 "scale); count 4.0000")

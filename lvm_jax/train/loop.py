@@ -16,10 +16,12 @@ coordinates the hosts), and only process 0 writes metrics, config and summary.
 
 import collections
 import dataclasses
+import itertools
 import math
 import os
 import platform
 import time
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +35,9 @@ from lvm_jax.train.checkpoint import Checkpointer
 from lvm_jax.train.progress import Progress
 from lvm_jax.train.state import Objective, TrainConfig, TrainState
 
+# The units of the metrics.csv columns `fit` adds to an objective's metrics.
+LOG_UNITS = {"time": "seconds since the run started (over resumed segments)",
+             "grad_norm": "global L2 norm of the gradient of the loss, before clipping"}
 # Settings a resumed run may change; config.json records the step of each change.
 CHANGEABLE_ON_RESUME = ("train.learning_rate",)
 
@@ -260,19 +265,29 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
                     checkpointer, shard, steps_per_epoch)
 
 
+def metrics_line(metrics: dict[str, float], units: Mapping[str, str]) -> str:
+    """"kl 12.6177, recon 986.1637 nats per example": each run of metrics that share a unit
+    (its first clause in `units`), then that unit."""
+    runs = itertools.groupby(metrics.items(), key=lambda item: units.get(item[0], "").split(",")[0])
+    return "; ".join(", ".join(f"{name} {value:.4f}" for name, value in run)
+                     + (f" {unit}" if unit else "") for unit, run in runs)
+
+
 def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, mesh,
          checkpointer, shard, steps_per_epoch) -> FitResult:
     local_batch = config.batch_size // jax.process_count()
     total_steps = config.epochs * steps_per_epoch
     resume_step = checkpointer.latest_step()
     if resume_step is not None:
+        # A different run first: its steps count in other epochs, so "pass --epochs N" would
+        # send the user the wrong way.
+        saved_config = checkpointer.check_config(saved_config, resume_step, CHANGEABLE_ON_RESUME)
         if resume_step > total_steps:
             raise ConfigError(
                 f"the workdir {workdir} holds a model trained for {resume_step} steps, more than "
                 f"the {config.epochs} epochs ({total_steps} steps) asked for: pass --epochs "
                 f"{math.ceil(resume_step / steps_per_epoch)} or more to resume or evaluate it, "
                 "or use another --workdir.")
-        saved_config = checkpointer.check_config(saved_config, resume_step, CHANGEABLE_ON_RESUME)
 
     _, train_key, eval_key = _keys(config.seed)
     state = batching.put_replicated(initial_state(objective, train_data[:1], config, tx), mesh)
@@ -364,7 +379,7 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
                 f"{_resume_advice(checkpointer.latest_step(), checkpointer)}")
         checkpoint(state)
         progress.note(f"epoch {epoch + 1}/{config.epochs}: test "
-                      + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
+                      + metrics_line(test_metrics, objective.units))
     progress.close()
 
     if test_metrics is None:  # a finished run whose log lost its last evaluation
@@ -378,7 +393,7 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
         "config": saved_config,
         "test_metrics": test_metrics,
         "initial_test_metrics": initial_metrics,
-        "units": dict(objective.units),
+        "units": {**LOG_UNITS, **objective.units},
         "epochs": config.epochs,
         "steps": total_steps,
         "resumed_from_step": start_step or None,
