@@ -1,4 +1,5 @@
-"""Importance-weighted evaluation of a trained VAE-style run.
+"""Importance-weighted evaluation of a trained VAE-style run (experiments vae, vlae, vae_2d,
+mlp_vae and lvae; a VQ-VAE has no such bound: its priors report nats per code).
 
     python -m experiments.evaluate --workdir runs/vae/mnist_embedded [--num_samples 1000]
 
@@ -18,6 +19,7 @@ Adds to the run's summary.json:
 
 import argparse
 import dataclasses
+import glob
 import importlib
 import inspect
 import os
@@ -38,13 +40,14 @@ from lvm_jax.train import (CheckpointError, Checkpointer, Objective, TrainConfig
                            device_description, initial_state, records)
 from lvm_jax.train import workdir as workdir_lock
 
+# The experiments whose models give importance weights (`evaluate.iwae_log_weights`).
+EVALUATED = ("vae", "vlae", "vae_2d", "mlp_vae", "lvae")
 # Experiments whose config.json does not name their model's module or dataset directly.
 MODEL_MODULES = {"vlae": "vae"}  # the VLAE is experiments.vae's model with the MADE prior
 DATASET_NAMES = {"vae_2d": "toy2d_{}"}  # vae_2d's --dataset picks one of the toy2d sets
 NATS = "nats per example"
 UNITS = {"iwae_nll": f"{NATS}, importance-weighted bound with iwae_num_samples samples",
          "iwae_nll_stderr": f"{NATS}, standard error of the mean over the test set",
-         "iwae_bits_per_dim": "bits per dimension (8-bit scale)",
          "iwae_num_samples": "importance samples per example",
          "iwae_num_examples": "test examples the IWAE bound was evaluated on (the first N)",
          "neg_elbo_iwae_examples": f"{NATS}, single-sample -ELBO of those same examples",
@@ -73,9 +76,11 @@ def load_run(workdir: str, data_dir: str | None = None) -> Run:
     """
     config_path = os.path.join(workdir, "config.json")
     if not os.path.exists(config_path):
-        raise CheckpointError(f"{workdir} holds no config.json: it is no training run's workdir.")
+        raise CheckpointError(_no_config_message(workdir))
     config = records.read_json(config_path)
     experiment = config["experiment"]
+    if experiment not in EVALUATED:
+        raise CheckpointError(_no_bound_message(workdir, [experiment]))
     module = importlib.import_module(f"experiments.{MODEL_MODULES.get(experiment, experiment)}")
     dataset_name = DATASET_NAMES.get(experiment, "{}").format(config["dataset"])
     flags = types.SimpleNamespace(dataset=dataset_name, data_dir=data_dir,
@@ -97,6 +102,31 @@ def load_run(workdir: str, data_dir: str | None = None) -> Run:
     objective = module.make_objective(model)
     params, step = restore_eval_params(workdir, objective, dataset.test[:1], config["train"])
     return Run(config, dataset, model, objective, params, step)
+
+
+def _no_bound_message(workdir: str, experiments: list[str]) -> str:
+    names = sorted(set(experiments))
+    if len(names) == 1:
+        held = f"a run of {names[0]}, which has"
+    else:
+        held = f"runs of {', '.join(names)}, which have"
+    return (f"{workdir} holds {held} no importance-weighted bound: this evaluates runs of "
+            f"{', '.join(EVALUATED)}.")
+
+
+def _no_config_message(workdir: str) -> str:
+    """Why `workdir` is no run to evaluate, naming the runs inside it (a VQ-VAE's stages, an
+    MLP-VAE study's variants)."""
+    inner = {os.path.dirname(path): records.read_json(path).get("experiment") for path in
+             sorted(glob.glob(os.path.join(glob.escape(workdir), "**", "config.json"),
+                              recursive=True))}
+    evaluable = [run for run, experiment in inner.items() if experiment in EVALUATED]
+    if evaluable:
+        return (f"{workdir} holds no config.json of its own, but the runs in "
+                f"{', '.join(evaluable)}: pass one of those as --workdir.")
+    if inner:
+        return _no_bound_message(workdir, list(map(str, inner.values())))
+    return f"{workdir} holds no config.json: it is no training run's workdir."
 
 
 def restore_eval_params(workdir: str, objective, example: np.ndarray, train_config: dict):
@@ -217,17 +247,19 @@ def _evaluate_run(config: Config, workdir: str) -> dict:
                "active_units": num_active}
     if len(nll) < len(dataset.test):  # the -ELBO of the same examples, for a like comparison
         metrics["neg_elbo_iwae_examples"] = float(iwae_nll(examples, 1).mean())
+    units = {name: unit for name, unit in UNITS.items() if name in metrics}
     if dataset.kind == "image":
         metrics["iwae_bits_per_dim"] = float(
             evaluate.image_bits_per_dim(metrics["iwae_nll"], dataset.num_dims, model.likelihood))
+        units["iwae_bits_per_dim"] = evaluate.bits_per_dim_unit(model.likelihood)
     total_seconds = time.perf_counter() - start
     summary = records.update_json(summary_path, {
         "test_metrics": metrics,
-        "units": UNITS,
+        "units": units,
         "latent_diagnostics": diagnostics,
         "iwae_evaluation": {
             "checkpoint_step": run.step, "iwae_seconds": seconds,
-            "samples_per_second": len(nll) * config.num_samples / seconds,
+            "examples_x_samples_per_second": len(nll) * config.num_samples / seconds,
             "wall_time_seconds": total_seconds, "device": device_description()}})
 
     bits = metrics.get("iwae_bits_per_dim")

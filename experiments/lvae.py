@@ -75,7 +75,7 @@ def make_objective(model: lvae.LVAE, free_bits: float = 0.5,
 
     units = {"neg_elbo": NATS, "recon": NATS, "kl": NATS,
              "loss": f"{NATS}, the training objective (KL of each layer clamped at free_bits)",
-             "bits_per_dim": "bits per dimension (-ELBO, 8-bit or binary scale)",
+             "bits_per_dim": f"{evaluate.bits_per_dim_unit(model.likelihood)}, of the -ELBO",
              **{f"kl_layer_{i}": f"{NATS}, layer {i} (1 = nearest the data)"
                 for i in range(1, model.num_layers + 1)}}
     return Objective.stateless(init=init, loss_fn=functools.partial(lvae.loss_fn, model,
@@ -218,11 +218,11 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
                                             f"({ELBO_SAMPLES} samples each)",
                      iwae_num_samples="importance samples per example",
                      iwae_num_examples="test examples evaluated")
-    title = f"LVAE ({config.latent_layers} layer{'s' if config.latent_layers > 1 else ''}) on {dataset.name}"
-    test_images = objective.preprocess(jnp.asarray(dataset.test[:50]))
+    layers = f"{config.latent_layers} layer{'s' if config.latent_layers > 1 else ''}"
     step = int(result.state.step)
-    figures = save_figures(model, params, test_images, workdir, config.seed,
-                           common.figure_title(title, config, step))
+    title = common.figure_title(f"LVAE ({layers}) on {dataset.name}", config, step)
+    test_images = objective.preprocess(jnp.asarray(dataset.test[:50]))
+    figures = save_figures(model, params, test_images, workdir, config.seed, title)
     records.write_figures_to_tensorboard(workdir, figures, step)
     kl_per_layer = [metrics[f"kl_layer_{i}"] for i in range(1, config.latent_layers + 1)]
     summary = records.update_json(os.path.join(workdir, "summary.json"), {

@@ -38,7 +38,9 @@ EXPERIMENT = "mlp_vae"
 NATS = "nats per example"
 COLLAPSE_NATS = 0.01  # a latent dimension whose average KL is below this carries no information
 UNITS = {"neg_elbo": NATS, "recon": NATS, "kl": NATS, "loss": NATS,
-         "bits_per_dim": "bits per dimension (8-bit scale)", "parameters": "count",
+         "bits_per_dim": "bits per dimension: binary scale for the Bernoulli decoder (binarized "
+                         "digits), 8-bit scale for the Gaussian ones",
+         "parameters": "count",
          "collapsed_dims": f"latent dimensions with average KL < {COLLAPSE_NATS} nats"}
 DECODERS = {"bernoulli": "Bernoulli (binarized)", "gaussian": "Gaussian, learned variance",
             "unit_gaussian": "Gaussian N(mu, I)"}
@@ -202,7 +204,10 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     if config.study in ("depth", "all"):
         studies["depth"] = depth_study(config, dataset, root)
     summary = records.update_json(os.path.join(root, "summary.json"), {
-        "studies": studies, "units": UNITS, "dataset": dataset.describe()})
+        "studies": studies, "units": UNITS, "dataset": dataset.describe(),
+        "model_input": "the central 28x28 crop of each digit, 784 dimensions"})
+    steps = config.epochs * (len(dataset.train) // config.batch_size)
+    print(common.figure_title(f"MLP VAE studies on {dataset.name}", config, steps) + ":")
     for study, result in studies.items():
         for variant, metrics in result["metrics"].items():
             extra = "".join(f", {k} {metrics[k]}" for k in ("parameters", "collapsed_dims") if k in metrics)

@@ -32,7 +32,6 @@ PRIORS = {"standard": StandardNormalPrior, "made": MADEFlowPrior}
 Prior = Literal[tuple(sorted(PRIORS))]
 NATS = "nats per example"
 UNITS = {"neg_elbo": NATS, "recon": NATS, "kl": NATS, "loss": NATS,
-         "bits_per_dim": "bits per dimension (8-bit scale)",
          "recon_sse": "summed squared error per example, images in [-1, 1] (course units)",
          "neg_elbo_sse": "recon_sse + kl (course units)"}
 
@@ -140,13 +139,13 @@ def train_and_evaluate(config: Config, workdir: str | None = None, experiment: s
                                             num_samples=config.num_samples, beta=config.beta,
                                             free_bits=config.free_bits))
     metrics = summary_metrics(result.test_metrics, dataset.num_dims, config.likelihood)
-    title = f"{experiment.upper()} on {dataset.name}"
     step = int(result.state.step)
-    figures = save_figures(model, result.state.eval_params, dataset, workdir, config.seed,
-                           common.figure_title(title, config, step))
+    title = common.figure_title(f"{experiment.upper()} on {dataset.name}", config, step)
+    figures = save_figures(model, result.state.eval_params, dataset, workdir, config.seed, title)
     records.write_figures_to_tensorboard(workdir, figures, step)
     summary = records.update_json(os.path.join(workdir, "summary.json"), {
-        "test_metrics": metrics, "units": UNITS, "dataset": dataset.describe(),
+        "test_metrics": metrics, "dataset": dataset.describe(),
+        "units": {**UNITS, "bits_per_dim": evaluate.bits_per_dim_unit(model.likelihood)},
         "reference_results": common.REFERENCE_RESULTS.get((experiment, config.dataset)),
         "figures": [os.path.basename(f) for f in figures]})
     print(f"{title}: test -ELBO {metrics['neg_elbo']:.2f} nats ({metrics['bits_per_dim']:.3f} bits/dim), "

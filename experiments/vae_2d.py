@@ -94,7 +94,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
         "z_samples_per_test_point": {"test_metrics": EVAL_SAMPLES,
                                      "metrics.csv test rows": EPOCH_EVAL_SAMPLES},
         "figures": [os.path.basename(f) for f in figures]})
-    print(f"test -ELBO {metrics['neg_elbo']:.4f} nats (recon {metrics['recon']:.4f}, "
+    print(f"{title}: test -ELBO {metrics['neg_elbo']:.4f} nats (recon {metrics['recon']:.4f}, "
           f"KL {metrics['kl']:.4f}); exact NLL {exact_nll:.4f}; gap {metrics['gap_to_exact_nll']:.4f}")
     print(f"figures, metrics.csv and summary.json in {workdir}")
     return summary

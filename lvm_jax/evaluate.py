@@ -184,7 +184,8 @@ def iwae_nll(model, params, data: np.ndarray, rng: jax.Array, num_samples: int =
 
 
 def image_bits_per_dim(nll_nats, num_dims: int, likelihood: Likelihood):
-    """Bits per dimension on the 8-bit scale of an NLL in nats per example of images.
+    """Bits per dimension of an NLL in nats per example of images, on the scale of the pixels
+    `likelihood` models (`bits_per_dim_unit`): binary pixels for a Bernoulli, else 8-bit.
 
     A discrete likelihood (bernoulli, dmol) already gives the code length;
     a density over [-1, 1] needs D log 127.5 nats more (`vae.image_bits_per_dim`).
@@ -192,6 +193,12 @@ def image_bits_per_dim(nll_nats, num_dims: int, likelihood: Likelihood):
     if likelihood.discrete:
         return losses.bits_per_dim(nll_nats, num_dims)
     return vae.image_bits_per_dim(nll_nats, num_dims)
+
+
+def bits_per_dim_unit(likelihood: Likelihood) -> str:
+    """The unit of `image_bits_per_dim` under `likelihood`: bits per dimension on the scale of
+    the pixels it models, 8-bit or binary."""
+    return f"bits per dimension ({likelihood.pixel_scale} scale)"
 
 
 @functools.partial(jax.jit, static_argnames=("model", "preprocess"))

@@ -225,6 +225,13 @@ def test_image_bits_per_dim_counts_discrete_likelihoods_as_they_are():
     assert float(uniform) == pytest.approx(np.log2(255.0))
 
 
+@pytest.mark.parametrize("name, scale", [("bernoulli", "binary"), ("dmol", "8-bit"),
+                                         ("gaussian", "8-bit"), ("unit_gaussian", "8-bit")])
+def test_bits_per_dim_unit_names_the_scale_of_the_pixels(name, scale):
+    """Binarized pixels count one bit each at most; 8-bit ones up to 8."""
+    assert evaluate.bits_per_dim_unit(likelihoods.get(name)) == f"bits per dimension ({scale} scale)"
+
+
 def test_evaluate_cli_writes_the_iwae_nll_into_the_run_summary(tmp_path, capsys):
     workdir = str(tmp_path / "run")
     with pytest.raises(SystemExit) as done:
@@ -235,7 +242,8 @@ def test_evaluate_cli_writes_the_iwae_nll_into_the_run_summary(tmp_path, capsys)
     summary = json.load(open(tmp_path / "run" / "summary.json"))
     metrics = summary["test_metrics"]
     assert metrics["iwae_num_samples"] == 50 and metrics["iwae_nll"] <= metrics["neg_elbo"] + 0.05
-    assert "iwae_bits_per_dim" not in metrics  # 2D vectors: no 8-bit scale
+    assert "iwae_bits_per_dim" not in metrics and "iwae_bits_per_dim" not in summary["units"]
+    assert {"iwae_nll", "iwae_nll_stderr", "iwae_num_samples", "active_units"} <= set(summary["units"])
     assert len(summary["latent_diagnostics"]["kl_per_dim"]) == 2
     out = capsys.readouterr().out  # vae_2d's closing line, then evaluate's
     assert f"metrics.csv and summary.json in {workdir}" in out and "IWAE NLL (k=50)" in out
@@ -246,6 +254,38 @@ def test_evaluate_cli_writes_the_iwae_nll_into_the_run_summary(tmp_path, capsys)
     with pytest.raises(SystemExit) as done:
         evaluate_cli.main(["--workdir", str(empty)])
     assert done.value.code == 1 and "no checkpoints/" in capsys.readouterr().err
+
+
+def write_config(workdir, experiment):
+    workdir.mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps({"experiment": experiment}))
+
+
+def evaluate_error(workdir, capsys) -> str:
+    with pytest.raises(SystemExit) as done:
+        evaluate_cli.main(["--workdir", str(workdir)])
+    err = capsys.readouterr().err
+    assert done.value.code == 1 and err.count("\n") == 1, err  # one line, no traceback
+    return err
+
+
+def test_evaluate_cli_names_the_runs_it_cannot_bound(tmp_path, capsys):
+    """A VQ-VAE workdir holds its two stages' runs, neither with an IWAE bound; a folder of
+    runs names those it can evaluate."""
+    vqvae_run = tmp_path / "vqvae_run"
+    write_config(vqvae_run / "vqvae", "vqvae")
+    write_config(vqvae_run / "prior_pixelcnn", "vqvae_prior")
+    assert (f"{vqvae_run} holds runs of vqvae, vqvae_prior, which have no importance-weighted "
+            "bound: this evaluates runs of vae, vlae, vae_2d, mlp_vae, lvae.") \
+        in evaluate_error(vqvae_run, capsys)
+    assert f"{vqvae_run / 'vqvae'} holds a run of vqvae, which has no importance-weighted bound" \
+        in evaluate_error(vqvae_run / "vqvae", capsys)
+    runs = tmp_path / "runs"
+    write_config(runs / "a", "vae")
+    write_config(runs / "b", "vqvae")
+    write_config(runs / "c", "lvae")
+    assert (f"{runs} holds no config.json of its own, but the runs in {runs / 'a'}, {runs / 'c'}: "
+            "pass one of those as --workdir.") in evaluate_error(runs, capsys)
 
 
 @pytest.mark.parametrize("k, chunk", [(1, 1), (7, 7), (40, 40), (100, 25), (1000, 40),

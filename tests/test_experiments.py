@@ -54,6 +54,9 @@ def test_vlae_quick_run_writes_metrics_in_every_unit_and_figures(tmp_path):
     metrics = summary["test_metrics"]
     assert set(metrics) >= {"neg_elbo", "recon", "kl", "bits_per_dim", "recon_sse", "neg_elbo_sse"}
     assert metrics["neg_elbo_sse"] == pytest.approx(metrics["recon_sse"] + metrics["kl"])
+    assert summary["units"]["bits_per_dim"] == "bits per dimension (8-bit scale)"
+    columns = set(MetricsLog.read(str(tmp_path / "metrics.csv"))[0]) - {"split", "epoch", "step"}
+    assert columns <= set(summary["units"]), "every metrics.csv column has a unit"
     assert summary["config"]["prior"] == "made" and summary["config"]["experiment"] == "vlae"
     assert sorted(summary["figures"]) == ["curves.png", "interpolations.png",
                                           "reconstructions.png", "samples.png"]

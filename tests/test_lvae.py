@@ -242,6 +242,7 @@ def test_experiment_quick_run(tmp_path, capsys):
     assert sum(summary["kl_per_layer"]) == pytest.approx(metrics["kl"], rel=1e-4)
     assert summary["config"]["likelihood"] == "bernoulli" and summary["free_bits"] == 0.5
     assert summary["units"]["kl_layer_2"].startswith("nats per example")
+    assert summary["units"]["bits_per_dim"].startswith("bits per dimension (binary scale)")
     assert sorted(summary["figures"]) == ["curves.png", "kl_layers.png", "layer_1.png", "layer_2.png",
                                           "reconstructions.png", "samples.png"]
     for name in summary["figures"]:

@@ -36,9 +36,12 @@ class Likelihood(abc.ABC):
         8-bit (or binary) images take, so an NLL in nats is a code length as it
         stands; False for a density over [-1, 1], whose 8-bit bits/dim needs
         D log 127.5 more nats (`lvm_jax.evaluate.image_bits_per_dim` does both).
+      pixel_scale: the images' values it models, the scale bits/dim count on: "8-bit"
+        (256 values per channel) or "binary" (one bit per pixel at most).
     """
 
     discrete: ClassVar[bool]
+    pixel_scale: ClassVar[str]
 
     @abc.abstractmethod
     def out_shape(self, event_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -75,6 +78,7 @@ class Gaussian(Likelihood):
 
     learned_variance: bool = True
     discrete: ClassVar[bool] = False
+    pixel_scale: ClassVar[str] = "8-bit"
 
     @property
     def params_per_dim(self) -> int:
@@ -113,6 +117,7 @@ class Bernoulli(Likelihood):
     """
 
     discrete: ClassVar[bool] = True
+    pixel_scale: ClassVar[str] = "binary"
     params_per_dim: ClassVar[int] = 1
 
     def out_shape(self, event_shape):
@@ -144,6 +149,7 @@ class DiscretizedLogisticMixture(Likelihood):
 
     num_components: int = 10
     discrete: ClassVar[bool] = True
+    pixel_scale: ClassVar[str] = "8-bit"
 
     def out_shape(self, event_shape):
         if len(event_shape) < 2:
