@@ -7,6 +7,8 @@ compiled step (scaled to [0, 1] and thresholded at 0.5: a fixed binarization,
 not the stochastic one of Larochelle's static MNIST), and PixelCNN++'s
 discretized mixture of 10 logistics on RGB data scaled to [-1, 1].
 
+Trains with Adamax at 3e-4, batch 64, REFERENCE.md §5's settings (`--optimizer adam` for Adam).
+
 Writes into the workdir: samples.png (100 prior samples, decoder mean),
 reconstructions.png (50 test images, each beside its reconstruction at the
 posterior means), layer_<i>.png for every layer i (the seed's view: each row
@@ -27,6 +29,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from experiments import common, configs
 from lvm_jax import data, evaluate, viz
@@ -37,6 +40,7 @@ from lvm_jax.train import Objective, fit, records
 NATS = "nats per example"
 INIT_EXAMPLES = 256  # training examples the data-dependent initialisation sees
 LAYER_ROWS, LAYER_COLS = 6, 10
+OPTIMIZERS = {"adamax": optax.adamax, "adam": optax.adam}
 IWAE_BATCH = 10  # examples per compiled call, each with evaluate.default_chunk(k) samples
 ELBO_SAMPLES = 100
 
@@ -145,6 +149,10 @@ class Config(common.Config):
     CONVOLUTIONAL = True
 
     dataset: common.ImageDataset = configs.setting("mnist_embedded", "the data to train on")
+    batch_size: int = configs.redefault(common.Config, "batch_size", 64)
+    learning_rate: float = configs.setting(3e-4, "the optimizer's step size", configs.POSITIVE_FLOAT)
+    optimizer: Literal[tuple(OPTIMIZERS)] = configs.setting(
+        "adamax", "Adamax (the seed's) or Adam, each at --learning_rate")
     latent_layers: int = configs.setting(3, "stochastic layers L", configs.POSITIVE_INT)
     free_bits: float | None = configs.setting(
         None, "nats per layer below which a layer's batch-mean KL is not penalised in training "
@@ -200,8 +208,10 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     model = build_model(dataset, **settings, dtype=config.dtype)
     objective = make_objective(model, free_bits,
                                dataset.train[:INIT_EXAMPLES] if config.data_init else None)
-    result = fit(objective, dataset.train, dataset.test, common.train_config(config),
-                 workdir, common.run_config(config, "lvae", free_bits=free_bits, **settings))
+    result = fit(objective, dataset.train, dataset.test, common.train_config(config), workdir,
+                 common.run_config(config, "lvae", free_bits=free_bits, optimizer=config.optimizer,
+                                   **settings),
+                 tx=OPTIMIZERS[config.optimizer](config.learning_rate))
     params = result.state.eval_params
     metrics = dict(result.test_metrics)
     metrics["bits_per_dim"] = float(evaluate.image_bits_per_dim(metrics["neg_elbo"], dataset.num_dims,

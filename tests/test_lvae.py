@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
+import optax
 import pytest
 
 from experiments import lvae as lvae_experiment
@@ -231,11 +232,23 @@ def test_importance_weighted_bound_is_at_least_the_elbo(model_and_params):
     assert np.all(bound < log_weights.max(axis=0) + 1e-4)
 
 
-def test_experiment_quick_run(tmp_path, capsys):
+def test_experiment_defaults_are_the_seeds_adamax_at_3e_4_and_batch_64():
+    config = lvae_experiment.Config()
+    assert (config.optimizer, config.learning_rate, config.batch_size) == ("adamax", 3e-4, 64)
+    assert lvae_experiment.OPTIMIZERS["adamax"] is optax.adamax
+
+
+def test_experiment_quick_run(tmp_path, capsys, monkeypatch):
+    built = []
+    monkeypatch.setitem(lvae_experiment.OPTIMIZERS, "adamax",
+                        lambda rate: built.append(rate) or optax.adamax(rate))
     lvae_experiment.main(["--quick", "--no_progress", "--workdir", str(tmp_path),
                           "--latent_layers", "2", "--hidden", "8", "--latent_channels", "4",
                           "--blocks_per_layer", "1"])
+    assert built == [3e-4], "fit trains with the configured optimizer"
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["config"]["optimizer"] == "adamax"
+    assert summary["config"]["train"]["batch_size"] == 64
     metrics = summary["test_metrics"]
     assert metrics["neg_elbo"] == pytest.approx(metrics["recon"] + metrics["kl"], rel=1e-5)
     assert summary["kl_per_layer"] == [metrics["kl_layer_1"], metrics["kl_layer_2"]]
