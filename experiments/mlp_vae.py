@@ -206,7 +206,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     summary = records.update_json(os.path.join(root, "summary.json"), {
         "studies": studies, "units": UNITS, "dataset": dataset.describe(),
         "model_input": "the central 28x28 crop of each digit, 784 dimensions"})
-    steps = config.epochs * (len(dataset.train) // config.batch_size)
+    steps = common.train_config(config).epochs * (len(dataset.train) // config.batch_size)
     print(common.figure_title(f"MLP VAE studies on {dataset.name}", config, steps) + ":")
     for study, result in studies.items():
         for variant, metrics in result["metrics"].items():
