@@ -9,7 +9,9 @@ load of a shared machine hits both alike; each side reports its median.
 Other lvm_jax variants (`also`, e.g. a reference algorithm) join the same
 rounds, after lvm_jax's sampler.
 A measurement of lvm_jax alone (`measure`, reported in a Row with
-pytorch=None) keeps the same warm-up and median.
+pytorch=None) keeps the same warm-up and median. `compare_in_processes` repeats a
+comparison in several fresh processes and reports the median over them: on a shared
+machine PyTorch's speed moves more between processes than within one.
 
 Threads: XLA:CPU uses all cores by default. PyTorch is timed with
 `torch.set_num_threads(n)` for each n in `Settings.torch_threads` (default:
@@ -20,9 +22,13 @@ PyTorch at its best.
 """
 
 import dataclasses
+import importlib
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -50,6 +56,7 @@ class Settings:
       repeats: timed repetitions per side; medians are reported.
       seed: seeds data order, initialisation and noise on both sides.
       torch_threads: PyTorch intra-op thread counts to try; the fastest is reported.
+      processes: fresh processes per training-step comparison (`compare_in_processes`).
     """
 
     quick: bool = False
@@ -57,6 +64,7 @@ class Settings:
     repeats: int = 5
     seed: int = 0
     torch_threads: tuple[int, ...] = dataclasses.field(default_factory=default_torch_threads)
+    processes: int = 1
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -140,18 +148,27 @@ def timer(fn: Callable[[], object], number: int = 1) -> Sampler:
 class Comparison:
     """Median seconds of each side; `torch_threads` is the thread count reported,
     `torch_by_threads` the median at every thread count tried, `also_seconds` the
-    median of each of `compare`'s other lvm_jax samplers."""
+    median of each of `compare`'s other lvm_jax samplers, `process_ratios` the ratio
+    (PyTorch seconds / lvm_jax seconds) of each process of `compare_in_processes`."""
 
     jax_seconds: float
     torch_seconds: float
     torch_threads: int
     torch_by_threads: dict[int, float]
     also_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    process_ratios: tuple[float, ...] = ()
 
     def torch_note(self) -> str:
         """E.g. "PyTorch 2 threads: 1.2 s, 1 thread: 0.9 s"."""
         return "PyTorch " + ", ".join(f"{n} thread{'s' if n > 1 else ''}: {format_seconds(s)}"
                                       for n, s in self.torch_by_threads.items())
+
+    def processes_note(self) -> str:
+        """E.g. "; ratio in each of 3 processes: 0.95x, 1.02x, 0.99x" ("" for one process)."""
+        if not self.process_ratios:
+            return ""
+        return (f"; ratio in each of {len(self.process_ratios)} processes: "
+                + ", ".join(f"{r:.2f}x" for r in self.process_ratios))
 
 
 def format_seconds(seconds: float) -> str:
@@ -202,6 +219,30 @@ def compare(jax_sample: Sampler, torch_sample: Sampler, settings: Settings,
     best = min(by_threads, key=by_threads.get)
     return Comparison(statistics.median(jax_times), by_threads[best], best, by_threads,
                       {name: statistics.median(times) for name, times in also_times.items()})
+
+
+def compare_in_processes(module: str, function: str, args: list, settings: Settings) -> Comparison:
+    """The Comparison `module.function(*args, settings)` returns, measured in
+    `settings.processes` fresh processes one after another (`benchmarks.worker`), or in this
+    one if that is 1. PyTorch's step time moves by 10-25% from one process to the next on a
+    shared machine, more than within one process: each side reports the median over the
+    processes of its medians, and `process_ratios` the ratio in each."""
+    if settings.processes == 1:
+        return getattr(importlib.import_module(module), function)(*args, settings)
+    spec = json.dumps([module, function, args, dataclasses.asdict(settings)])
+    results = []
+    for _ in range(settings.processes):
+        done = subprocess.run([sys.executable, "-m", "benchmarks.worker", spec],
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"a benchmarks.worker process failed:\n{done.stderr[-3000:]}")
+        results.append(json.loads(done.stdout.splitlines()[-1]))
+    by_threads = {int(n): statistics.median(r["torch_by_threads"][n] for r in results)
+                  for n in results[0]["torch_by_threads"]}
+    best = min(by_threads, key=by_threads.get)
+    return Comparison(statistics.median(r["jax_seconds"] for r in results), by_threads[best],
+                      best, by_threads,
+                      process_ratios=tuple(r["torch_seconds"] / r["jax_seconds"] for r in results))
 
 
 def measure(sample: Sampler, settings: Settings, warmup: int = 2) -> float:

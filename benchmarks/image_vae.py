@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from benchmarks import torch_models
-from benchmarks.common import Row, Settings, compare, device, timer
+from benchmarks.common import (Comparison, Row, Settings, compare, compare_in_processes,
+                               device, timer)
 from benchmarks.trainers import JaxSteps, TorchSteps, scale_images, to_torch_images
 from experiments import vae as vae_experiment
 from lvm_jax import data
@@ -51,28 +52,42 @@ def assert_same_function(model: vae.VAE, params, torch_model: torch_models.VAE,
             f"PyTorch and lvm_jax {what} differ by {error}: the models are not the same")
 
 
+def steps_per_sample(settings: Settings) -> int:
+    return 1 if settings.quick else 3
+
+
+def step_comparison(prior: str, channels: int, settings: Settings) -> Comparison:
+    """lvm_jax's and PyTorch's training steps of the image VAE ("standard" prior) or VLAE
+    ("made") on `channels`-channel images, compared after checking that both compute the
+    same function."""
+    dataset = data.load(DATASETS[channels])
+    model = jax_model(dataset, prior)
+    jax_steps = JaxSteps(vae_experiment.make_objective(model), dataset.train, BATCH,
+                         settings.seed)
+    torch.manual_seed(settings.seed)
+    torch_model = torch_models.conv_vae(channels, prior)
+    assert_same_function(model, randomised(jax_steps.state.params, settings.seed),
+                         torch_models.conv_vae(channels, prior), dataset.test[:8])
+    torch_steps = TorchSteps(torch_model, dataset.train, BATCH, settings.seed)
+    number = steps_per_sample(settings)
+    return compare(timer(jax_steps.step, number), timer(torch_steps.step, number), settings)
+
+
 def train_step_rows(name: str, model_name: str, prior: str, settings: Settings,
                     goal: float | None) -> list[Row]:
-    """Images/s of one training step at batch 128, on 1- and 3-channel images."""
+    """Images/s of one training step at batch 128, on 1- and 3-channel images, each
+    compared in `settings.processes` fresh processes."""
     rows = []
     for channels, dataset_name in DATASETS.items():
-        dataset = data.load(dataset_name)
-        model = jax_model(dataset, prior)
-        jax_steps = JaxSteps(vae_experiment.make_objective(model), dataset.train, BATCH,
-                             settings.seed)
-        torch.manual_seed(settings.seed)
-        torch_model = torch_models.conv_vae(channels, prior)
-        assert_same_function(model, randomised(jax_steps.state.params, settings.seed),
-                             torch_models.conv_vae(channels, prior), dataset.test[:8])
-        torch_steps = TorchSteps(torch_model, dataset.train, BATCH, settings.seed)
-        number = 1 if settings.quick else 3
-        result = compare(timer(jax_steps.step, number), timer(torch_steps.step, number), settings)
+        result = compare_in_processes("benchmarks.image_vae", "step_comparison",
+                                      [prior, channels], settings)
         rows.append(Row(
             benchmark=name, model=f"{model_name}, 32x32x{channels} ({dataset_name})",
             step="train step (fwd + bwd + Adam)", batch=BATCH, lvm_jax=BATCH / result.jax_seconds,
             pytorch=BATCH / result.torch_seconds, unit="images/s", higher_is_better=True,
             device=device(result.torch_threads), goal=goal,
-            note=f"steps per sample: {number}; {result.torch_note()} per step"))
+            note=f"steps per sample: {steps_per_sample(settings)}; {result.torch_note()} per "
+                 f"step{result.processes_note()}"))
     return rows
 
 

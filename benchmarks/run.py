@@ -60,6 +60,10 @@ def parse_args(argv):
                    help="timed repetitions per side (medians are reported)")
     p.add_argument("--torch_threads", type=int, nargs="+", default=default_torch_threads(),
                    help="PyTorch thread counts to time; the fastest is reported")
+    p.add_argument("--processes", type=int, default=3,
+                   help="fresh processes per training-step comparison of the image VAE and VLAE "
+                        "(PyTorch's speed moves more between processes than within one); "
+                        "1 with --quick")
     p.add_argument("--seed", type=int, default=Settings.seed)
     p.add_argument("--note", default=None,
                    help="a sentence about the conditions, written into the results file")
@@ -73,7 +77,8 @@ def main(argv=None):
     common.split_cpu(vae_experiment.Config(batch_size=image_vae.BATCH))
     settings = Settings(quick=args.quick, quality_epochs=args.quality_epochs,
                         repeats=1 if args.quick else args.repeats, seed=args.seed,
-                        torch_threads=tuple(args.torch_threads))
+                        torch_threads=tuple(args.torch_threads),
+                        processes=1 if args.quick else args.processes)
     name = "quick" if args.quick else "latest"
     json_path = os.path.join(RESULTS_DIR, f"{name}.json")
     results = report.load(json_path)
