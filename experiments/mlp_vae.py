@@ -20,6 +20,7 @@ Digits are 28x28 (the embedded 32x32 digits are cropped back), flattened to
 
 import dataclasses
 import functools
+import io
 import os
 import sys
 from typing import Literal
@@ -128,8 +129,10 @@ def save_gif(frames: np.ndarray, path: str) -> str:
     """(T, 64, 784) decoder means -> an animated GIF of the 8x8 tableau, 10 frames per second."""
     images = [Image.fromarray(viz.image_grid(data.unscale_images(to_images(f)), 8).squeeze(-1))
               for f in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=100, loop=0)
-    return path
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=100,
+                   loop=0)
+    return records.write_atomic(path, buffer.getvalue())
 
 
 def depth_study(config, dataset, root) -> dict:

@@ -4,8 +4,8 @@ Each `save_*` returns the path it wrote; in a multi-host run only process 0
 writes (`records.primary_only`), the others return the path alone.
 """
 
+import io
 import math
-import os
 
 import matplotlib
 
@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from lvm_jax.data.dataset import unscale_images  # noqa: E402
-from lvm_jax.train.records import MetricsLog, primary_only  # noqa: E402
+from lvm_jax.train.records import MetricsLog, primary_only, write_atomic  # noqa: E402
 
 
 def image_grid(images: np.ndarray, ncols: int, pad: int = 2) -> np.ndarray:
@@ -160,7 +160,9 @@ def save_curve_comparison(metrics_csvs: dict[str, str], path: str, name: str, un
 
 
 def _save(fig, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    """Writes `fig` as a PNG, whole or not at all, and leaves a file that already holds
+    the same image untouched (`records.write_atomic`)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    return path
+    return write_atomic(path, buffer.getvalue())

@@ -100,15 +100,15 @@ def _png(pixels: np.ndarray) -> bytes:
 
 
 class EventFile:
-    """One TensorBoard event file in `directory`, named after the time in nanoseconds so
-    that TensorBoard reads a directory's files in the order they were written.
+    """One TensorBoard event file in `directory`, named `name` or after the time in
+    nanoseconds, so that TensorBoard reads a directory's files in the order they were written.
 
     Writes go straight to the file; every event is on disk once `flush` returns.
     """
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, name: str | None = None):
         os.makedirs(directory, exist_ok=True)
-        self.path = os.path.join(directory,
+        self.path = os.path.join(directory, name or
                                  f"events.out.tfevents.{time.time_ns()}.{socket.gethostname()}")
         self._file = open(self.path, "ab")
         self._write(_event(0, file_version=b"brain.Event:2"))

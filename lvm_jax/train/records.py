@@ -13,10 +13,12 @@ tokens Python's json module reads back, so every value round-trips.
 
 import csv
 import functools
+import hashlib
 import inspect
 import io
 import json
 import os
+import socket
 import tempfile
 import weakref
 
@@ -61,14 +63,22 @@ def _umask() -> int:
 
 
 @primary_only
-def write_atomic(path: str, text: str) -> str:
+def write_atomic(path: str, content: str | bytes) -> str:
+    """Writes `content` (text or bytes) to `path` whole or not at all: into a temporary file
+    beside it, then renamed over it. A file that already holds `content` is left untouched,
+    so that rewriting a finished run's outputs changes none of its files."""
+    data = content.encode() if isinstance(content, str) else content
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            if f.read() == data:
+                return path
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -126,18 +136,26 @@ def tensorboard_events(workdir: str, purge_step: int | None = None) -> EventFile
 
 def write_figures_to_tensorboard(workdir: str, figures, step: int) -> None:
     """Adds each figure file (PNG; a GIF's first frame) of `figures` to <workdir>/tensorboard/
-    as an image at training step `step`, tagged figures/<file name without extension>.
-    Writes on the primary process only."""
+    as an image at training step `step`, tagged figures/<file name without extension>, in an
+    event file of their own, named by `step` and the figures' names. Figures already written
+    under that name (a finished run, rerun) are not written again. Primary process only."""
     if not is_primary():
         return
-    writer = tensorboard_events(workdir)
+    tags = [f"figures/{os.path.splitext(os.path.basename(path))[0]}" for path in figures]
+    digest = hashlib.sha256("\n".join(tags).encode()).hexdigest()[:12]
+    # "figures" sorts after the time-stamped event files of training, as it is written after.
+    path = os.path.join(workdir, TENSORBOARD_DIR,
+                        f"events.out.tfevents.figures.{step:012d}.{digest}.{socket.gethostname()}")
+    if os.path.exists(path):
+        return
+    writer = EventFile(os.path.dirname(path), name=f".tmp_{os.path.basename(path)}.partial")
     try:
-        for path in figures:
-            with Image.open(path) as image:
-                pixels = np.asarray(image.convert("RGB"))
-            writer.image(f"figures/{os.path.splitext(os.path.basename(path))[0]}", pixels, step)
+        for tag, figure in zip(tags, figures):
+            with Image.open(figure) as image:
+                writer.image(tag, np.asarray(image.convert("RGB")), step)
     finally:
         writer.close()
+    os.replace(writer.path, path)  # whole or not at all
 
 
 class MetricsLog:
