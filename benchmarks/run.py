@@ -61,9 +61,9 @@ def parse_args(argv):
     p.add_argument("--torch_threads", type=int, nargs="+", default=default_torch_threads(),
                    help="PyTorch thread counts to time; the fastest is reported")
     p.add_argument("--processes", type=int, default=3,
-                   help="fresh processes per training-step comparison of the image VAE and VLAE "
-                        "(PyTorch's speed moves more between processes than within one); "
-                        "1 with --quick")
+                   help="fresh processes per training-step comparison of the image VAE, VLAE "
+                        "and VQ-VAE (PyTorch's speed moves more between processes than within "
+                        "one); 1 with --quick")
     p.add_argument("--seed", type=int, default=Settings.seed)
     p.add_argument("--note", default=None,
                    help="a sentence about the conditions, written into the results file")

@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from benchmarks import torch_models
-from benchmarks.common import Row, Settings, compare, device, measure, timer
-from benchmarks.image_vae import randomised
+from benchmarks.common import (Comparison, Row, Settings, compare, compare_in_processes,
+                               device, measure, timer)
+from benchmarks.image_vae import randomised, steps_per_sample
 from benchmarks.trainers import (
     LEARNING_RATE,
     JaxSteps,
@@ -258,34 +259,54 @@ class TorchPriorSteps:
         return loss.item()
 
 
-def _step_row(step_name: str, model: str, unit: str, jax_step, torch_step, settings: Settings,
+def _compare_steps(jax_step, torch_step, settings: Settings) -> Comparison:
+    number = steps_per_sample(settings)
+    return compare(timer(jax_step, number), timer(torch_step, number), settings)
+
+
+def _step_row(step_name: str, model: str, unit: str, result: Comparison, settings: Settings,
               note: str, goal: float | None = None) -> Row:
-    number = 1 if settings.quick else 3
-    result = compare(timer(jax_step, number), timer(torch_step, number), settings)
     return Row(benchmark="vqvae_step", model=model, step=step_name, batch=BATCH,
                lvm_jax=BATCH / result.jax_seconds, pytorch=BATCH / result.torch_seconds,
                unit=unit, higher_is_better=True, device=device(result.torch_threads), goal=goal,
-               note=f"{note}; steps per sample: {number}; {result.torch_note()} per step")
+               note=f"{note}; steps per sample: {steps_per_sample(settings)}; "
+                    f"{result.torch_note()} per step{result.processes_note()}")
 
 
-def train_step(settings: Settings) -> list[Row]:
-    """Images/s of a VQ-VAE training step, code grids/s of a prior training step, batch 128."""
+def _vqvae_steps(settings: Settings):
+    """(model, dataset, JaxSteps, TorchSteps) of the VQ-VAE's training step, both sides
+    initialised from `settings.seed`."""
     dataset = data.load(DATASET)
     model = vqvae.conv_vqvae(dataset.event_shape, vqvae.NUM_CODES, vqvae.CODE_DIM)
     jax_steps = JaxSteps(vqvae_experiment.vqvae_objective(model), dataset.train, BATCH,
                          settings.seed)
-    error = assert_same_vqvae(model, {"params": jax_steps.state.params,
-                                      **jax_steps.state.model_state},
-                              dataset.test[:16], settings.seed)
     torch.manual_seed(settings.seed)
     torch_model = torch_models.VQVAE(dataset.event_shape[-1], vqvae.NUM_CODES, vqvae.CODE_DIM)
     torch_steps = TorchSteps(torch_model, dataset.train, BATCH, settings.seed,
                              loss_fn=torch_models.vqvae_loss_fn)
+    return model, dataset, jax_steps, torch_steps
+
+
+def vqvae_step_comparison(settings: Settings) -> Comparison:
+    """lvm_jax's and PyTorch's VQ-VAE training steps, compared (`train_step` checks first that
+    the two compute the same function)."""
+    _, _, jax_steps, torch_steps = _vqvae_steps(settings)
+    return _compare_steps(jax_steps.step, torch_steps.step, settings)
+
+
+def train_step(settings: Settings) -> list[Row]:
+    """Images/s of a VQ-VAE training step (in `settings.processes` fresh processes), code
+    grids/s of a prior training step, batch 128."""
+    model, dataset, jax_steps, _ = _vqvae_steps(settings)
+    error = assert_same_vqvae(model, {"params": jax_steps.state.params,
+                                      **jax_steps.state.model_state},
+                              dataset.test[:16], settings.seed)
+    result = compare_in_processes("benchmarks.vqvae", "vqvae_step_comparison", [], settings)
     h, w, c = dataset.event_shape
     rows = [_step_row(
         "train step (fwd + bwd + Adam, BatchNorm in training mode)",
         f"VQ-VAE (K={vqvae.NUM_CODES}, D={vqvae.CODE_DIM}), {h}x{w}x{c} ({DATASET})",
-        "images/s", jax_steps.step, torch_steps.step, settings,
+        "images/s", result, settings,
         f"same codes, reconstructions, loss and gradients to {error:.1g}", goal=1.0)]
 
     codes = np.random.default_rng(settings.seed).integers(
@@ -298,6 +319,7 @@ def train_step(settings: Settings) -> list[Row]:
                                       settings.seed)
         rows.append(_step_row(
             f"prior train step on {GRID[0]}x{GRID[1]} code grids (fwd + bwd + Adam)",
-            f"{label}, K={vqvae.NUM_CODES}", "grids/s", jax_steps.step, torch_steps.step,
-            settings, f"random codes; logits equal to {error:.1g}"))
+            f"{label}, K={vqvae.NUM_CODES}", "grids/s",
+            _compare_steps(jax_steps.step, torch_steps.step, settings), settings,
+            f"random codes; logits equal to {error:.1g}"))
     return rows
