@@ -20,7 +20,7 @@ any JAX code, jitted, vmapped and differentiated.
 """
 
 import math
-import operator
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -181,9 +181,13 @@ def iwae_bound(log_weights: jax.Array) -> jax.Array:
 
 def bits_per_dim(nll_nats: jax.Array, num_dims: int) -> jax.Array:
     """Converts a negative log-likelihood in nats (per example, any shape) to bits per
-    dimension; num_dims >= 1 is the number of dimensions of one example."""
+    dimension; num_dims >= 1, a Python integer (static under `jax.jit`), is the number of
+    dimensions of one example."""
     _check_floating("bits_per_dim", {"nll_nats": nll_nats})
-    if operator.index(num_dims) < 1:
+    if isinstance(num_dims, bool) or not isinstance(num_dims, numbers.Integral):
+        raise ValueError(f"bits_per_dim: num_dims is {num_dims!r}; it must be a Python integer "
+                         "(under jax.jit, a static argument).")
+    if num_dims < 1:
         raise ValueError(f"bits_per_dim: num_dims is {num_dims}; it must be at least 1.")
     return nll_nats / (num_dims * math.log(2.0))
 
@@ -293,6 +297,8 @@ def discretized_logistic_mixture_log_prob(x: jax.Array, params: jax.Array) -> ja
     fn = "discretized_logistic_mixture_log_prob"
     _check(fn, ("x", x))
     _check_floating(fn, {"params": params})
+    if x.ndim < 2:
+        raise ValueError(f"{fn}: x has shape {x.shape}; it must be (batch, ..., C), channels last.")
     if jnp.shape(params)[:-1] != x.shape[:-1]:
         raise _shape_error(fn, "params", params, "x", x.shape,
                            "x's shape on every axis but the last (x's channels, the mixture's "

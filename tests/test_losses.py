@@ -144,11 +144,25 @@ X = jnp.asarray(RNG.normal(size=(B, D)), jnp.float32)
      "iwae_bound: log_weights has shape (10,); it must be (k, batch)"),
     (lambda: losses.iwae_bound(jnp.zeros((10, B), jnp.int32)), "iwae_bound: log_weights has dtype int32"),
     (lambda: losses.bits_per_dim(1.0, 0), "bits_per_dim: num_dims is 0; it must be at least 1"),
+    (lambda: losses.bits_per_dim(1.0, 3072.0), "bits_per_dim: num_dims is 3072.0; it must be a "
+                                               "Python integer"),
+    (lambda: losses.bits_per_dim(1.0, True), "bits_per_dim: num_dims is True; it must be a Python "
+                                             "integer"),
+    (lambda: jax.jit(losses.bits_per_dim)(jnp.ones(B), 3), "bits_per_dim: num_dims is "),
+    (lambda: losses.discretized_logistic_mixture_log_prob(jnp.zeros(2), jnp.zeros(30)),
+     "discretized_logistic_mixture_log_prob: x has shape (2,); it must be (batch, ..., C)"),
 ])
 def test_mis_shaped_or_integer_arguments_are_refused_with_both_shapes(call, message):
     with pytest.raises(ValueError) as error:
         call()
     assert str(error.value).startswith(message)
+
+
+def test_bits_per_dim_under_jit_takes_num_dims_as_a_static_argument():
+    with pytest.raises(ValueError, match="a Python integer \\(under jax.jit, a static argument\\)"):
+        jax.jit(losses.bits_per_dim)(jnp.ones(B), 3)
+    bits = jax.jit(losses.bits_per_dim, static_argnums=1)(jnp.full(B, 2 * np.log(2.0)), 2)
+    np.testing.assert_allclose(bits, np.ones(B), rtol=1e-6)
 
 
 def test_checks_run_at_trace_time_under_jit():

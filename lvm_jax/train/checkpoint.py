@@ -215,7 +215,8 @@ class Checkpointer:
             if mismatch:
                 raise CheckpointError(
                     f"checkpoint {self.step_directory(step)} does not match this model "
-                    f"({mismatch}): use another --workdir for a different model.")
+                    f"({mismatch}): use another --workdir for a different model; from Python, "
+                    "experiments.evaluate.load_run rebuilds a run's own model and state.")
             return self._manager.restore(step, args=ocp.args.StandardRestore(target))
         except (ValueError, TypeError, KeyError, OSError) as err:
             raise CheckpointError(
