@@ -57,6 +57,8 @@ class Settings:
       seed: seeds data order, initialisation and noise on both sides.
       torch_threads: PyTorch intra-op thread counts to try; the fastest is reported.
       processes: fresh processes per training-step comparison (`compare_in_processes`).
+      dtype: the compute dtype of lvm_jax's models in the training-step comparisons
+        ("bfloat16" for accelerators); parameters and PyTorch stay float32.
     """
 
     quick: bool = False
@@ -65,6 +67,7 @@ class Settings:
     seed: int = 0
     torch_threads: tuple[int, ...] = dataclasses.field(default_factory=default_torch_threads)
     processes: int = 1
+    dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -24,9 +24,14 @@ BATCH = 128
 DATASETS = {1: "mnist_embedded", 3: "patches_embedded"}
 
 
-def jax_model(dataset: data.Dataset, prior: str) -> vae.VAE:
+def jax_model(dataset: data.Dataset, prior: str, dtype: str = "float32") -> vae.VAE:
     """lvm_jax's image VAE ("standard" prior) or VLAE ("made"), as the experiments build it."""
-    return vae_experiment.build_model(dataset, prior, "unit_gaussian")
+    return vae_experiment.build_model(dataset, prior, "unit_gaussian", dtype)
+
+
+def dtype_label(settings: Settings) -> str:
+    """", bfloat16" for a model computing in another dtype than float32, else ""."""
+    return "" if settings.dtype == "float32" else f", {settings.dtype}"
 
 
 @torch.no_grad()
@@ -61,12 +66,13 @@ def step_comparison(prior: str, channels: int, settings: Settings) -> Comparison
     ("made") on `channels`-channel images, compared after checking that both compute the
     same function."""
     dataset = data.load(DATASETS[channels])
-    model = jax_model(dataset, prior)
+    model = jax_model(dataset, prior, settings.dtype)
     jax_steps = JaxSteps(vae_experiment.make_objective(model), dataset.train, BATCH,
                          settings.seed)
     torch.manual_seed(settings.seed)
     torch_model = torch_models.conv_vae(channels, prior)
-    assert_same_function(model, randomised(jax_steps.state.params, settings.seed),
+    # The same function in float32 (the parameters are float32 in every dtype).
+    assert_same_function(jax_model(dataset, prior), randomised(jax_steps.state.params, settings.seed),
                          torch_models.conv_vae(channels, prior), dataset.test[:8])
     torch_steps = TorchSteps(torch_model, dataset.train, BATCH, settings.seed)
     number = steps_per_sample(settings)
@@ -82,7 +88,8 @@ def train_step_rows(name: str, model_name: str, prior: str, settings: Settings,
         result = compare_in_processes("benchmarks.image_vae", "step_comparison",
                                       [prior, channels], settings)
         rows.append(Row(
-            benchmark=name, model=f"{model_name}, 32x32x{channels} ({dataset_name})",
+            benchmark=name,
+            model=f"{model_name}, 32x32x{channels} ({dataset_name}){dtype_label(settings)}",
             step="train step (fwd + bwd + Adam)", batch=BATCH, lvm_jax=BATCH / result.jax_seconds,
             pytorch=BATCH / result.torch_seconds, unit="images/s", higher_is_better=True,
             device=device(result.torch_threads), goal=goal,

@@ -64,6 +64,10 @@ def parse_args(argv):
                    help="fresh processes per training-step comparison of the image VAE, VLAE "
                         "and VQ-VAE (PyTorch's speed moves more between processes than within "
                         "one); 1 with --quick")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=Settings.dtype,
+                   help="compute dtype of lvm_jax's models in the training-step comparisons "
+                        "(bfloat16 for accelerators; PyTorch stays float32); other than float32, "
+                        "results go to latest_<dtype>.*")
     p.add_argument("--seed", type=int, default=Settings.seed)
     p.add_argument("--note", default=None,
                    help="a sentence about the conditions, written into the results file")
@@ -78,8 +82,9 @@ def main(argv=None):
     settings = Settings(quick=args.quick, quality_epochs=args.quality_epochs,
                         repeats=1 if args.quick else args.repeats, seed=args.seed,
                         torch_threads=tuple(args.torch_threads),
-                        processes=1 if args.quick else args.processes)
-    name = "quick" if args.quick else "latest"
+                        processes=1 if args.quick else args.processes, dtype=args.dtype)
+    name = ("quick" if args.quick else "latest") + ("" if args.dtype == "float32"
+                                                    else f"_{args.dtype}")
     json_path = os.path.join(RESULTS_DIR, f"{name}.json")
     results = report.load(json_path)
     if args.note:

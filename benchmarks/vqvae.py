@@ -36,7 +36,7 @@ import torch
 from benchmarks import torch_models
 from benchmarks.common import (Comparison, Row, Settings, compare, compare_in_processes,
                                device, measure, timer)
-from benchmarks.image_vae import randomised, steps_per_sample
+from benchmarks.image_vae import dtype_label, randomised, steps_per_sample
 from benchmarks.trainers import (
     LEARNING_RATE,
     JaxSteps,
@@ -274,11 +274,13 @@ def _step_row(step_name: str, model: str, unit: str, result: Comparison, setting
 
 
 def _vqvae_steps(settings: Settings):
-    """(model, dataset, JaxSteps, TorchSteps) of the VQ-VAE's training step, both sides
-    initialised from `settings.seed`."""
+    """(float32 model, dataset, JaxSteps, TorchSteps) of the VQ-VAE's training step, lvm_jax's
+    in `settings.dtype`, both sides initialised from `settings.seed`."""
     dataset = data.load(DATASET)
     model = vqvae.conv_vqvae(dataset.event_shape, vqvae.NUM_CODES, vqvae.CODE_DIM)
-    jax_steps = JaxSteps(vqvae_experiment.vqvae_objective(model), dataset.train, BATCH,
+    timed = vqvae.conv_vqvae(dataset.event_shape, vqvae.NUM_CODES, vqvae.CODE_DIM,
+                             dtype=settings.dtype)
+    jax_steps = JaxSteps(vqvae_experiment.vqvae_objective(timed), dataset.train, BATCH,
                          settings.seed)
     torch.manual_seed(settings.seed)
     torch_model = torch_models.VQVAE(dataset.event_shape[-1], vqvae.NUM_CODES, vqvae.CODE_DIM)
@@ -305,7 +307,8 @@ def train_step(settings: Settings) -> list[Row]:
     h, w, c = dataset.event_shape
     rows = [_step_row(
         "train step (fwd + bwd + Adam, BatchNorm in training mode)",
-        f"VQ-VAE (K={vqvae.NUM_CODES}, D={vqvae.CODE_DIM}), {h}x{w}x{c} ({DATASET})",
+        f"VQ-VAE (K={vqvae.NUM_CODES}, D={vqvae.CODE_DIM}), {h}x{w}x{c} ({DATASET})"
+        f"{dtype_label(settings)}",
         "images/s", result, settings,
         f"same codes, reconstructions, loss and gradients to {error:.1g}", goal=1.0)]
 
