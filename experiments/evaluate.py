@@ -174,16 +174,11 @@ class Config(configs.Config):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.chunk is not None and self.num_samples % min(self.chunk, self.num_samples):
+        try:
+            evaluate.resolve_chunk(self.num_samples, self.chunk)
+        except ValueError:
             raise ConfigError(f"--chunk {self.chunk} must divide --num_samples {self.num_samples}: "
-                              "each compiled call draws --chunk of the samples.")
-
-
-def _chunk(config: Config) -> int:
-    """The samples of each compiled call: --chunk (at most k), or the default for k."""
-    if config.chunk is None:
-        return evaluate.default_chunk(config.num_samples)
-    return min(config.chunk, config.num_samples)
+                              "each compiled call draws --chunk of the samples.") from None
 
 
 def split_cpu(config: Config, workdir: str) -> int | None:
@@ -199,7 +194,8 @@ def split_cpu(config: Config, workdir: str) -> int | None:
         return None
     if not common.splits_cpu(getattr(experiment, "Config", None), run_config.get("quick", False)):
         return None
-    return cpu_devices.split(_chunk(config), min_per_device=1)
+    return cpu_devices.split(evaluate.resolve_chunk(config.num_samples, config.chunk),
+                             min_per_device=1)
 
 
 def evaluate_run(config: Config, workdir: str) -> dict:
@@ -216,7 +212,7 @@ def _evaluate_run(config: Config, workdir: str) -> dict:
     run = load_run(workdir, config.data_dir)
     dataset, model, params = run.dataset, run.model, run.params
     preprocess = run.objective.preprocess
-    chunk = _chunk(config)
+    chunk = evaluate.resolve_chunk(config.num_samples, config.chunk)
 
     def iwae_nll(examples, num_samples, progress=False):
         return evaluate.iwae_nll(model, params, examples, jax.random.key(config.seed), num_samples,

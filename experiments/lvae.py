@@ -186,9 +186,12 @@ class Config(common.Config):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.iwae_chunk and self.iwae_samples % min(self.iwae_chunk, self.iwae_samples or 1):
-            raise ConfigError(f"--iwae_chunk {self.iwae_chunk} must divide --iwae_samples "
-                              f"{self.iwae_samples}.")
+        if self.iwae_samples:
+            try:
+                evaluate.resolve_chunk(self.iwae_samples, self.iwae_chunk)
+            except ValueError:
+                raise ConfigError(f"--iwae_chunk {self.iwae_chunk} must divide --iwae_samples "
+                                  f"{self.iwae_samples}.") from None
 
 
 def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:

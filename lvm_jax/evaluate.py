@@ -54,6 +54,17 @@ def default_chunk(num_samples: int) -> int:
     return max(c for c in range(1, min(DEFAULT_CHUNK, num_samples) + 1) if num_samples % c == 0)
 
 
+def resolve_chunk(num_samples: int, chunk: int | None = None) -> int:
+    """The samples of each compiled call of `iwae_nll` for k = `num_samples`: `chunk` capped at
+    k, or `default_chunk(k)`. Raises ValueError unless both are positive and it divides k."""
+    if num_samples < 1 or (chunk is not None and chunk < 1):
+        raise ValueError(f"num_samples ({num_samples}) and chunk ({chunk}) must be positive.")
+    chunk = default_chunk(num_samples) if chunk is None else min(chunk, num_samples)
+    if num_samples % chunk:
+        raise ValueError(f"chunk ({chunk}) must divide num_samples ({num_samples}).")
+    return chunk
+
+
 def sample_mesh(chunk: int, devices=None) -> Mesh:
     """The mesh a call's `chunk` samples split over: the most of `devices` (default this
     process's) whose number divides `chunk`."""
@@ -123,7 +134,7 @@ def iwae_nll(model, params, data: np.ndarray, rng: jax.Array, num_samples: int =
         reproducible for the same (rng, batch_size, chunk), on any devices.
       num_samples: k importance samples per example.
       chunk: samples per compiled call; must divide k (it is capped at k). Default
-        `default_chunk(k)`.
+        `default_chunk(k)` (`resolve_chunk`).
       batch_size: examples per compiled call.
       preprocess: applied to each batch inside the compiled call.
       progress: show a progress bar over the batches.
@@ -135,11 +146,7 @@ def iwae_nll(model, params, data: np.ndarray, rng: jax.Array, num_samples: int =
     """
     if len(data) == 0:
         raise ValueError("iwae_nll needs at least one example; got an empty array.")
-    if num_samples < 1 or (chunk is not None and chunk < 1):
-        raise ValueError(f"num_samples ({num_samples}) and chunk ({chunk}) must be positive.")
-    chunk = default_chunk(num_samples) if chunk is None else min(chunk, num_samples)
-    if num_samples % chunk:
-        raise ValueError(f"chunk ({chunk}) must divide num_samples ({num_samples}).")
+    chunk = resolve_chunk(num_samples, chunk)
     mesh = sample_mesh(chunk) if mesh is None else mesh
     if mesh.axis_names != ("data",) or chunk % mesh.devices.size:
         raise ValueError(f"the mesh must be 1-D with the axis 'data' and a size that divides "

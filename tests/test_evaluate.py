@@ -292,6 +292,15 @@ def test_evaluate_cli_names_the_runs_it_cannot_bound(tmp_path, capsys):
                                       (5000, 40), (64, 32), (97, 1)])
 def test_default_chunk_is_the_largest_divisor_of_k_up_to_40(k, chunk):
     assert evaluate.default_chunk(k) == chunk
+    assert evaluate.resolve_chunk(k) == chunk
+
+
+def test_resolve_chunk_caps_at_k_and_refuses_a_chunk_that_does_not_divide_it():
+    assert evaluate.resolve_chunk(100, 50) == 50 and evaluate.resolve_chunk(100, 500) == 100
+    for k, chunk, message in [(100, 30, "chunk \\(30\\) must divide num_samples \\(100\\)"),
+                              (0, None, "must be positive"), (10, 0, "must be positive")]:
+        with pytest.raises(ValueError, match=message):
+            evaluate.resolve_chunk(k, chunk)
 
 
 def test_an_empty_test_set_is_refused():
