@@ -5,7 +5,7 @@ The model of `python -m experiments.lvae --latent_layers L` with its defaults
 learned merge, skip connections, learned top prior, data-dependent
 initialisation; free bits 0.5 nats per layer), on embedded MNIST binarized in
 the step (Bernoulli likelihood), for L = 1, 3 and 6 stochastic layers, at
-batch 64 (the README's Ladder VAE results) and 128. lvm_jax alone: no PyTorch
+batch 64 (the Ladder VAE results of docs/results.md) and 128. lvm_jax alone: no PyTorch
 counterpart, so the rows have no ratio.
 
 * "train step": milliseconds per full training step (forward, backward, Adam
@@ -18,7 +18,7 @@ counterpart, so the rows have no ratio.
   indices) + outputs (the new state, the metrics) + temporaries (activations
   kept for the backward pass, gradients, scratch) - outputs aliased to
   arguments (none: the step donates nothing). This is the memory the step
-  needs while it runs, without the process's other allocations (the README's
+  needs while it runs, without the process's other allocations (docs/results.md's
   "peak memory" column is not this figure). Where the backend reports it
   (GPU, TPU), the note adds the device's `peak_bytes_in_use`: the peak of
   the whole process so far, so it never decreases from one row to the next.

@@ -13,7 +13,7 @@ more values, `X | None` may be left unset. From these:
 * `Config.from_json` rebuilds the config of a finished run from its config.json.
 
 A small helper over argparse rather than a library such as tyro: the flags stay exactly
-those of the README (`--batch_size`, `--skip/--no-skip`, `--prior pixelcnn gated`),
+those of the documentation (`--batch_size`, `--skip/--no-skip`, `--prior pixelcnn gated`),
 argparse's messages and exit status stay, and nothing is added to the import time.
 """
 

@@ -182,7 +182,7 @@ class Config(common.Config):
     iwae_chunk: int | None = configs.setting(
         None, "importance samples per compiled call, split over the devices (divides "
               f"--iwae_samples; default its largest divisor up to {evaluate.DEFAULT_CHUNK}; 100 "
-              "draws the samples of the README's table)", configs.POSITIVE_INT)
+              "draws the samples of docs/results.md's table)", configs.POSITIVE_INT)
 
     def __post_init__(self):
         super().__post_init__()

@@ -1,0 +1,103 @@
+"""The README and docs/ stay navigable: every relative link and image points at a file that
+exists (and at a heading that exists, for links with an anchor into Markdown), the README
+stays a first screen (under 250 lines), and CI runs exactly the README's test command."""
+
+import glob
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+DOCS = sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+README_MAX_LINES = 250
+
+# Markdown links and images, [text](target) and ![alt](target); an optional "title" is dropped.
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+FENCED_CODE = re.compile(r"^```.*?^```", re.M | re.S)
+INLINE_CODE = re.compile(r"`[^`\n]*`")
+HTML_COMMENT = re.compile(r"<!--.*?-->", re.S)
+
+
+def _prose(text: str) -> str:
+    """`text` without what Markdown does not render as links: code and HTML comments."""
+    for pattern in (HTML_COMMENT, FENCED_CODE, INLINE_CODE):
+        text = pattern.sub("", text)
+    return text
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    slug = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return slug.replace(" ", "-")
+
+
+def _anchors(path: str) -> set[str]:
+    with open(path, encoding="utf-8") as f:
+        text = FENCED_CODE.sub("", f.read())
+    return {_anchor(m.group(1)) for m in re.finditer(r"^#{1,6}\s+(.+?)\s*#*$", text, re.M)}
+
+
+def broken_links(path: str, text: str) -> list[str]:
+    """The relative links of Markdown `text` (read from `path`) whose file, or heading, is
+    missing, each as "target: why"."""
+    broken = []
+    for target in LINK.findall(_prose(text)):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target, re.I):  # https:, mailto:, ...
+            continue
+        file_part, _, anchor = target.partition("#")
+        resolved = (os.path.normpath(os.path.join(os.path.dirname(path), file_part))
+                    if file_part else path)
+        if not os.path.exists(resolved):
+            broken.append(f"{target}: no file {os.path.relpath(resolved, ROOT)}")
+        elif anchor and resolved.endswith(".md") and anchor not in _anchors(resolved):
+            broken.append(f"{target}: no heading #{anchor} in {os.path.relpath(resolved, ROOT)}")
+    return broken
+
+
+@pytest.mark.parametrize("path", [README, *DOCS], ids=lambda p: os.path.relpath(p, ROOT))
+def test_relative_links_resolve(path):
+    with open(path, encoding="utf-8") as f:
+        assert broken_links(path, f.read()) == []
+
+
+def test_broken_links_are_found():
+    text = ("[ok](docs/DESIGN.md) [gone](docs/nowhere.md) ![img](missing.png) "
+            "[web](https://example.com/x.md) `[code](not/a/link.md)` "
+            "[head](docs/DESIGN.md#no-such-heading) [self](#quick-start)\n"
+            "<!-- [hidden](hidden.md) -->\n```\n[fenced](fenced.md)\n```\n")
+    assert broken_links(README, text) == [
+        "docs/nowhere.md: no file docs/nowhere.md",
+        "missing.png: no file missing.png",
+        "docs/DESIGN.md#no-such-heading: no heading #no-such-heading in docs/DESIGN.md",
+    ]
+
+
+def test_anchor_follows_github():
+    assert _anchor("From Python: configs") == "from-python-configs"
+    assert _anchor("VQ-VAE") == "vq-vae"
+    assert _anchor("Speed against PyTorch, on a CPU") == "speed-against-pytorch-on-a-cpu"
+
+
+def test_readme_is_a_first_screen():
+    with open(README, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    assert len(lines) < README_MAX_LINES
+
+
+def _test_command(text: str) -> str:
+    """The one line of `text` that installs the test extras and runs pytest."""
+    lines = [line.strip() for line in text.splitlines()
+             if "pytest" in line and "pip install" in line and not line.lstrip().startswith("#")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_ci_runs_the_readmes_test_command():
+    with open(README, encoding="utf-8") as f:
+        readme_blocks = "\n".join(re.findall(r"^```bash\n(.*?)^```", f.read(), re.M | re.S))
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
+        ci = f.read()
+    assert _test_command(readme_blocks) == _test_command(ci) == (
+        'pip install -e ".[test]" && python -m pytest')
