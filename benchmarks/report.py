@@ -8,6 +8,7 @@ latest measurement of every benchmark.
 
 import json
 import os
+import re
 
 from benchmarks.common import Row
 
@@ -57,6 +58,36 @@ def table_rows(results: dict) -> list[list[str]]:
                           ABSENT if row["ratio"] is None else f"{row['ratio']:.2f}x", row["unit"],
                           "" if row["goal"] is None else f">= {row['goal']:g}x", met])
     return cells
+
+
+SAMPLING_STEP = re.compile(r"draw (\d+) code grids? of (\d+x\d+) \((\d+) positions\): "
+                           r"(cached sampler|lvm_jax raster loop)")
+
+
+def sampling_table(results: dict) -> str:
+    """The `vqvae_sampling` rows as one Markdown line per prior, grid and grids per call:
+    milliseconds per grid of the cached sampler, PyTorch's raster loop and lvm_jax's, and the
+    cached sampler's speed-up over each raster loop. docs/speed.md holds this table as
+    generated from benchmarks/results/latest.json (tests/test_docs.py checks it)."""
+    grids = {}  # (prior, grids per call, positions, grid) -> {"cached": ms, "torch": ms, ...}
+    for row in results["benchmarks"]["vqvae_sampling"]["rows"]:
+        calls, grid, positions, method = SAMPLING_STEP.match(row["step"]).groups()
+        prior = row["model"].split(" (")[0]
+        times = grids.setdefault((prior, int(calls), int(positions), grid.replace("x", "×")), {})
+        times["cached" if method == "cached sampler" else "raster"] = row["lvm_jax"]
+        if row["pytorch"] is not None:
+            times["torch"] = row["pytorch"]
+    priors = list(dict.fromkeys(key[0] for key in grids))
+    lines = ["| prior | grid (positions), grids per call | cached | PyTorch raster | "
+             "lvm_jax raster | cached vs PyTorch / vs lvm_jax raster |",
+             "|---|---|---|---|---|---|"]
+    for (prior, calls, positions, grid), t in sorted(
+            grids.items(), key=lambda item: (priors.index(item[0][0]), -item[0][1], item[0][2])):
+        speedups = (f"{_number(t['torch'] / t['cached'])}× / {_number(t['raster'] / t['cached'])}×"
+                    if "raster" in t else "")
+        lines.append(f"| {prior} | {grid} ({positions}), {calls} | {_number(t['cached'])} | "
+                     f"{_number(t.get('torch'))} | {_number(t.get('raster'))} | {speedups} |")
+    return "\n".join(lines) + "\n"
 
 
 def text_table(rows: list[Row]) -> str:

@@ -101,3 +101,30 @@ def test_ci_runs_the_readmes_test_command():
         ci = f.read()
     assert _test_command(readme_blocks) == _test_command(ci) == (
         'pip install -e ".[test]" && python -m pytest')
+
+
+def _results() -> dict:
+    from benchmarks import report
+    return report.load(os.path.join(ROOT, "benchmarks", "results", "latest.json"))
+
+
+def test_speed_sampling_table_is_generated_from_the_results():
+    from benchmarks import report
+    with open(os.path.join(ROOT, "docs", "speed.md"), encoding="utf-8") as f:
+        speed = f.read()
+    # After a new `benchmarks.run --only vqvae_sampling`, paste the new table into docs/speed.md.
+    assert report.sampling_table(_results()) in speed
+
+
+def test_readme_main_command_figures_are_the_startup_rows():
+    main = "python -m experiments.vlae --epochs 5 --batch_size 32"
+    rows = {row["step"]: row for row in _results()["benchmarks"]["startup"]["rows"]
+            if row["model"] == main}
+    cold = rows["whole run, cold compilation cache"]
+    warm = rows["whole run, warm compilation cache"]
+    neg_elbo = float(re.search(r"test -ELBO ([\d.]+)", cold["note"]).group(1))
+    with open(README, encoding="utf-8") as f:
+        readme = " ".join(f.read().split())
+    assert f"({cold['lvm_jax']:.0f} s on 2 idle CPU cores" in readme
+    assert f"{warm['lvm_jax']:.0f} s when run again" in readme
+    assert f"test −ELBO ({neg_elbo:.1f} nats per example" in readme
