@@ -73,20 +73,24 @@ def sampling_table(results: dict) -> str:
     for row in results["benchmarks"]["vqvae_sampling"]["rows"]:
         calls, grid, positions, method = SAMPLING_STEP.match(row["step"]).groups()
         prior = row["model"].split(" (")[0]
-        times = grids.setdefault((prior, int(calls), int(positions), grid.replace("x", "×")), {})
-        times["cached" if method == "cached sampler" else "raster"] = row["lvm_jax"]
+        ms = grids.setdefault((prior, int(calls), int(positions), grid.replace("x", "×")), {})
+        ms["cached" if method == "cached sampler" else "raster"] = row["lvm_jax"]
         if row["pytorch"] is not None:
-            times["torch"] = row["pytorch"]
-    priors = list(dict.fromkeys(key[0] for key in grids))
+            ms["torch"] = row["pytorch"]
+    priors = list(dict.fromkeys(prior for prior, *_ in grids))
+    # Each prior's rows: many grids per call first, then by grid size.
+    order = sorted(grids, key=lambda key: (priors.index(key[0]), -key[1], key[2]))
     lines = ["| prior | grid (positions), grids per call | cached | PyTorch raster | "
              "lvm_jax raster | cached vs PyTorch / vs lvm_jax raster |",
              "|---|---|---|---|---|---|"]
-    for (prior, calls, positions, grid), t in sorted(
-            grids.items(), key=lambda item: (priors.index(item[0][0]), -item[0][1], item[0][2])):
-        speedups = (f"{_number(t['torch'] / t['cached'])}× / {_number(t['raster'] / t['cached'])}×"
-                    if "raster" in t else "")
-        lines.append(f"| {prior} | {grid} ({positions}), {calls} | {_number(t['cached'])} | "
-                     f"{_number(t.get('torch'))} | {_number(t.get('raster'))} | {speedups} |")
+    for prior, calls, positions, grid in order:
+        ms = grids[prior, calls, positions, grid]
+        speedups = ""
+        if "raster" in ms:
+            speedups = (f"{_number(ms['torch'] / ms['cached'])}× / "
+                        f"{_number(ms['raster'] / ms['cached'])}×")
+        lines.append(f"| {prior} | {grid} ({positions}), {calls} | {_number(ms['cached'])} | "
+                     f"{_number(ms.get('torch'))} | {_number(ms.get('raster'))} | {speedups} |")
     return "\n".join(lines) + "\n"
 
 
