@@ -1,4 +1,7 @@
-"""Drawing code grids from the PixelCNN priors, in raster order.
+"""Drawing code grids from the PixelCNN-family priors, in raster order.
+
+PixelCNN, GatedPixelCNN, PixelSNAIL (self-attention) and ConditionalGatedPixelCNN
+(VQ-VAE-2's bottom prior, given its condition codes).
 
 Two samplers of the same distribution, which draw the same codes for the
 same key: position t = i * width + j is drawn with
@@ -12,6 +15,12 @@ same key: position t = i * width + j is drawn with
     rows of its own input that its kernel reaches, and each step computes, in
     every layer, only the activations that the newly drawn code changes. A
     grid costs about one full pass of work, spread over H*W steps.
+    Attention keeps a key/value cache: position t computes its query, key and
+    value once and reads the cached keys and values of the positions before
+    it (the dot products over the cache, masked to s < t, are the one part
+    whose cost per step grows with the grid: one row of keys per position
+    drawn). A conditioned prior's conditioning stack runs once, before the
+    first position; its 1x1 convs into every layer are precomputed too.
 
 Why the cached sampler is exact: it applies the model's own parameters (the
 tree that `model.apply` reads, masks included) to the same inputs as the full
@@ -19,8 +28,11 @@ pass. A convolution's output at one position is the dot product of its
 (masked) kernel with the input window around that position, and the cache
 holds exactly that window: the rows of the layer's input computed at earlier
 steps, zeros where the full pass pads. Everything between convolutions (1x1
-convolutions, ReLUs, gates, residual additions) acts on one position at a
-time. Only the order of the floating-point sums differs from the full pass.
+convolutions, ReLUs, gates, residual additions, the queries, keys, values
+and the attention's mixing) acts on one position at a time. The attention at
+t weighs the cached keys and values of s < t, exactly those the full pass's
+mask leaves (the others get weight 0 in both). Only the order of the
+floating-point sums differs from the full pass.
 """
 
 import functools
