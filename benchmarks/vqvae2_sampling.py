@@ -173,6 +173,7 @@ def _comparison_rows(case: _Case, settings: Settings, budget: float) -> list[Row
     pass_torch, threads = _torch_pass(case, once)
     estimate_jax, estimate_torch = case.positions * pass_jax, case.positions * pass_torch
     cached = case.sampler("cached")
+    cached()  # a warm-up call even where the raster loops are too slow for a warm-up round
     quick = " [quick]" if settings.quick else ""
     if max(estimate_jax, estimate_torch) <= budget:
         cheap = max(estimate_jax, estimate_torch) < CHEAP_S
@@ -183,7 +184,7 @@ def _comparison_rows(case: _Case, settings: Settings, budget: float) -> list[Row
                                        result.torch_seconds)
         same = int(np.all(case.drawn["cached"] == case.drawn["raster"], axis=(1, 2)).sum())
         timing = (f"median of {settings.repeats} after a warm-up round" if cheap
-                  else "timed once after compiling")
+                  else "timed once after compiling (the cached sampler after a warm-up call)")
         measured, torch_note = "", f"; {result.torch_note()}"
         facts = (f"the same codes as lvm_jax's raster loop in {same} of {case.num} grids; "
                  f"{timing}")
