@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 from benchmarks import torch_priors
-from benchmarks.common import NUM_CORES, Row, Settings, compare, device, format_seconds, measure, timer
+from benchmarks.common import (NUM_CORES, Row, Settings, compare, device, format_seconds, measure,
+                               timer)
 from benchmarks.image_vae import randomised
 from benchmarks.vqvae import _assert_close
 from lvm_jax.models.vqvae import NUM_CODES

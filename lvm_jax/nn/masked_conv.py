@@ -319,7 +319,7 @@ class ConditionalGatedPixelCNN(nn.Module):
     def __call__(self, codes: jax.Array, condition_codes: jax.Array) -> jax.Array:
         _check_codes(codes)
         _check_codes(condition_codes, "condition_codes")
-        upsampling_factors(codes.shape, condition_codes.shape)
+        upsampling_factors(codes.shape, condition_codes.shape)  # the batch sizes too
         return self.logits(self.embed(codes), self.condition(condition_codes, codes.shape[1:]))
 
     def condition(self, condition_codes: jax.Array, grid: tuple[int, int]) -> jax.Array:

@@ -493,7 +493,8 @@ class _AttentionSteps:
 
     def __init__(self, model: PixelSNAIL, params, num: int, height: int, width: int):
         dtype = model.dtype
-        self.num, self.height, self.width, self.dim, self.dtype = num, height, width, model.dim, dtype
+        self.num, self.height, self.width = num, height, width
+        self.dim, self.dtype = model.dim, dtype
         self.num_heads, self.key_dim, self.value_dim = (model.num_heads, model.key_dim,
                                                         model.value_dim)
         self.query, self.key, self.value, self.mix_features, self.mix_attention, self.mix_out = (
