@@ -266,6 +266,17 @@ def test_bad_arguments_are_rejected():
         with pytest.raises(ValueError, match=r"variables must be \{'params': params\}") as error:
             sample_codes(model, bad, key, 2, 3, 3)
         assert "\n" not in str(error.value)
+    other = _variables("pixelcnn_k5_3blocks")  # 5x5 kernels and a third block
+    with pytest.raises(ValueError, match=r"variables\['params'\] do not fit this PixelCNN: "
+                                         r"blocks_0/MaskedConv_0/Conv_0/kernel has shape "
+                                         r"\(5, 5, 8, 8\), expected \(3, 3, 8, 8\); ") as error:
+        sample_codes(model, other, key, 2, 3, 3)
+    assert str(error.value).endswith("unexpected blocks_2")
+    with pytest.raises(ValueError, match="missing condition_stack; missing "
+                                         "layers_0/condition_horizontal; missing "
+                                         "layers_0/condition_vertical; ...$"):
+        sample_codes(PRIORS["conditional_k3_3layers"], _variables("gated_k3_3layers"), key, 2, 4,
+                     6, condition=jnp.zeros((2, 2, 3), jnp.int32))
     with pytest.raises(ValueError, match="condition is for a ConditionalGatedPixelCNN"):
         sample_codes(model, variables, key, 2, 4, 6, condition=jnp.zeros((2, 2, 3), jnp.int32))
     name = "conditional_k3_3layers"

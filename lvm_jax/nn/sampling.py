@@ -117,7 +117,7 @@ def sample_codes(model: Prior, variables, rng: jax.Array, num: int, height: int,
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     _check_prior(model)
-    _check_variables(variables)
+    _check_variables(model, variables)
     for name, size in (("num", num), ("height", height), ("width", width)):
         if not isinstance(size, (int, np.integer)) or size < 1:
             raise ValueError(f"{name} must be a positive int, got {size!r}")
@@ -155,7 +155,7 @@ def cached_logits(model: Prior, variables, codes: jax.Array,
       (num, height, width, K) float32 logits.
     """
     _check_prior(model)
-    _check_variables(variables)
+    _check_variables(model, variables)
     _check_codes(codes)
     _check_condition(model, condition, codes.shape)
     return _cached_logits(model, variables, codes, condition)
@@ -185,12 +185,46 @@ def _check_prior(model) -> None:
                         f"for another causal model use raster_sample")
 
 
-def _check_variables(variables) -> None:
+def _check_variables(model, variables) -> None:
+    """variables must be {"params": the tree model.init makes}: a one-line ValueError names
+    what differs (a bare parameter dict, another model's or size's parameters)."""
     if not isinstance(variables, Mapping) or "params" not in variables:
         found = (f"a mapping with keys {sorted(variables)[:4]}" if isinstance(variables, Mapping)
                  else type(variables).__name__)
         raise ValueError(f"variables must be {{'params': params}}, as model.apply takes them, "
                          f"got {found}")
+    expected = _parameter_shapes(model)
+    found = _shapes(variables["params"])
+    problems = ([f"{'/'.join(path)} has shape {found[path]}, expected {shape}"
+                 for path, shape in expected.items() if found.get(path, shape) != shape]
+                + [f"missing {name}" for name in _first_absent(expected, found)]
+                + [f"unexpected {name}" for name in _first_absent(found, expected)])
+    if problems:
+        raise ValueError(f"variables['params'] do not fit this {type(model).__name__}: "
+                         f"{'; '.join(problems[:3])}" + ("; ..." if len(problems) > 3 else ""))
+
+
+def _shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{path: shape} of a tree's leaves, e.g. {("embed", "embedding"): (128, 64)}."""
+    return {tuple(str(getattr(key, "key", key)) for key in path): tuple(np.shape(leaf))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _first_absent(tree: dict, other: dict) -> list[str]:
+    """The shortest paths of `tree` (leaf paths' prefixes) that `other` lacks, e.g.
+    "layers_0/condition_vertical" for a whole missing conv, in order, once each."""
+    present = {path[:k] for path in other for k in range(1, len(path) + 1)}
+    absent = (next(path[:k] for k in range(1, len(path) + 1) if path[:k] not in present)
+              for path in tree if path not in present)
+    return ["/".join(path) for path in dict.fromkeys(absent)]
+
+
+@functools.cache
+def _parameter_shapes(model) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """The shapes of the parameters model.init makes (the same for every grid size)."""
+    grid = jax.ShapeDtypeStruct((1, 1, 1), jnp.int32)
+    inputs = (grid, grid) if isinstance(model, ConditionalGatedPixelCNN) else (grid,)
+    return _shapes(jax.eval_shape(model.init, jax.random.key(0), *inputs)["params"])
 
 
 def _check_condition(model, condition, shape: tuple[int, int, int]) -> None:
