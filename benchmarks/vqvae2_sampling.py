@@ -178,18 +178,22 @@ def _comparison_rows(case: _Case, settings: Settings, budget: float) -> list[Row
     quick = " [quick]" if settings.quick else ""
     if max(estimate_jax, estimate_torch) <= budget:
         cheap = max(estimate_jax, estimate_torch) < CHEAP_S
+        # PyTorch's loop at the thread count of its fastest full pass only: on a busy machine
+        # the slower count can take minutes per call.
+        fastest = dataclasses.replace(settings if cheap else once, torch_threads=(threads,))
         torch.manual_seed(settings.seed)
-        result = compare(cached, case.torch_sampler(), settings if cheap else once,
+        result = compare(cached, case.torch_sampler(), fastest,
                          warmup=int(cheap), also={"raster": case.sampler("raster")})
         cached_s, raster_s, torch_s = (result.jax_seconds, result.also_seconds["raster"],
                                        result.torch_seconds)
         same = int(np.all(case.drawn["cached"] == case.drawn["raster"], axis=(1, 2)).sum())
         timing = (f"median of {settings.repeats} after a warm-up round" if cheap
                   else "timed once after compiling (the cached sampler after a warm-up call)")
-        measured, torch_note = "", f"; {result.torch_note()}"
+        measured = ""
+        torch_note = (f"; {result.torch_note()} (the thread count of its fastest full pass, "
+                      f"of {settings.torch_threads})")
         facts = (f"the same codes as lvm_jax's raster loop in {same} of {case.num} grids; "
                  f"{timing}")
-        threads = result.torch_threads
     else:
         cached_s = measure(cached, settings, warmup=1)
         raster_s, torch_s = estimate_jax, estimate_torch

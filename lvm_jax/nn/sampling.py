@@ -559,6 +559,9 @@ class _AttentionSteps:
         """Writes the key and value of position (i, j) from its code's embedding (num, dim)."""
         key_in = jnp.concatenate([embedded, cache["features"], self._coordinates(i, j)], -1)
         t = i * self.width + j
-        write = lambda slots, x: jax.lax.dynamic_update_slice(slots, x[:, None], (0, t, 0))
+
+        def write(slots, x):
+            return jax.lax.dynamic_update_slice(slots, x[:, None], (0, t, 0))
+
         return {**cache, "keys": write(cache["keys"], _apply(self.key, key_in)),
                 "values": write(cache["values"], _apply(self.value, key_in))}
