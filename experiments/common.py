@@ -68,6 +68,10 @@ class Config(configs.Config):
     seed: int = configs.setting(0, "seeds initialisation, data order and sampling: a run is "
                                    "reproducible from it", configs.NON_NEGATIVE_INT)
     data_dir: str | None = configs.setting(None, DATA_DIR_HELP)
+    input: Literal["memory", "stream"] = configs.setting(
+        "memory", "memory: the training set whole on the devices; stream: read while training "
+                  "(grain), for data larger than memory, e.g. --dataset shards; same batches, "
+                  "same numbers (docs/streaming.md)")
     quick: bool = configs.setting(
         False, f"smoke test: {QUICK_TRAIN} train / {QUICK_TEST} test examples, {QUICK_EPOCHS} "
                "epoch(s); figures say they come from a smoke run")
@@ -162,12 +166,11 @@ def workdir(config: Config, experiment: str, workdir: str | None = None) -> str:
 
 
 def load_dataset(config, name: str | None = None) -> data.Dataset:
-    """Loads the dataset `config` names (or `name`); `quick` keeps a small fixed subset."""
-    dataset = data.load(name or config.dataset, config.data_dir)
-    if config.quick:
-        dataset = data.Dataset(dataset.name, dataset.train[:QUICK_TRAIN], dataset.test[:QUICK_TEST],
-                               dataset.kind)
-    return dataset
+    """Loads the dataset `config` names (or `name`), its training set streamed with
+    `--input stream`; `quick` keeps a small fixed subset."""
+    dataset = data.load(name or config.dataset, config.data_dir,
+                        stream=getattr(config, "input", "memory") == "stream")
+    return dataset.head(QUICK_TRAIN, QUICK_TEST) if config.quick else dataset
 
 
 def figure_title(title: str, config: Config, steps: int) -> str:
@@ -200,4 +203,4 @@ def run_config(config: Config, experiment: str, **model_settings) -> dict:
     """What identifies a run, saved in config.json beside the loop's settings: a resumed run
     must match it, and `Config.from_json` reads the config's fields back from it."""
     return {"experiment": experiment, "dataset": config.dataset, "quick": config.quick,
-            "dtype": config.dtype, **model_settings}
+            "dtype": config.dtype, "input": config.input, **model_settings}

@@ -9,6 +9,11 @@ numbers, or fail halfway with its reads still in flight); nothing on disk is
 changed. A checkpoint without a record (written before records existed, or
 by a run stopped between the two writes) restores with a warning that it
 cannot be verified.
+
+A streamed run (`lvm_jax.train.feeds.StreamFeed`) saves its grain iterator's
+state beside the train state, as the orbax item "data_iterator" (one JSON file
+per process, grain's own orbax handler), covered by the same record; the train
+state is the item "default", where a checkpoint of one item keeps it.
 """
 
 import hashlib
@@ -16,6 +21,7 @@ import os
 import sys
 import threading
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -23,6 +29,7 @@ from lvm_jax.errors import CheckpointError
 from lvm_jax.train import records
 
 RECORD_FILE = "record.json"
+STATE_ITEM, DATA_ITEM = "default", "data_iterator"
 
 
 def file_digests(directory: str) -> dict[str, str]:
@@ -58,7 +65,9 @@ class Checkpointer:
         self.config_path = os.path.join(os.path.abspath(workdir), "config.json")
         self._manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-            item_handlers=ocp.StandardCheckpointHandler())  # so its metadata reads before a save
+            # Named, so that the metadata reads before a save.
+            item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
+                           DATA_ITEM: grain.checkpoint.CheckpointHandler()})
         self._recorder: threading.Thread | None = None  # writes the record of the save in flight
         self._recorder_error: BaseException | None = None
 
@@ -108,14 +117,19 @@ class Checkpointer:
     def save_config(self, config: dict) -> None:
         records.write_json(self.config_path, config)
 
-    def save(self, state, timing: dict | None = None) -> None:
+    def save(self, state, timing: dict | None = None, data_iterator=None) -> None:
         """Starts saving `state` at its step, with the digests of its files and `timing` (a
         dict of numbers that `timing(step)` returns) once they are written; returns when
-        `state` is copied to host memory, so training may go on (see the class docstring)."""
+        `state` is copied to host memory, so training may go on (see the class docstring).
+        `data_iterator`: an object whose `get_state()` is the input pipeline's state at
+        that step (grain's protocol), saved beside it."""
         step = int(jax.device_get(state.step))
         if step in self.all_steps():
             return
-        self._manager.save(step, args=ocp.args.StandardSave(state))
+        items = {STATE_ITEM: ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
+        self._manager.save(step, args=ocp.args.Composite(**items))
         self._recorder = threading.Thread(target=self._record_when_saved, args=(step, timing or {}),
                                           name=f"checkpoint-record-{step}", daemon=True)
         self._recorder.start()
@@ -191,8 +205,10 @@ class Checkpointer:
         return (f"no earlier step is intact: delete {os.path.dirname(self.directory)} to start "
                 "over, or use another --workdir")
 
-    def restore(self, like):
-        """Restores the latest checkpoint with the structure and sharding of `like`.
+    def restore(self, like, data_iterator=None):
+        """Restores the latest checkpoint with the structure and sharding of `like`; and
+        its input pipeline's state into `data_iterator` (grain's `set_state` protocol),
+        when given and the checkpoint has one (a checkpoint of the memory path has none).
 
         Raises:
           CheckpointError: the checkpoint's files are not the ones saved (the message lists
@@ -211,13 +227,17 @@ class Checkpointer:
         try:
             # Checked first: orbax fails a mismatched restore halfway, with reads still in
             # flight that later call back into its closed event loop.
-            mismatch = _first_mismatch(self._manager.item_metadata(step), target)
+            mismatch = _first_mismatch(self._manager.item_metadata(step)[STATE_ITEM], target)
             if mismatch:
                 raise CheckpointError(
                     f"checkpoint {self.step_directory(step)} does not match this model "
                     f"({mismatch}): use another --workdir for a different model; from Python, "
                     "experiments.evaluate.load_run rebuilds a run's own model and state.")
-            return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+            items = {STATE_ITEM: ocp.args.StandardRestore(target)}
+            if data_iterator is not None and os.path.isdir(
+                    os.path.join(self.step_directory(step), DATA_ITEM)):
+                items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
+            return self._manager.restore(step, args=ocp.args.Composite(**items))[STATE_ITEM]
         except (ValueError, TypeError, KeyError, OSError) as err:
             raise CheckpointError(
                 f"cannot restore checkpoint {self.step_directory(step)}: it does not match this "

@@ -4,7 +4,10 @@ The dataset lives whole on the devices; each compiled call runs
 `steps_per_call` optimizer steps as one `lax.scan` over batches gathered on
 the device from permuted indices, so no step waits on the host. Batches are
 split over the `data` axis of the mesh and parameters replicated; XLA inserts
-the gradient all-reduce (DESIGN.md §4).
+the gradient all-reduce (DESIGN.md §4). Training data given as a source
+(`lvm_jax.data.stream`) is streamed instead: read by grain, the same batches
+in the same order, placed on the devices while the previous call runs
+(`lvm_jax.train.feeds`).
 
 Multi-host: every process (one per host, after `jax.distributed.initialize()`)
 calls `fit` with the same arguments. Each keeps its shard of the training set
@@ -30,7 +33,7 @@ import optax
 
 from lvm_jax.data import batching
 from lvm_jax.errors import ConfigError, NonFiniteLossError
-from lvm_jax.train import records, workdir as workdir_lock
+from lvm_jax.train import feeds, records, workdir as workdir_lock
 from lvm_jax.train.checkpoint import Checkpointer
 from lvm_jax.train.progress import Progress
 from lvm_jax.train.state import Objective, TrainConfig, TrainState
@@ -38,8 +41,9 @@ from lvm_jax.train.state import Objective, TrainConfig, TrainState
 # The units of the metrics.csv columns `fit` adds to an objective's metrics.
 LOG_UNITS = {"time": "seconds since the run started (over resumed segments)",
              "grad_norm": "global L2 norm of the gradient of the loss, before clipping"}
-# Settings a resumed run may change; config.json records the step of each change.
-CHANGEABLE_ON_RESUME = ("train.learning_rate",)
+# Settings a resumed run may change; config.json records the step of each change. Both
+# inputs train on the same batches, so a run may switch between them.
+CHANGEABLE_ON_RESUME = ("train.learning_rate", "input")
 
 
 @dataclasses.dataclass
@@ -76,14 +80,16 @@ def initial_state(objective: Objective, example: np.ndarray, config: TrainConfig
                              ema_params=params if config.ema_decay is not None else None)
 
 
-def make_train_chunk(objective: Objective, mesh, ema_decay: float | None = None):
+def make_train_chunk(objective: Objective, mesh, ema_decay: float | None = None, read=None):
     """jit((state, data, idx (n, batch), key) -> (state, metrics stacked over n steps)).
 
-    `data` from `batching.put_host_shard`, `idx` from `batching.put_host_indices`.
+    `data` from `batching.put_host_shard`, `idx` from `batching.put_host_indices`; or
+    with `read` (a feed's, `lvm_jax.train.feeds`), step i trains on read(data, idx[i]).
     """
+    read = read or (lambda data, idx: batching.gather_host_shard(data, idx, mesh))
 
     def step(state, idx, data, key):
-        batch = objective.preprocess(batching.gather_host_shard(data, idx, mesh))
+        batch = objective.preprocess(read(data, idx))
         rng = jax.random.fold_in(key, state.step)
 
         def loss_of(params):
@@ -228,6 +234,8 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
       train_data, test_data: whole arrays (N, ...) as stored, e.g. uint8 images; in a
         multi-host run every process passes the same ones and keeps its
         `batching.host_shard` of train_data (the last N % hosts examples are dropped).
+        train_data may be a source (`lvm_jax.data.stream`, `--input stream`): each
+        host then reads only its shard's examples, while training.
       config: loop hyperparameters.
       workdir: output directory.
       run_config: the experiment's settings; a resumed run must have the same.
@@ -260,9 +268,16 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
                    if k not in TrainConfig.RESUMABLE}
     saved_config = {**dict(run_config or {}), "train": loop_config}
 
+    steps_per_call = max(1, min(config.steps_per_call, steps_per_epoch))
     with workdir_lock.locked(workdir), Checkpointer(workdir) as checkpointer:
-        return _fit(objective, train_data, test_data, config, workdir, saved_config, tx, mesh,
-                    checkpointer, shard, steps_per_epoch)
+        feed = feeds.feed_for(train_data, mesh, config.seed, steps_per_epoch,
+                              config.batch_size // num_hosts, shard,
+                              config.epochs * steps_per_epoch, steps_per_call)
+        try:
+            return _fit(objective, feed, test_data, config, workdir, saved_config, tx, mesh,
+                        checkpointer, steps_per_call, steps_per_epoch)
+        finally:
+            feed.close()
 
 
 def metrics_line(metrics: dict[str, float], units: Mapping[str, str]) -> str:
@@ -273,9 +288,8 @@ def metrics_line(metrics: dict[str, float], units: Mapping[str, str]) -> str:
                      + (f" {unit}" if unit else "") for unit, run in runs)
 
 
-def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, mesh,
-         checkpointer, shard, steps_per_epoch) -> FitResult:
-    local_batch = config.batch_size // jax.process_count()
+def _fit(objective, feed, test_data, config, workdir, saved_config, tx, mesh,
+         checkpointer, steps_per_call, steps_per_epoch) -> FitResult:
     total_steps = config.epochs * steps_per_epoch
     resume_step = checkpointer.latest_step()
     if resume_step is not None:
@@ -290,25 +304,23 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
                 "or use another --workdir.")
 
     _, train_key, eval_key = _keys(config.seed)
-    state = batching.put_replicated(initial_state(objective, train_data[:1], config, tx), mesh)
+    state = batching.put_replicated(initial_state(objective, feed.example, config, tx), mesh)
     timing = {"elapsed_seconds": 0.0, "timed_steps": 0, "timed_seconds": 0.0}
     if resume_step is not None:
-        state = checkpointer.restore(state)
+        state = checkpointer.restore(state, data_iterator=feed)
         timing.update(checkpointer.timing(resume_step))
     checkpointer.save_config(saved_config)
     start_step = int(jax.device_get(state.step))
 
-    train_on_device = batching.put_host_shard(train_data[shard], mesh)
+    feed.start(start_step)
+    train_on_device = feed.data
     test_on_device = batching.put_replicated(test_data, mesh)
-    train_chunk = make_train_chunk(objective, mesh, config.ema_decay)
+    train_chunk = make_train_chunk(objective, mesh, config.ema_decay, feed.read)
     evaluate = make_evaluate(objective, mesh)
 
-    steps_per_call = max(1, min(config.steps_per_call, steps_per_epoch))
-    # Traced with the indices of a whole call, so that the first call reuses this trace.
-    metric_names = jax.eval_shape(
-        train_chunk, state, train_on_device,
-        batching.put_host_indices(np.zeros((steps_per_call, local_batch), np.int32), mesh),
-        train_key)[1].keys()
+    # Traced with the rows of a whole call, so that the first call reuses this trace.
+    metric_names = jax.eval_shape(train_chunk, state, train_on_device,
+                                  feed.placeholder(steps_per_call), train_key)[1].keys()
     log = records.MetricsLog(os.path.join(workdir, "metrics.csv"), metric_names, resume_step)
     primary = records.is_primary()
     progress = Progress(total_steps, start_step, os.path.basename(os.path.normpath(workdir)),
@@ -326,7 +338,8 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
         return metrics
 
     def checkpoint(good_state):
-        checkpointer.save(good_state, {**timing, "elapsed_seconds": elapsed()})
+        checkpointer.save(good_state, {**timing, "elapsed_seconds": elapsed()},
+                          data_iterator=feed.iterator_state(int(jax.device_get(good_state.step))))
 
     initial_metrics = log.test_metrics(0)
     if start_step == 0 and initial_metrics is None:
@@ -341,14 +354,11 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
                       "the first call waits for it")
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
-        order = batching.epoch_order(config.seed, epoch, len(train_data), steps_per_epoch,
-                                     local_batch, shard)
         while offset < steps_per_epoch:
             n = min(steps_per_call, steps_per_epoch - offset)
-            rows = order[offset:offset + n]
+            rows = feed.rows(step, n)
             tic = time.perf_counter()
-            new_state, metrics = train_chunk(state, train_on_device,
-                                             batching.put_host_indices(rows, mesh), train_key)
+            new_state, metrics = train_chunk(state, train_on_device, feed.put(rows), train_key)
             metrics = jax.device_get(metrics)
             if n in compiled_sizes:  # steps/s leaves out the calls that compiled
                 timing["timed_seconds"] += time.perf_counter() - tic
@@ -363,7 +373,7 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
                 progress.close()
                 raise _non_finite_error(
                     metrics["loss"][bad], step + 1 + bad, epoch,
-                    _save_last_good_state(train_chunk, train_on_device, train_key, mesh,
+                    _save_last_good_state(train_chunk, train_on_device, train_key, feed.put,
                                           recent_calls, step + 1 + bad, checkpoint,
                                           checkpointer.latest_step()),
                     checkpointer)
@@ -410,7 +420,7 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
     return FitResult(state=state, test_metrics=test_metrics, summary=summary)
 
 
-def _save_last_good_state(train_chunk, data, key, mesh, recent_calls, bad_step: int,
+def _save_last_good_state(train_chunk, data, key, put, recent_calls, bad_step: int,
                           checkpoint, latest_saved: int | None) -> int | None:
     """Checkpoints the newest good state held in memory and returns its step; None when
     there is none newer than the latest checkpoint, `latest_saved`, which then stays the
@@ -425,12 +435,13 @@ def _save_last_good_state(train_chunk, data, key, mesh, recent_calls, bad_step: 
     loss, recomputed on its batch, is finite.
 
     Args:
-      recent_calls: (state at the call's start, its step, batch indices (n, local batch)),
+      put: the feed's, places a call's rows on the devices.
+      recent_calls: (state at the call's start, its step, the feed's rows of the call),
         oldest first.
       checkpoint: saves a state.
     """
     def run(state, rows):
-        return train_chunk(state, data, batching.put_host_indices(rows, mesh), key)
+        return train_chunk(state, data, put(rows), key)
 
     target = bad_step - 2  # the newest state that may be good
     for start, first, rows in reversed(recent_calls):
