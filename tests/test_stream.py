@@ -18,8 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
+from lvm_jax import data
 from lvm_jax.data import batching, shards, stream, toy2d
 from lvm_jax.errors import CheckpointError, DataError
 from lvm_jax.train import NonFiniteLossError, Objective, TrainConfig, feeds, fit
@@ -367,3 +369,19 @@ def test_ctrl_c_stops_a_streamed_run_and_its_reading_threads(tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert time.monotonic() - stopped < 30  # not a hang in grain's or the feed's threads
     assert proc.returncode != 0 and "KeyboardInterrupt" in stderr
+
+
+@pytest.mark.parametrize("name", ["toy2d_1", "mnist", "binarized_mnist", "cifar10", "shards"])
+def test_a_streamed_dataset_holds_the_examples_loaded_whole(tmp_path, name):
+    """The same stored examples on both paths: one reader and one preprocessing each."""
+    write_folder(tmp_path)
+    with tfds.testing.mock_data(num_examples=12):
+        whole = data.load(name, str(tmp_path))
+        streamed = data.load(name, str(tmp_path), stream=True)
+        assert stream.is_source(streamed.train) and not stream.is_source(whole.train)
+        np.testing.assert_array_equal(streamed.train[:], whole.train)
+        np.testing.assert_array_equal(streamed.train.read_batch([3, 1]), whole.train[[3, 1]])
+    np.testing.assert_array_equal(streamed.test, whole.test)
+    assert (streamed.kind, streamed.event_shape) == (whole.kind, whole.event_shape)
+    quick = streamed.head(5, 2)
+    assert stream.is_source(quick.train) and len(quick.train) == 5 and len(quick.test) == 2
