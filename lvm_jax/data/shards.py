@@ -43,6 +43,7 @@ import math
 import os
 import sys
 import threading
+import weakref
 import zlib
 from collections.abc import Iterable, Sequence
 
@@ -187,8 +188,9 @@ class ShardSource(Indexing):
         if self._starts[-1] != entry["count"]:
             raise DataError(f"{os.path.join(folder, MANIFEST)}: the {split} shards hold "
                             f"{self._starts[-1]} examples, the split says {entry['count']}.")
-        self._files = [None] * len(self._paths)  # opened on first read, in the reading process
+        self._files = [None] * len(self._paths)  # descriptors, opened on first read
         self._open_lock = threading.Lock()
+        weakref.finalize(self, _close, self._files)
 
     def _check_header(self, path: str, count: int) -> int:
         """The byte offset of the first example of shard `path`, after checking it."""
@@ -258,18 +260,12 @@ class ShardSource(Indexing):
                                 "differs from the checksum file's).")
         return out
 
-    def close(self) -> None:
-        for k, fd in enumerate(self._files):
-            if fd is not None:
-                os.close(fd)
-                self._files[k] = None
 
-    def __getstate__(self):  # open files stay with the process that opened them
-        return {**self.__dict__, "_files": [None] * len(self._paths), "_open_lock": None}
 
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._open_lock = threading.Lock()
+def _close(files: list) -> None:
+    for fd in files:
+        if fd is not None:
+            os.close(fd)
 
 
 def require_folder(folder: str | None) -> None:
