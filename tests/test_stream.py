@@ -207,7 +207,7 @@ def test_a_stream_killed_at_three_points_resumes_bit_for_bit(tmp_path):
     killed = tmp_path / "killed"
     # Before the first checkpoint, mid epoch 2, mid epoch 3 (30 steps, checkpoints at 10, 20).
     for rows in (3, 14, 26):
-        proc = run_until(KILLED_CHILD, (folder, killed, 0.03), killed, rows)
+        proc = run_until(KILLED_CHILD, (folder, killed, 0.2), killed, rows)
         proc.communicate(timeout=120)
         assert proc.returncode == -signal.SIGKILL
     last = start_child(KILLED_CHILD, folder, killed, 0)
@@ -230,8 +230,10 @@ def corrupt(path, offset: int) -> None:
 
 
 def header_bytes(path) -> int:
+    """The offset of a .npy file's first record."""
     with open(path, "rb") as f:
-        np.lib.format.read_array_header_1_0(f) if np.lib.format.read_magic(f) == (1, 0) else None
+        assert np.lib.format.read_magic(f) == (1, 0)
+        np.lib.format.read_array_header_1_0(f)
         return f.tell()
 
 
@@ -295,6 +297,17 @@ def test_a_record_of_the_wrong_shape_in_a_record_source_is_named():
         source.read_batch([0, 3])
 
 
+def reading_threads_end(timeout: float = 5.0) -> bool:
+    """Whether the feed's and grain's reading threads have ended within `timeout` seconds
+    (grain shuts its pool down without waiting for it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not [t for t in threading.enumerate() if t.name.startswith(("grain", "stream-feed"))]:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def test_fit_stops_at_a_corrupt_record_with_its_data_error(tmp_path):
     """Raised in grain's reading threads, it reaches the loop as the DataError, not a hang."""
     folder = write_folder(tmp_path / "d")
@@ -322,17 +335,6 @@ def test_an_experiment_reports_bad_data_in_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"python -m experiments.vae: error: shard {path}: record 0 is corrupt (its CRC-32 "
         "differs from the checksum file's)."]
-
-
-def reading_threads_end(timeout: float = 5.0) -> bool:
-    """Whether the feed's and grain's reading threads have ended within `timeout` seconds
-    (grain shuts its pool down without waiting for it)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not [t for t in threading.enumerate() if t.name.startswith(("grain", "stream-feed"))]:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_closing_a_feed_stops_its_threads():
