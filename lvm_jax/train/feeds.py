@@ -143,6 +143,7 @@ class StreamFeed:
                 f"the checkpoint's data iterator is at step {stream.next_step(self._iterator)}, "
                 f"its train state at step {step}: it was written by another program. Delete "
                 "that checkpoint step to resume from an earlier one, or use another --workdir.")
+        self._remember(step)  # before any read: a checkpoint of `step` may come first
         self._thread = threading.Thread(target=self._read_ahead, args=(step,),
                                         name="stream-feed", daemon=True)
         self._thread.start()
@@ -164,7 +165,6 @@ class StreamFeed:
     def _read_ahead(self, step: int) -> None:
         """The thread: reads, stacks and places each call's batches, in order, until stopped."""
         try:
-            self._remember(step)
             for first, n in self._call_sizes(step):
                 local = []
                 for k in range(first, first + n):
