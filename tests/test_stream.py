@@ -337,11 +337,12 @@ def test_an_experiment_reports_bad_data_in_one_line(tmp_path):
         "differs from the checksum file's)."]
 
 
-def test_closing_a_feed_stops_its_threads():
+def test_a_feed_knows_its_start_state_at_once_and_closing_stops_its_threads():
     mesh = batching.data_mesh(jax.devices()[:1])
     feed = feeds.StreamFeed(stream.ArraySource(TRAIN, "toy"), mesh, 0, 10, 64,
                             slice(0, len(TRAIN)), 20, 1)
     feed.start(0)
+    assert json.loads(feed.iterator_state(0).get_state()) == {"next_index": 0}  # at once
     np.testing.assert_array_equal(
         np.asarray(feed.rows(0, 1))[0], TRAIN[batching.epoch_order(0, 0, len(TRAIN), 10, 64)[0]])
     feed.close()
