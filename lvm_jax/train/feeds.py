@@ -114,8 +114,9 @@ class StreamFeed:
         self._thread: threading.Thread | None = None
         self._calls: queue.Queue = queue.Queue(maxsize=CALLS_AHEAD)
         self._stop = threading.Event()
-        # The iterator's state before each step read lately: (CALLS_AHEAD + 3) calls back
-        # reach the oldest state the loop may checkpoint (a replayed call, see fit).
+        # The iterator's state before each step read lately. The thread runs up to
+        # CALLS_AHEAD + 1 calls ahead of the loop, which may checkpoint a state up to 2 calls
+        # back (the last good state before a non-finite loss, see fit).
         self._states: collections.OrderedDict[int, dict] = collections.OrderedDict()
         self._states_kept = (CALLS_AHEAD + 3) * steps_per_call + 1
         self._states_lock = threading.Lock()
