@@ -74,7 +74,8 @@ def ensure_folder(folder: str, gigabytes: float) -> dict:
     except shards.DataError:
         pass
     tic = time.perf_counter()
-    shards.write(folder, {"train": varied_patches(count, 0), "test": varied_patches(TEST_IMAGES, 1)})
+    shards.write(folder, {"train": varied_patches(count, 0),
+                          "test": varied_patches(TEST_IMAGES, 1)})
     return {"images": count, "bytes": folder_bytes(folder),
             "write_seconds": time.perf_counter() - tic}
 

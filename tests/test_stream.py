@@ -329,8 +329,9 @@ def test_an_experiment_reports_bad_data_in_one_line(tmp_path):
     corrupt(path, header_bytes(path) + 5)  # record 0
     proc = subprocess.run([sys.executable, "-m", "experiments.vae", "--quick", "--dataset",
                            "shards", "--data_dir", str(tmp_path / "d"), "--input", "stream",
-                           "--batch_size", "8", "--workdir", str(tmp_path / "run")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                           "--batch_size", "8", "--workdir", str(tmp_path / "run")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         f"python -m experiments.vae: error: shard {path}: record 0 is corrupt (its CRC-32 "

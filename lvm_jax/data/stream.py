@@ -62,7 +62,8 @@ class RecordSource(Indexing):
 
     def __init__(self, records, name: str, decode: Callable = lambda r: r,
                  to_examples: Callable[[np.ndarray], np.ndarray] = lambda x: x):
-        self.records, self.name, self._decode, self._to_examples = records, name, decode, to_examples
+        self.records, self.name = records, name
+        self._decode, self._to_examples = decode, to_examples
         self._raw = np.asarray(decode(records[0]))  # what every record must decode to
         first = to_examples(self._raw[None])
         self.shape, self.dtype = (len(records), *first.shape[1:]), first.dtype
