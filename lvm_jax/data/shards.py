@@ -242,25 +242,32 @@ class ShardSource(Indexing):
         return self._files[k]
 
     def read_batch(self, indices: Sequence[int]) -> np.ndarray:
-        """The examples at `indices` (B,) of the split, as one array (B, ...)."""
+        """The examples at `indices` (B,) of the split, as one array (B, ...): one positioned
+        read per run of consecutive indices within a shard (a random batch: one per example;
+        a slice: one per shard)."""
         indices = np.asarray(indices, np.int64)
         out = np.empty((len(indices), *self.shape[1:]), self.dtype)
-        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+        if not len(indices):
+            return out
+        if indices.min() < 0 or indices.max() >= len(self):
             raise IndexError(f"{self.name}: index out of range [0, {len(self)})")
         shards = np.searchsorted(self._starts, indices, side="right") - 1
+        within = indices - self._starts[shards]
         raw = out.reshape(len(indices), -1).view(np.uint8)
-        for j, (k, i) in enumerate(zip(shards, indices - self._starts[shards])):
-            read = os.preadv(self._file(k), [raw[j]],
-                             self._offsets[k] + int(i) * self._example_bytes)
-            if read != self._example_bytes:
-                raise DataError(f"shard {self._paths[k]} is truncated: record {i} is incomplete "
-                                f"({read} of {self._example_bytes} bytes).")
-            if zlib.crc32(raw[j]) != self._crc32[k][i]:
-                raise DataError(f"shard {self._paths[k]}: record {i} is corrupt (its CRC-32 "
-                                "differs from the checksum file's).")
+        runs = np.flatnonzero((np.diff(indices) != 1) | (np.diff(shards) != 0)) + 1
+        for first, stop in zip([0, *runs], [*runs, len(indices)]):
+            k, i = shards[first], int(within[first])
+            read = os.preadv(self._file(k), [raw[first:stop]],
+                             self._offsets[k] + i * self._example_bytes)
+            if read != (stop - first) * self._example_bytes:
+                raise DataError(f"shard {self._paths[k]} is truncated: record "
+                                f"{i + read // self._example_bytes} is incomplete.")
+            expected = self._crc32[k][within[first:stop]].tolist()
+            for j, crc in zip(range(first, stop), expected):
+                if zlib.crc32(raw[j]) != crc:
+                    raise DataError(f"shard {self._paths[k]}: record {within[j]} is corrupt "
+                                    "(its CRC-32 differs from the checksum file's).")
         return out
-
-
 
 def _close(files: list) -> None:
     for fd in files:
