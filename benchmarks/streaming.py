@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,6 +74,7 @@ def ensure_folder(folder: str, gigabytes: float) -> dict:
             return {"images": count, "bytes": folder_bytes(folder), "write_seconds": None}
     except shards.DataError:
         pass
+    shutil.rmtree(folder, ignore_errors=True)
     tic = time.perf_counter()
     shards.write(folder, {"train": varied_patches(count, 0),
                           "test": varied_patches(TEST_IMAGES, 1)})
@@ -223,7 +225,7 @@ def main(argv=None):
         input_only.update(memory_cap_bytes=input_cap, cgroup_peak_bytes=cgroup.peak())
         train_cap = cgroup.cap(flags.train_cap_mb * 2**20)
         workdir = flags.folder + "_run"
-        subprocess.run(["rm", "-rf", workdir], check=True)
+        shutil.rmtree(workdir, ignore_errors=True)
         training = measure_training(flags.folder, workdir, flags.batch_size, flags.train_seconds,
                                     cgroup)
         training.update(memory_cap_bytes=train_cap, cgroup_peak_bytes=cgroup.peak())

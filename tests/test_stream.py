@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from lvm_jax import data
@@ -65,6 +67,8 @@ def test_a_shard_folder_holds_the_arrays_with_a_manifest(tmp_path):
     np.testing.assert_array_equal(source.read_batch([639, 0, 250, 250]), TRAIN[[639, 0, 250, 250]])
     np.testing.assert_array_equal(source[101], TRAIN[101])
     assert shards.verify(folder) == {"train": 640, "test": 100}
+    with pytest.raises(DataError, match="is not empty: write a shard folder into a new or empty"):
+        write_folder(tmp_path / "d")
 
 
 def test_the_writer_command_takes_arrays_and_image_folders(tmp_path):
@@ -344,8 +348,10 @@ def test_a_feed_knows_its_start_state_at_once_and_closing_stops_its_threads():
                             slice(0, len(TRAIN)), 20, 1)
     feed.start(0)
     assert json.loads(feed.iterator_state(0).get_state()) == {"next_index": 0}  # at once
+    rows = feed.rows(0, 1)  # placed on the devices by the feed's thread, split over the mesh
+    assert rows.sharding == NamedSharding(mesh, P(None, "data"))
     np.testing.assert_array_equal(
-        np.asarray(feed.rows(0, 1))[0], TRAIN[batching.epoch_order(0, 0, len(TRAIN), 10, 64)[0]])
+        np.asarray(rows)[0], TRAIN[batching.epoch_order(0, 0, len(TRAIN), 10, 64)[0]])
     feed.close()
     assert reading_threads_end()
 

@@ -125,7 +125,10 @@ def write_split(folder: str, split: str, chunks: Iterable[np.ndarray],
 def write(folder: str, splits: dict[str, Iterable[np.ndarray]],
           per_shard: int = DEFAULT_PER_SHARD) -> dict:
     """Writes a shard folder: `splits` maps "train" and "test" to iterables of arrays
-    (n, ...); returns the manifest, written last, so a folder with a manifest is complete."""
+    (n, ...); returns the manifest, written last, so a folder with a manifest is complete.
+    The folder must be new or empty: stale shards of another dataset would sit beside it."""
+    if os.path.isdir(folder) and os.listdir(folder):
+        raise DataError(f"{folder} is not empty: write a shard folder into a new or empty one.")
     manifest = {"format": FORMAT, "version": VERSION,
                 "splits": {name: write_split(folder, name, chunks, per_shard)
                            for name, chunks in splits.items()}}
