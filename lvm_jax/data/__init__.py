@@ -72,7 +72,7 @@ def _streamed(name: str, train, test) -> Dataset:
     if len(train) == 0 or len(test) == 0:
         raise DataError(f"{name}: the {'training' if len(train) == 0 else 'test'} set is empty.")
     if kind == "vector":
-        as_float_vectors(np.empty((0, *train.shape[1:]), train.dtype), f"{train.name}")
+        as_float_vectors(np.empty((0, *train.shape[1:]), train.dtype), train.name)
         return Dataset(name, train, as_float_vectors(test, f"{name} test"), kind)
     as_uint8_images(np.zeros((1, *train.shape[1:]), train.dtype), train.name)
     if train.dtype != np.uint8:

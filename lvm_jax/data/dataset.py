@@ -29,7 +29,8 @@ class Dataset:
 
     def head(self, num_train: int, num_test: int) -> "Dataset":
         """The first examples of each split; a streamed training split stays streamed."""
-        return Dataset(self.name, stream.head(self.train, num_train), self.test[:num_test], self.kind)
+        return Dataset(self.name, stream.head(self.train, num_train), self.test[:num_test],
+                       self.kind)
 
     @property
     def event_shape(self) -> tuple[int, ...]:
