@@ -1,28 +1,46 @@
 """Orbax checkpoints of the TrainState, verified before restore, with clear errors for unusable ones.
 
 Beside each step's files, <workdir>/checkpoints/<step>/record.json keeps the
-SHA-256 of every file orbax wrote for that step, and the run's timing at that
-step. A restore first recomputes the digests and refuses a checkpoint whose
-bytes changed, naming the earlier steps that are still intact, before orbax
+step itself, the SHA-256 of every file orbax wrote for that step, the run's
+timing at that step and the run's config (config.json without its "changes").
+A restore first recomputes the digests and refuses a checkpoint whose bytes
+changed, or whose record names another step than its folder (folders swapped
+or renamed), naming the earlier steps that are still intact, before orbax
 reads any of it (a damaged file read by orbax may restore silently changed
 numbers, or fail halfway with its reads still in flight); nothing on disk is
-changed. A checkpoint without a record (written before records existed, or
-by a run stopped between the two writes) restores with a warning that it
-cannot be verified.
+changed. The restored state's own step must match too. A checkpoint without a
+record (written before records existed, or by a run stopped between the two
+writes) restores with a warning that it cannot be verified. A step folder that
+is a symbolic link is refused before orbax, which deletes old steps, touches
+anything.
+
+`restore_committed` reads a run that may be training at the same time (for
+`experiments.evaluate.load_run`): it never uses orbax's manager (whose start
+cleans up the saves in flight), reads the newest step whose record verifies
+(a step being written has none yet), and takes the next older one when a step
+vanishes under it (the training run deleting an old step).
 """
 
 import hashlib
 import os
 import sys
 import threading
+import time
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
-from lvm_jax.errors import CheckpointError
+from lvm_jax.errors import CheckpointError, RecordError
 from lvm_jax.train import records
 
 RECORD_FILE = "record.json"
+# What record.json holds, and the type of each. "step" and "config" are absent from the
+# records of lvm_jax before they were added; a record with any other key is malformed.
+RECORD_KEYS = {"sha256": dict, "timing": dict, "step": int, "config": dict}
+REQUIRED_RECORD_KEYS = ("sha256", "timing")
+# orbax's folder of the TrainState inside a step's folder (the manager's default item).
+ITEM = "default"
 
 
 def file_digests(directory: str) -> dict[str, str]:
@@ -37,6 +55,166 @@ def file_digests(directory: str) -> dict[str, str]:
                 with open(path, "rb") as f:
                     digests[relative] = hashlib.file_digest(f, "sha256").hexdigest()
     return dict(sorted(digests.items()))
+
+
+def refuse_linked_steps(directory: str) -> None:
+    """Refuses a checkpoints/ folder, or a step folder in it, that is a symbolic link, before
+    anything there is read or changed: orbax would delete its target's files, or restore
+    another run's state under this run's step.
+
+    Raises:
+      CheckpointError: naming the link and its target.
+    """
+    entries = [directory] + ([os.path.join(directory, name) for name in sorted(os.listdir(directory))]
+                             if os.path.isdir(directory) and not os.path.islink(directory) else [])
+    for path in entries:
+        if os.path.islink(path):
+            raise CheckpointError(f"checkpoint folder {path} is a symbolic link (to "
+                                  f"{os.readlink(path)}): refused before anything was changed. "
+                                  "Remove the link (a step's folder must be the run's own), or "
+                                  "use another --workdir.")
+
+
+def step_folders(directory: str) -> list[int]:
+    """The steps of the finished step folders in `directory` (named by a number; orbax writes
+    a step into a temporary folder and renames it when complete), oldest first."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory)
+                  if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+
+
+def read_step_record(step_directory: str, step: int) -> dict | None:
+    """The record of the checkpoint of `step` in `step_directory`, checked: None when it has
+    none.
+
+    Raises:
+      CheckpointError: the record is unreadable or malformed (a key missing, unknown or of
+        the wrong type), or names another step than `step`.
+      FileNotFoundError: the folder vanished while it was read (an old step deleted).
+    """
+    path = os.path.join(step_directory, RECORD_FILE)
+    if not os.path.exists(path):
+        if not os.path.isdir(step_directory):
+            raise FileNotFoundError(step_directory)
+        return None
+    record = records.read_record(path, CheckpointError)
+    problems = [f"it lacks {key!r}" for key in REQUIRED_RECORD_KEYS if key not in record]
+    problems += [f"{key!r} is no {RECORD_KEYS[key].__name__}" for key in record
+                 if key in RECORD_KEYS and (not isinstance(record[key], RECORD_KEYS[key])
+                                            or isinstance(record[key], bool))]
+    problems += [f"it holds the unknown key {key!r}" for key in record if key not in RECORD_KEYS]
+    if not problems and not all(isinstance(v, str) for v in record["sha256"].values()):
+        problems.append("'sha256' holds a digest that is no text")
+    if not problems and not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                for v in record["timing"].values()):
+        problems.append("'timing' holds a value that is no number")
+    if not problems and record.get("step", step) != step:
+        problems.append(f"it records step {record['step']} in the folder of step {step} (step "
+                        "folders renamed or swapped)")
+    if problems:
+        raise CheckpointError(f"checkpoint {step_directory} is corrupted: its {RECORD_FILE} is "
+                              f"malformed ({problems[0]})")
+    return record
+
+
+def verify(step_directory: str, step: int) -> dict | None:
+    """The record of the checkpoint of `step`, after checking its files against it; None
+    for a checkpoint without a record.
+
+    Raises:
+      CheckpointError: its record is malformed (`read_step_record`), or its files differ
+        from the digests it holds.
+      FileNotFoundError: the step vanished while it was read (deleted by the run that wrote
+        it), rather than corrupted: files missing from a folder that is gone a moment later.
+    """
+    record = read_step_record(step_directory, step)
+    if record is None:
+        return None
+    digests = file_digests(step_directory)
+    if digests != record["sha256"]:
+        missing_only = (set(digests) < set(record["sha256"])
+                        and all(record["sha256"][k] == v for k, v in digests.items()))
+        if missing_only:
+            time.sleep(0.2)  # orbax deletes an old step file by file: let it finish
+            if not os.path.isdir(step_directory):
+                raise FileNotFoundError(step_directory)
+        raise CheckpointError(f"checkpoint {step_directory} is corrupted: its files differ "
+                              f"from the digests in its {RECORD_FILE}")
+    return record
+
+
+def restored_step(state, step_directory: str, step: int):
+    """`state`, after checking that its own step is `step`, that of its folder.
+
+    Raises:
+      CheckpointError: it holds another step (step folders renamed or swapped).
+    """
+    held = int(jax.device_get(state.step))
+    if held != step:
+        raise CheckpointError(f"checkpoint {step_directory} is corrupted: it holds the state of "
+                              f"step {held}, not {step} (step folders renamed or swapped). "
+                              "Delete it to resume from an earlier step, or use another "
+                              "--workdir.")
+    return state
+
+
+def restore_committed(workdir: str, like) -> tuple:
+    """(state, step, record) of the newest committed checkpoint of the run in `workdir`, with
+    the structure of `like`: safe while that run trains and saves (see the module docstring).
+
+    Committed means its record verifies; a run whose steps have no record (an older
+    lvm_jax) restores its newest step with a warning. A step that vanishes while it is
+    read gives way to the next older one.
+
+    Raises:
+      CheckpointError: no checkpoint, a corrupted one, or one that does not match `like`.
+    """
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    refuse_linked_steps(directory)
+    steps = step_folders(directory)
+    if not steps:
+        raise CheckpointError(f"{directory} holds no checkpoint: train the run first.")
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    unrecorded = []
+    for step in reversed(steps):
+        step_directory = os.path.join(directory, str(step))
+        try:
+            record = verify(step_directory, step)
+            if record is None:
+                unrecorded.append(step)
+                continue
+            return _read_item(step_directory, step, target), step, record
+        except FileNotFoundError:
+            continue  # deleted by the training run: the next older step is newer than any left
+    if unrecorded and len(unrecorded) == len(steps):
+        step = unrecorded[0]
+        step_directory = os.path.join(directory, str(step))
+        print(f"warning: checkpoint {step_directory} has no {RECORD_FILE} (saved by an older "
+              "lvm_jax), so it cannot be verified", file=sys.stderr)
+        return _read_item(step_directory, step, target), step, {}
+    raise CheckpointError(f"{directory} holds no committed checkpoint (every step vanished or "
+                          "is still being written): retry once the run has saved one.")
+
+
+def _read_item(step_directory: str, step: int, target):
+    """The state saved in `step_directory`, read by orbax's handler alone (no manager)."""
+    item = epath.Path(step_directory) / ITEM
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        mismatch = _first_mismatch(handler.metadata(item), target)
+        if mismatch:
+            raise CheckpointError(f"checkpoint {step_directory} does not match this model "
+                                  f"({mismatch}).")
+        state = handler.restore(item, args=ocp.args.StandardRestore(target))
+    except (ValueError, TypeError, KeyError, OSError) as err:
+        if not os.path.isdir(step_directory):
+            raise FileNotFoundError(step_directory) from err
+        raise CheckpointError(f"cannot restore checkpoint {step_directory}: it does not match "
+                              f"this model, or is corrupted ({type(err).__name__}: {err}).") from err
+    finally:
+        handler.close()
+    return restored_step(state, step_directory, step)
 
 
 class Checkpointer:
@@ -56,6 +234,8 @@ class Checkpointer:
     def __init__(self, workdir: str, keep: int = 2):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.config_path = os.path.join(os.path.abspath(workdir), "config.json")
+        refuse_linked_steps(self.directory)  # before orbax, which cleans up and deletes there
+        self._run_config = {}  # the config each record keeps (save_config sets it)
         self._manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
             item_handlers=ocp.StandardCheckpointHandler())  # so its metadata reads before a save
@@ -89,8 +269,11 @@ class Checkpointer:
         """
         if not os.path.exists(self.config_path):
             return config
-        saved = records.read_json(self.config_path)
+        saved = records.read_record(self.config_path)
         history = saved.pop("changes", [])
+        if not isinstance(history, list):
+            raise RecordError(f"{self.config_path} is malformed: its 'changes' is no "
+                                      "list.")
         flat_saved, flat_now = _flatten(saved), _flatten(config)
         differ = sorted(k for k in set(flat_saved) | set(flat_now)
                         if records.to_json(flat_saved.get(k)) != records.to_json(flat_now.get(k)))
@@ -106,6 +289,8 @@ class Checkpointer:
         return {**config, "changes": history} if history else config
 
     def save_config(self, config: dict) -> None:
+        """Writes config.json; each checkpoint's record keeps it too, without its "changes"."""
+        self._run_config = {k: v for k, v in config.items() if k != "changes"}
         records.write_json(self.config_path, config)
 
     def save(self, state, timing: dict | None = None) -> None:
@@ -116,17 +301,19 @@ class Checkpointer:
         if step in self.all_steps():
             return
         self._manager.save(step, args=ocp.args.StandardSave(state))
-        self._recorder = threading.Thread(target=self._record_when_saved, args=(step, timing or {}),
+        self._recorder = threading.Thread(target=self._record_when_saved,
+                                          args=(step, timing or {}, self._run_config),
                                           name=f"checkpoint-record-{step}", daemon=True)
         self._recorder.start()
 
-    def _record_when_saved(self, step: int, timing: dict) -> None:
+    def _record_when_saved(self, step: int, timing: dict, run_config: dict) -> None:
         try:
             self._manager.wait_until_finished()
             directory = self.step_directory(step)
             if records.is_primary():
                 records.write_json(os.path.join(directory, RECORD_FILE),
-                                   {"sha256": file_digests(directory), "timing": timing})
+                                   {"step": step, "sha256": file_digests(directory),
+                                    "timing": timing, "config": run_config})
         except BaseException as err:  # re-raised by wait(), in the caller's thread
             self._recorder_error = err
 
@@ -153,24 +340,12 @@ class Checkpointer:
         return record["timing"] if record else {}
 
     def _record(self, step: int) -> dict | None:
-        path = os.path.join(self.step_directory(step), RECORD_FILE)
-        if not os.path.exists(path):
-            return None
-        try:
-            return records.read_json(path)
-        except (OSError, ValueError) as err:  # unreadable, or not UTF-8 JSON
-            raise CheckpointError(f"checkpoint {self.step_directory(step)} is corrupted: cannot "
-                                  f"read its {RECORD_FILE} ({err})") from err
+        return read_step_record(self.step_directory(step), step)
 
     def _verify(self, step: int) -> bool:
-        """Whether `step` has a record; raises CheckpointError when its files differ from it."""
-        record = self._record(step)
-        if record is None:
-            return False
-        if file_digests(self.step_directory(step)) != record["sha256"]:
-            raise CheckpointError(f"checkpoint {self.step_directory(step)} is corrupted: its "
-                                  f"files differ from the digests in its {RECORD_FILE}")
-        return True
+        """Whether `step` has a record; raises CheckpointError when it or its files are not
+        the ones saved (`verify`)."""
+        return verify(self.step_directory(step), step) is not None
 
     def _intact_steps(self, before: int) -> list[int]:
         intact = []
@@ -217,12 +392,13 @@ class Checkpointer:
                     f"checkpoint {self.step_directory(step)} does not match this model "
                     f"({mismatch}): use another --workdir for a different model; from Python, "
                     "experiments.evaluate.load_run rebuilds a run's own model and state.")
-            return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+            state = self._manager.restore(step, args=ocp.args.StandardRestore(target))
         except (ValueError, TypeError, KeyError, OSError) as err:
             raise CheckpointError(
                 f"cannot restore checkpoint {self.step_directory(step)}: it does not match this "
                 f"model, or is corrupted ({type(err).__name__}: {err}). Delete that step's "
                 "directory to resume from an earlier one, or use another --workdir.") from err
+        return restored_step(state, self.step_directory(step), step)
 
 
 def _flatten(config: dict, prefix: str = "") -> dict:
