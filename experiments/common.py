@@ -11,7 +11,7 @@ import jax
 from experiments import configs
 from lvm_jax import compilation_cache, cpu_devices, data, errors
 from lvm_jax.models import likelihoods
-from lvm_jax.train import TrainConfig
+from lvm_jax.train import TrainConfig, records
 
 # --quick: 2 epochs of 2 steps at the default batch of 128, and enough test examples for
 # every figure (the VAE's take 70).
@@ -120,7 +120,8 @@ def run(parser: argparse.ArgumentParser, config: type[Config], train_and_evaluat
     A value out of range is refused by argparse (exit status 2). Settings that contradict
     each other, and any problem with the data, the workdir or the numerics (an
     `lvm_jax.errors.UserError`), end the program with a one-line message (exit status 1)
-    instead of a traceback. Any other exception is a bug and keeps its traceback.
+    instead of a traceback; so does a full disk or a refused write (`records.disk_error`).
+    Any other exception is a bug and keeps its traceback.
     """
     compilation_cache.enable()
     flags = parser.parse_args(argv)
@@ -136,6 +137,11 @@ def run(parser: argparse.ArgumentParser, config: type[Config], train_and_evaluat
         return train_and_evaluate(settings, flags.workdir)
     except errors.UserError as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
+    except Exception as err:
+        disk_error = records.disk_error(err)  # e.g. met while writing the figures
+        if disk_error is None:
+            raise
+        parser.exit(1, f"{parser.prog}: error: {disk_error}\n")
 
 
 def split_cpu(config: Config) -> int | None:

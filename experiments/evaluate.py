@@ -34,10 +34,11 @@ import numpy as np
 
 from experiments import common, configs
 from lvm_jax import cpu_devices, data, evaluate
-from lvm_jax.errors import ConfigError
+from lvm_jax.errors import ConfigError, RecordError
 from lvm_jax.models.priors import StandardNormalPrior
-from lvm_jax.train import (CheckpointError, Checkpointer, Objective, TrainConfig,
-                           device_description, initial_state, records)
+from lvm_jax.train import (CheckpointError, Objective, TrainConfig, device_description,
+                           initial_state, records)
+from lvm_jax.train.checkpoint import restore_committed
 from lvm_jax.train import workdir as workdir_lock
 
 # The experiments whose models give importance weights (`evaluate.iwae_log_weights`).
@@ -67,20 +68,27 @@ class Run(NamedTuple):
 
 
 def load_run(workdir: str, data_dir: str | None = None) -> Run:
-    """Rebuilds the run in `workdir` from its config.json and latest checkpoint.
+    """Rebuilds the run in `workdir` from its config.json and newest committed checkpoint.
+
+    Safe while the run trains: it reads the newest checkpoint whose record verifies, never
+    a step being written or deleted (`checkpoint.restore_committed`).
 
     Raises:
       CheckpointError: `workdir` holds no config.json or no checkpoint, or one that does
         not match the rebuilt model.
+      RecordError: config.json is malformed, or names another experiment, dataset or model
+        than the checkpoint's record.
       DataError: the run's dataset cannot be loaded.
     """
     config_path = os.path.join(workdir, "config.json")
     if not os.path.exists(config_path):
         raise CheckpointError(_no_config_message(workdir))
-    config = records.read_json(config_path)
+    config = records.read_record(config_path)
+    _check_types(config_path, config, {"experiment": str})
     experiment = config["experiment"]
     if experiment not in EVALUATED:
         raise CheckpointError(_no_bound_message(workdir, [experiment]))
+    _check_types(config_path, config, {"dataset": str, "train": dict})
     module = importlib.import_module(f"experiments.{MODEL_MODULES.get(experiment, experiment)}")
     dataset_name = DATASET_NAMES.get(experiment, "{}").format(config["dataset"])
     flags = types.SimpleNamespace(dataset=dataset_name, data_dir=data_dir,
@@ -100,8 +108,17 @@ def load_run(workdir: str, data_dir: str | None = None) -> Run:
         # its default.
     model = module.build_model(**kwargs)
     objective = module.make_objective(model)
-    params, step = restore_eval_params(workdir, objective, dataset.test[:1], config["train"])
+    params, step = restore_eval_params(workdir, objective, dataset.test[:1], config["train"],
+                                       expected=config)
     return Run(config, dataset, model, objective, params, step)
+
+
+def _check_types(path: str, config: dict, kinds: dict[str, type]) -> None:
+    """Refuses a config.json that lacks one of `kinds` ({key: type}) or holds another type."""
+    for key, kind in kinds.items():
+        if not isinstance(config.get(key), kind):
+            raise RecordError(f"{path} is malformed: its {key!r} is "
+                              f"{'missing' if key not in config else 'no ' + kind.__name__}.")
 
 
 def _no_bound_message(workdir: str, experiments: list[str]) -> str:
@@ -117,7 +134,7 @@ def _no_bound_message(workdir: str, experiments: list[str]) -> str:
 def _no_config_message(workdir: str) -> str:
     """Why `workdir` is no run to evaluate, naming the runs inside it (a VQ-VAE's stages, an
     MLP-VAE study's variants)."""
-    inner = {os.path.dirname(path): records.read_json(path).get("experiment") for path in
+    inner = {os.path.dirname(path): records.read_record(path).get("experiment") for path in
              sorted(glob.glob(os.path.join(glob.escape(workdir), "**", "config.json"),
                               recursive=True))}
     evaluable = [run for run, experiment in inner.items() if experiment in EVALUATED]
@@ -129,22 +146,39 @@ def _no_config_message(workdir: str) -> str:
     return f"{workdir} holds no config.json: it is no training run's workdir."
 
 
-def restore_eval_params(workdir: str, objective, example: np.ndarray, train_config: dict):
-    """(parameters to evaluate, step) of the latest checkpoint: the EMA when the run kept one.
+def restore_eval_params(workdir: str, objective, example: np.ndarray, train_config: dict,
+                        expected: dict | None = None):
+    """(parameters to evaluate, step) of the newest committed checkpoint: the EMA when the run
+    kept one. The restore target is the TrainState `fit` saves, built the same way.
 
-    The restore target is the TrainState `fit` saves, built the same way.
+    With `expected` (config.json's contents), refuses a checkpoint whose record keeps
+    another run's settings (experiment, dataset, model; the loop's "train" settings and the
+    "changes" may differ): config.json edited, or a checkpoint copied from another run.
     """
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # Checkpointer would create it
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise CheckpointError(f"{workdir} holds no checkpoints/: train the run first.")
-    checkpointer = Checkpointer(workdir)
     try:
-        if checkpointer.latest_step() is None:
-            raise CheckpointError(
-                f"{checkpointer.directory} holds no checkpoint: train the run first.")
-        state = checkpointer.restore(initial_state(objective, example, TrainConfig(**train_config)))
-    finally:
-        checkpointer.close()
-    return state.eval_params, int(state.step)
+        target = initial_state(objective, example, TrainConfig(**train_config))
+    except (TypeError, ValueError) as err:
+        raise RecordError(f"{os.path.join(workdir, 'config.json')} is malformed: its 'train' "
+                          f"settings do not build the run ({err}).") from None
+    state, step, record = restore_committed(workdir, target)
+    if expected is not None and "config" in record:
+        differ = _differences(expected, record["config"])
+        if differ:
+            raise RecordError(
+                f"{os.path.join(workdir, 'config.json')} does not match the checkpoint of step "
+                f"{step} ({differ[0]}): config.json was edited, or the checkpoint is another "
+                "run's. Restore config.json, or evaluate the run the checkpoint belongs to.")
+    return state.eval_params, step
+
+
+def _differences(config: dict, saved: dict) -> list[str]:
+    """"dataset: config.json 'a', checkpoint 'b'" for every setting but the loop's ("train")
+    and the "changes" that differ between config.json and a checkpoint's record."""
+    return [f"{key}: config.json {config.get(key)!r}, checkpoint {saved.get(key)!r}"
+            for key in sorted((set(config) | set(saved)) - {"train", "changes"})
+            if records.to_json(config.get(key)) != records.to_json(saved.get(key))]
 
 
 def _note(message: str) -> None:

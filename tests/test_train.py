@@ -99,8 +99,8 @@ def test_asynchronous_saves_are_complete_and_recorded_before_anything_reads_them
     checkpointer.save(at(1), {"elapsed_seconds": 1.0})
     checkpointer.save(at(2), {"elapsed_seconds": 2.0})  # waits for step 1
     record_1 = json.loads((tmp_path / "async" / "checkpoints" / "1" / RECORD_FILE).read_text())
-    assert record_1 == {"sha256": file_digests(checkpointer.step_directory(1)),
-                        "timing": {"elapsed_seconds": 1.0}}
+    assert record_1 == {"step": 1, "sha256": file_digests(checkpointer.step_directory(1)),
+                        "timing": {"elapsed_seconds": 1.0}, "config": {}}
     assert checkpointer.all_steps() == [1, 2]
     assert checkpointer.timing(2) == {"elapsed_seconds": 2.0}
     checkpointer.save(at(3))
@@ -126,7 +126,8 @@ def test_a_finished_save_is_recorded_without_waiting_so_a_killed_run_stays_verif
         time.sleep(0.05)  # nothing here calls the checkpointer, as in a run killed now
     assert os.path.exists(record)
     assert read_json(record) == {
-        "sha256": file_digests(checkpointer.step_directory(0)), "timing": {"elapsed_seconds": 1.5}}
+        "step": 0, "sha256": file_digests(checkpointer.step_directory(0)),
+        "timing": {"elapsed_seconds": 1.5}, "config": {}}
     checkpointer.close()
 
 

@@ -98,7 +98,11 @@ def read_step_record(step_directory: str, step: int) -> dict | None:
         if not os.path.isdir(step_directory):
             raise FileNotFoundError(step_directory)
         return None
-    record = records.read_record(path, CheckpointError)
+    try:
+        record = records.read_record(path, CheckpointError)
+    except CheckpointError as err:
+        raise CheckpointError(f"checkpoint {step_directory} is corrupted: "
+                              f"{str(err).rstrip('.')}") from None
     problems = [f"it lacks {key!r}" for key in REQUIRED_RECORD_KEYS if key not in record]
     problems += [f"{key!r} is no {RECORD_KEYS[key].__name__}" for key in record
                  if key in RECORD_KEYS and (not isinstance(record[key], RECORD_KEYS[key])

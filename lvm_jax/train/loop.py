@@ -200,6 +200,23 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
+def non_finite_leaves(tree) -> list[str]:
+    """The paths ("opt_state/0/nu/Dense_0/kernel") of the floating-point leaves of `tree`
+    that hold a NaN or an infinity."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    inexact = [(path, leaf) for path, leaf in flat if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    finite = jax.device_get(jax.jit(lambda leaves: [jnp.all(jnp.isfinite(x)) for x in leaves])(
+        [leaf for _, leaf in inexact]))
+    return [jax.tree_util.keystr(path, simple=True, separator="/")
+            for (path, _), ok in zip(inexact, finite) if not ok]
+
+
+def _leaves_line(paths: list[str], limit: int = 3) -> str:
+    """"opt_state/0/nu/Dense_0/kernel, ... (5 leaves)": the first `limit` of `paths`."""
+    more = f", ... ({len(paths)} leaves)" if len(paths) > limit else ""
+    return ", ".join(paths[:limit]) + more
+
+
 def device_description() -> str:
     devices = jax.devices()
     hosts = f" on {jax.process_count()} hosts" if jax.process_count() > 1 else ""
@@ -221,7 +238,12 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
 
     A NaN or infinite training loss stops the run after checkpointing the last
     good state: the newest state whose floating-point leaves are all finite and
-    whose own loss (the loss of the next step) was finite.
+    whose own loss (the loss of the next step) was finite. So does a parameter or
+    optimizer state (e.g. Adam's second moment overflowing while the loss stays
+    finite) that becomes non-finite, checked after every call: the message names
+    the leaves, and the newest state whose every leaf is finite is checkpointed.
+    The summary is written once the final checkpoint is committed, and names it
+    ("checkpoint_step").
 
     Args:
       objective: the model's init and loss (the loop knows nothing else of it).
@@ -236,9 +258,13 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
     Raises:
       ConfigError: bad sizes (batch larger than the data, not divisible by the devices),
         or fewer epochs than the workdir's checkpoint has trained.
-      WorkdirError: the workdir is a file, is not writable, or another run holds it.
+      WorkdirError: the workdir is a file, is not writable, or another run holds it; a
+        file of the run is a symbolic link; the disk filled up or refused a write (the
+        message names the path and the cause: fix it and rerun to resume).
       CheckpointError: the workdir holds a corrupted checkpoint or a different run.
-      NonFiniteLossError: the loss became NaN or infinite (the last good state is saved).
+      RecordError: config.json or metrics.csv is malformed or disagrees with the checkpoint.
+      NonFiniteLossError: the loss, a parameter or the optimizer state became NaN or
+        infinite (the last good state is saved; the message names the leaves).
     """
     mesh = mesh or batching.data_mesh()
     num_devices, num_hosts = mesh.devices.size, jax.process_count()
@@ -260,9 +286,17 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
                    if k not in TrainConfig.RESUMABLE}
     saved_config = {**dict(run_config or {}), "train": loop_config}
 
-    with workdir_lock.locked(workdir), Checkpointer(workdir) as checkpointer:
-        return _fit(objective, train_data, test_data, config, workdir, saved_config, tx, mesh,
-                    checkpointer, shard, steps_per_epoch)
+    try:
+        with workdir_lock.locked(workdir), Checkpointer(workdir) as checkpointer:
+            return _fit(objective, train_data, test_data, config, workdir, saved_config, tx,
+                        mesh, checkpointer, shard, steps_per_epoch)
+    except Exception as err:
+        # A full disk or a refused write, met anywhere (orbax's threads wrap it): the
+        # checkpointer has closed, waiting for the save in flight, so name the cause alone.
+        disk_error = records.disk_error(err)
+        if disk_error is None:
+            raise
+        raise disk_error from None
 
 
 def metrics_line(metrics: dict[str, float], units: Mapping[str, str]) -> str:
@@ -367,15 +401,20 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
                                           recent_calls, step + 1 + bad, checkpoint,
                                           checkpointer.latest_step()),
                     checkpointer)
+            if not _all_finite(new_state):
+                progress.close()
+                raise _non_finite_state_error(
+                    new_state, train_chunk, train_on_device, train_key, mesh, state, step, rows,
+                    checkpoint, checkpointer)
             state = new_state
             step += n
             offset += n
             progress.update(n, epoch=epoch + 1, loss=f"{float(np.mean(metrics['loss'])):.4g}")
         test_metrics = log_eval(epoch + 1)
-        if not (all(math.isfinite(v) for v in test_metrics.values()) and _all_finite(state)):
+        if not all(math.isfinite(v) for v in test_metrics.values()):
             progress.close()
             raise NonFiniteLossError(
-                f"non-finite parameters or test metrics after epoch {epoch + 1}: {test_metrics}. "
+                f"non-finite test metrics after epoch {epoch + 1}: {test_metrics}. "
                 f"{_resume_advice(checkpointer.latest_step(), checkpointer)}")
         checkpoint(state)
         progress.note(f"epoch {epoch + 1}/{config.epochs}: test "
@@ -386,9 +425,14 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
         test_metrics = log_eval(config.epochs)
     summary_path = os.path.join(workdir, "summary.json")
     if step == start_step and os.path.exists(summary_path):
-        # A finished run, rerun: nothing was trained, so its files stand as they are.
-        return FitResult(state=state, test_metrics=test_metrics,
-                         summary=records.read_json(summary_path))
+        summary = records.read_record(summary_path)
+        # A finished run, rerun: nothing was trained, so its files stand as they are, unless
+        # its summary describes another step (an older lvm_jax wrote it before the final
+        # checkpoint committed, and was killed between the two).
+        if summary.get("checkpoint_step", step) == step:
+            return FitResult(state=state, test_metrics=test_metrics, summary=summary)
+    # The summary describes the final checkpoint: written once that is committed.
+    checkpointer.wait()
     summary = {
         "config": saved_config,
         "test_metrics": test_metrics,
@@ -396,6 +440,7 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
         "units": {**LOG_UNITS, **objective.units},
         "epochs": config.epochs,
         "steps": total_steps,
+        "checkpoint_step": step,
         "resumed_from_step": start_step or None,
         "wall_time_seconds": elapsed(),
         "train_steps_per_second": (timing["timed_steps"] / timing["timed_seconds"]
@@ -446,6 +491,27 @@ def _save_last_good_state(train_chunk, data, key, mesh, recent_calls, bad_step: 
                 return first + k
         target = first - 1
     return None
+
+
+def _non_finite_state_error(bad_state, train_chunk, data, key, mesh, start, first: int, rows,
+                            checkpoint, checkpointer) -> NonFiniteLossError:
+    """The error of a call that left a non-finite leaf in `bad_state` while its losses stayed
+    finite, after checkpointing the newest state whose every leaf is finite: the call is
+    replayed one step at a time from `start`, the finite state that began it at step
+    `first`, up to the step that made a leaf non-finite. The message names those leaves."""
+    good, good_step = start, first
+    for k in range(len(rows) - 1):
+        state = train_chunk(good, data, batching.put_host_indices(rows[k:k + 1], mesh), key)[0]
+        if not _all_finite(state):
+            break
+        good, good_step = state, first + k + 1
+    latest = checkpointer.latest_step()
+    if latest is None or good_step > latest:
+        checkpoint(good)
+    leaves = non_finite_leaves(bad_state)
+    return NonFiniteLossError(
+        f"non-finite values in {_leaves_line(leaves)} by step {first + len(rows)}, while the "
+        f"training loss stayed finite. {_resume_advice(max(good_step, latest or 0), checkpointer)}")
 
 
 def _resume_advice(step: int | None, checkpointer) -> str:

@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from lvm_jax.errors import RecordError, WorkdirError
+from lvm_jax.errors import RecordError, UserError, WorkdirError
 from lvm_jax.train.events import EventFile, drop_events_after
 from lvm_jax.train.links import open_no_follow, refuse_link
 
@@ -84,6 +84,8 @@ def disk_error(err: BaseException) -> WorkdirError | None:
     """A one-line WorkdirError naming the path and the cause when `err`, or an exception it
     was raised from or during (orbax and threads wrap them), is an OSError of DISK_ERRORS;
     else None."""
+    if isinstance(err, UserError):  # already one line that names the problem
+        return None
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
