@@ -66,7 +66,7 @@ class Config(configs.Config):
                                       configs.POSITIVE_INT)
     learning_rate: float = configs.setting(1e-3, "Adam's step size", configs.POSITIVE_FLOAT)
     seed: int = configs.setting(0, "seeds initialisation, data order and sampling: a run is "
-                                   "reproducible from it", configs.NON_NEGATIVE_INT)
+                                   "reproducible from it", configs.SEED)
     data_dir: str | None = configs.setting(None, DATA_DIR_HELP)
     quick: bool = configs.setting(
         False, f"smoke test: {QUICK_TRAIN} train / {QUICK_TEST} test examples, {QUICK_EPOCHS} "

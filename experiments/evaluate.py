@@ -202,7 +202,7 @@ class Config(configs.Config):
     num_examples: int | None = configs.setting(
         None, "evaluate the IWAE bound on the first N test examples only (default all)",
         configs.POSITIVE_INT)
-    seed: int = configs.setting(0, "seeds the importance samples", configs.NON_NEGATIVE_INT)
+    seed: int = configs.setting(0, "seeds the importance samples", configs.SEED)
     data_dir: str | None = configs.setting(None, common.DATA_DIR_HELP)
     no_progress: bool = configs.setting(False, "hide the progress bar")
 

@@ -150,7 +150,7 @@ def read_record(path: str, error: type[Exception] = RecordError) -> dict:
     try:
         obj = read_json(path)
     except (OSError, UnicodeDecodeError) as err:
-        raise error(f"cannot read {path}: {err.strerror or err}.") from None
+        raise error(f"cannot read {path}: {getattr(err, 'strerror', None) or err}.") from None
     except RecursionError:
         raise error(f"{path} is malformed: it nests too deep to be a record.") from None
     except ValueError as err:  # JSONDecodeError, or an integer of over 4300 digits
