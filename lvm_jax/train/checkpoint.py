@@ -22,6 +22,7 @@ vanishes under it (the training run deleting an old step).
 """
 
 import hashlib
+import logging
 import os
 import sys
 import threading
@@ -41,6 +42,8 @@ RECORD_KEYS = {"sha256": dict, "timing": dict, "step": int, "config": dict}
 REQUIRED_RECORD_KEYS = ("sha256", "timing")
 # orbax's folder of the TrainState inside a step's folder (the manager's default item).
 ITEM = "default"
+
+logging.getLogger("absl").addFilter(records.QuietDiskErrors())
 
 
 def file_digests(directory: str) -> dict[str, str]:

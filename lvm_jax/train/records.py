@@ -26,7 +26,9 @@ import hashlib
 import inspect
 import io
 import json
+import logging
 import os
+import re
 import socket
 import tempfile
 import weakref
@@ -80,22 +82,52 @@ DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk 
                errno.EPERM: "permission denied"}
 
 
+# How tensorstore (orbax's writer) reports an OSError: in the text of a ValueError.
+_TENSORSTORE_OS_ERROR = re.compile(r"\[os_error_code='(\d+)'\]")
+_QUOTED_PATH = re.compile(r'"(/[^"]+)"')
+
+
+def _os_error(err: BaseException) -> tuple[int, str | None, str] | None:
+    """(errno, path or None, message) of `err` if it is an OSError, or tensorstore's text of
+    one; else None."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return err.errno, err.filename, err.strerror
+    found = _TENSORSTORE_OS_ERROR.search(str(err))
+    if found:
+        path = _QUOTED_PATH.search(str(err))
+        code = int(found.group(1))
+        return code, path and path.group(1), os.strerror(code)
+    return None
+
+
 def disk_error(err: BaseException) -> WorkdirError | None:
     """A one-line WorkdirError naming the path and the cause when `err`, or an exception it
-    was raised from or during (orbax and threads wrap them), is an OSError of DISK_ERRORS;
-    else None."""
-    if isinstance(err, UserError):  # already one line that names the problem
+    was raised from or during (orbax and threads wrap them), is an OSError of DISK_ERRORS
+    (tensorstore's included); else None, also for a UserError, already one line."""
+    if isinstance(err, UserError):
         return None
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in DISK_ERRORS:
-            where = err.filename or "the workdir"
-            return WorkdirError(f"cannot write {where}: {DISK_ERRORS[err.errno]} "
-                                f"({err.strerror}). Fix it and rerun the same command: the run "
+        found = _os_error(err)
+        if found and found[0] in DISK_ERRORS:
+            code, path, message = found
+            return WorkdirError(f"cannot write {path or 'into the workdir'}: {DISK_ERRORS[code]} "
+                                f"({message}). Fix it and rerun the same command: the run "
                                 "resumes from its last checkpoint.")
         err = err.__cause__ or err.__context__
     return None
+
+
+class QuietDiskErrors(logging.Filter):
+    """Drops the log records (with their tracebacks) of a disk error from orbax's threads:
+    the run stops on it and names it in one line (`disk_error`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not ((error is not None and disk_error(error) is not None)
+                    or any(int(code) in DISK_ERRORS for code in
+                           _TENSORSTORE_OS_ERROR.findall(record.getMessage())))
 
 
 @primary_only
