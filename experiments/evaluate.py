@@ -38,7 +38,7 @@ from lvm_jax.errors import ConfigError, RecordError
 from lvm_jax.models.priors import StandardNormalPrior
 from lvm_jax.train import (CheckpointError, Objective, TrainConfig, device_description,
                            initial_state, records)
-from lvm_jax.train.checkpoint import restore_committed
+from lvm_jax.train.checkpoint import newest_record, restore_committed
 from lvm_jax.train import workdir as workdir_lock
 
 # The experiments whose models give importance weights (`evaluate.iwae_log_weights`).
@@ -89,6 +89,9 @@ def load_run(workdir: str, data_dir: str | None = None) -> Run:
     if experiment not in EVALUATED:
         raise CheckpointError(_no_bound_message(workdir, [experiment]))
     _check_types(config_path, config, {"dataset": str, "train": dict})
+    newest = newest_record(workdir)
+    if newest is not None:  # before the config builds anything: it may name other data
+        _check_same_run(config_path, config, newest[1], newest[0])
     module = importlib.import_module(f"experiments.{MODEL_MODULES.get(experiment, experiment)}")
     dataset_name = DATASET_NAMES.get(experiment, "{}").format(config["dataset"])
     flags = types.SimpleNamespace(dataset=dataset_name, data_dir=data_dir,
@@ -162,20 +165,32 @@ def restore_eval_params(workdir: str, objective, example: np.ndarray, train_conf
     except (TypeError, ValueError) as err:
         raise RecordError(f"{os.path.join(workdir, 'config.json')} is malformed: its 'train' "
                           f"settings do not build the run ({err}).") from None
-    state, step, record = restore_committed(workdir, target)
-    if expected is not None and "config" in record:
-        differ = _differences(expected, record["config"])
-        if differ:
-            raise RecordError(
-                f"{os.path.join(workdir, 'config.json')} does not match the checkpoint of step "
-                f"{step} ({differ[0]}): config.json was edited, or the checkpoint is another "
-                "run's. Restore config.json, or evaluate the run the checkpoint belongs to.")
+
+    def same_run(record: dict, step: int) -> None:
+        _check_same_run(os.path.join(workdir, "config.json"), expected, record, step)
+
+    state, step, _ = restore_committed(workdir, target,
+                                       same_run if expected is not None else None)
     return state.eval_params, step
 
 
-def _differences(config: dict, saved: dict) -> list[str]:
+def _check_same_run(config_path: str, config: dict, record: dict, step: int) -> None:
+    """Refuses config.json's contents `config` when they differ from the config that the
+    checkpoint of `step` keeps in its `record` (but for the loop's settings)."""
+    differ = _differences(config, record.get("config"))
+    if differ:
+        raise RecordError(
+            f"{config_path} does not match the checkpoint of step {step} ({differ[0]}): "
+            "config.json was edited, or the checkpoint is another run's. Restore config.json, "
+            "or evaluate the run the checkpoint belongs to.")
+
+
+def _differences(config: dict, saved: dict | None) -> list[str]:
     """"dataset: config.json 'a', checkpoint 'b'" for every setting but the loop's ("train")
-    and the "changes" that differ between config.json and a checkpoint's record."""
+    and the "changes" that differ between config.json and a checkpoint's record (none for a
+    record of an older lvm_jax, which keeps no config)."""
+    if saved is None:
+        return []
     return [f"{key}: config.json {config.get(key)!r}, checkpoint {saved.get(key)!r}"
             for key in sorted((set(config) | set(saved)) - {"train", "changes"})
             if records.to_json(config.get(key)) != records.to_json(saved.get(key))]

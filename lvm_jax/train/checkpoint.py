@@ -21,10 +21,13 @@ cleans up the saves in flight), reads the newest step whose record verifies
 vanishes under it (the training run deleting an old step).
 """
 
+import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 
@@ -87,7 +90,7 @@ def step_folders(directory: str) -> list[int]:
                   if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
 
 
-def read_step_record(step_directory: str, step: int) -> dict | None:
+def read_step_record(step_directory: str, step: int, name: str | None = None) -> dict | None:
     """The record of the checkpoint of `step` in `step_directory`, checked: None when it has
     none.
 
@@ -101,11 +104,12 @@ def read_step_record(step_directory: str, step: int) -> dict | None:
         if not os.path.isdir(step_directory):
             raise FileNotFoundError(step_directory)
         return None
+    name = name or step_directory
     try:
         record = records.read_record(path, CheckpointError)
     except CheckpointError as err:
-        raise CheckpointError(f"checkpoint {step_directory} is corrupted: "
-                              f"{str(err).rstrip('.')}") from None
+        raise CheckpointError(f"checkpoint {name} is corrupted: "
+                              f"{str(err).rstrip('.').replace(step_directory, name)}") from None
     problems = [f"it lacks {key!r}" for key in REQUIRED_RECORD_KEYS if key not in record]
     problems += [f"{key!r} is no {RECORD_KEYS[key].__name__}" for key in record
                  if key in RECORD_KEYS and (not isinstance(record[key], RECORD_KEYS[key])
@@ -120,14 +124,15 @@ def read_step_record(step_directory: str, step: int) -> dict | None:
         problems.append(f"it records step {record['step']} in the folder of step {step} (step "
                         "folders renamed or swapped)")
     if problems:
-        raise CheckpointError(f"checkpoint {step_directory} is corrupted: its {RECORD_FILE} is "
+        raise CheckpointError(f"checkpoint {name} is corrupted: its {RECORD_FILE} is "
                               f"malformed ({problems[0]})")
     return record
 
 
-def verify(step_directory: str, step: int) -> dict | None:
+def verify(step_directory: str, step: int, name: str | None = None) -> dict | None:
     """The record of the checkpoint of `step`, after checking its files against it; None
-    for a checkpoint without a record.
+    for a checkpoint without a record. Messages show the folder as `name` (default
+    `step_directory`), whose disappearance means that the step vanished.
 
     Raises:
       CheckpointError: its record is malformed (`read_step_record`), or its files differ
@@ -135,7 +140,8 @@ def verify(step_directory: str, step: int) -> dict | None:
       FileNotFoundError: the step vanished while it was read (deleted by the run that wrote
         it), rather than corrupted: files missing from a folder that is gone a moment later.
     """
-    record = read_step_record(step_directory, step)
+    name = name or step_directory
+    record = read_step_record(step_directory, step, name)
     if record is None:
         return None
     digests = file_digests(step_directory)
@@ -144,9 +150,9 @@ def verify(step_directory: str, step: int) -> dict | None:
                         and all(record["sha256"][k] == v for k, v in digests.items()))
         if missing_only:
             time.sleep(0.2)  # orbax deletes an old step file by file: let it finish
-            if not os.path.isdir(step_directory):
-                raise FileNotFoundError(step_directory)
-        raise CheckpointError(f"checkpoint {step_directory} is corrupted: its files differ "
+            if not os.path.isdir(name):
+                raise FileNotFoundError(name)
+        raise CheckpointError(f"checkpoint {name} is corrupted: its files differ "
                               f"from the digests in its {RECORD_FILE}")
     return record
 
@@ -166,62 +172,125 @@ def restored_step(state, step_directory: str, step: int):
     return state
 
 
-def restore_committed(workdir: str, like) -> tuple:
+def restore_committed(workdir: str, like, check=None) -> tuple:
     """(state, step, record) of the newest committed checkpoint of the run in `workdir`, with
     the structure of `like`: safe while that run trains and saves (see the module docstring).
 
     Committed means its record verifies; a run whose steps have no record (an older
-    lvm_jax) restores its newest step with a warning. A step that vanishes while it is
-    read gives way to the next older one.
+    lvm_jax) restores its newest step with a warning. Each step is read from hard links
+    to its files (`_pinned`), which outlive the training run's deletion of that step; a
+    step that vanishes before it is pinned gives way to the next older one, and a listing
+    whose every step vanished is read once more. `check(record, step)`, if given, is
+    called before the step's state is read, to refuse it by its record.
 
     Raises:
       CheckpointError: no checkpoint, a corrupted one, or one that does not match `like`.
     """
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    refuse_linked_steps(directory)
-    steps = step_folders(directory)
-    if not steps:
-        raise CheckpointError(f"{directory} holds no checkpoint: train the run first.")
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    unrecorded = []
-    for step in reversed(steps):
-        step_directory = os.path.join(directory, str(step))
-        try:
-            record = verify(step_directory, step)
-            if record is None:
-                unrecorded.append(step)
-                continue
-            return _read_item(step_directory, step, target), step, record
-        except FileNotFoundError:
-            continue  # deleted by the training run: the next older step is newer than any left
-    if unrecorded and len(unrecorded) == len(steps):
-        step = unrecorded[0]
-        step_directory = os.path.join(directory, str(step))
-        print(f"warning: checkpoint {step_directory} has no {RECORD_FILE} (saved by an older "
-              "lvm_jax), so it cannot be verified", file=sys.stderr)
-        return _read_item(step_directory, step, target), step, {}
+    for _ in range(2):
+        refuse_linked_steps(directory)
+        steps = step_folders(directory)
+        if not steps:
+            raise CheckpointError(f"{directory} holds no checkpoint: train the run first.")
+        unrecorded = []
+        for step in reversed(steps):
+            step_directory = os.path.join(directory, str(step))
+            try:
+                with _pinned(step_directory, workdir) as pinned:
+                    record = verify(pinned, step, name=step_directory)
+                    if record is None:
+                        unrecorded.append(step)
+                        continue
+                    if check is not None:
+                        check(record, step)
+                    return _read_item(pinned, step, target, step_directory), step, record
+            except FileNotFoundError:
+                continue  # deleted by the training run: the next older step is newer than any left
+        if unrecorded and len(unrecorded) == len(steps):
+            step = unrecorded[0]
+            step_directory = os.path.join(directory, str(step))
+            print(f"warning: checkpoint {step_directory} has no {RECORD_FILE} (saved by an "
+                  "older lvm_jax), so it cannot be verified", file=sys.stderr)
+            return _read_item(step_directory, step, target, step_directory), step, {}
     raise CheckpointError(f"{directory} holds no committed checkpoint (every step vanished or "
                           "is still being written): retry once the run has saved one.")
 
 
-def _read_item(step_directory: str, step: int, target):
-    """The state saved in `step_directory`, read by orbax's handler alone (no manager)."""
+def newest_record(workdir: str) -> tuple[int, dict] | None:
+    """(step, record) of the newest step of `workdir` that has a record (read and checked,
+    not its files), or None: what a reader compares the run's config with before it builds
+    anything from that config."""
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    refuse_linked_steps(directory)
+    for step in reversed(step_folders(directory)):
+        try:
+            record = read_step_record(os.path.join(directory, str(step)), step)
+        except FileNotFoundError:
+            continue
+        if record is not None:
+            return step, record
+    return None
+
+
+@contextlib.contextmanager
+def _pinned(step_directory: str, workdir: str):
+    """A private folder of hard links to the files of `step_directory`, for the `with` block:
+    orbax never rewrites a committed step's files, so the links hold that step as it was
+    even while the training run deletes it. Where links cannot be made (a read-only
+    workdir, a file system without them), the step is read in place.
+
+    Raises:
+      FileNotFoundError: the step vanished while it was pinned.
+    """
+    try:
+        pinned = tempfile.mkdtemp(prefix=".reading-", dir=workdir)
+    except OSError:
+        pinned = None
+    try:
+        source = step_directory
+        if pinned is not None:
+            try:
+                for root, folders, names in os.walk(step_directory):
+                    relative = os.path.relpath(root, step_directory)
+                    for folder in folders:
+                        os.mkdir(os.path.join(pinned, relative, folder))
+                    for name in names:
+                        os.link(os.path.join(root, name), os.path.join(pinned, relative, name))
+                source = pinned
+            except FileNotFoundError:
+                raise
+            except OSError:
+                pass  # no hard links here (EXDEV, EPERM): read in place
+            if not os.path.isdir(step_directory):
+                raise FileNotFoundError(step_directory)
+        yield source
+    finally:
+        if pinned is not None:
+            shutil.rmtree(pinned, ignore_errors=True)
+
+
+def _read_item(step_directory: str, step: int, target, name: str):
+    """The state saved in `step_directory` (shown as `name`), read by orbax's handler alone
+    (no manager)."""
     item = epath.Path(step_directory) / ITEM
     handler = ocp.StandardCheckpointHandler()
     try:
         mismatch = _first_mismatch(handler.metadata(item), target)
         if mismatch:
-            raise CheckpointError(f"checkpoint {step_directory} does not match this model "
-                                  f"({mismatch}).")
+            raise CheckpointError(f"checkpoint {name} does not match this model ({mismatch}).")
         state = handler.restore(item, args=ocp.args.StandardRestore(target))
-    except (ValueError, TypeError, KeyError, OSError) as err:
+    except CheckpointError:
+        raise
+    except Exception as err:  # orbax and tensorstore raise bare Exceptions as well
         if not os.path.isdir(step_directory):
             raise FileNotFoundError(step_directory) from err
-        raise CheckpointError(f"cannot restore checkpoint {step_directory}: it does not match "
-                              f"this model, or is corrupted ({type(err).__name__}: {err}).") from err
+        raise CheckpointError(f"cannot restore checkpoint {name}: it does not match this "
+                              f"model, or is corrupted ({type(err).__name__}: "
+                              f"{str(err)[:300]}).") from err
     finally:
         handler.close()
-    return restored_step(state, step_directory, step)
+    return restored_step(state, name, step)
 
 
 class Checkpointer:

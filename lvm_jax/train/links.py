@@ -41,3 +41,17 @@ def open_no_follow(path: str, mode: str):
             refuse_link(path)
         raise
     return os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""}))
+
+
+def refuse_links_in(directory: str, inside: tuple[str, ...] = ()) -> None:
+    """Refuses any symbolic link among the entries of `directory` and of its folders named in
+    `inside` (e.g. "tensorboard"), before a run writes anything there: checked when the run
+    starts, not when its last file (summary.json, a figure) would be written.
+
+    Raises:
+      WorkdirError: naming the first link found.
+    """
+    for folder in (directory, *(os.path.join(directory, name) for name in inside)):
+        if os.path.isdir(folder):  # each of `inside` is refused first as an entry of `directory`
+            for name in sorted(os.listdir(folder)):
+                refuse_link(os.path.join(folder, name))

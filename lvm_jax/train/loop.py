@@ -30,7 +30,7 @@ import optax
 
 from lvm_jax.data import batching
 from lvm_jax.errors import ConfigError, NonFiniteLossError
-from lvm_jax.train import records, workdir as workdir_lock
+from lvm_jax.train import links, records, workdir as workdir_lock
 from lvm_jax.train.checkpoint import Checkpointer
 from lvm_jax.train.progress import Progress
 from lvm_jax.train.state import Objective, TrainConfig, TrainState
@@ -204,7 +204,8 @@ def non_finite_leaves(tree) -> list[str]:
     """The paths ("opt_state/0/nu/Dense_0/kernel") of the floating-point leaves of `tree`
     that hold a NaN or an infinity."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    inexact = [(path, leaf) for path, leaf in flat if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    inexact = [(path, leaf) for path, leaf in flat
+               if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
     finite = jax.device_get(jax.jit(lambda leaves: [jnp.all(jnp.isfinite(x)) for x in leaves])(
         [leaf for _, leaf in inexact]))
     return [jax.tree_util.keystr(path, simple=True, separator="/")
@@ -287,9 +288,12 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
     saved_config = {**dict(run_config or {}), "train": loop_config}
 
     try:
-        with workdir_lock.locked(workdir), Checkpointer(workdir) as checkpointer:
-            return _fit(objective, train_data, test_data, config, workdir, saved_config, tx,
-                        mesh, checkpointer, shard, steps_per_epoch)
+        with workdir_lock.locked(workdir):
+            if records.is_primary():  # before anything is written, not when summary.json is
+                links.refuse_links_in(workdir, inside=(records.TENSORBOARD_DIR,))
+            with Checkpointer(workdir) as checkpointer:
+                return _fit(objective, train_data, test_data, config, workdir, saved_config, tx,
+                            mesh, checkpointer, shard, steps_per_epoch)
     except Exception as err:
         # A full disk or a refused write, met anywhere (orbax's threads wrap it): the
         # checkpointer has closed, waiting for the save in flight, so name the cause alone.
