@@ -34,7 +34,7 @@ import numpy as np
 
 from experiments import common, configs
 from lvm_jax import cpu_devices, data, evaluate
-from lvm_jax.errors import ConfigError, RecordError
+from lvm_jax.errors import ConfigError, RecordError, UserError
 from lvm_jax.models.priors import StandardNormalPrior
 from lvm_jax.train import (CheckpointError, Objective, TrainConfig, device_description,
                            initial_state, records)
@@ -237,9 +237,9 @@ def split_cpu(config: Config, workdir: str) -> int | None:
     count set, or None (also when config.json is missing or names no experiment, which
     `load_run` then reports)."""
     try:
-        run_config = records.read_json(os.path.join(workdir, "config.json"))
+        run_config = records.read_record(os.path.join(workdir, "config.json"))
         experiment = importlib.import_module(f"experiments.{run_config['experiment']}")
-    except (OSError, ValueError, TypeError, KeyError, ImportError):
+    except (UserError, ValueError, TypeError, KeyError, ImportError):
         return None
     if not common.splits_cpu(getattr(experiment, "Config", None), run_config.get("quick", False)):
         return None
@@ -257,6 +257,9 @@ def evaluate_run(config: Config, workdir: str) -> dict:
 
 def _evaluate_run(config: Config, workdir: str) -> dict:
     start = time.perf_counter()
+    summary_path = os.path.join(workdir, "summary.json")
+    if os.path.exists(summary_path):
+        records.read_record(summary_path)  # malformed: refused before any compute
     _note(f"restoring the run in {workdir}")
     run = load_run(workdir, config.data_dir)
     dataset, model, params = run.dataset, run.model, run.params
@@ -285,7 +288,6 @@ def _evaluate_run(config: Config, workdir: str) -> dict:
         diagnostics["kl_per_dim"] = evaluate.per_dim_kl(model, params, dataset.test,
                                                         preprocess=preprocess).tolist()
 
-    summary_path = os.path.join(workdir, "summary.json")
     metrics = {"iwae_nll": float(nll.mean()),
                "iwae_nll_stderr": float(nll.std(ddof=1) / np.sqrt(len(nll))),
                "iwae_num_samples": config.num_samples, "iwae_num_examples": len(nll),

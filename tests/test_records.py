@@ -272,6 +272,7 @@ def test_a_malformed_summary_of_a_finished_run_is_one_line(finished, tmp_path, t
 
 @pytest.mark.parametrize("text, problem", [
     ("[" * 100_000, "nests too deep"),
+    ("{\"hidden\": " + "[" * 900 + "]" * 900 + "}", "nests too deep"),
     ("{\"seed\": " + "1" * 5000 + "}", "4300 digits"),
     ("{\"train\": {\"seed\": " + "1" * 50 + "}}", "is not at most 4294967295"),
     ("{\"train\": {\"learning_rate\": " + "1" * 400 + "}}", "(400 characters) is not a finite"),
@@ -373,6 +374,20 @@ def test_evaluate_refuses_a_config_that_is_not_its_checkpoints(vae_2d_run, tmp_p
                                                       "--no_progress"])
     assert "config.json" in line and ("does not match the checkpoint of step 4" in line
                                       or "lacks" in line), line
+    assert tree_digest(run) == before
+
+
+@pytest.mark.parametrize("how", ["truncated", "a list", "deep", "a huge integer"])
+@pytest.mark.parametrize("name", ["config.json", "summary.json"])
+def test_evaluate_refuses_a_malformed_record_in_one_line_before_any_compute(
+        vae_2d_run, tmp_path, capsys, name, how):
+    run = copy_of(vae_2d_run, tmp_path)
+    path = run / name
+    path.write_text(MALFORMED_RECORDS[how](path.read_text()))
+    before = tree_digest(run)
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", str(run), "--num_samples", "2",
+                                                      "--no_progress"])
+    assert f"{path} is malformed" in line, line
     assert tree_digest(run) == before
 
 

@@ -190,7 +190,26 @@ def read_record(path: str, error: type[Exception] = RecordError) -> dict:
     if not isinstance(obj, dict):
         raise error(f"{path} is malformed: it holds a JSON {type(obj).__name__}, not an "
                     "object.")
+    if _depth(obj) > MAX_RECORD_DEPTH:  # what json read, the code that walks it may not
+        raise error(f"{path} is malformed: it nests too deep to be a record.")
     return obj
+
+
+# The deepest nesting of lists and objects a record may hold: records nest a few levels.
+MAX_RECORD_DEPTH = 64
+
+
+def _depth(obj) -> int:
+    """How deep lists and dicts nest in `obj` (0 for a scalar), without recursion."""
+    deepest, stack = 0, [(obj, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth + 1)
+            if depth + 1 <= MAX_RECORD_DEPTH:
+                stack.extend((v, depth + 1) for v in
+                             (value.values() if isinstance(value, dict) else value))
+    return deepest
 
 
 def merged(base: dict, updates: dict) -> dict:
