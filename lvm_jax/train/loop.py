@@ -30,7 +30,7 @@ import optax
 
 from lvm_jax.data import batching
 from lvm_jax.errors import ConfigError, NonFiniteLossError
-from lvm_jax.train import records, workdir as workdir_lock
+from lvm_jax.train import interrupt, records, workdir as workdir_lock
 from lvm_jax.train.checkpoint import Checkpointer
 from lvm_jax.train.progress import Progress
 from lvm_jax.train.state import Objective, TrainConfig, TrainState
@@ -216,8 +216,13 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
     checkpoint, and writes `summary.json`. A resumed run gives the same result
     as an uninterrupted one: data order and noise derive from (seed, epoch, step).
     The workdir is locked for the whole call (`lvm_jax.train.workdir`). Rerunning
-    a finished run changes none of its files. The learning rate may change on
-    resume (config.json records the step); every other setting must match.
+    a finished run changes none of its files, whatever its learning rate. The
+    learning rate may change on resume (config.json records the step); every
+    other setting must match.
+
+    SIGINT and SIGTERM (inside `interrupt.handled()`, as the experiments run) stop
+    the run at the next step boundary after checkpointing the current step, and
+    raise `interrupt.Interrupted`; rerunning the same call resumes from there.
 
     A NaN or infinite training loss stops the run after checkpointing the last
     good state: the newest state whose floating-point leaves are all finite and
@@ -239,6 +244,7 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
       WorkdirError: the workdir is a file, is not writable, or another run holds it.
       CheckpointError: the workdir holds a corrupted checkpoint or a different run.
       NonFiniteLossError: the loss became NaN or infinite (the last good state is saved).
+      interrupt.Interrupted: a signal stopped the run (the current step is saved).
     """
     mesh = mesh or batching.data_mesh()
     num_devices, num_hosts = mesh.devices.size, jax.process_count()
@@ -260,7 +266,7 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
                    if k not in TrainConfig.RESUMABLE}
     saved_config = {**dict(run_config or {}), "train": loop_config}
 
-    with workdir_lock.locked(workdir), Checkpointer(workdir) as checkpointer:
+    with interrupt.handled(), workdir_lock.locked(workdir), Checkpointer(workdir) as checkpointer:
         return _fit(objective, train_data, test_data, config, workdir, saved_config, tx, mesh,
                     checkpointer, shard, steps_per_epoch)
 
@@ -281,7 +287,8 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
     if resume_step is not None:
         # A different run first: its steps count in other epochs, so "pass --epochs N" would
         # send the user the wrong way.
-        saved_config = checkpointer.check_config(saved_config, resume_step, CHANGEABLE_ON_RESUME)
+        saved_config = checkpointer.check_config(saved_config, resume_step, CHANGEABLE_ON_RESUME,
+                                                 record_changes=resume_step < total_steps)
         if resume_step > total_steps:
             raise ConfigError(
                 f"the workdir {workdir} holds a model trained for {resume_step} steps, more than "
@@ -328,14 +335,32 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
     def checkpoint(good_state):
         checkpointer.save(good_state, {**timing, "elapsed_seconds": elapsed()})
 
+    def stop_if_requested():
+        """On a signal (`interrupt`), checkpoints the current state, waits until it is on
+        disk with its record, and raises `interrupt.Interrupted`."""
+        signum = interrupt.requested()
+        if signum is None:
+            return
+        checkpoint(state)
+        checkpointer.wait()
+        progress.close()
+        raise interrupt.stopped(signum, f"step {step} of {total_steps} is saved in "
+                                        f"{checkpointer.step_directory(step)}; rerun the same "
+                                        "command to resume from it")
+
+    if 0 < start_step < total_steps:
+        progress.note(f"resuming from step {start_step} of {total_steps}")
+    step = start_step
+    stop_if_requested()  # a signal while loading, restoring, or in an earlier stage
+
     initial_metrics = log.test_metrics(0)
     if start_step == 0 and initial_metrics is None:
         progress.note("evaluating the initial model on the test set (compiling the evaluation)")
         initial_metrics = log_eval(0)
+        stop_if_requested()
     test_metrics = log.test_metrics(start_step)
     # (state, step, batch indices) of the latest calls: where the last good state is found.
     recent_calls = collections.deque(maxlen=2)
-    step = start_step
     if step < total_steps:
         progress.note(f"compiling the training step ({steps_per_call} step(s) per call); "
                       "the first call waits for it")
@@ -371,6 +396,8 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
             step += n
             offset += n
             progress.update(n, epoch=epoch + 1, loss=f"{float(np.mean(metrics['loss'])):.4g}")
+            if offset < steps_per_epoch:  # else the epoch's evaluation comes first
+                stop_if_requested()
         test_metrics = log_eval(epoch + 1)
         if not (all(math.isfinite(v) for v in test_metrics.values()) and _all_finite(state)):
             progress.close()
@@ -380,6 +407,7 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
         checkpoint(state)
         progress.note(f"epoch {epoch + 1}/{config.epochs}: test "
                       + metrics_line(test_metrics, objective.units))
+        stop_if_requested()
     progress.close()
 
     if test_metrics is None:  # a finished run whose log lost its last evaluation
@@ -387,6 +415,8 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
     summary_path = os.path.join(workdir, "summary.json")
     if step == start_step and os.path.exists(summary_path):
         # A finished run, rerun: nothing was trained, so its files stand as they are.
+        progress.note(f"{workdir} holds a finished run (step {step} of {total_steps}): nothing "
+                      "to train, and its files stay as they are")
         return FitResult(state=state, test_metrics=test_metrics,
                          summary=records.read_json(summary_path))
     summary = {
