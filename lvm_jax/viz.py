@@ -111,14 +111,31 @@ def save_curves(metrics_csv: str, path: str, names=("neg_elbo", "recon", "kl"),
         if log_scale and any(v > 0 for v in values):  # FSQ's VQ terms are all zero
             ax.set_yscale("log")
         elif values:  # keep the first steps' large values from flattening the curve
-            low, high = np.percentile(values, [0, 97])
-            if high > low:  # a constant metric keeps matplotlib's own margins
-                ax.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
+            clip_to_bulk(ax, values, 97)
         ax.set(title=name, xlabel="step", ylabel=unit[name] if isinstance(unit, dict) else unit)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no half steps on short runs
         ax.legend()
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def clip_to_bulk(ax, values, percentile: float) -> str | None:
+    """Sets the y axis of `ax` from the least of `values` to their `percentile`, so that the
+    first steps' large values do not flatten the curve, and says in the panel's corner how
+    many points lie above it and the largest (returned; None when none do). A constant
+    metric keeps matplotlib's own margins."""
+    low, high = np.percentile(values, [0, percentile])
+    if not high > low:
+        return None
+    top = high + 0.1 * (high - low)
+    ax.set_ylim(low - 0.05 * (high - low), top)
+    above = [v for v in values if v > top]
+    if not above:
+        return None
+    note = f"{len(above)} point{'s' * (len(above) > 1)} above the axis, up to {max(above):.4g}"
+    ax.text(0.98, 0.98, note, transform=ax.transAxes, ha="right", va="top", fontsize="small",
+            color="0.3")
+    return note
 
 
 @primary_only
@@ -150,8 +167,7 @@ def save_curve_comparison(metrics_csvs: dict[str, str], path: str, name: str, un
             steps, values = zip(*points)
             ax.plot(steps, values, color=f"C{i}", **style)
     values = [float(r[name]) for p in metrics_csvs.values() for r in MetricsLog.read(p) if r[name]]
-    low, high = np.percentile(values, [0, 95])
-    ax.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
+    clip_to_bulk(ax, values, 95)
     ax.set(xlabel="step", ylabel=unit, title=title)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(title="thin: train, per step\nmarkers: test, per epoch", loc="upper left",

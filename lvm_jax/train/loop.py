@@ -271,12 +271,39 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
                     checkpointer, shard, steps_per_epoch)
 
 
-def metrics_line(metrics: dict[str, float], units: Mapping[str, str]) -> str:
-    """"kl 12.6177, recon 986.1637 nats per example": each run of metrics that share a unit
-    (its first clause in `units`), then that unit."""
-    runs = itertools.groupby(metrics.items(), key=lambda item: units.get(item[0], "").split(",")[0])
-    return "; ".join(", ".join(f"{name} {value:.4f}" for name, value in run)
-                     + (f" {unit}" if unit else "") for unit, run in runs)
+def metrics_line(prefix: str, metrics: dict[str, float]) -> str:
+    """`prefix` then "kl 12.6177, recon 986.1637": each metric and its value, with no unit
+    (`units_line` names them once), wrapped between metrics into lines shorter than
+    LINE_WIDTH."""
+    items = [f"{name} {value:.4f}" for name, value in metrics.items()]
+    lines = [prefix + items[0]]
+    for item in items[1:]:
+        if len(lines[-1]) + len(", ") + len(item) + len(",") < LINE_WIDTH:  # room for a comma
+            lines[-1] += ", " + item
+        else:
+            lines[-1] += ","
+            lines.append("    " + item)
+    return "\n".join(lines)
+
+
+# The longest line of a run's notes (epoch lines and the units line wrap before it).
+LINE_WIDTH = 160
+
+
+def units_line(names, units: Mapping[str, str]) -> str | None:
+    """"units: kl, recon in nats per example; ...": the metrics `names` grouped by unit (the
+    first clause of each in `units`), printed once before the epoch lines; one line per unit
+    when one line would not be shorter than LINE_WIDTH. None when no metric has a unit."""
+    groups = {}
+    for name in names:
+        unit = units.get(name, "").split(",")[0]
+        if unit:
+            groups.setdefault(unit, []).append(name)
+    parts = [f"{', '.join(group)} in {unit}" for unit, group in groups.items()]
+    if not parts:
+        return None
+    line = "units: " + "; ".join(parts)
+    return line if len(line) < LINE_WIDTH else "\n  ".join(["units:", *parts])
 
 
 def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, mesh,
@@ -361,6 +388,7 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
     test_metrics = log.test_metrics(start_step)
     # (state, step, batch indices) of the latest calls: where the last good state is found.
     recent_calls = collections.deque(maxlen=2)
+    units_noted = False  # the units are named once, before the first epoch line
     if step < total_steps:
         progress.note(f"compiling the training step ({steps_per_call} step(s) per call); "
                       "the first call waits for it")
@@ -405,8 +433,11 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
                 f"non-finite parameters or test metrics after epoch {epoch + 1}: {test_metrics}. "
                 f"{_resume_advice(checkpointer.latest_step(), checkpointer)}")
         checkpoint(state)
-        progress.note(f"epoch {epoch + 1}/{config.epochs}: test "
-                      + metrics_line(test_metrics, objective.units))
+        header = None if units_noted else units_line(test_metrics, objective.units)
+        if header:
+            progress.note(header)
+        units_noted = True
+        progress.note(metrics_line(f"epoch {epoch + 1}/{config.epochs}: test ", test_metrics))
         stop_if_requested()
     progress.close()
 
