@@ -293,7 +293,7 @@ def test_vqvae_epoch_lines_stay_under_160_characters():
     lines = loop.metrics_line("epoch 20/20: test ", metrics).splitlines()
     assert len(lines) == 2 and all(len(line) < 160 for line in lines)
     assert lines[0].startswith("epoch 20/20: test batch_codebook_usage 1234.5678, codebook_loss")
-    assert lines[1] == "    vq_loss 1234.5678" and lines[0].endswith(",")
+    assert lines[1] == "    recon_mse 1234.5678, vq_loss 1234.5678" and lines[0].endswith(",")
     header = loop.units_line(metrics, vqvae.UNITS).splitlines()
     assert header[0] == "units:" and all(len(line) < 160 for line in header)
     assert "  recon_mse in mean squared error per element" in header
