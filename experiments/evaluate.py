@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from experiments import common, configs
@@ -55,8 +56,16 @@ UNITS = {"iwae_nll": f"{NATS}, importance-weighted bound with iwae_num_samples s
 
 
 class Run(NamedTuple):
-    """A trained run, rebuilt: its config.json, data, model, objective (for `preprocess`),
-    the parameters to evaluate and the step of their checkpoint."""
+    """A trained run, rebuilt: its config.json, data, model, objective, the parameters to
+    evaluate and the step of their checkpoint.
+
+    The model takes its examples as the training step did, preprocessed: stored uint8
+    images scaled to [-1, 1] or binarized, MNIST digits cropped. `preprocess` does it:
+
+        run = load_run("runs/vae/mnist_embedded")
+        terms = run.model.apply({"params": run.params}, run.preprocess(run.dataset.test[:8]),
+                                jax.random.key(0))  # per-example ELBO terms, nats
+    """
 
     config: dict
     dataset: data.Dataset
@@ -65,9 +74,15 @@ class Run(NamedTuple):
     params: Any
     step: int
 
+    def preprocess(self, examples) -> jax.Array:
+        """`examples` as stored (e.g. `dataset.test[:8]`, uint8 images) -> the model's input,
+        as the training step computed it (`objective.preprocess`)."""
+        return self.objective.preprocess(jnp.asarray(examples))
+
 
 def load_run(workdir: str, data_dir: str | None = None) -> Run:
-    """Rebuilds the run in `workdir` from its config.json and latest checkpoint.
+    """Rebuilds the run in `workdir` from its config.json and latest checkpoint; apply its
+    model to `run.preprocess(examples)` (see `Run`).
 
     Raises:
       CheckpointError: `workdir` holds no config.json or no checkpoint, or one that does
