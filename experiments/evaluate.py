@@ -38,7 +38,7 @@ from lvm_jax import cpu_devices, data, evaluate
 from lvm_jax.errors import ConfigError
 from lvm_jax.models.priors import StandardNormalPrior
 from lvm_jax.train import (CheckpointError, Checkpointer, Objective, TrainConfig,
-                           device_description, initial_state, records)
+                           device_description, initial_state, interrupt, records)
 from lvm_jax.train import workdir as workdir_lock
 
 # The experiments whose models give importance weights (`evaluate.iwae_log_weights`).
@@ -264,6 +264,8 @@ def _evaluate_run(config: Config, workdir: str) -> dict:
             evaluate.image_bits_per_dim(metrics["iwae_nll"], dataset.num_dims, model.likelihood))
         units["iwae_bits_per_dim"] = evaluate.bits_per_dim_unit(model.likelihood)
     total_seconds = time.perf_counter() - start
+    interrupt.check("the evaluation stopped before writing its results (summary.json is as it "
+                    "was); rerun the same command to evaluate")
     summary = records.update_json(summary_path, {
         "test_metrics": metrics,
         "units": units,

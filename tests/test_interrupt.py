@@ -208,3 +208,43 @@ def test_a_second_signal_ends_the_process_at_once():
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == -signal.SIGINT  # killed by the signal's default action
     assert time.monotonic() - tic < 5
+
+
+def run_module(module: str, *flags) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    return subprocess.Popen([sys.executable, "-m", f"experiments.{module}", *flags], cwd=ROOT,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT})
+
+
+def test_signals_while_writing_figures_and_evaluating_leave_whole_files(tmp_path):
+    """vae_2d signalled after its last epoch line (final evaluation and figures), then
+    experiments.evaluate signalled during its IWAE pass: one line each, every figure whole,
+    summary.json untouched by the stopped evaluation."""
+    workdir = str(tmp_path / "run")
+    proc = run_module("vae_2d", "--quick", "--no_progress", "--workdir", workdir)
+    wait_for_line(proc, "epoch 2/2: test")
+    proc.send_signal(signal.SIGINT)
+    code, out, err = finish(proc)
+    assert code == 130 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("python -m experiments.vae_2d: stopped by SIGINT: ")
+    code, out, err = finish(run_module("vae_2d", "--quick", "--no_progress", "--workdir", workdir))
+    assert code == 0, err
+    assert "holds a finished run (step 4 of 4)" in out
+    summary = read_json(os.path.join(workdir, "summary.json"))
+    for figure in summary["figures"]:  # whole PNGs
+        with open(os.path.join(workdir, figure), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    with open(os.path.join(workdir, "summary.json"), "rb") as f:
+        before = f.read()
+    proc = run_module("evaluate", "--workdir", workdir, "--num_samples", "5000", "--chunk", "100",
+                      "--batch_size", "1", "--no_progress")
+    wait_for_line(proc, "IWAE bound with k=5000")
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = finish(proc)
+    assert code == 143 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("python -m experiments.evaluate: stopped by SIGTERM: the importance-"
+                          "weighted bound stopped at batch ")
+    with open(os.path.join(workdir, "summary.json"), "rb") as f:
+        assert f.read() == before
