@@ -16,7 +16,6 @@ coordinates the hosts), and only process 0 writes metrics, config and summary.
 
 import collections
 import dataclasses
-import itertools
 import math
 import os
 import platform
@@ -271,6 +270,10 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
                     checkpointer, shard, steps_per_epoch)
 
 
+# The longest line of a run's notes (epoch lines and the units line wrap before it).
+LINE_WIDTH = 160
+
+
 def metrics_line(prefix: str, metrics: dict[str, float]) -> str:
     """`prefix` then "kl 12.6177, recon 986.1637": each metric and its value, with no unit
     (`units_line` names them once), wrapped between metrics into lines shorter than
@@ -284,10 +287,6 @@ def metrics_line(prefix: str, metrics: dict[str, float]) -> str:
             lines[-1] += ","
             lines.append("    " + item)
     return "\n".join(lines)
-
-
-# The longest line of a run's notes (epoch lines and the units line wrap before it).
-LINE_WIDTH = 160
 
 
 def units_line(names, units: Mapping[str, str]) -> str | None:
