@@ -123,13 +123,20 @@ def test_required_flags_show_as_required(capsys):
                                        "arguments are required: --workdir (see --help)\n")
 
 
-def test_curves_say_how_many_points_lie_above_their_axis():
+def test_curves_say_how_many_points_lie_above_their_axis(tmp_path, monkeypatch):
     fig, ax = plt.subplots()
     values = [1000.0] + [10.0 - 0.01 * i for i in range(100)]  # the step-0 evaluation, high
-    note = viz.clip_to_bulk(ax, values, 97)
-    assert note == "1 point above the axis, up to 1000"
-    assert [t.get_text() for t in ax.texts] == [note]
+    assert viz.clip_to_bulk(ax, values, 97) == "1 point above the axis, up to 1000"
     assert ax.get_ylim()[1] < 1000
+    # save_curves puts it under the panel's title.
+    rows = ["split,epoch,step,time,neg_elbo", "test,0,0,0.0,1000.0"]
+    rows += [f"train,1,{i + 1},0.0,{10.0 - 0.01 * i}" for i in range(100)]
+    (tmp_path / "metrics.csv").write_text("\n".join(rows) + "\n")
+    titles = []
+    monkeypatch.setattr(viz, "_save", lambda fig, path: titles.extend(
+        a.get_title() for a in fig.axes) or path)
+    viz.save_curves(str(tmp_path / "metrics.csv"), str(tmp_path / "c.png"), names=("neg_elbo",))
+    assert titles == ["neg_elbo\n(1 point above the axis, up to 1000)"]
     assert viz.clip_to_bulk(plt.subplots()[1], [1.0, 2.0, 3.0], 97) is None  # all in view
     assert viz.clip_to_bulk(plt.subplots()[1], [5.0, 5.0], 97) is None  # constant
     plt.close("all")
