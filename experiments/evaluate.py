@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from experiments import common, configs
@@ -37,7 +38,7 @@ from lvm_jax import cpu_devices, data, evaluate
 from lvm_jax.errors import ConfigError, RecordError, UserError
 from lvm_jax.models.priors import StandardNormalPrior
 from lvm_jax.train import (CheckpointError, Objective, TrainConfig, device_description,
-                           initial_state, records)
+                           initial_state, interrupt, records)
 from lvm_jax.train.checkpoint import newest_record, restore_committed
 from lvm_jax.train import workdir as workdir_lock
 
@@ -56,8 +57,16 @@ UNITS = {"iwae_nll": f"{NATS}, importance-weighted bound with iwae_num_samples s
 
 
 class Run(NamedTuple):
-    """A trained run, rebuilt: its config.json, data, model, objective (for `preprocess`),
-    the parameters to evaluate and the step of their checkpoint."""
+    """A trained run, rebuilt: its config.json, data, model, objective, the parameters to
+    evaluate and the step of their checkpoint.
+
+    The model takes its examples as the training step did, preprocessed: stored uint8
+    images scaled to [-1, 1] or binarized, MNIST digits cropped. `preprocess` does it:
+
+        run = load_run("runs/vae/mnist_embedded")
+        terms = run.model.apply({"params": run.params}, run.preprocess(run.dataset.test[:8]),
+                                jax.random.key(0))  # per-example ELBO terms, nats
+    """
 
     config: dict
     dataset: data.Dataset
@@ -66,9 +75,15 @@ class Run(NamedTuple):
     params: Any
     step: int
 
+    def preprocess(self, examples) -> jax.Array:
+        """`examples` as stored (e.g. `dataset.test[:8]`, uint8 images) -> the model's input,
+        as the training step computed it (`objective.preprocess`)."""
+        return self.objective.preprocess(jnp.asarray(examples))
+
 
 def load_run(workdir: str, data_dir: str | None = None) -> Run:
-    """Rebuilds the run in `workdir` from its config.json and newest committed checkpoint.
+    """Rebuilds the run in `workdir` from its config.json and newest committed checkpoint;
+    apply its model to `run.preprocess(examples)` (see `Run`).
 
     Safe while the run trains: it reads the newest checkpoint whose record verifies, never
     a step being written or deleted (`checkpoint.restore_committed`).
@@ -300,6 +315,8 @@ def _evaluate_run(config: Config, workdir: str) -> dict:
             evaluate.image_bits_per_dim(metrics["iwae_nll"], dataset.num_dims, model.likelihood))
         units["iwae_bits_per_dim"] = evaluate.bits_per_dim_unit(model.likelihood)
     total_seconds = time.perf_counter() - start
+    interrupt.check("the evaluation stopped before writing its results (summary.json is as it "
+                    "was); rerun the same command to evaluate")
     summary = records.update_json(summary_path, {
         "test_metrics": metrics,
         "units": units,
@@ -321,7 +338,7 @@ def _evaluate_run(config: Config, workdir: str) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = configs.add_flags(argparse.ArgumentParser(prog="python -m experiments.evaluate",
+    p = configs.add_flags(common.ArgumentParser(prog="python -m experiments.evaluate",
                                                   description=__doc__,
                                                   formatter_class=common.HelpFormatter), Config)
     p.add_argument("--workdir", required=True, help="the training run's output directory")

@@ -335,13 +335,16 @@ class Checkpointer:
     def step_directory(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
-    def check_config(self, config: dict, step: int, may_change=()) -> dict:
+    def check_config(self, config: dict, step: int, may_change=(), record_changes: bool = True
+                     ) -> dict:
         """Refuses to resume from `step` a run whose saved config differs from `config`, before
         any compute, and returns the config to save.
 
         Settings named in `may_change` (dotted paths such as "train.learning_rate") may
         differ: each change is appended to the saved config's "changes" list as
-        {"step", "setting", "saved", "now"}, so config.json tells which value held when.
+        {"step", "setting", "saved", "now"}, so config.json tells which value held when;
+        with `record_changes=False` (a finished run, which trains no more) the saved config
+        is returned unchanged.
         """
         if not os.path.exists(self.config_path):
             return config
@@ -360,6 +363,8 @@ class Checkpointer:
             raise CheckpointError(
                 f"the workdir {os.path.dirname(self.directory)} holds checkpoints of a different "
                 f"run ({details}). Use another --workdir, or delete that one to start over.")
+        if not record_changes:
+            return {**saved, "changes": history} if history else saved
         history += [{"step": step, "setting": k, "saved": flat_saved.get(k), "now": flat_now.get(k)}
                     for k in differ]
         return {**config, "changes": history} if history else config

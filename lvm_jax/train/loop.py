@@ -16,7 +16,6 @@ coordinates the hosts), and only process 0 writes metrics, config and summary.
 
 import collections
 import dataclasses
-import itertools
 import math
 import os
 import platform
@@ -30,7 +29,7 @@ import optax
 
 from lvm_jax.data import batching
 from lvm_jax.errors import ConfigError, NonFiniteLossError
-from lvm_jax.train import links, records, workdir as workdir_lock
+from lvm_jax.train import interrupt, links, records, workdir as workdir_lock
 from lvm_jax.train.checkpoint import Checkpointer
 from lvm_jax.train.progress import Progress
 from lvm_jax.train.state import Objective, TrainConfig, TrainState
@@ -234,8 +233,13 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
     checkpoint, and writes `summary.json`. A resumed run gives the same result
     as an uninterrupted one: data order and noise derive from (seed, epoch, step).
     The workdir is locked for the whole call (`lvm_jax.train.workdir`). Rerunning
-    a finished run changes none of its files. The learning rate may change on
-    resume (config.json records the step); every other setting must match.
+    a finished run changes none of its files, whatever its learning rate. The
+    learning rate may change on resume (config.json records the step); every
+    other setting must match.
+
+    SIGINT and SIGTERM (inside `interrupt.handled()`, as the experiments run) stop
+    the run at the next step boundary after checkpointing the current step, and
+    raise `interrupt.Interrupted`; rerunning the same call resumes from there.
 
     A NaN or infinite training loss stops the run after checkpointing the last
     good state: the newest state whose floating-point leaves are all finite and
@@ -266,6 +270,7 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
       RecordError: config.json or metrics.csv is malformed or disagrees with the checkpoint.
       NonFiniteLossError: the loss, a parameter or the optimizer state became NaN or
         infinite (the last good state is saved; the message names the leaves).
+      interrupt.Interrupted: a signal stopped the run (the current step is saved).
     """
     mesh = mesh or batching.data_mesh()
     num_devices, num_hosts = mesh.devices.size, jax.process_count()
@@ -288,7 +293,7 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
     saved_config = {**dict(run_config or {}), "train": loop_config}
 
     try:
-        with workdir_lock.locked(workdir):
+        with interrupt.handled(), workdir_lock.locked(workdir):
             if records.is_primary():  # before anything is written, not when summary.json is
                 links.refuse_links_in(workdir, inside=(records.TENSORBOARD_DIR,))
             with Checkpointer(workdir) as checkpointer:
@@ -303,12 +308,39 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
         raise disk_error from None
 
 
-def metrics_line(metrics: dict[str, float], units: Mapping[str, str]) -> str:
-    """"kl 12.6177, recon 986.1637 nats per example": each run of metrics that share a unit
-    (its first clause in `units`), then that unit."""
-    runs = itertools.groupby(metrics.items(), key=lambda item: units.get(item[0], "").split(",")[0])
-    return "; ".join(", ".join(f"{name} {value:.4f}" for name, value in run)
-                     + (f" {unit}" if unit else "") for unit, run in runs)
+# The longest line of a run's notes (epoch lines and the units line wrap before it).
+LINE_WIDTH = 160
+
+
+def metrics_line(prefix: str, metrics: dict[str, float]) -> str:
+    """`prefix` then "kl 12.6177, recon 986.1637": each metric and its value, with no unit
+    (`units_line` names them once), wrapped between metrics into lines shorter than
+    LINE_WIDTH."""
+    items = [f"{name} {value:.4f}" for name, value in metrics.items()]
+    lines = [prefix + items[0]]
+    for item in items[1:]:
+        if len(lines[-1]) + len(", ") + len(item) + len(",") < LINE_WIDTH:  # room for a comma
+            lines[-1] += ", " + item
+        else:
+            lines[-1] += ","
+            lines.append("    " + item)
+    return "\n".join(lines)
+
+
+def units_line(names, units: Mapping[str, str]) -> str | None:
+    """"units: kl, recon in nats per example; ...": the metrics `names` grouped by unit (the
+    first clause of each in `units`), printed once before the epoch lines; one line per unit
+    when one line would not be shorter than LINE_WIDTH. None when no metric has a unit."""
+    groups = {}
+    for name in names:
+        unit = units.get(name, "").split(",")[0]
+        if unit:
+            groups.setdefault(unit, []).append(name)
+    parts = [f"{', '.join(group)} in {unit}" for unit, group in groups.items()]
+    if not parts:
+        return None
+    line = "units: " + "; ".join(parts)
+    return line if len(line) < LINE_WIDTH else "\n  ".join(["units:", *parts])
 
 
 def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, mesh,
@@ -319,7 +351,8 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
     if resume_step is not None:
         # A different run first: its steps count in other epochs, so "pass --epochs N" would
         # send the user the wrong way.
-        saved_config = checkpointer.check_config(saved_config, resume_step, CHANGEABLE_ON_RESUME)
+        saved_config = checkpointer.check_config(saved_config, resume_step, CHANGEABLE_ON_RESUME,
+                                                 record_changes=resume_step < total_steps)
         if resume_step > total_steps:
             raise ConfigError(
                 f"the workdir {workdir} holds a model trained for {resume_step} steps, more than "
@@ -366,14 +399,33 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
     def checkpoint(good_state):
         checkpointer.save(good_state, {**timing, "elapsed_seconds": elapsed()})
 
+    def stop_if_requested():
+        """On a signal (`interrupt`), checkpoints the current state, waits until it is on
+        disk with its record, and raises `interrupt.Interrupted`."""
+        signum = interrupt.requested()
+        if signum is None:
+            return
+        checkpoint(state)
+        checkpointer.wait()
+        progress.close()
+        raise interrupt.stopped(signum, f"step {step} of {total_steps} is saved in "
+                                        f"{checkpointer.step_directory(step)}; rerun the same "
+                                        "command to resume from it")
+
+    if 0 < start_step < total_steps:
+        progress.note(f"resuming from step {start_step} of {total_steps}")
+    step = start_step
+    stop_if_requested()  # a signal while loading, restoring, or in an earlier stage
+
     initial_metrics = log.test_metrics(0)
     if start_step == 0 and initial_metrics is None:
         progress.note("evaluating the initial model on the test set (compiling the evaluation)")
         initial_metrics = log_eval(0)
+        stop_if_requested()
     test_metrics = log.test_metrics(start_step)
     # (state, step, batch indices) of the latest calls: where the last good state is found.
     recent_calls = collections.deque(maxlen=2)
-    step = start_step
+    units_noted = False  # the units are named once, before the first epoch line
     if step < total_steps:
         progress.note(f"compiling the training step ({steps_per_call} step(s) per call); "
                       "the first call waits for it")
@@ -414,6 +466,8 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
             step += n
             offset += n
             progress.update(n, epoch=epoch + 1, loss=f"{float(np.mean(metrics['loss'])):.4g}")
+            if offset < steps_per_epoch:  # else the epoch's evaluation comes first
+                stop_if_requested()
         test_metrics = log_eval(epoch + 1)
         if not all(math.isfinite(v) for v in test_metrics.values()):
             progress.close()
@@ -421,8 +475,12 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
                 f"non-finite test metrics after epoch {epoch + 1}: {test_metrics}. "
                 f"{_resume_advice(checkpointer.latest_step(), checkpointer)}")
         checkpoint(state)
-        progress.note(f"epoch {epoch + 1}/{config.epochs}: test "
-                      + metrics_line(test_metrics, objective.units))
+        header = None if units_noted else units_line(test_metrics, objective.units)
+        if header:
+            progress.note(header)
+        units_noted = True
+        progress.note(metrics_line(f"epoch {epoch + 1}/{config.epochs}: test ", test_metrics))
+        stop_if_requested()
     progress.close()
 
     if test_metrics is None:  # a finished run whose log lost its last evaluation
@@ -434,6 +492,8 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
         # its summary describes another step (an older lvm_jax wrote it before the final
         # checkpoint committed, and was killed between the two).
         if summary.get("checkpoint_step", step) == step:
+            progress.note(f"{workdir} holds a finished run (step {step} of {total_steps}): "
+                          "nothing to train, and its files stay as they are")
             return FitResult(state=state, test_metrics=test_metrics, summary=summary)
     # The summary describes the final checkpoint: written once that is committed.
     checkpointer.wait()
