@@ -230,8 +230,8 @@ def workdir_owners(path: str) -> set[str]:
     for pattern in ("config.json", "*/config.json", "*/*/config.json"):
         for found in sorted(glob.glob(os.path.join(glob.escape(path), pattern))):
             try:
-                experiment = records.read_json(found).get("experiment")
-            except (OSError, ValueError, AttributeError):
+                experiment = records.read_record(found).get("experiment")
+            except errors.UserError:  # unreadable, not an object, nested too deep
                 continue
             if isinstance(experiment, str):
                 owners.add(STAGE_OF.get(experiment, experiment))

@@ -217,6 +217,19 @@ def test_a_malformed_record_is_one_line_naming_it_and_changes_nothing(finished, 
     assert str(path) in message
 
 
+@pytest.mark.parametrize("how", ["deep", "a huge integer", "not UTF-8", "a list"])
+def test_a_hostile_config_json_ends_the_command_in_one_line(vae_2d_run, tmp_path, capsys, how):
+    run = copy_of(vae_2d_run, tmp_path)
+    path = run / "config.json"
+    with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
+        f.write(MALFORMED_RECORDS[how](path.read_text()))
+    before = tree_digest(run)
+    line = one_line_error(capsys, vae_2d.main, ["--quick", "--no_progress", "--workdir",
+                                                str(run)])
+    assert str(path) in line
+    assert tree_digest(run) == before
+
+
 @pytest.mark.parametrize("change, problem", [
     (lambda r: r.pop("sha256"), "it lacks 'sha256'"),
     (lambda r: r.update(extra=1), "unknown key 'extra'"),
@@ -258,6 +271,20 @@ def test_a_malformed_metrics_csv_is_one_line_and_changes_nothing(finished, tmp_p
     edit_csv(run / "metrics.csv", edit)
     message = refused_unchanged(run, RecordError, "metrics.csv is malformed")
     assert problem in message
+
+
+def test_a_row_torn_by_a_kill_is_dropped_and_the_run_resumes(finished, tmp_path):
+    """A run killed while it appended rows leaves a last line without its newline: those
+    steps lie beyond every checkpoint, so the rerun drops it and resumes."""
+    run = copy_of(finished, tmp_path)
+    with open(run / "metrics.csv", "a") as f:
+        f.write("train,3,21,0.5,1.")
+    refit(run, with_config(epochs=3))
+    rows = records.MetricsLog.read(str(run / "metrics.csv"))
+    logged = [(row["split"], int(row["step"])) for row in rows]
+    assert len(logged) == len(set(logged))
+    assert [step for split, step in logged if split == "train"] == list(range(1, 31))
+    assert all(len(row) == len(rows[0]) and None not in row.values() for row in rows)
 
 
 @pytest.mark.parametrize("text", ["", "{", "[]", "\"x\"", "[" * 100_000])

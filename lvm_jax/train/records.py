@@ -290,7 +290,8 @@ class MetricsLog:
         if is_primary():
             drop_events_after(os.path.join(os.path.dirname(os.path.abspath(path)),
                                            TENSORBOARD_DIR), resume_step)
-        if logged is None or len(self.rows) < len(logged):  # else the file is left untouched
+        torn = logged is not None and os.path.getsize(path) > 0 and not _ends_a_line(path)
+        if logged is None or len(self.rows) < len(logged) or torn:  # else it is left untouched
             buf = io.StringIO()
             writer = csv.DictWriter(buf, self.columns, extrasaction="ignore")
             writer.writeheader()
@@ -330,15 +331,24 @@ class MetricsLog:
             self._tensorboard.flush()
 
 
+def _ends_a_line(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
 def read_table(path: str) -> list[list[str]]:
-    """The lines of the CSV file at `path` as lists of fields, header first.
+    """The complete lines of the CSV file at `path` as lists of fields, header first: a last
+    line without its newline is the row a killed run was writing, beyond any checkpoint
+    (rows are logged before the state they describe is saved), and is left out.
 
     Raises:
       RecordError: it cannot be read or is not UTF-8 CSV.
     """
     try:
         with open(path, newline="") as f:
-            return list(csv.reader(f))
+            text = f.read()
+        return list(csv.reader(io.StringIO(text[:text.rfind("\n") + 1])))
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise RecordError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}."
                           ) from None
