@@ -100,7 +100,7 @@ def test_asynchronous_saves_are_complete_and_recorded_before_anything_reads_them
     checkpointer.save(at(2), {"elapsed_seconds": 2.0})  # waits for step 1
     record_1 = json.loads((tmp_path / "async" / "checkpoints" / "1" / RECORD_FILE).read_text())
     assert record_1 == {"step": 1, "sha256": file_digests(checkpointer.step_directory(1)),
-                        "timing": {"elapsed_seconds": 1.0}, "config": {}}
+                        "timing": {"elapsed_seconds": 1.0}}
     assert checkpointer.all_steps() == [1, 2]
     assert checkpointer.timing(2) == {"elapsed_seconds": 2.0}
     checkpointer.save(at(3))
@@ -127,7 +127,7 @@ def test_a_finished_save_is_recorded_without_waiting_so_a_killed_run_stays_verif
     assert os.path.exists(record)
     assert read_json(record) == {
         "step": 0, "sha256": file_digests(checkpointer.step_directory(0)),
-        "timing": {"elapsed_seconds": 1.5}, "config": {}}
+        "timing": {"elapsed_seconds": 1.5}}
     checkpointer.close()
 
 

@@ -311,7 +311,7 @@ class Checkpointer:
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.config_path = os.path.join(os.path.abspath(workdir), "config.json")
         refuse_linked_steps(self.directory)  # before orbax, which cleans up and deletes there
-        self._run_config = {}  # the config each record keeps (save_config sets it)
+        self._run_config = None  # the config each record keeps, once save_config set it
         self._manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
             item_handlers=ocp.StandardCheckpointHandler())  # so its metadata reads before a save
@@ -387,14 +387,15 @@ class Checkpointer:
                                           name=f"checkpoint-record-{step}", daemon=True)
         self._recorder.start()
 
-    def _record_when_saved(self, step: int, timing: dict, run_config: dict) -> None:
+    def _record_when_saved(self, step: int, timing: dict, run_config: dict | None) -> None:
         try:
             self._manager.wait_until_finished()
             directory = self.step_directory(step)
             if records.is_primary():
-                records.write_json(os.path.join(directory, RECORD_FILE),
-                                   {"step": step, "sha256": file_digests(directory),
-                                    "timing": timing, "config": run_config})
+                record = {"step": step, "sha256": file_digests(directory), "timing": timing}
+                if run_config is not None:
+                    record["config"] = run_config
+                records.write_json(os.path.join(directory, RECORD_FILE), record)
         except BaseException as err:  # re-raised by wait(), in the caller's thread
             self._recorder_error = err
 
