@@ -71,9 +71,9 @@ def refuse_linked_steps(directory: str) -> None:
     Raises:
       CheckpointError: naming the link and its target.
     """
-    entries = [directory] + ([os.path.join(directory, name) for name in sorted(os.listdir(directory))]
-                             if os.path.isdir(directory) and not os.path.islink(directory) else [])
-    for path in entries:
+    listed = os.path.isdir(directory) and not os.path.islink(directory)
+    names = sorted(os.listdir(directory)) if listed else []
+    for path in [directory, *(os.path.join(directory, name) for name in names)]:
         if os.path.islink(path):
             raise CheckpointError(f"checkpoint folder {path} is a symbolic link (to "
                                   f"{os.readlink(path)}): refused before anything was changed. "
