@@ -96,6 +96,34 @@ def test_a_link_where_a_record_belongs_is_refused_before_anything_changes(finish
     assert os.path.islink(run / name)
 
 
+@pytest.mark.parametrize("make, problem", [
+    (lambda path, outside: os.link(outside, path), "has 2 hard links"),
+    (lambda path, outside: os.mkfifo(path), "is not a regular file"),
+])
+@pytest.mark.parametrize("name", [workdir_lock.LOCK_FILE, "metrics.csv"])
+def test_a_hard_link_or_fifo_where_a_run_appends_is_refused(finished, tmp_path, make, problem,
+                                                            name):
+    """Appending (the lock's process id, metrics rows) through a hard link would change the
+    other name's file; a FIFO would hang the run. Both are refused before anything is
+    written."""
+    run = copy_of(finished, tmp_path)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious\n")
+    os.unlink(run / name)
+    make(str(run / name), str(outside))
+    with pytest.raises(WorkdirError, match=problem):
+        refit(run, with_config(epochs=3))
+    assert outside.read_text() == "precious\n"
+    assert not (run / "checkpoints" / "30").exists()
+
+
+def test_a_deleted_metrics_csv_is_refused_on_resume(finished, tmp_path):
+    run = copy_of(finished, tmp_path)
+    os.unlink(run / "metrics.csv")
+    refused_unchanged(run, RecordError, "metrics.csv is missing: it must log every step up to "
+                                        "the checkpoint at step 20")
+
+
 def test_write_atomic_replaces_no_link_and_follows_none(tmp_path):
     target = tmp_path / "target"
     target.write_text("kept")

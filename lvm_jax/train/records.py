@@ -283,7 +283,12 @@ class MetricsLog:
         self.columns = ["split", "epoch", "step", "time", *sorted(metric_names)]
         self._tensorboard = None  # opened with the first rows
         logged = None
-        if resume_step is not None and os.path.exists(path):
+        if resume_step is not None:  # written before any checkpoint: missing, it was deleted
+            if not os.path.exists(path):
+                raise RecordError(f"{path} is missing: it must log every step up to the "
+                                  f"checkpoint at step {resume_step} that this run resumes "
+                                  "from. Restore the file, or use another --workdir to start "
+                                  "over.")
             logged = check_rows(path, read_table(path), self.columns, resume_step)
         # Rows logged after the checkpoint we resume from are redone by this run.
         self.rows = [r for r in logged or [] if int(r["step"]) <= resume_step]
