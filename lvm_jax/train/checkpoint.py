@@ -49,6 +49,28 @@ ITEM = "default"
 logging.getLogger("absl").addFilter(records.QuietDiskErrors())
 
 
+def _quiet_closed_loop_callbacks(previous_hook):
+    """A sys.unraisablehook that drops the "Event loop is closed" errors of tensorstore's
+    callbacks: when a save or read fails halfway (a full disk), the writes still in flight
+    complete into orbax's closed event loop, and tensorstore reports each failed callback as
+    unraisable, dozens of tracebacks around the one line that names the failure. Every
+    other unraisable error goes to `previous_hook`."""
+
+    def hook(unraisable):
+        traceback = unraisable.exc_traceback
+        if (unraisable.exc_type is RuntimeError
+                and str(unraisable.exc_value) == "Event loop is closed"
+                and traceback is not None
+                and traceback.tb_frame.f_code.co_name == "call_soon_threadsafe"):
+            return
+        previous_hook(unraisable)
+
+    return hook
+
+
+sys.unraisablehook = _quiet_closed_loop_callbacks(sys.unraisablehook)
+
+
 def file_digests(directory: str) -> dict[str, str]:
     """{path relative to `directory`: SHA-256 of the file} for every file under it but the
     record itself."""
