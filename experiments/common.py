@@ -168,7 +168,7 @@ def run(parser: argparse.ArgumentParser, config: type[Config], train_and_evaluat
             jax.distributed.initialize()
         elif isinstance(settings, Config):
             split_cpu(settings)
-        with interrupt.handled():
+        with interrupt.handled(second_ends_process=True):
             result = train_and_evaluate(settings, flags.workdir)
             # A signal after the last step boundary: the run's files are all written whole.
             interrupt.check("the run finished, and its files are all written")

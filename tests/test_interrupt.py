@@ -159,20 +159,25 @@ def test_a_finished_run_says_so(uninterrupted):
 
 # The module itself, in this process and in a bare subprocess. -------------------------------
 
-def test_first_signal_sets_the_flag_and_restores_the_default_action():
-    before = signal.getsignal(signal.SIGTERM)
-    with interrupt.handled():
+@pytest.mark.parametrize("second_ends_process", [True, False])
+def test_first_signal_sets_the_flag_and_arms_the_second(second_ends_process):
+    """The command line's second signal meets the default action (the process ends); called
+    from Python, it meets the handlers from before (a notebook's KeyboardInterrupt)."""
+    before = {sig: signal.getsignal(sig) for sig in interrupt.SIGNALS}
+    with interrupt.handled(second_ends_process):
         assert interrupt.received() is None
         interrupt.check("nothing")  # no signal: returns
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.01)  # Python runs the handler between bytecodes of the main thread
         assert interrupt.received() == signal.SIGTERM == interrupt.requested()
-        assert signal.getsignal(signal.SIGINT) == signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        armed = {sig: signal.getsignal(sig) for sig in interrupt.SIGNALS}
+        assert armed == ({sig: signal.SIG_DFL for sig in interrupt.SIGNALS}
+                         if second_ends_process else before)
         with pytest.raises(interrupt.Interrupted, match="^stopped by SIGTERM: step 3 is saved$"
                            ) as stop:
             interrupt.check("step 3 is saved")
         assert stop.value.exit_status == 143
-    assert signal.getsignal(signal.SIGTERM) == before
+    assert {sig: signal.getsignal(sig) for sig in interrupt.SIGNALS} == before
 
 
 def test_nested_blocks_share_one_flag_and_restore_on_the_outermost_exit():
@@ -191,7 +196,7 @@ def test_a_second_signal_ends_the_process_at_once():
     waiter = textwrap.dedent("""
         import time
         from lvm_jax.train import interrupt
-        with interrupt.handled():
+        with interrupt.handled(second_ends_process=True):
             print("ready", flush=True)
             while interrupt.received() is None:
                 time.sleep(0.01)

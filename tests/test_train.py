@@ -297,4 +297,4 @@ def test_vqvae_epoch_lines_stay_under_160_characters():
     assert lines[1] == "    recon_mse 1234.5678, vq_loss 1234.5678" and lines[0].endswith(",")
     header = loop.units_line(metrics, vqvae.UNITS).splitlines()
     assert header[0] == "units:" and all(len(line) < 160 for line in header)
-    assert "  recon_mse in mean squared error per element" in header
+    assert "  recon_mse: mean squared error per element" in header

@@ -5,9 +5,12 @@ and preemptible cloud VMs send before they take a machine away) only notes the
 signal; `fit` asks `requested()` between compiled calls and after each test
 evaluation, checkpoints the current step and raises `Interrupted`, which
 `experiments.common.run` reports in one line with exit status 128 + the signal
-number (130 for SIGINT, 143 for SIGTERM). The first signal also restores both
-signals' default actions, so a second one ends the process at once (a user who
-will not wait for the save).
+number (130 for SIGINT, 143 for SIGTERM). On the command line
+(`handled(second_ends_process=True)`) the first signal also restores both signals'
+default actions, so a second one ends the process at once (a user who will not
+wait for the save). Called from Python, as in a notebook, the first signal restores
+the handlers that were there before, so a second Ctrl-C is the caller's own
+KeyboardInterrupt and the kernel survives.
 
 A compiled call cannot be stopped halfway: a signal during compilation or a
 long evaluation is acted on when that call returns, and each file is written
@@ -31,6 +34,7 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 _received: list[int] = []  # the first signal's number, once one has arrived
 _active = 0  # nesting depth of `handled`
+_after_first: dict = {}  # signal -> the handler a second signal meets
 
 
 class Interrupted(Exception):
@@ -51,15 +55,22 @@ class Interrupted(Exception):
 
 def _note(signum, frame) -> None:
     _received.append(signum)
-    for sig in SIGNALS:  # a second signal takes the default action: the process ends now
-        signal.signal(sig, signal.SIG_DFL)
+    for sig, handler in _after_first.items():
+        signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
-def handled():
+def handled(second_ends_process: bool = False):
     """While active, SIGINT and SIGTERM set the flag `requested()` reads instead of ending
     the process. Re-entrant; the previous handlers come back when the outermost block
-    exits. Outside the main thread (where Python cannot install handlers) it does nothing."""
+    exits. Outside the main thread (where Python cannot install handlers) it does nothing.
+
+    Args:
+      second_ends_process: after the first signal, a second one takes the default action
+        and ends the process at once (a command line's choice); otherwise it meets the
+        handlers that were there before (a notebook's KeyboardInterrupt). The outermost
+        block decides.
+    """
     global _active
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -67,6 +78,9 @@ def handled():
     previous = None
     if _active == 0:
         previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+        _after_first.clear()
+        _after_first.update({sig: signal.SIG_DFL for sig in SIGNALS} if second_ends_process
+                            else previous)
         _received.clear()
         for sig in SIGNALS:
             signal.signal(sig, _note)

@@ -329,18 +329,20 @@ def metrics_line(prefix: str, metrics: dict[str, float]) -> str:
 
 def units_line(names, units: Mapping[str, str]) -> str | None:
     """"units: kl, recon in nats per example; ...": the metrics `names` grouped by unit (the
-    first clause of each in `units`), printed once before the epoch lines; one line per unit
-    when one line would not be shorter than LINE_WIDTH. None when no metric has a unit."""
+    first clause of each in `units`), printed once before the epoch lines; when one line would
+    not be shorter than LINE_WIDTH, "units:" then a line "  kl, recon: nats per example" per
+    unit. None when no metric has a unit."""
     groups = {}
     for name in names:
         unit = units.get(name, "").split(",")[0]
         if unit:
             groups.setdefault(unit, []).append(name)
-    parts = [f"{', '.join(group)} in {unit}" for unit, group in groups.items()]
-    if not parts:
+    if not groups:
         return None
-    line = "units: " + "; ".join(parts)
-    return line if len(line) < LINE_WIDTH else "\n  ".join(["units:", *parts])
+    line = "units: " + "; ".join(f"{', '.join(group)} in {unit}" for unit, group in groups.items())
+    if len(line) < LINE_WIDTH:
+        return line
+    return "\n  ".join(["units:", *(f"{', '.join(group)}: {unit}" for unit, group in groups.items())])
 
 
 def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, mesh,
