@@ -177,3 +177,57 @@ def test_two_processes_train_like_one_on_the_same_global_batches(tmp_path, input
         for p, out in enumerate(outs):
             shard = batching.host_shard(len(TRAIN), p, HOSTS)
             assert set(out["read"]) - {0} == set(range(shard.start, shard.stop)) - {0}
+
+
+STOPPED_CHILD = textwrap.dedent("""
+    import json, os, signal, sys, time
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    process, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process)
+    import numpy as np
+    from lvm_jax.train import fit, interrupt
+    from tests.helpers import tiny_objective
+    from tests.test_multihost import CONFIG, TEST, TRAIN
+
+    with interrupt.handled():
+        if process == 1:  # only host 1 is told to stop, as by a preemption notice
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+        try:
+            fit(tiny_objective(), TRAIN, TEST, CONFIG, workdir, {"model": "tiny"})
+            stopped = None
+        except interrupt.Interrupted as stop:
+            stopped = [str(stop), stop.exit_status]
+    result = fit(tiny_objective(), TRAIN, TEST, CONFIG, workdir, {"model": "tiny"})  # resumes
+    json.dump({"stopped": stopped, "resumed_from_step": result.summary["resumed_from_step"],
+               "params": [np.asarray(p).tolist() for p in jax.tree.leaves(result.state.params)]},
+              sys.stdout)
+""")
+
+
+def test_a_signal_on_one_host_stops_every_host_at_the_same_saved_step(tmp_path):
+    """Host 1 alone gets SIGTERM; the hosts agree on the flag (an all-gather at each step
+    boundary), so both save their parts of the same checkpoint, stop, and resume alike."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu"}
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", STOPPED_CHILD, str(p), str(port),
+                               str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for p in range(HOSTS)]
+    try:
+        outs = []
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=300)
+            assert proc.returncode == 0, stderr[-3000:]
+            outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for proc in procs:
+            proc.kill()
+    saved = os.path.join(tmp_path, "checkpoints", "0")
+    for out in outs:
+        assert out["stopped"] == [f"stopped by SIGTERM: step 0 of 8 is saved in {saved}; rerun "
+                                  "the same command to resume from it", 143]
+    assert outs[0]["params"] == outs[1]["params"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]  # step 0 kept 2 newest

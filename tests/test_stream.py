@@ -7,6 +7,7 @@ bad data in one line naming the file and index, and stop its threads.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -374,11 +375,17 @@ INTERRUPTED_CHILD = textwrap.dedent("""
 
 
 def test_ctrl_c_stops_a_streamed_run_and_its_reading_threads(tmp_path):
+    """fit saves the current step with its iterator state (`lvm_jax.train.interrupt`) and
+    the process ends: no reading thread holds it."""
     proc = run_until(INTERRUPTED_CHILD, (tmp_path,), tmp_path, 2, sig=signal.SIGINT)
     stopped = time.monotonic()
     _, stderr = proc.communicate(timeout=60)
     assert time.monotonic() - stopped < 30  # not a hang in grain's or the feed's threads
-    assert proc.returncode != 0 and "KeyboardInterrupt" in stderr
+    line = stderr.strip().splitlines()[-1]
+    saved = re.search(r"stopped by SIGINT: step (\d+) of 500 is saved", line)
+    assert proc.returncode != 0 and saved, stderr[-3000:]
+    state = tmp_path / "checkpoints" / saved[1] / "data_iterator" / "process_0-of-1.json"
+    assert json.loads(state.read_text()) == {"next_index": int(saved[1])}
 
 
 @pytest.mark.parametrize("name", ["toy2d_1", "mnist", "binarized_mnist", "cifar10", "shards"])

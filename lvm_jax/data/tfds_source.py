@@ -2,8 +2,10 @@
 
 Reading goes through `tfds.data_source` (random access to the prepared
 array_record files, images decoded by pillow), which needs no TensorFlow.
-Preparing an image dataset the first time does need TensorFlow to encode the
-images: install the optional extra `pip install "lvm_jax[tfds_prepare]"`.
+Preparing an image dataset the first time downloads it (so it needs the
+internet) and needs TensorFlow to encode the images: the optional extra,
+`pip install -e ".[tfds_prepare]"` from a clone. A dataset prepared elsewhere is
+read from its --data_dir.
 """
 
 import numpy as np
@@ -18,6 +20,14 @@ TFDS_NAMES = {
     "svhn": "svhn_cropped",
     "cifar10": "cifar10",
 }
+
+
+_EMBEDDED = "use an embedded dataset (mnist_embedded, patches_embedded), which needs no download"
+
+
+def _where(data_dir: str | None) -> str:
+    return (f"--data_dir {data_dir}" if data_dir else
+            "TFDS's default data directory ($TFDS_DATA_DIR or ~/tensorflow_datasets)")
 
 
 def _images(name: str, images: np.ndarray, what: str) -> np.ndarray:
@@ -37,17 +47,18 @@ def _sources(name: str, data_dir: str | None):
     tfds_name = TFDS_NAMES[name]
     try:
         return tfds.data_source(tfds_name, split=["train", "test"], data_dir=data_dir)
-    except ModuleNotFoundError as err:
+    except ImportError as err:  # TensorFlow, or one of the packages preparing needs
         raise DataError(
-            f"preparing the TFDS dataset {tfds_name!r} needs TensorFlow ({err}). Install the "
-            'optional extra: pip install "lvm_jax[tfds_prepare]", or point --data_dir at a '
-            "directory where it is already prepared.") from err
+            f"the TFDS dataset {tfds_name!r} is not prepared in {_where(data_dir)}, and preparing "
+            f"it needs the optional extra (missing: {err.name or err}): "
+            f'pip install -e ".[tfds_prepare]" (preparing downloads the data, so it needs the '
+            f"internet), or pass --data_dir where it is prepared, or {_EMBEDDED}.") from err
     except Exception as err:  # download or preparation failed: say what to do
         raise DataError(
-            f"could not load or prepare the TFDS dataset {tfds_name!r} in data_dir={data_dir!r}: "
-            f"{type(err).__name__}: {err}. Preparing needs internet access and "
-            'pip install "lvm_jax[tfds_prepare]"; or use an embedded dataset '
-            "(mnist_embedded, patches_embedded), which needs no download.") from err
+            f"could not load or prepare the TFDS dataset {tfds_name!r} in {_where(data_dir)} "
+            f"({type(err).__name__}: {' '.join(str(err).split())}): preparing downloads the "
+            f'data, so it needs the internet and pip install -e ".[tfds_prepare]"; or pass '
+            f"--data_dir where it is prepared, or {_EMBEDDED}.") from err
 
 
 def load(name: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:

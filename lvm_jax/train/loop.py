@@ -19,7 +19,6 @@ coordinates the hosts), and only process 0 writes metrics, config and summary.
 
 import collections
 import dataclasses
-import itertools
 import math
 import os
 import platform
@@ -33,7 +32,7 @@ import optax
 
 from lvm_jax.data import batching
 from lvm_jax.errors import ConfigError, NonFiniteLossError
-from lvm_jax.train import feeds, records, workdir as workdir_lock
+from lvm_jax.train import feeds, interrupt, links, records, workdir as workdir_lock
 from lvm_jax.train.checkpoint import Checkpointer
 from lvm_jax.train.progress import Progress
 from lvm_jax.train.state import Objective, TrainConfig, TrainState
@@ -206,6 +205,24 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
+def non_finite_leaves(tree) -> list[str]:
+    """The paths ("opt_state/0/nu/Dense_0/kernel") of the floating-point leaves of `tree`
+    that hold a NaN or an infinity."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    inexact = [(path, leaf) for path, leaf in flat
+               if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+    finite = jax.device_get(jax.jit(lambda leaves: [jnp.all(jnp.isfinite(x)) for x in leaves])(
+        [leaf for _, leaf in inexact]))
+    return [jax.tree_util.keystr(path, simple=True, separator="/")
+            for (path, _), ok in zip(inexact, finite) if not ok]
+
+
+def _leaves_line(paths: list[str], limit: int = 3) -> str:
+    """"opt_state/0/nu/Dense_0/kernel, ... (5 leaves)": the first `limit` of `paths`."""
+    more = f", ... ({len(paths)} leaves)" if len(paths) > limit else ""
+    return ", ".join(paths[:limit]) + more
+
+
 def device_description() -> str:
     devices = jax.devices()
     hosts = f" on {jax.process_count()} hosts" if jax.process_count() > 1 else ""
@@ -222,12 +239,22 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
     checkpoint, and writes `summary.json`. A resumed run gives the same result
     as an uninterrupted one: data order and noise derive from (seed, epoch, step).
     The workdir is locked for the whole call (`lvm_jax.train.workdir`). Rerunning
-    a finished run changes none of its files. The learning rate may change on
-    resume (config.json records the step); every other setting must match.
+    a finished run changes none of its files, whatever its learning rate. The
+    learning rate may change on resume (config.json records the step); every
+    other setting must match.
+
+    SIGINT and SIGTERM (inside `interrupt.handled()`, as the experiments run) stop
+    the run at the next step boundary after checkpointing the current step, and
+    raise `interrupt.Interrupted`; rerunning the same call resumes from there.
 
     A NaN or infinite training loss stops the run after checkpointing the last
     good state: the newest state whose floating-point leaves are all finite and
-    whose own loss (the loss of the next step) was finite.
+    whose own loss (the loss of the next step) was finite. So does a parameter or
+    optimizer state (e.g. Adam's second moment overflowing while the loss stays
+    finite) that becomes non-finite, checked after every call: the message names
+    the leaves, and the newest state whose every leaf is finite is checkpointed.
+    The summary is written once the final checkpoint is committed, and names it
+    ("checkpoint_step").
 
     Args:
       objective: the model's init and loss (the loop knows nothing else of it).
@@ -244,9 +271,14 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
     Raises:
       ConfigError: bad sizes (batch larger than the data, not divisible by the devices),
         or fewer epochs than the workdir's checkpoint has trained.
-      WorkdirError: the workdir is a file, is not writable, or another run holds it.
+      WorkdirError: the workdir is a file, is not writable, or another run holds it; a
+        file of the run is a symbolic link; the disk filled up or refused a write (the
+        message names the path and the cause: fix it and rerun to resume).
       CheckpointError: the workdir holds a corrupted checkpoint or a different run.
-      NonFiniteLossError: the loss became NaN or infinite (the last good state is saved).
+      RecordError: config.json or metrics.csv is malformed or disagrees with the checkpoint.
+      NonFiniteLossError: the loss, a parameter or the optimizer state became NaN or
+        infinite (the last good state is saved; the message names the leaves).
+      interrupt.Interrupted: a signal stopped the run (the current step is saved).
     """
     mesh = mesh or batching.data_mesh()
     num_devices, num_hosts = mesh.devices.size, jax.process_count()
@@ -269,23 +301,63 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
     saved_config = {**dict(run_config or {}), "train": loop_config}
 
     steps_per_call = max(1, min(config.steps_per_call, steps_per_epoch))
-    with workdir_lock.locked(workdir), Checkpointer(workdir) as checkpointer:
-        feed = feeds.feed_for(train_data, mesh, config.seed, steps_per_epoch,
-                              config.batch_size // num_hosts, shard,
-                              config.epochs * steps_per_epoch, steps_per_call)
-        try:
-            return _fit(objective, feed, test_data, config, workdir, saved_config, tx, mesh,
-                        checkpointer, steps_per_call, steps_per_epoch)
-        finally:
-            feed.close()
+    try:
+        with interrupt.handled(), workdir_lock.locked(workdir):
+            if records.is_primary():  # before anything is written, not when summary.json is
+                links.refuse_links_in(workdir, inside=(records.TENSORBOARD_DIR,))
+            with Checkpointer(workdir) as checkpointer:
+                feed = feeds.feed_for(train_data, mesh, config.seed, steps_per_epoch,
+                                      config.batch_size // num_hosts, shard,
+                                      config.epochs * steps_per_epoch, steps_per_call)
+                try:
+                    return _fit(objective, feed, test_data, config, workdir, saved_config,
+                                tx, mesh, checkpointer, steps_per_call, steps_per_epoch)
+                finally:
+                    feed.close()
+    except Exception as err:
+        # A full disk or a refused write, met anywhere (orbax's threads wrap it): the
+        # checkpointer has closed, waiting for the save in flight, so name the cause alone.
+        disk_error = records.disk_error(err)
+        if disk_error is None:
+            raise
+        raise disk_error from None
 
 
-def metrics_line(metrics: dict[str, float], units: Mapping[str, str]) -> str:
-    """"kl 12.6177, recon 986.1637 nats per example": each run of metrics that share a unit
-    (its first clause in `units`), then that unit."""
-    runs = itertools.groupby(metrics.items(), key=lambda item: units.get(item[0], "").split(",")[0])
-    return "; ".join(", ".join(f"{name} {value:.4f}" for name, value in run)
-                     + (f" {unit}" if unit else "") for unit, run in runs)
+# The longest line of a run's notes (epoch lines and the units line wrap before it).
+LINE_WIDTH = 160
+
+
+def metrics_line(prefix: str, metrics: dict[str, float]) -> str:
+    """`prefix` then "kl 12.6177, recon 986.1637": each metric and its value, with no unit
+    (`units_line` names them once), wrapped between metrics into lines shorter than
+    LINE_WIDTH."""
+    items = [f"{name} {value:.4f}" for name, value in metrics.items()]
+    lines = [prefix + items[0]]
+    for item in items[1:]:
+        if len(lines[-1]) + len(", ") + len(item) + len(",") < LINE_WIDTH:  # room for a comma
+            lines[-1] += ", " + item
+        else:
+            lines[-1] += ","
+            lines.append("    " + item)
+    return "\n".join(lines)
+
+
+def units_line(names, units: Mapping[str, str]) -> str | None:
+    """"units: kl, recon in nats per example; ...": the metrics `names` grouped by unit (the
+    first clause of each in `units`), printed once before the epoch lines; when one line would
+    not be shorter than LINE_WIDTH, "units:" then a line "  kl, recon: nats per example" per
+    unit. None when no metric has a unit."""
+    groups = {}
+    for name in names:
+        unit = units.get(name, "").split(",")[0]
+        if unit:
+            groups.setdefault(unit, []).append(name)
+    if not groups:
+        return None
+    line = "units: " + "; ".join(f"{', '.join(group)} in {unit}" for unit, group in groups.items())
+    if len(line) < LINE_WIDTH:
+        return line
+    return "\n  ".join(["units:", *(f"{', '.join(group)}: {unit}" for unit, group in groups.items())])
 
 
 def _fit(objective, feed, test_data, config, workdir, saved_config, tx, mesh,
@@ -295,7 +367,8 @@ def _fit(objective, feed, test_data, config, workdir, saved_config, tx, mesh,
     if resume_step is not None:
         # A different run first: its steps count in other epochs, so "pass --epochs N" would
         # send the user the wrong way.
-        saved_config = checkpointer.check_config(saved_config, resume_step, CHANGEABLE_ON_RESUME)
+        saved_config = checkpointer.check_config(saved_config, resume_step, CHANGEABLE_ON_RESUME,
+                                                 record_changes=resume_step < total_steps)
         if resume_step > total_steps:
             raise ConfigError(
                 f"the workdir {workdir} holds a model trained for {resume_step} steps, more than "
@@ -341,14 +414,33 @@ def _fit(objective, feed, test_data, config, workdir, saved_config, tx, mesh,
         checkpointer.save(good_state, {**timing, "elapsed_seconds": elapsed()},
                           data_iterator=feed.iterator_state(int(jax.device_get(good_state.step))))
 
+    def stop_if_requested():
+        """On a signal (`interrupt`), checkpoints the current state, waits until it is on
+        disk with its record, and raises `interrupt.Interrupted`."""
+        signum = interrupt.requested()
+        if signum is None:
+            return
+        checkpoint(state)
+        checkpointer.wait()
+        progress.close()
+        raise interrupt.stopped(signum, f"step {step} of {total_steps} is saved in "
+                                        f"{checkpointer.step_directory(step)}; rerun the same "
+                                        "command to resume from it")
+
+    if 0 < start_step < total_steps:
+        progress.note(f"resuming from step {start_step} of {total_steps}")
+    step = start_step
+    stop_if_requested()  # a signal while loading, restoring, or in an earlier stage
+
     initial_metrics = log.test_metrics(0)
     if start_step == 0 and initial_metrics is None:
         progress.note("evaluating the initial model on the test set (compiling the evaluation)")
         initial_metrics = log_eval(0)
+        stop_if_requested()
     test_metrics = log.test_metrics(start_step)
     # (state, step, batch indices) of the latest calls: where the last good state is found.
     recent_calls = collections.deque(maxlen=2)
-    step = start_step
+    units_noted = False  # the units are named once, before the first epoch line
     if step < total_steps:
         progress.note(f"compiling the training step ({steps_per_call} step(s) per call); "
                       "the first call waits for it")
@@ -377,28 +469,47 @@ def _fit(objective, feed, test_data, config, workdir, saved_config, tx, mesh,
                                           recent_calls, step + 1 + bad, checkpoint,
                                           checkpointer.latest_step()),
                     checkpointer)
+            if not _all_finite(new_state):
+                progress.close()
+                raise _non_finite_state_error(
+                    new_state, train_chunk, train_on_device, train_key, feed.put, state, step,
+                    rows,
+                    checkpoint, checkpointer)
             state = new_state
             step += n
             offset += n
             progress.update(n, epoch=epoch + 1, loss=f"{float(np.mean(metrics['loss'])):.4g}")
+            if offset < steps_per_epoch:  # else the epoch's evaluation comes first
+                stop_if_requested()
         test_metrics = log_eval(epoch + 1)
-        if not (all(math.isfinite(v) for v in test_metrics.values()) and _all_finite(state)):
+        if not all(math.isfinite(v) for v in test_metrics.values()):
             progress.close()
             raise NonFiniteLossError(
-                f"non-finite parameters or test metrics after epoch {epoch + 1}: {test_metrics}. "
+                f"non-finite test metrics after epoch {epoch + 1}: {test_metrics}. "
                 f"{_resume_advice(checkpointer.latest_step(), checkpointer)}")
         checkpoint(state)
-        progress.note(f"epoch {epoch + 1}/{config.epochs}: test "
-                      + metrics_line(test_metrics, objective.units))
+        header = None if units_noted else units_line(test_metrics, objective.units)
+        if header:
+            progress.note(header)
+        units_noted = True
+        progress.note(metrics_line(f"epoch {epoch + 1}/{config.epochs}: test ", test_metrics))
+        stop_if_requested()
     progress.close()
 
     if test_metrics is None:  # a finished run whose log lost its last evaluation
         test_metrics = log_eval(config.epochs)
     summary_path = os.path.join(workdir, "summary.json")
     if step == start_step and os.path.exists(summary_path):
-        # A finished run, rerun: nothing was trained, so its files stand as they are.
-        return FitResult(state=state, test_metrics=test_metrics,
-                         summary=records.read_json(summary_path))
+        summary = records.read_record(summary_path)
+        # A finished run, rerun: nothing was trained, so its files stand as they are, unless
+        # its summary describes another step (an older lvm_jax wrote it before the final
+        # checkpoint committed, and was killed between the two).
+        if summary.get("checkpoint_step", step) == step:
+            progress.note(f"{workdir} holds a finished run (step {step} of {total_steps}): "
+                          "nothing to train, and its files stay as they are")
+            return FitResult(state=state, test_metrics=test_metrics, summary=summary)
+    # The summary describes the final checkpoint: written once that is committed.
+    checkpointer.wait()
     summary = {
         "config": saved_config,
         "test_metrics": test_metrics,
@@ -406,6 +517,7 @@ def _fit(objective, feed, test_data, config, workdir, saved_config, tx, mesh,
         "units": {**LOG_UNITS, **objective.units},
         "epochs": config.epochs,
         "steps": total_steps,
+        "checkpoint_step": step,
         "resumed_from_step": start_step or None,
         "wall_time_seconds": elapsed(),
         "train_steps_per_second": (timing["timed_steps"] / timing["timed_seconds"]
@@ -457,6 +569,27 @@ def _save_last_good_state(train_chunk, data, key, put, recent_calls, bad_step: i
                 return first + k
         target = first - 1
     return None
+
+
+def _non_finite_state_error(bad_state, train_chunk, data, key, put, start, first: int, rows,
+                            checkpoint, checkpointer) -> NonFiniteLossError:
+    """The error of a call that left a non-finite leaf in `bad_state` while its losses stayed
+    finite, after checkpointing the newest state whose every leaf is finite: the call is
+    replayed one step at a time from `start`, the finite state that began it at step
+    `first`, up to the step that made a leaf non-finite. The message names those leaves."""
+    good, good_step = start, first
+    for k in range(len(rows) - 1):
+        state = train_chunk(good, data, put(rows[k:k + 1]), key)[0]
+        if not _all_finite(state):
+            break
+        good, good_step = state, first + k + 1
+    latest = checkpointer.latest_step()
+    if latest is None or good_step > latest:
+        checkpoint(good)
+    leaves = non_finite_leaves(bad_state)
+    return NonFiniteLossError(
+        f"non-finite values in {_leaves_line(leaves)} by step {first + len(rows)}, while the "
+        f"training loss stayed finite. {_resume_advice(max(good_step, latest or 0), checkpointer)}")
 
 
 def _resume_advice(step: int | None, checkpointer) -> str:
