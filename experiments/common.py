@@ -2,6 +2,8 @@
 
 import argparse
 import dataclasses
+import difflib
+import glob
 import os
 from collections.abc import Callable
 from typing import Literal
@@ -11,7 +13,7 @@ import jax
 from experiments import configs
 from lvm_jax import compilation_cache, cpu_devices, data, errors
 from lvm_jax.models import likelihoods
-from lvm_jax.train import TrainConfig
+from lvm_jax.train import TrainConfig, interrupt, records
 
 # --quick: 2 epochs of 2 steps at the default batch of 128, and enough test examples for
 # every figure (the VAE's take 70).
@@ -42,9 +44,37 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     without it, or else the setting is off."""
 
     def _get_help_string(self, action):
-        if action.default is None and not action.required:
+        if action.required:
+            return f"{action.help} (required)"
+        if action.default is None:
             return action.help if "default" in action.help else f"{action.help} (default: off)"
         return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with one-line errors: a bad flag or value ends the program with one
+    line (exit status 2) instead of the usage, and an unknown flag that is a near miss of a
+    real one (--batch-size, --learnig_rate) names it."""
+
+    def parse_args(self, args=None, namespace=None):
+        flags, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}"
+                       + "".join(f"; did you mean {hint}?" for hint in map(self._near_miss, unknown)
+                                 if hint))
+        return flags
+
+    def _near_miss(self, argument: str) -> str | None:
+        """The real flag `argument` (e.g. "--batch-size=32") most likely meant, or None."""
+        if not argument.startswith("--"):
+            return None
+        name = "--" + argument[2:].split("=", 1)[0].replace("-", "_")
+        flags = [flag for action in self._actions for flag in action.option_strings]
+        close = difflib.get_close_matches(name, flags, n=1, cutoff=0.75)
+        return close[0] if close else None
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 DATA_DIR_HELP = ("where TFDS datasets are prepared (default: TFDS's, $TFDS_DATA_DIR or "
@@ -66,8 +96,12 @@ class Config(configs.Config):
                                       configs.POSITIVE_INT)
     learning_rate: float = configs.setting(1e-3, "Adam's step size", configs.POSITIVE_FLOAT)
     seed: int = configs.setting(0, "seeds initialisation, data order and sampling: a run is "
-                                   "reproducible from it", configs.NON_NEGATIVE_INT)
+                                   "reproducible from it", configs.SEED)
     data_dir: str | None = configs.setting(None, DATA_DIR_HELP)
+    input: Literal["memory", "stream"] = configs.setting(
+        "memory", "memory: the training set whole on the devices; stream: read while training "
+                  "(grain), for data larger than memory, e.g. --dataset shards; same batches, "
+                  "same numbers (docs/streaming.md)")
     quick: bool = configs.setting(
         False, f"smoke test: {QUICK_TRAIN} train / {QUICK_TEST} test examples, {QUICK_EPOCHS} "
                "epoch(s); figures say they come from a smoke run")
@@ -101,7 +135,7 @@ class Config(configs.Config):
 def parser(config: type[Config], experiment: str, description: str) -> argparse.ArgumentParser:
     """The command line of `experiment`: a flag for every field of `config`, then --workdir
     and --multihost, which say where and how this process runs rather than what it runs."""
-    p = configs.add_flags(argparse.ArgumentParser(prog=f"python -m experiments.{experiment}",
+    p = configs.add_flags(ArgumentParser(prog=f"python -m experiments.{experiment}",
                                                   description=description,
                                                   formatter_class=HelpFormatter), config)
     p.add_argument("--workdir", default=None,
@@ -120,7 +154,12 @@ def run(parser: argparse.ArgumentParser, config: type[Config], train_and_evaluat
     A value out of range is refused by argparse (exit status 2). Settings that contradict
     each other, and any problem with the data, the workdir or the numerics (an
     `lvm_jax.errors.UserError`), end the program with a one-line message (exit status 1)
-    instead of a traceback. Any other exception is a bug and keeps its traceback.
+    instead of a traceback; so does a full disk or a refused write (`records.disk_error`).
+    Any other exception is a bug and keeps its traceback.
+
+    SIGINT and SIGTERM stop the run at its next step boundary, after saving the current
+    step (`lvm_jax.train.interrupt`): one line says what was saved, and the exit status
+    is 128 + the signal's number (130, 143). A second signal ends the process at once.
     """
     compilation_cache.enable()
     flags = parser.parse_args(argv)
@@ -133,9 +172,20 @@ def run(parser: argparse.ArgumentParser, config: type[Config], train_and_evaluat
             jax.distributed.initialize()
         elif isinstance(settings, Config):
             split_cpu(settings)
-        return train_and_evaluate(settings, flags.workdir)
+        with interrupt.handled(second_ends_process=True):
+            result = train_and_evaluate(settings, flags.workdir)
+            # A signal after the last step boundary: the run's files are all written whole.
+            interrupt.check("the run finished, and its files are all written")
+        return result
+    except interrupt.Interrupted as stop:
+        parser.exit(stop.exit_status, f"{parser.prog}: {stop}\n")
     except errors.UserError as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
+    except Exception as err:
+        disk_error = records.disk_error(err)  # e.g. met while writing the figures
+        if disk_error is None:
+            raise
+        parser.exit(1, f"{parser.prog}: error: {disk_error}\n")
 
 
 def split_cpu(config: Config) -> int | None:
@@ -155,19 +205,51 @@ def splits_cpu(config_type: type, quick: bool) -> bool:
 
 
 def workdir(config: Config, experiment: str, workdir: str | None = None) -> str:
-    """`workdir`, or by default runs/<experiment>/<dataset>[_quick]."""
-    if workdir:
-        return workdir
-    return os.path.join("runs", experiment, config.dataset + ("_quick" if config.quick else ""))
+    """`workdir`, or by default runs/<experiment>/<dataset>[_quick].
+
+    Raises:
+      WorkdirError: the workdir holds another experiment's run (`workdir_owners`); nothing
+        in it is changed.
+    """
+    path = workdir or os.path.join("runs", experiment,
+                                   config.dataset + ("_quick" if config.quick else ""))
+    others = workdir_owners(path) - {experiment}
+    if others:
+        raise errors.WorkdirError(
+            f"the workdir {path} holds a run of {', '.join(sorted(others))}, not of {experiment}: "
+            f"choose another --workdir for this {experiment} run.")
+    return path
+
+
+# Experiments that train inside another's workdir, as its stages: their config.json names them.
+STAGE_OF = {"vqvae_prior": "vqvae"}
+
+
+def workdir_owners(path: str) -> set[str]:
+    """The experiments whose runs `path` holds: each run's config.json names its experiment
+    (written by `fit` before any other file), in the workdir itself (vae, vlae, vae_2d,
+    lvae), a level down (vqvae's stages) or two (mlp_vae's study variants). Empty for a new
+    workdir; an unreadable config.json is left to the run that reads it."""
+    owners = set()
+    for pattern in ("config.json", "*/config.json", "*/*/config.json"):
+        for found in sorted(glob.glob(os.path.join(glob.escape(path), pattern))):
+            try:
+                experiment = records.read_record(found).get("experiment")
+            except errors.UserError:  # unreadable, not an object, nested too deep
+                continue
+            if isinstance(experiment, str):
+                owners.add(STAGE_OF.get(experiment, experiment))
+        if owners:
+            return owners
+    return owners
 
 
 def load_dataset(config, name: str | None = None) -> data.Dataset:
-    """Loads the dataset `config` names (or `name`); `quick` keeps a small fixed subset."""
-    dataset = data.load(name or config.dataset, config.data_dir)
-    if config.quick:
-        dataset = data.Dataset(dataset.name, dataset.train[:QUICK_TRAIN], dataset.test[:QUICK_TEST],
-                               dataset.kind)
-    return dataset
+    """Loads the dataset `config` names (or `name`), its training set streamed with
+    `--input stream`; `quick` keeps a small fixed subset."""
+    dataset = data.load(name or config.dataset, config.data_dir,
+                        stream=getattr(config, "input", "memory") == "stream")
+    return dataset.head(QUICK_TRAIN, QUICK_TEST) if config.quick else dataset
 
 
 def figure_title(title: str, config: Config, steps: int) -> str:
@@ -200,4 +282,4 @@ def run_config(config: Config, experiment: str, **model_settings) -> dict:
     """What identifies a run, saved in config.json beside the loop's settings: a resumed run
     must match it, and `Config.from_json` reads the config's fields back from it."""
     return {"experiment": experiment, "dataset": config.dataset, "quick": config.quick,
-            "dtype": config.dtype, **model_settings}
+            "dtype": config.dtype, "input": config.input, **model_settings}

@@ -31,29 +31,51 @@ from lvm_jax.train import records
 
 @dataclasses.dataclass(frozen=True)
 class Range:
-    """The values a number may take: `holds(value)` for a value of type `kind`."""
+    """The values a number may take: `holds(value)` for a value of type `kind`, and at most
+    `maximum` (the largest value its consumer represents: an int32 step count, a uint32
+    seed)."""
 
     kind: type
     holds: Callable[[Any], bool]
     requirement: str  # completes "<value> is not ..."
+    maximum: int | None = None
 
     def accepts(self, value) -> bool:
+        return self.problem(value) is None
+
+    def problem(self, value) -> str | None:
+        """What `value` is not (completing "<value> is not ..."), or None when it is in range."""
         number = isinstance(value, self.kind) or (self.kind is float and isinstance(value, int))
-        return number and not isinstance(value, bool) and self.holds(value)
+        if not number or isinstance(value, bool):
+            return self.requirement
+        if self.kind is float:
+            try:
+                value = float(value)  # an integer too large for a float is out of every range
+            except OverflowError:
+                return self.requirement
+        if not self.holds(value):
+            return self.requirement
+        if self.maximum is not None and value > self.maximum:
+            return f"at most {self.maximum}"
+        return None
 
     def parse(self, text: str):
         """An argparse `type=`: the value of `text`, or ArgumentTypeError (exit status 2)."""
         try:
             value = self.kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {self.requirement}") from None
-        if not self.accepts(value):
-            raise argparse.ArgumentTypeError(f"{text} is not {self.requirement}")
+        except ValueError:  # not a number, or an integer of more than 4300 digits
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not {self.requirement}") from None
+        problem = self.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{text} is not {problem}")
         return value
 
 
-POSITIVE_INT = Range(int, lambda v: v > 0, "a positive integer")
-NON_NEGATIVE_INT = Range(int, lambda v: v >= 0, "a non-negative integer")
+# Counts (epochs, steps, sizes) end up in int32 on the devices; seeds are uint32 keys.
+INT32_MAX, UINT32_MAX = 2**31 - 1, 2**32 - 1
+POSITIVE_INT = Range(int, lambda v: v > 0, "a positive integer", INT32_MAX)
+NON_NEGATIVE_INT = Range(int, lambda v: v >= 0, "a non-negative integer", INT32_MAX)
+SEED = Range(int, lambda v: v >= 0, "a non-negative integer", UINT32_MAX)
 POSITIVE_FLOAT = Range(float, lambda v: 0 < v < math.inf, "a finite positive number")
 NON_NEGATIVE_FLOAT = Range(float, lambda v: 0 <= v < math.inf, "a finite non-negative number")
 POSITIVE_OR_INF = Range(float, lambda v: v > 0, "a positive number (inf allowed)")  # inf: no clip
@@ -118,14 +140,18 @@ class Config:
             if not isinstance(item, bool):
                 self._refuse(field.name, value, "True or False")
         elif field.metadata["range"] is not None:
-            if not field.metadata["range"].accepts(item):
-                self._refuse(field.name, value, field.metadata["range"].requirement)
+            problem = field.metadata["range"].problem(item)
+            if problem:
+                self._refuse(field.name, value, problem)
         elif not isinstance(item, kind):
             self._refuse(field.name, value, f"a {kind.__name__}")
 
     def _refuse(self, name: str, value, requirement: str):
+        shown = repr(value)
+        if len(shown) > 60:  # a hostile value (a 4000-digit integer) stays one short line
+            shown = f"{shown[:40]}... ({len(shown)} characters)"
         raise errors.ConfigError(f"{type(self).__module__}.{type(self).__qualname__}: {name}="
-                                 f"{value!r} is not {requirement}.")
+                                 f"{shown} is not {requirement}.")
 
     def replace(self, **changes):
         """A copy with `changes`, checked like the original."""
@@ -138,8 +164,16 @@ class Config:
     def from_saved(cls, saved: dict):
         """The config of a run from its saved settings (config.json's contents): each field
         named at the top level or, for the loop's settings, in "train"; settings the config
-        does not have (those derived from it) are left out, missing fields take their
-        defaults."""
+        does not have (those derived from it, such as "experiment") are left out, missing
+        fields take their defaults.
+
+        Raises:
+          ConfigError: `saved` or its "train" is no dict, or a value is out of its field's
+            range or of the wrong type.
+        """
+        if not isinstance(saved, dict) or not isinstance(saved.get("train", {}), dict):
+            raise errors.ConfigError(f"{cls.__module__}.{cls.__qualname__}: saved settings "
+                                     "must be a JSON object with a \"train\" object.")
         names = {field.name for field in dataclasses.fields(cls)}
         values = {name: saved[name] for name in names if name in saved}
         train = saved.get("train", {})
@@ -149,8 +183,18 @@ class Config:
 
     @classmethod
     def from_json(cls, path: str):
-        """The config of the finished run whose config.json is at `path`."""
-        return cls.from_saved(records.read_json(path))
+        """The config of the finished run whose config.json is at `path`.
+
+        Raises:
+          ConfigError: in one line naming `path`: it cannot be read, is not a JSON object
+            (truncated, nested too deep, an integer too long to read), or holds a setting
+            that is out of range or of the wrong type.
+        """
+        saved = records.read_record(path, errors.ConfigError)
+        try:
+            return cls.from_saved(saved)
+        except errors.ConfigError as err:
+            raise errors.ConfigError(f"{path}: {err}") from None
 
 
 def add_flags(parser: argparse.ArgumentParser, config: type[Config]) -> argparse.ArgumentParser:

@@ -30,14 +30,16 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from experiments import common, configs
 from lvm_jax import cpu_devices, data, evaluate
-from lvm_jax.errors import ConfigError
+from lvm_jax.errors import ConfigError, RecordError, UserError
 from lvm_jax.models.priors import StandardNormalPrior
-from lvm_jax.train import (CheckpointError, Checkpointer, Objective, TrainConfig,
-                           device_description, initial_state, records)
+from lvm_jax.train import (CheckpointError, Objective, TrainConfig, device_description,
+                           initial_state, interrupt, records)
+from lvm_jax.train.checkpoint import newest_record, restore_committed
 from lvm_jax.train import workdir as workdir_lock
 
 # The experiments whose models give importance weights (`evaluate.iwae_log_weights`).
@@ -55,8 +57,16 @@ UNITS = {"iwae_nll": f"{NATS}, importance-weighted bound with iwae_num_samples s
 
 
 class Run(NamedTuple):
-    """A trained run, rebuilt: its config.json, data, model, objective (for `preprocess`),
-    the parameters to evaluate and the step of their checkpoint."""
+    """A trained run, rebuilt: its config.json, data, model, objective, the parameters to
+    evaluate and the step of their checkpoint.
+
+    The model takes its examples as the training step did, preprocessed: stored uint8
+    images scaled to [-1, 1] or binarized, MNIST digits cropped. `preprocess` does it:
+
+        run = load_run("runs/vae/mnist_embedded")
+        terms = run.model.apply({"params": run.params}, run.preprocess(run.dataset.test[:8]),
+                                jax.random.key(0))  # per-example ELBO terms, nats
+    """
 
     config: dict
     dataset: data.Dataset
@@ -65,22 +75,38 @@ class Run(NamedTuple):
     params: Any
     step: int
 
+    def preprocess(self, examples) -> jax.Array:
+        """`examples` as stored (e.g. `dataset.test[:8]`, uint8 images) -> the model's input,
+        as the training step computed it (`objective.preprocess`)."""
+        return self.objective.preprocess(jnp.asarray(examples))
+
 
 def load_run(workdir: str, data_dir: str | None = None) -> Run:
-    """Rebuilds the run in `workdir` from its config.json and latest checkpoint.
+    """Rebuilds the run in `workdir` from its config.json and newest committed checkpoint;
+    apply its model to `run.preprocess(examples)` (see `Run`).
+
+    Safe while the run trains: it reads the newest checkpoint whose record verifies, never
+    a step being written or deleted (`checkpoint.restore_committed`).
 
     Raises:
       CheckpointError: `workdir` holds no config.json or no checkpoint, or one that does
         not match the rebuilt model.
+      RecordError: config.json is malformed, or names another experiment, dataset or model
+        than the checkpoint's record.
       DataError: the run's dataset cannot be loaded.
     """
     config_path = os.path.join(workdir, "config.json")
     if not os.path.exists(config_path):
         raise CheckpointError(_no_config_message(workdir))
-    config = records.read_json(config_path)
+    config = records.read_record(config_path)
+    _check_types(config_path, config, {"experiment": str})
     experiment = config["experiment"]
     if experiment not in EVALUATED:
         raise CheckpointError(_no_bound_message(workdir, [experiment]))
+    _check_types(config_path, config, {"dataset": str, "train": dict})
+    newest = newest_record(workdir)
+    if newest is not None:  # before the config builds anything: it may name other data
+        _check_same_run(config_path, config, newest[1], newest[0])
     module = importlib.import_module(f"experiments.{MODEL_MODULES.get(experiment, experiment)}")
     dataset_name = DATASET_NAMES.get(experiment, "{}").format(config["dataset"])
     flags = types.SimpleNamespace(dataset=dataset_name, data_dir=data_dir,
@@ -100,8 +126,17 @@ def load_run(workdir: str, data_dir: str | None = None) -> Run:
         # its default.
     model = module.build_model(**kwargs)
     objective = module.make_objective(model)
-    params, step = restore_eval_params(workdir, objective, dataset.test[:1], config["train"])
+    params, step = restore_eval_params(workdir, objective, dataset.test[:1], config["train"],
+                                       expected=config)
     return Run(config, dataset, model, objective, params, step)
+
+
+def _check_types(path: str, config: dict, kinds: dict[str, type]) -> None:
+    """Refuses a config.json that lacks one of `kinds` ({key: type}) or holds another type."""
+    for key, kind in kinds.items():
+        if not isinstance(config.get(key), kind):
+            raise RecordError(f"{path} is malformed: its {key!r} is "
+                              f"{'missing' if key not in config else 'no ' + kind.__name__}.")
 
 
 def _no_bound_message(workdir: str, experiments: list[str]) -> str:
@@ -117,7 +152,7 @@ def _no_bound_message(workdir: str, experiments: list[str]) -> str:
 def _no_config_message(workdir: str) -> str:
     """Why `workdir` is no run to evaluate, naming the runs inside it (a VQ-VAE's stages, an
     MLP-VAE study's variants)."""
-    inner = {os.path.dirname(path): records.read_json(path).get("experiment") for path in
+    inner = {os.path.dirname(path): records.read_record(path).get("experiment") for path in
              sorted(glob.glob(os.path.join(glob.escape(workdir), "**", "config.json"),
                               recursive=True))}
     evaluable = [run for run, experiment in inner.items() if experiment in EVALUATED]
@@ -129,22 +164,51 @@ def _no_config_message(workdir: str) -> str:
     return f"{workdir} holds no config.json: it is no training run's workdir."
 
 
-def restore_eval_params(workdir: str, objective, example: np.ndarray, train_config: dict):
-    """(parameters to evaluate, step) of the latest checkpoint: the EMA when the run kept one.
+def restore_eval_params(workdir: str, objective, example: np.ndarray, train_config: dict,
+                        expected: dict | None = None):
+    """(parameters to evaluate, step) of the newest committed checkpoint: the EMA when the run
+    kept one. The restore target is the TrainState `fit` saves, built the same way.
 
-    The restore target is the TrainState `fit` saves, built the same way.
+    With `expected` (config.json's contents), refuses a checkpoint whose record keeps
+    another run's settings (experiment, dataset, model; the loop's "train" settings and the
+    "changes" may differ): config.json edited, or a checkpoint copied from another run.
     """
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # Checkpointer would create it
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise CheckpointError(f"{workdir} holds no checkpoints/: train the run first.")
-    checkpointer = Checkpointer(workdir)
     try:
-        if checkpointer.latest_step() is None:
-            raise CheckpointError(
-                f"{checkpointer.directory} holds no checkpoint: train the run first.")
-        state = checkpointer.restore(initial_state(objective, example, TrainConfig(**train_config)))
-    finally:
-        checkpointer.close()
-    return state.eval_params, int(state.step)
+        target = initial_state(objective, example, TrainConfig(**train_config))
+    except (TypeError, ValueError) as err:
+        raise RecordError(f"{os.path.join(workdir, 'config.json')} is malformed: its 'train' "
+                          f"settings do not build the run ({err}).") from None
+
+    def same_run(record: dict, step: int) -> None:
+        _check_same_run(os.path.join(workdir, "config.json"), expected, record, step)
+
+    state, step, _ = restore_committed(workdir, target,
+                                       same_run if expected is not None else None)
+    return state.eval_params, step
+
+
+def _check_same_run(config_path: str, config: dict, record: dict, step: int) -> None:
+    """Refuses config.json's contents `config` when they differ from the config that the
+    checkpoint of `step` keeps in its `record` (but for the loop's settings)."""
+    differ = _differences(config, record.get("config"))
+    if differ:
+        raise RecordError(
+            f"{config_path} does not match the checkpoint of step {step} ({differ[0]}): "
+            "config.json was edited, or the checkpoint is another run's. Restore config.json, "
+            "or evaluate the run the checkpoint belongs to.")
+
+
+def _differences(config: dict, saved: dict | None) -> list[str]:
+    """"dataset: config.json 'a', checkpoint 'b'" for every setting but the loop's ("train")
+    and the "changes" that differ between config.json and a checkpoint's record (none for a
+    record of an older lvm_jax, which keeps no config)."""
+    if saved is None:
+        return []
+    return [f"{key}: config.json {config.get(key)!r}, checkpoint {saved.get(key)!r}"
+            for key in sorted((set(config) | set(saved)) - {"train", "changes"})
+            if records.to_json(config.get(key)) != records.to_json(saved.get(key))]
 
 
 def _note(message: str) -> None:
@@ -168,7 +232,7 @@ class Config(configs.Config):
     num_examples: int | None = configs.setting(
         None, "evaluate the IWAE bound on the first N test examples only (default all)",
         configs.POSITIVE_INT)
-    seed: int = configs.setting(0, "seeds the importance samples", configs.NON_NEGATIVE_INT)
+    seed: int = configs.setting(0, "seeds the importance samples", configs.SEED)
     data_dir: str | None = configs.setting(None, common.DATA_DIR_HELP)
     no_progress: bool = configs.setting(False, "hide the progress bar")
 
@@ -188,9 +252,9 @@ def split_cpu(config: Config, workdir: str) -> int | None:
     count set, or None (also when config.json is missing or names no experiment, which
     `load_run` then reports)."""
     try:
-        run_config = records.read_json(os.path.join(workdir, "config.json"))
+        run_config = records.read_record(os.path.join(workdir, "config.json"))
         experiment = importlib.import_module(f"experiments.{run_config['experiment']}")
-    except (OSError, ValueError, TypeError, KeyError, ImportError):
+    except (UserError, ValueError, TypeError, KeyError, ImportError):
         return None
     if not common.splits_cpu(getattr(experiment, "Config", None), run_config.get("quick", False)):
         return None
@@ -208,6 +272,9 @@ def evaluate_run(config: Config, workdir: str) -> dict:
 
 def _evaluate_run(config: Config, workdir: str) -> dict:
     start = time.perf_counter()
+    summary_path = os.path.join(workdir, "summary.json")
+    if os.path.exists(summary_path):
+        records.read_record(summary_path)  # malformed: refused before any compute
     _note(f"restoring the run in {workdir}")
     run = load_run(workdir, config.data_dir)
     dataset, model, params = run.dataset, run.model, run.params
@@ -236,7 +303,6 @@ def _evaluate_run(config: Config, workdir: str) -> dict:
         diagnostics["kl_per_dim"] = evaluate.per_dim_kl(model, params, dataset.test,
                                                         preprocess=preprocess).tolist()
 
-    summary_path = os.path.join(workdir, "summary.json")
     metrics = {"iwae_nll": float(nll.mean()),
                "iwae_nll_stderr": float(nll.std(ddof=1) / np.sqrt(len(nll))),
                "iwae_num_samples": config.num_samples, "iwae_num_examples": len(nll),
@@ -249,6 +315,8 @@ def _evaluate_run(config: Config, workdir: str) -> dict:
             evaluate.image_bits_per_dim(metrics["iwae_nll"], dataset.num_dims, model.likelihood))
         units["iwae_bits_per_dim"] = evaluate.bits_per_dim_unit(model.likelihood)
     total_seconds = time.perf_counter() - start
+    interrupt.check("the evaluation stopped before writing its results (summary.json is as it "
+                    "was); rerun the same command to evaluate")
     summary = records.update_json(summary_path, {
         "test_metrics": metrics,
         "units": units,
@@ -270,7 +338,7 @@ def _evaluate_run(config: Config, workdir: str) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = configs.add_flags(argparse.ArgumentParser(prog="python -m experiments.evaluate",
+    p = configs.add_flags(common.ArgumentParser(prog="python -m experiments.evaluate",
                                                   description=__doc__,
                                                   formatter_class=common.HelpFormatter), Config)
     p.add_argument("--workdir", required=True, help="the training run's output directory")

@@ -28,5 +28,10 @@ class CheckpointError(UserError, RuntimeError):
     """A workdir's checkpoint cannot be used: corrupted, or from another model or config."""
 
 
+class RecordError(CheckpointError):
+    """A run's record (config.json, metrics.csv, summary.json, a checkpoint's record.json) is
+    unreadable, malformed, or contradicts the others; nothing was changed."""
+
+
 class NonFiniteLossError(UserError, FloatingPointError):
     """Training produced a NaN or infinite loss; the last good state is checkpointed."""

@@ -32,6 +32,7 @@ from lvm_jax.data import batching
 from lvm_jax.models import vae
 from lvm_jax.models.likelihoods import Likelihood
 from lvm_jax.models.priors import StandardNormalPrior
+from lvm_jax.train import interrupt
 from lvm_jax.train.loop import dispatch_bounded
 from lvm_jax.train.progress import Progress
 
@@ -176,6 +177,10 @@ def iwae_nll(model, params, data: np.ndarray, rng: jax.Array, num_samples: int =
     queued = collections.deque()
     previous = None
     for j, (batch, size) in enumerate(batches):
+        # A signal (`interrupt.handled`, as the experiments run) stops the pass between
+        # batches: nothing is written before it ends.
+        interrupt.check(f"the importance-weighted bound stopped at batch {j} of {len(batches)}, "
+                        "before its results were written; rerun the same command to compute it")
         keys = jax.random.split(jax.random.fold_in(rng, j), num_samples // chunk)
         batch = batching.put_replicated(batch, mesh)
         calls = [dispatch_bounded(queued, _chunk_log_weights, model, params, batch, key, chunk,

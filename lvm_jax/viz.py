@@ -94,7 +94,7 @@ def save_curves(metrics_csv: str, path: str, names=("neg_elbo", "recon", "kl"),
     unit: the y-axis label of every panel, or a dict {metric name: label}.
     log_scale: a logarithmic y axis, for positive metrics that fall by orders of
     magnitude (the VQ-VAE's losses); otherwise a linear axis clipped to the
-    bulk of the values.
+    bulk of the values, the panel's title saying how many points lie above it.
     """
     rows = MetricsLog.read(metrics_csv)
     # Constrained layout keeps the figure title clear of the panel titles.
@@ -108,17 +108,33 @@ def save_curves(metrics_csv: str, path: str, names=("neg_elbo", "recon", "kl"),
                 ax.plot(steps, values, label=f"{split} (per {'step' if split == 'train' else 'epoch'})",
                         **style)
         values = [float(r[name]) for r in rows if r[name]]
+        clipped = None
         if log_scale and any(v > 0 for v in values):  # FSQ's VQ terms are all zero
             ax.set_yscale("log")
         elif values:  # keep the first steps' large values from flattening the curve
-            low, high = np.percentile(values, [0, 97])
-            if high > low:  # a constant metric keeps matplotlib's own margins
-                ax.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
-        ax.set(title=name, xlabel="step", ylabel=unit[name] if isinstance(unit, dict) else unit)
+            clipped = clip_to_bulk(ax, values, 97)
+        ax.set(title=name + (f"\n({clipped})" if clipped else ""), xlabel="step",
+               ylabel=unit[name] if isinstance(unit, dict) else unit)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no half steps on short runs
         ax.legend()
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def clip_to_bulk(ax, values, percentile: float) -> str | None:
+    """Sets the y axis of `ax` from the least of `values` to their `percentile`, so that the
+    first steps' large values do not flatten the curve. Returns what the panel's title must
+    add, how many points lie above the axis and the largest ("1 point above the axis, up to
+    1000"), or None when none do. A constant metric keeps matplotlib's own margins."""
+    low, high = np.percentile(values, [0, percentile])
+    if not high > low:
+        return None
+    top = high + 0.1 * (high - low)
+    ax.set_ylim(low - 0.05 * (high - low), top)
+    above = [v for v in values if v > top]
+    if not above:
+        return None
+    return f"{len(above)} point{'s' * (len(above) > 1)} above the axis, up to {max(above):.4g}"
 
 
 @primary_only
@@ -150,9 +166,8 @@ def save_curve_comparison(metrics_csvs: dict[str, str], path: str, name: str, un
             steps, values = zip(*points)
             ax.plot(steps, values, color=f"C{i}", **style)
     values = [float(r[name]) for p in metrics_csvs.values() for r in MetricsLog.read(p) if r[name]]
-    low, high = np.percentile(values, [0, 95])
-    ax.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
-    ax.set(xlabel="step", ylabel=unit, title=title)
+    clipped = clip_to_bulk(ax, values, 95)
+    ax.set(xlabel="step", ylabel=unit, title=title + (f"\n({clipped})" if clipped else ""))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(title="thin: train, per step\nmarkers: test, per epoch", loc="upper left",
               bbox_to_anchor=(1.01, 1.0), fontsize="small", title_fontsize="small")

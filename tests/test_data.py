@@ -3,6 +3,7 @@
 import hashlib
 import math
 import pickle
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -113,8 +114,38 @@ def test_vector_validation():
 
 
 def test_tfds_preparation_failure_names_the_fix(tmp_path):
-    with pytest.raises(data.DataError, match="lvm_jax\\[tfds_prepare\\]"):
+    with pytest.raises(data.DataError, match=re.escape('pip install -e ".[tfds_prepare]"')):
         data.load("cifar10", str(tmp_path / "no_such_dir"))
+
+
+@pytest.mark.parametrize("missing", ["tensorflow", "importlib_resources"])
+def test_tfds_preparation_without_its_packages_says_what_to_do_in_one_line(missing, monkeypatch):
+    """TensorFlow, or a package it or TFDS's preparation imports, missing: one line with the
+    install command, that preparing downloads, and --data_dir."""
+    def data_source(*args, **kwargs):
+        raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+
+    monkeypatch.setattr(tfds, "data_source", data_source)
+    with pytest.raises(data.DataError) as err:
+        data.load("mnist")
+    message = str(err.value)
+    assert "\n" not in message and f"(missing: {missing})" in message
+    assert message.startswith("the TFDS dataset 'mnist' is not prepared in TFDS's default data "
+                              "directory ($TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    for advice in ('pip install -e ".[tfds_prepare]"', "downloads the data, so it needs the "
+                   "internet", "--data_dir", "mnist_embedded"):
+        assert advice in message
+
+
+def test_tfds_failure_with_a_multi_line_cause_is_one_line(monkeypatch):
+    def data_source(*args, **kwargs):
+        raise OSError("no route to host\nretrying failed")
+
+    monkeypatch.setattr(tfds, "data_source", data_source)
+    with pytest.raises(data.DataError) as err:
+        data.load("svhn", "/nowhere")
+    assert "\n" not in str(err.value) and "(OSError: no route to host retrying failed)" in str(err.value)
+    assert "in --data_dir /nowhere" in str(err.value)
 
 
 def test_epoch_order_is_a_deterministic_permutation():

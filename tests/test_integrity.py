@@ -314,13 +314,20 @@ def test_finished_run_rerun_changes_nothing_and_keeps_what_evaluate_wrote(tmp_pa
 
     files = outputs()
     assert any(path.startswith("tensorboard/") for path in files)
-    for _ in range(2):
-        vae_2d.main(argv)  # nothing written: no new figures in TensorBoard, no file rewritten
+    assert "s in all (IWAE pass" in capsys.readouterr().out
+    # Nothing written: no new figures in TensorBoard, no file rewritten, and a learning rate
+    # that can no longer change the result is not recorded as a change (issue 26.2).
+    for extra in ([], ["--learning_rate", "3e-4"], ["--learning_rate", "1e-3"]):
+        vae_2d.main(argv + extra)
         assert outputs() == files
+        assert "holds a finished run (step 4 of 4): nothing to train" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:  # a setting that changes the result: refused
+        vae_2d.main(argv + ["--seed", "1"])
+    assert done.value.code == 1 and "seed: saved 0, now 1" in capsys.readouterr().err
+    assert outputs() == files
     assert "iwae_nll" in summary["test_metrics"] and "latent_diagnostics" in summary
     timing = summary["iwae_evaluation"]  # the whole command's time, not the IWAE pass alone
     assert timing["wall_time_seconds"] > timing["iwae_seconds"] > 0
-    assert "s in all (IWAE pass" in capsys.readouterr().out
 
 
 def test_timings_add_up_over_resumed_segments(resumed_run):

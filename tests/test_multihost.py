@@ -4,7 +4,8 @@ Two processes on this machine's CPU, 2 simulated devices each, joined by
 `jax.distributed.initialize` (CPU collectives through gloo), train a tiny 2D VAE
 in one shared workdir: one epoch, then a second resumed from the orbax checkpoint.
 They must agree with each other and with one process trained on the same global
-batches, and only process 0 may write files.
+batches, and only process 0 may write files. With `--input stream` each host must
+also read only its own shard of the training set.
 """
 
 import json
@@ -68,21 +69,30 @@ CHILD = textwrap.dedent("""
     import json, os, sys
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    process, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    process, port, workdir, streamed = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     # The resumed run compiles what the first compiled: take it from the disk cache.
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, f"jit_cache{process}"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process)
     import numpy as np
     from lvm_jax import viz
+    from lvm_jax.data import stream
     from lvm_jax.train import TrainConfig, fit, records
     from tests.helpers import tiny_objective
     from tests.test_multihost import CONFIG, TEST, TRAIN
 
+    class Recorded(stream.ArraySource):  # the examples this host reads
+        read = set()
+
+        def read_batch(self, indices):
+            self.read.update(int(i) for i in indices)
+            return super().read_batch(indices)
+
     assert jax.device_count() == 4 and jax.local_device_count() == 2, jax.devices()
+    train = Recorded(TRAIN, "toy") if streamed == "stream" else TRAIN
     first = TrainConfig(**{**CONFIG.__dict__, "epochs": 1})
-    fit(tiny_objective(), TRAIN, TEST, first, workdir, {"model": "tiny"})
-    result = fit(tiny_objective(), TRAIN, TEST, CONFIG, workdir, {"model": "tiny"})
+    fit(tiny_objective(), train, TEST, first, workdir, {"model": "tiny"})
+    result = fit(tiny_objective(), train, TEST, CONFIG, workdir, {"model": "tiny"})
     own = os.path.join(workdir, f"process{process}")
     written = [records.write_atomic(os.path.join(own, "a.txt"), "a"),
                viz.save_curves(os.path.join(workdir, "metrics.csv"), os.path.join(own, "b.png"))]
@@ -91,7 +101,8 @@ CHILD = textwrap.dedent("""
                "resumed_from_step": result.summary["resumed_from_step"],
                "device": result.summary["device"],
                "wrote": sorted(os.listdir(own)) if os.path.exists(own) else [],
-               "returned": [os.path.basename(p) for p in written]}, sys.stdout)
+               "returned": [os.path.basename(p) for p in written],
+               "read": sorted(Recorded.read)}, sys.stdout)
 """)
 
 
@@ -123,11 +134,13 @@ def single_process_reference():
     return np.asarray(metrics["loss"]), jax.tree.leaves(jax.device_get(state.params)), test_metrics
 
 
-def test_two_processes_train_like_one_on_the_same_global_batches(tmp_path):
+@pytest.mark.parametrize("input", ["memory", "stream"])
+def test_two_processes_train_like_one_on_the_same_global_batches(tmp_path, input):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "JAX_PLATFORMS": "cpu"}
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(p), str(port), str(tmp_path)],
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(p), str(port), str(tmp_path),
+                               input],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
              for p in range(HOSTS)]
@@ -159,3 +172,62 @@ def test_two_processes_train_like_one_on_the_same_global_batches(tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]
     assert outs[0]["wrote"] == ["a.txt", "b.png"] and outs[1]["wrote"] == []
     assert outs[0]["returned"] == outs[1]["returned"] == ["a.txt", "b.png"]
+    if input == "stream":  # each host read its own shard: all of it, nothing else (the
+        # first example is read by both, to initialise the parameters)
+        for p, out in enumerate(outs):
+            shard = batching.host_shard(len(TRAIN), p, HOSTS)
+            assert set(out["read"]) - {0} == set(range(shard.start, shard.stop)) - {0}
+
+
+STOPPED_CHILD = textwrap.dedent("""
+    import json, os, signal, sys, time
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    process, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process)
+    import numpy as np
+    from lvm_jax.train import fit, interrupt
+    from tests.helpers import tiny_objective
+    from tests.test_multihost import CONFIG, TEST, TRAIN
+
+    with interrupt.handled():
+        if process == 1:  # only host 1 is told to stop, as by a preemption notice
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+        try:
+            fit(tiny_objective(), TRAIN, TEST, CONFIG, workdir, {"model": "tiny"})
+            stopped = None
+        except interrupt.Interrupted as stop:
+            stopped = [str(stop), stop.exit_status]
+    result = fit(tiny_objective(), TRAIN, TEST, CONFIG, workdir, {"model": "tiny"})  # resumes
+    json.dump({"stopped": stopped, "resumed_from_step": result.summary["resumed_from_step"],
+               "params": [np.asarray(p).tolist() for p in jax.tree.leaves(result.state.params)]},
+              sys.stdout)
+""")
+
+
+def test_a_signal_on_one_host_stops_every_host_at_the_same_saved_step(tmp_path):
+    """Host 1 alone gets SIGTERM; the hosts agree on the flag (an all-gather at each step
+    boundary), so both save their parts of the same checkpoint, stop, and resume alike."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu"}
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", STOPPED_CHILD, str(p), str(port),
+                               str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for p in range(HOSTS)]
+    try:
+        outs = []
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=300)
+            assert proc.returncode == 0, stderr[-3000:]
+            outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for proc in procs:
+            proc.kill()
+    saved = os.path.join(tmp_path, "checkpoints", "0")
+    for out in outs:
+        assert out["stopped"] == [f"stopped by SIGTERM: step 0 of 8 is saved in {saved}; rerun "
+                                  "the same command to resume from it", 143]
+    assert outs[0]["params"] == outs[1]["params"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]  # step 0 kept 2 newest

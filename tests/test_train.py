@@ -99,7 +99,7 @@ def test_asynchronous_saves_are_complete_and_recorded_before_anything_reads_them
     checkpointer.save(at(1), {"elapsed_seconds": 1.0})
     checkpointer.save(at(2), {"elapsed_seconds": 2.0})  # waits for step 1
     record_1 = json.loads((tmp_path / "async" / "checkpoints" / "1" / RECORD_FILE).read_text())
-    assert record_1 == {"sha256": file_digests(checkpointer.step_directory(1)),
+    assert record_1 == {"step": 1, "sha256": file_digests(checkpointer.step_directory(1)),
                         "timing": {"elapsed_seconds": 1.0}}
     assert checkpointer.all_steps() == [1, 2]
     assert checkpointer.timing(2) == {"elapsed_seconds": 2.0}
@@ -126,7 +126,8 @@ def test_a_finished_save_is_recorded_without_waiting_so_a_killed_run_stays_verif
         time.sleep(0.05)  # nothing here calls the checkpointer, as in a run killed now
     assert os.path.exists(record)
     assert read_json(record) == {
-        "sha256": file_digests(checkpointer.step_directory(0)), "timing": {"elapsed_seconds": 1.5}}
+        "step": 0, "sha256": file_digests(checkpointer.step_directory(0)),
+        "timing": {"elapsed_seconds": 1.5}}
     checkpointer.close()
 
 
@@ -272,10 +273,28 @@ def test_dispatch_bounded_waits_for_the_oldest_call_once_the_queue_is_full():
     assert len(queued) == loop.MAX_EVAL_CALLS_IN_FLIGHT
 
 
-def test_epoch_lines_name_each_unit_once_after_the_metrics_in_it():
+def test_epoch_lines_name_no_unit_and_the_units_line_names_each_once():
     units = {"kl": "nats per example", "loss": "nats per example, the training objective",
              "bits_per_dim": "bits per dimension (8-bit scale)"}
     metrics = {"kl": 1.5, "loss": 2.25, "bits_per_dim": 3.0, "count": 4.0}
-    assert loop.metrics_line(metrics, units) == ("kl 1.5000, loss 2.2500 nats per example; "
-                                                 "bits_per_dim 3.0000 bits per dimension (8-bit "
-                                                 "scale); count 4.0000")
+    assert loop.metrics_line("test ", metrics) == ("test kl 1.5000, loss 2.2500, bits_per_dim 3.0000, "
+                                                   "count 4.0000")
+    assert loop.units_line(metrics, units) == ("units: kl, loss in nats per example; bits_per_dim "
+                                               "in bits per dimension (8-bit scale)")
+    assert loop.units_line({"count": 1.0}, units) is None
+
+
+def test_vqvae_epoch_lines_stay_under_160_characters():
+    """The VQ-VAE's seven test metrics, each with its own unit, ran to 390 characters."""
+    from experiments import vqvae
+
+    metrics = {name: 1234.5678 for name in ("batch_codebook_usage", "codebook_loss",
+                                            "commitment_loss", "loss", "perplexity", "recon_mse",
+                                            "vq_loss")}
+    lines = loop.metrics_line("epoch 20/20: test ", metrics).splitlines()
+    assert len(lines) == 2 and all(len(line) < 160 for line in lines)
+    assert lines[0].startswith("epoch 20/20: test batch_codebook_usage 1234.5678, codebook_loss")
+    assert lines[1] == "    recon_mse 1234.5678, vq_loss 1234.5678" and lines[0].endswith(",")
+    header = loop.units_line(metrics, vqvae.UNITS).splitlines()
+    assert header[0] == "units:" and all(len(line) < 160 for line in header)
+    assert "  recon_mse: mean squared error per element" in header

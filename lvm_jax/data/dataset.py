@@ -5,17 +5,20 @@ import math
 
 import numpy as np
 
+from lvm_jax.data import stream
 from lvm_jax.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """A dataset held whole in host memory.
+    """A dataset: its test split whole in host memory, its training split too or read while
+    training.
 
     Attributes:
       name: registry name, e.g. "mnist_embedded".
       train, test: images as uint8 (N, H, W, C) with values in [0, 255], or
-        vectors as float32 (N, D).
+        vectors as float32 (N, D); `train` may instead be a source read while training
+        (`lvm_jax.data.stream`), which has the shape, dtype, length and slices of one.
       kind: "image" or "vector".
     """
 
@@ -23,6 +26,11 @@ class Dataset:
     train: np.ndarray
     test: np.ndarray
     kind: str
+
+    def head(self, num_train: int, num_test: int) -> "Dataset":
+        """The first examples of each split; a streamed training split stays streamed."""
+        return Dataset(self.name, stream.head(self.train, num_train), self.test[:num_test],
+                       self.kind)
 
     @property
     def event_shape(self) -> tuple[int, ...]:
@@ -39,7 +47,8 @@ class Dataset:
         """Range of the stored values: (0, 255) for images, observed min/max for vectors."""
         if self.kind == "image":
             return (0.0, 255.0)
-        return (float(self.train.min()), float(self.train.max()))
+        train = self.train[:]  # vectors: a streamed split is read whole for this
+        return (float(train.min()), float(train.max()))
 
     def describe(self) -> str:
         return (f"{self.name}: {len(self.train)} train / {len(self.test)} test, "

@@ -1,14 +1,17 @@
-"""Full datasets through TensorFlow Datasets, loaded whole into uint8 arrays.
+"""Full datasets through TensorFlow Datasets, loaded whole into uint8 arrays or streamed.
 
 Reading goes through `tfds.data_source` (random access to the prepared
 array_record files, images decoded by pillow), which needs no TensorFlow.
-Preparing an image dataset the first time does need TensorFlow to encode the
-images: install the optional extra `pip install "lvm_jax[tfds_prepare]"`.
+Preparing an image dataset the first time downloads it (so it needs the
+internet) and needs TensorFlow to encode the images: the optional extra,
+`pip install -e ".[tfds_prepare]"` from a clone. A dataset prepared elsewhere is
+read from its --data_dir.
 """
 
 import numpy as np
 
 from lvm_jax.data.dataset import DataError, as_uint8_images, pad_to_32
+from lvm_jax.data.stream import RecordSource
 
 # our name -> TFDS name
 TFDS_NAMES = {
@@ -19,34 +22,57 @@ TFDS_NAMES = {
 }
 
 
-def _read_split(source) -> np.ndarray:
-    images = np.stack([example["image"] for example in source])
-    return images[..., None] if images.ndim == 3 else images
+_EMBEDDED = "use an embedded dataset (mnist_embedded, patches_embedded), which needs no download"
 
 
-def load(name: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) uint8 NHWC images of a TFDS dataset; MNIST variants padded to 32x32."""
+def _where(data_dir: str | None) -> str:
+    return (f"--data_dir {data_dir}" if data_dir else
+            "TFDS's default data directory ($TFDS_DATA_DIR or ~/tensorflow_datasets)")
+
+
+def _images(name: str, images: np.ndarray, what: str) -> np.ndarray:
+    """Decoded TFDS images (N, H, W[, C]) as the stored uint8 NHWC images of `name`: {0, 1}
+    scaled to {0, 255}, MNIST variants padded to 32x32. The same on both input paths."""
+    images = images[..., None] if images.ndim == 3 else images
+    if name == "binarized_mnist":  # stored as {0, 1}; keep the uint8 [0, 255] convention
+        images = images * 255
+    images = as_uint8_images(images, what)
+    return pad_to_32(images) if "mnist" in name else images
+
+
+def _sources(name: str, data_dir: str | None):
+    """The (train, test) `tfds.data_source`s of `name`, prepared first if need be."""
     import tensorflow_datasets as tfds
 
     tfds_name = TFDS_NAMES[name]
     try:
-        sources = tfds.data_source(tfds_name, split=["train", "test"], data_dir=data_dir)
-    except ModuleNotFoundError as err:
+        return tfds.data_source(tfds_name, split=["train", "test"], data_dir=data_dir)
+    except ImportError as err:  # TensorFlow, or one of the packages preparing needs
         raise DataError(
-            f"preparing the TFDS dataset {tfds_name!r} needs TensorFlow ({err}). Install the "
-            'optional extra: pip install "lvm_jax[tfds_prepare]", or point --data_dir at a '
-            "directory where it is already prepared.") from err
+            f"the TFDS dataset {tfds_name!r} is not prepared in {_where(data_dir)}, and preparing "
+            f"it needs the optional extra (missing: {err.name or err}): "
+            f'pip install -e ".[tfds_prepare]" (preparing downloads the data, so it needs the '
+            f"internet), or pass --data_dir where it is prepared, or {_EMBEDDED}.") from err
     except Exception as err:  # download or preparation failed: say what to do
         raise DataError(
-            f"could not load or prepare the TFDS dataset {tfds_name!r} in data_dir={data_dir!r}: "
-            f"{type(err).__name__}: {err}. Preparing needs internet access and "
-            'pip install "lvm_jax[tfds_prepare]"; or use an embedded dataset '
-            "(mnist_embedded, patches_embedded), which needs no download.") from err
-    train, test = (_read_split(s) for s in sources)
-    if name == "binarized_mnist":  # stored as {0, 1}; keep the uint8 [0, 255] convention
-        train, test = train * 255, test * 255
-    train = as_uint8_images(train, f"TFDS {tfds_name} train")
-    test = as_uint8_images(test, f"TFDS {tfds_name} test")
-    if "mnist" in name:
-        train, test = pad_to_32(train), pad_to_32(test)
-    return train, test
+            f"could not load or prepare the TFDS dataset {tfds_name!r} in {_where(data_dir)} "
+            f"({type(err).__name__}: {' '.join(str(err).split())}): preparing downloads the "
+            f'data, so it needs the internet and pip install -e ".[tfds_prepare]"; or pass '
+            f"--data_dir where it is prepared, or {_EMBEDDED}.") from err
+
+
+def load(name: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) uint8 NHWC images of a TFDS dataset; MNIST variants padded to 32x32."""
+    sources = _sources(name, data_dir)
+    return tuple(_images(name, np.stack([example["image"] for example in source]),
+                         f"TFDS {TFDS_NAMES[name]} {split}")
+                 for source, split in zip(sources, ("train", "test")))
+
+
+def stream(name: str, data_dir: str | None = None) -> tuple[RecordSource, np.ndarray]:
+    """(train read example by example from its `tfds.data_source`, test whole)."""
+    train, test = _sources(name, data_dir)
+    what = f"TFDS {TFDS_NAMES[name]}"
+    return (RecordSource(train, f"{what} train", decode=lambda example: example["image"],
+                         to_examples=lambda images: _images(name, images, f"{what} train")),
+            _images(name, np.stack([example["image"] for example in test]), f"{what} test"))

@@ -50,7 +50,11 @@ class VAE(nn.Module):
         self.head = GaussianHead(self.latent_dim, dtype=self.dtype)
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """q(z|x): (mean, log_var), each (batch, latent_dim) float32."""
+        """q(z|x): (mean, log_var), each (batch, latent_dim) float32; `x` preprocessed (float)."""
+        if not jnp.issubdtype(x.dtype, jnp.floating):  # checked once, when traced
+            raise TypeError(f"the VAE takes preprocessed floating-point inputs, not {x.dtype}: "
+                            "apply it to run.preprocess(x) (experiments.evaluate.load_run) or "
+                            "its objective's preprocess(x), e.g. uint8 images scaled to [-1, 1].")
         return self.head(self.trunk(x))
 
     def decode(self, z: jax.Array) -> jax.Array:

@@ -4,7 +4,10 @@ The dataset lives whole on the devices; each compiled call runs
 `steps_per_call` optimizer steps as one `lax.scan` over batches gathered on
 the device from permuted indices, so no step waits on the host. Batches are
 split over the `data` axis of the mesh and parameters replicated; XLA inserts
-the gradient all-reduce (DESIGN.md §4).
+the gradient all-reduce (DESIGN.md §4). Training data given as a source
+(`lvm_jax.data.stream`) is streamed instead: read by grain, the same batches
+in the same order, placed on the devices while the previous call runs
+(`lvm_jax.train.feeds`).
 
 Multi-host: every process (one per host, after `jax.distributed.initialize()`)
 calls `fit` with the same arguments. Each keeps its shard of the training set
@@ -16,7 +19,6 @@ coordinates the hosts), and only process 0 writes metrics, config and summary.
 
 import collections
 import dataclasses
-import itertools
 import math
 import os
 import platform
@@ -30,7 +32,7 @@ import optax
 
 from lvm_jax.data import batching
 from lvm_jax.errors import ConfigError, NonFiniteLossError
-from lvm_jax.train import records, workdir as workdir_lock
+from lvm_jax.train import feeds, interrupt, links, records, workdir as workdir_lock
 from lvm_jax.train.checkpoint import Checkpointer
 from lvm_jax.train.progress import Progress
 from lvm_jax.train.state import Objective, TrainConfig, TrainState
@@ -38,8 +40,9 @@ from lvm_jax.train.state import Objective, TrainConfig, TrainState
 # The units of the metrics.csv columns `fit` adds to an objective's metrics.
 LOG_UNITS = {"time": "seconds since the run started (over resumed segments)",
              "grad_norm": "global L2 norm of the gradient of the loss, before clipping"}
-# Settings a resumed run may change; config.json records the step of each change.
-CHANGEABLE_ON_RESUME = ("train.learning_rate",)
+# Settings a resumed run may change; config.json records the step of each change. Both
+# inputs train on the same batches, so a run may switch between them.
+CHANGEABLE_ON_RESUME = ("train.learning_rate", "input")
 
 
 @dataclasses.dataclass
@@ -76,14 +79,16 @@ def initial_state(objective: Objective, example: np.ndarray, config: TrainConfig
                              ema_params=params if config.ema_decay is not None else None)
 
 
-def make_train_chunk(objective: Objective, mesh, ema_decay: float | None = None):
+def make_train_chunk(objective: Objective, mesh, ema_decay: float | None = None, read=None):
     """jit((state, data, idx (n, batch), key) -> (state, metrics stacked over n steps)).
 
-    `data` from `batching.put_host_shard`, `idx` from `batching.put_host_indices`.
+    `data` from `batching.put_host_shard`, `idx` from `batching.put_host_indices`; or
+    with `read` (a feed's, `lvm_jax.train.feeds`), step i trains on read(data, idx[i]).
     """
+    read = read or (lambda data, idx: batching.gather_host_shard(data, idx, mesh))
 
     def step(state, idx, data, key):
-        batch = objective.preprocess(batching.gather_host_shard(data, idx, mesh))
+        batch = objective.preprocess(read(data, idx))
         rng = jax.random.fold_in(key, state.step)
 
         def loss_of(params):
@@ -200,6 +205,24 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
+def non_finite_leaves(tree) -> list[str]:
+    """The paths ("opt_state/0/nu/Dense_0/kernel") of the floating-point leaves of `tree`
+    that hold a NaN or an infinity."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    inexact = [(path, leaf) for path, leaf in flat
+               if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+    finite = jax.device_get(jax.jit(lambda leaves: [jnp.all(jnp.isfinite(x)) for x in leaves])(
+        [leaf for _, leaf in inexact]))
+    return [jax.tree_util.keystr(path, simple=True, separator="/")
+            for (path, _), ok in zip(inexact, finite) if not ok]
+
+
+def _leaves_line(paths: list[str], limit: int = 3) -> str:
+    """"opt_state/0/nu/Dense_0/kernel, ... (5 leaves)": the first `limit` of `paths`."""
+    more = f", ... ({len(paths)} leaves)" if len(paths) > limit else ""
+    return ", ".join(paths[:limit]) + more
+
+
 def device_description() -> str:
     devices = jax.devices()
     hosts = f" on {jax.process_count()} hosts" if jax.process_count() > 1 else ""
@@ -216,18 +239,30 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
     checkpoint, and writes `summary.json`. A resumed run gives the same result
     as an uninterrupted one: data order and noise derive from (seed, epoch, step).
     The workdir is locked for the whole call (`lvm_jax.train.workdir`). Rerunning
-    a finished run changes none of its files. The learning rate may change on
-    resume (config.json records the step); every other setting must match.
+    a finished run changes none of its files, whatever its learning rate. The
+    learning rate may change on resume (config.json records the step); every
+    other setting must match.
+
+    SIGINT and SIGTERM (inside `interrupt.handled()`, as the experiments run) stop
+    the run at the next step boundary after checkpointing the current step, and
+    raise `interrupt.Interrupted`; rerunning the same call resumes from there.
 
     A NaN or infinite training loss stops the run after checkpointing the last
     good state: the newest state whose floating-point leaves are all finite and
-    whose own loss (the loss of the next step) was finite.
+    whose own loss (the loss of the next step) was finite. So does a parameter or
+    optimizer state (e.g. Adam's second moment overflowing while the loss stays
+    finite) that becomes non-finite, checked after every call: the message names
+    the leaves, and the newest state whose every leaf is finite is checkpointed.
+    The summary is written once the final checkpoint is committed, and names it
+    ("checkpoint_step").
 
     Args:
       objective: the model's init and loss (the loop knows nothing else of it).
       train_data, test_data: whole arrays (N, ...) as stored, e.g. uint8 images; in a
         multi-host run every process passes the same ones and keeps its
         `batching.host_shard` of train_data (the last N % hosts examples are dropped).
+        train_data may be a source (`lvm_jax.data.stream`, `--input stream`): each
+        host then reads only its shard's examples, while training.
       config: loop hyperparameters.
       workdir: output directory.
       run_config: the experiment's settings; a resumed run must have the same.
@@ -236,9 +271,14 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
     Raises:
       ConfigError: bad sizes (batch larger than the data, not divisible by the devices),
         or fewer epochs than the workdir's checkpoint has trained.
-      WorkdirError: the workdir is a file, is not writable, or another run holds it.
+      WorkdirError: the workdir is a file, is not writable, or another run holds it; a
+        file of the run is a symbolic link; the disk filled up or refused a write (the
+        message names the path and the cause: fix it and rerun to resume).
       CheckpointError: the workdir holds a corrupted checkpoint or a different run.
-      NonFiniteLossError: the loss became NaN or infinite (the last good state is saved).
+      RecordError: config.json or metrics.csv is malformed or disagrees with the checkpoint.
+      NonFiniteLossError: the loss, a parameter or the optimizer state became NaN or
+        infinite (the last good state is saved; the message names the leaves).
+      interrupt.Interrupted: a signal stopped the run (the current step is saved).
     """
     mesh = mesh or batching.data_mesh()
     num_devices, num_hosts = mesh.devices.size, jax.process_count()
@@ -260,28 +300,75 @@ def fit(objective: Objective, train_data: np.ndarray, test_data: np.ndarray,
                    if k not in TrainConfig.RESUMABLE}
     saved_config = {**dict(run_config or {}), "train": loop_config}
 
-    with workdir_lock.locked(workdir), Checkpointer(workdir) as checkpointer:
-        return _fit(objective, train_data, test_data, config, workdir, saved_config, tx, mesh,
-                    checkpointer, shard, steps_per_epoch)
+    steps_per_call = max(1, min(config.steps_per_call, steps_per_epoch))
+    try:
+        with interrupt.handled(), workdir_lock.locked(workdir):
+            if records.is_primary():  # before anything is written, not when summary.json is
+                links.refuse_links_in(workdir, inside=(records.TENSORBOARD_DIR,))
+            with Checkpointer(workdir) as checkpointer:
+                feed = feeds.feed_for(train_data, mesh, config.seed, steps_per_epoch,
+                                      config.batch_size // num_hosts, shard,
+                                      config.epochs * steps_per_epoch, steps_per_call)
+                try:
+                    return _fit(objective, feed, test_data, config, workdir, saved_config,
+                                tx, mesh, checkpointer, steps_per_call, steps_per_epoch)
+                finally:
+                    feed.close()
+    except Exception as err:
+        # A full disk or a refused write, met anywhere (orbax's threads wrap it): the
+        # checkpointer has closed, waiting for the save in flight, so name the cause alone.
+        disk_error = records.disk_error(err)
+        if disk_error is None:
+            raise
+        raise disk_error from None
 
 
-def metrics_line(metrics: dict[str, float], units: Mapping[str, str]) -> str:
-    """"kl 12.6177, recon 986.1637 nats per example": each run of metrics that share a unit
-    (its first clause in `units`), then that unit."""
-    runs = itertools.groupby(metrics.items(), key=lambda item: units.get(item[0], "").split(",")[0])
-    return "; ".join(", ".join(f"{name} {value:.4f}" for name, value in run)
-                     + (f" {unit}" if unit else "") for unit, run in runs)
+# The longest line of a run's notes (epoch lines and the units line wrap before it).
+LINE_WIDTH = 160
 
 
-def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, mesh,
-         checkpointer, shard, steps_per_epoch) -> FitResult:
-    local_batch = config.batch_size // jax.process_count()
+def metrics_line(prefix: str, metrics: dict[str, float]) -> str:
+    """`prefix` then "kl 12.6177, recon 986.1637": each metric and its value, with no unit
+    (`units_line` names them once), wrapped between metrics into lines shorter than
+    LINE_WIDTH."""
+    items = [f"{name} {value:.4f}" for name, value in metrics.items()]
+    lines = [prefix + items[0]]
+    for item in items[1:]:
+        if len(lines[-1]) + len(", ") + len(item) + len(",") < LINE_WIDTH:  # room for a comma
+            lines[-1] += ", " + item
+        else:
+            lines[-1] += ","
+            lines.append("    " + item)
+    return "\n".join(lines)
+
+
+def units_line(names, units: Mapping[str, str]) -> str | None:
+    """"units: kl, recon in nats per example; ...": the metrics `names` grouped by unit (the
+    first clause of each in `units`), printed once before the epoch lines; when one line would
+    not be shorter than LINE_WIDTH, "units:" then a line "  kl, recon: nats per example" per
+    unit. None when no metric has a unit."""
+    groups = {}
+    for name in names:
+        unit = units.get(name, "").split(",")[0]
+        if unit:
+            groups.setdefault(unit, []).append(name)
+    if not groups:
+        return None
+    line = "units: " + "; ".join(f"{', '.join(group)} in {unit}" for unit, group in groups.items())
+    if len(line) < LINE_WIDTH:
+        return line
+    return "\n  ".join(["units:", *(f"{', '.join(group)}: {unit}" for unit, group in groups.items())])
+
+
+def _fit(objective, feed, test_data, config, workdir, saved_config, tx, mesh,
+         checkpointer, steps_per_call, steps_per_epoch) -> FitResult:
     total_steps = config.epochs * steps_per_epoch
     resume_step = checkpointer.latest_step()
     if resume_step is not None:
         # A different run first: its steps count in other epochs, so "pass --epochs N" would
         # send the user the wrong way.
-        saved_config = checkpointer.check_config(saved_config, resume_step, CHANGEABLE_ON_RESUME)
+        saved_config = checkpointer.check_config(saved_config, resume_step, CHANGEABLE_ON_RESUME,
+                                                 record_changes=resume_step < total_steps)
         if resume_step > total_steps:
             raise ConfigError(
                 f"the workdir {workdir} holds a model trained for {resume_step} steps, more than "
@@ -290,25 +377,23 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
                 "or use another --workdir.")
 
     _, train_key, eval_key = _keys(config.seed)
-    state = batching.put_replicated(initial_state(objective, train_data[:1], config, tx), mesh)
+    state = batching.put_replicated(initial_state(objective, feed.example, config, tx), mesh)
     timing = {"elapsed_seconds": 0.0, "timed_steps": 0, "timed_seconds": 0.0}
     if resume_step is not None:
-        state = checkpointer.restore(state)
+        state = checkpointer.restore(state, data_iterator=feed)
         timing.update(checkpointer.timing(resume_step))
     checkpointer.save_config(saved_config)
     start_step = int(jax.device_get(state.step))
 
-    train_on_device = batching.put_host_shard(train_data[shard], mesh)
+    feed.start(start_step)
+    train_on_device = feed.data
     test_on_device = batching.put_replicated(test_data, mesh)
-    train_chunk = make_train_chunk(objective, mesh, config.ema_decay)
+    train_chunk = make_train_chunk(objective, mesh, config.ema_decay, feed.read)
     evaluate = make_evaluate(objective, mesh)
 
-    steps_per_call = max(1, min(config.steps_per_call, steps_per_epoch))
-    # Traced with the indices of a whole call, so that the first call reuses this trace.
-    metric_names = jax.eval_shape(
-        train_chunk, state, train_on_device,
-        batching.put_host_indices(np.zeros((steps_per_call, local_batch), np.int32), mesh),
-        train_key)[1].keys()
+    # Traced with the rows of a whole call, so that the first call reuses this trace.
+    metric_names = jax.eval_shape(train_chunk, state, train_on_device,
+                                  feed.placeholder(steps_per_call), train_key)[1].keys()
     log = records.MetricsLog(os.path.join(workdir, "metrics.csv"), metric_names, resume_step)
     primary = records.is_primary()
     progress = Progress(total_steps, start_step, os.path.basename(os.path.normpath(workdir)),
@@ -326,29 +411,46 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
         return metrics
 
     def checkpoint(good_state):
-        checkpointer.save(good_state, {**timing, "elapsed_seconds": elapsed()})
+        checkpointer.save(good_state, {**timing, "elapsed_seconds": elapsed()},
+                          data_iterator=feed.iterator_state(int(jax.device_get(good_state.step))))
+
+    def stop_if_requested():
+        """On a signal (`interrupt`), checkpoints the current state, waits until it is on
+        disk with its record, and raises `interrupt.Interrupted`."""
+        signum = interrupt.requested()
+        if signum is None:
+            return
+        checkpoint(state)
+        checkpointer.wait()
+        progress.close()
+        raise interrupt.stopped(signum, f"step {step} of {total_steps} is saved in "
+                                        f"{checkpointer.step_directory(step)}; rerun the same "
+                                        "command to resume from it")
+
+    if 0 < start_step < total_steps:
+        progress.note(f"resuming from step {start_step} of {total_steps}")
+    step = start_step
+    stop_if_requested()  # a signal while loading, restoring, or in an earlier stage
 
     initial_metrics = log.test_metrics(0)
     if start_step == 0 and initial_metrics is None:
         progress.note("evaluating the initial model on the test set (compiling the evaluation)")
         initial_metrics = log_eval(0)
+        stop_if_requested()
     test_metrics = log.test_metrics(start_step)
     # (state, step, batch indices) of the latest calls: where the last good state is found.
     recent_calls = collections.deque(maxlen=2)
-    step = start_step
+    units_noted = False  # the units are named once, before the first epoch line
     if step < total_steps:
         progress.note(f"compiling the training step ({steps_per_call} step(s) per call); "
                       "the first call waits for it")
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
-        order = batching.epoch_order(config.seed, epoch, len(train_data), steps_per_epoch,
-                                     local_batch, shard)
         while offset < steps_per_epoch:
             n = min(steps_per_call, steps_per_epoch - offset)
-            rows = order[offset:offset + n]
+            rows = feed.rows(step, n)
             tic = time.perf_counter()
-            new_state, metrics = train_chunk(state, train_on_device,
-                                             batching.put_host_indices(rows, mesh), train_key)
+            new_state, metrics = train_chunk(state, train_on_device, feed.put(rows), train_key)
             metrics = jax.device_get(metrics)
             if n in compiled_sizes:  # steps/s leaves out the calls that compiled
                 timing["timed_seconds"] += time.perf_counter() - tic
@@ -363,32 +465,51 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
                 progress.close()
                 raise _non_finite_error(
                     metrics["loss"][bad], step + 1 + bad, epoch,
-                    _save_last_good_state(train_chunk, train_on_device, train_key, mesh,
+                    _save_last_good_state(train_chunk, train_on_device, train_key, feed.put,
                                           recent_calls, step + 1 + bad, checkpoint,
                                           checkpointer.latest_step()),
                     checkpointer)
+            if not _all_finite(new_state):
+                progress.close()
+                raise _non_finite_state_error(
+                    new_state, train_chunk, train_on_device, train_key, feed.put, state, step,
+                    rows,
+                    checkpoint, checkpointer)
             state = new_state
             step += n
             offset += n
             progress.update(n, epoch=epoch + 1, loss=f"{float(np.mean(metrics['loss'])):.4g}")
+            if offset < steps_per_epoch:  # else the epoch's evaluation comes first
+                stop_if_requested()
         test_metrics = log_eval(epoch + 1)
-        if not (all(math.isfinite(v) for v in test_metrics.values()) and _all_finite(state)):
+        if not all(math.isfinite(v) for v in test_metrics.values()):
             progress.close()
             raise NonFiniteLossError(
-                f"non-finite parameters or test metrics after epoch {epoch + 1}: {test_metrics}. "
+                f"non-finite test metrics after epoch {epoch + 1}: {test_metrics}. "
                 f"{_resume_advice(checkpointer.latest_step(), checkpointer)}")
         checkpoint(state)
-        progress.note(f"epoch {epoch + 1}/{config.epochs}: test "
-                      + metrics_line(test_metrics, objective.units))
+        header = None if units_noted else units_line(test_metrics, objective.units)
+        if header:
+            progress.note(header)
+        units_noted = True
+        progress.note(metrics_line(f"epoch {epoch + 1}/{config.epochs}: test ", test_metrics))
+        stop_if_requested()
     progress.close()
 
     if test_metrics is None:  # a finished run whose log lost its last evaluation
         test_metrics = log_eval(config.epochs)
     summary_path = os.path.join(workdir, "summary.json")
     if step == start_step and os.path.exists(summary_path):
-        # A finished run, rerun: nothing was trained, so its files stand as they are.
-        return FitResult(state=state, test_metrics=test_metrics,
-                         summary=records.read_json(summary_path))
+        summary = records.read_record(summary_path)
+        # A finished run, rerun: nothing was trained, so its files stand as they are, unless
+        # its summary describes another step (an older lvm_jax wrote it before the final
+        # checkpoint committed, and was killed between the two).
+        if summary.get("checkpoint_step", step) == step:
+            progress.note(f"{workdir} holds a finished run (step {step} of {total_steps}): "
+                          "nothing to train, and its files stay as they are")
+            return FitResult(state=state, test_metrics=test_metrics, summary=summary)
+    # The summary describes the final checkpoint: written once that is committed.
+    checkpointer.wait()
     summary = {
         "config": saved_config,
         "test_metrics": test_metrics,
@@ -396,6 +517,7 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
         "units": {**LOG_UNITS, **objective.units},
         "epochs": config.epochs,
         "steps": total_steps,
+        "checkpoint_step": step,
         "resumed_from_step": start_step or None,
         "wall_time_seconds": elapsed(),
         "train_steps_per_second": (timing["timed_steps"] / timing["timed_seconds"]
@@ -410,7 +532,7 @@ def _fit(objective, train_data, test_data, config, workdir, saved_config, tx, me
     return FitResult(state=state, test_metrics=test_metrics, summary=summary)
 
 
-def _save_last_good_state(train_chunk, data, key, mesh, recent_calls, bad_step: int,
+def _save_last_good_state(train_chunk, data, key, put, recent_calls, bad_step: int,
                           checkpoint, latest_saved: int | None) -> int | None:
     """Checkpoints the newest good state held in memory and returns its step; None when
     there is none newer than the latest checkpoint, `latest_saved`, which then stays the
@@ -425,12 +547,13 @@ def _save_last_good_state(train_chunk, data, key, mesh, recent_calls, bad_step: 
     loss, recomputed on its batch, is finite.
 
     Args:
-      recent_calls: (state at the call's start, its step, batch indices (n, local batch)),
+      put: the feed's, places a call's rows on the devices.
+      recent_calls: (state at the call's start, its step, the feed's rows of the call),
         oldest first.
       checkpoint: saves a state.
     """
     def run(state, rows):
-        return train_chunk(state, data, batching.put_host_indices(rows, mesh), key)
+        return train_chunk(state, data, put(rows), key)
 
     target = bad_step - 2  # the newest state that may be good
     for start, first, rows in reversed(recent_calls):
@@ -446,6 +569,27 @@ def _save_last_good_state(train_chunk, data, key, mesh, recent_calls, bad_step: 
                 return first + k
         target = first - 1
     return None
+
+
+def _non_finite_state_error(bad_state, train_chunk, data, key, put, start, first: int, rows,
+                            checkpoint, checkpointer) -> NonFiniteLossError:
+    """The error of a call that left a non-finite leaf in `bad_state` while its losses stayed
+    finite, after checkpointing the newest state whose every leaf is finite: the call is
+    replayed one step at a time from `start`, the finite state that began it at step
+    `first`, up to the step that made a leaf non-finite. The message names those leaves."""
+    good, good_step = start, first
+    for k in range(len(rows) - 1):
+        state = train_chunk(good, data, put(rows[k:k + 1]), key)[0]
+        if not _all_finite(state):
+            break
+        good, good_step = state, first + k + 1
+    latest = checkpointer.latest_step()
+    if latest is None or good_step > latest:
+        checkpoint(good)
+    leaves = non_finite_leaves(bad_state)
+    return NonFiniteLossError(
+        f"non-finite values in {_leaves_line(leaves)} by step {first + len(rows)}, while the "
+        f"training loss stayed finite. {_resume_advice(max(good_step, latest or 0), checkpointer)}")
 
 
 def _resume_advice(step: int | None, checkpointer) -> str:

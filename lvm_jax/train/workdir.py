@@ -5,6 +5,8 @@ holding process exits in any way, SIGKILL included, so a dead run never
 leaves a stale lock; the file keeps the holder's process id for the message
 a refused run prints. In a multi-host run only the primary process (the one
 that writes the run's files) takes it, so the other hosts are never refused.
+A `.lock` that is a symbolic link is refused before anything is written
+(`links.open_no_follow`): it would truncate its target.
 Within one process the lock is re-entrant: an experiment may hold its workdir
 while `fit` locks the same directory.
 """
@@ -16,6 +18,7 @@ import os
 
 from lvm_jax.errors import WorkdirError
 from lvm_jax.train import records
+from lvm_jax.train.links import open_no_follow
 
 LOCK_FILE = ".lock"
 
@@ -25,7 +28,9 @@ _held: dict[str, list] = {}  # real path -> [open lock file, nesting depth]
 def _open_locked(directory: str, shown: str):
     try:
         os.makedirs(directory, exist_ok=True)
-        lock_file = open(os.path.join(directory, LOCK_FILE), "a+")
+        lock_file = open_no_follow(os.path.join(directory, LOCK_FILE), "a+")
+    except WorkdirError:
+        raise
     except OSError as err:
         problem = {errno.EEXIST: "it exists and is not a directory",
                    errno.ENOTDIR: "a part of its path is a file",
