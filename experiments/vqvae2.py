@@ -34,7 +34,7 @@ from experiments import common, configs
 from lvm_jax import data, errors, viz
 from lvm_jax.models import vqvae, vqvae2
 from lvm_jax.nn import ConditionalGatedPixelCNN, PixelSNAIL, sample_codes, sampling
-from lvm_jax.train import Objective, fit, records
+from lvm_jax.train import FitResult, Objective, fit, records
 
 # --quick keeps the layers and shrinks the widths (cosine's lookup_dim is 32, hence the
 # code dimension).
@@ -90,6 +90,11 @@ class Config(common.Config):
         2, "downsampling of the bottom grid (the top one is twice coarser): 2 gives a 16x16 "
            "bottom and an 8x8 top grid on 32x32 images; 4 is the paper's layout for large "
            "images", BOTTOM_FACTOR)
+    width: int = configs.setting(vqvae2.WIDTH, "channels of the encoders and decoders; --quick "
+                                               f"uses {QUICK_WIDTH}", configs.POSITIVE_INT)
+    code_dim: int = configs.setting(vqvae2.CODE_DIM, "dimension of the code vectors of both "
+                                                     f"levels; --quick uses {QUICK_CODE_DIM}",
+                                    configs.POSITIVE_INT)
     quantizer: PRESET = configs.setting(
         "kmeans", "named quantizer settings of experiments.vqvae, for both levels; kmeans "
                   "(EMA codebook, dead-code restarts, k-means initialisation) is the one the "
@@ -125,9 +130,8 @@ def build_model(config: Config, image_shape: tuple[int, int, int]) -> vqvae2.VQV
     options = config.level_options()
     try:
         return vqvae2.conv_vqvae2(
-            image_shape, vqvae2.NUM_CODES,
-            QUICK_CODE_DIM if config.quick else vqvae2.CODE_DIM,
-            QUICK_WIDTH if config.quick else vqvae2.WIDTH, config.bottom_factor,
+            image_shape, vqvae2.NUM_CODES, QUICK_CODE_DIM if config.quick else config.code_dim,
+            QUICK_WIDTH if config.quick else config.width, config.bottom_factor,
             top_options=options["top"], bottom_options=options["bottom"], dtype=config.dtype)
     except errors.ConfigError:
         raise
@@ -252,9 +256,27 @@ def _timing(summary: dict) -> dict:
                                     "train_steps_per_second")}
 
 
-def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
-    """Trains (or resumes) the three stages `config` describes in `workdir` (default
-    runs/vqvae2/<dataset>), writes the figures and summary.json, and returns the summary."""
+@dataclasses.dataclass
+class Stages:
+    """The three trained stages of a run: the VQ-VAE-2 (`model`, `variables`: all its
+    collections), the grids it gives each split (`codes[split]` = (top, bottom)), and each
+    prior with its FitResult."""
+
+    workdir: str
+    dataset: data.Dataset
+    model: vqvae2.VQVAE2
+    vqvae2: FitResult
+    variables: dict
+    codes: dict[str, tuple[np.ndarray, np.ndarray]]
+    top: PixelSNAIL
+    top_prior: FitResult
+    bottom: ConditionalGatedPixelCNN
+    bottom_prior: FitResult
+
+
+def train_stages(config: Config, workdir: str | None = None) -> Stages:
+    """Trains (or resumes, or reloads when finished) the three stages `config` describes in
+    `workdir` (default runs/vqvae2/<dataset>)."""
     dataset = common.load_dataset(config)
     if dataset.kind != "image":
         raise data.DataError(f"vqvae2 trains on images; {dataset.name} is not an image dataset.")
@@ -277,7 +299,18 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
                                      else config.prior_epochs)
     top, stage2 = train_top_prior(config, prior_loop, codes, workdir, prior_settings)
     bottom, stage3 = train_bottom_prior(config, prior_loop, codes, workdir, prior_settings)
+    return Stages(workdir, dataset, model, stage1, variables, codes, top, stage2, bottom,
+                  stage3)
 
+
+def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
+    """Trains (or resumes) the three stages `config` describes in `workdir` (default
+    runs/vqvae2/<dataset>), writes the figures and summary.json, and returns the summary."""
+    stages = train_stages(config, workdir)
+    workdir, dataset, model, variables, codes = (stages.workdir, stages.dataset, stages.model,
+                                                 stages.variables, stages.codes)
+    stage1, top, stage2, bottom, stage3 = (stages.vqvae2, stages.top, stages.top_prior,
+                                           stages.bottom, stages.bottom_prior)
     title = common.figure_title(f"VQ-VAE-2 on {dataset.name}", config, int(stage1.state.step))
     test_top, test_bottom = codes["test"]
     shown = viz.spread_by_contrast(dataset.test, NUM_RECONSTRUCTIONS)

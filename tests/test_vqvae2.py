@@ -1,10 +1,18 @@
-"""The VQ-VAE-2: layout and shapes, the objective, gradient routing, per-level quantizers."""
+"""The VQ-VAE-2: layout and shapes, the objective, gradient routing, per-level quantizers,
+and its three-stage experiment (quick run, exact resume, one-line errors)."""
+
+import json
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
+import matplotlib.image
 import numpy as np
 import pytest
 
+from experiments import vqvae2 as vqvae2_experiment
+from lvm_jax import data
 from lvm_jax.errors import ConfigError
 from lvm_jax.models import vqvae, vqvae2
 
@@ -155,3 +163,96 @@ def test_every_quantizer_preset_applies_per_level(top, bottom):
     codes = model.apply(trained, x, method=vqvae2.VQVAE2.encode)
     np.testing.assert_allclose(vqvae2.decode(model, trained, *codes),
                                model.apply(trained, x)["reconstruction"], rtol=1e-4, atol=1e-5)
+
+
+def test_bottom_prior_pairs_hold_both_grids():
+    bottom = np.arange(2 * 4 * 4).reshape(2, 4, 4)
+    top = np.arange(2 * 2 * 2).reshape(2, 2, 2) + 100
+    pairs = vqvae2_experiment.pair_grids(bottom, top)
+    assert pairs.shape == (2, 4, 4, 2) and pairs.dtype == np.int32
+    codes, condition = vqvae2_experiment.split_pairs(jnp.asarray(pairs))
+    np.testing.assert_array_equal(codes, bottom)
+    np.testing.assert_array_equal(condition, top)
+    unconditioned = vqvae2_experiment.pair_grids(bottom, top, "none")
+    np.testing.assert_array_equal(unconditioned[..., 0], bottom)
+    assert not unconditioned[..., 1].any()
+
+
+QUICK = ["--quick", "--no_progress"]
+STAGES = ("vqvae2", "top_prior", "bottom_prior")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One uninterrupted `python -m experiments.vqvae2 --quick` (tiny) and its summary."""
+    workdir = str(tmp_path_factory.mktemp("vqvae2") / "run")
+    return workdir, vqvae2_experiment.main([*QUICK, "--workdir", workdir])
+
+
+def test_experiment_quick_runs_three_stages_and_writes_figures_and_summary(quick_run):
+    workdir, summary = quick_run
+    with open(os.path.join(workdir, "summary.json")) as f:
+        assert json.load(f) == summary
+    metrics = summary["test_metrics"]
+    for key in ("recon_mse", "vq_loss", "top_codebook_usage", "bottom_perplexity",
+                "top_prior_nll", "bottom_prior_nll", "bits_per_image"):
+        assert np.isfinite(metrics[key]) and key in summary["units"], key
+    assert summary["grids"] == {"top": [8, 8], "bottom": [16, 16]}
+    np.testing.assert_allclose(
+        metrics["bits_per_image"],
+        (64 * metrics["top_prior_nll"] + 256 * metrics["bottom_prior_nll"]) / np.log(2))
+    # Near-uniform priors after a few steps: about ln 128 nats per code.
+    assert 3.0 < metrics["top_prior_nll"] < 6.0 and 3.0 < metrics["bottom_prior_nll"] < 6.0
+    assert sorted(summary["figures"]) == ["code_usage.png", "curves_bottom_prior.png",
+                                          "curves_top_prior.png", "curves_vqvae2.png",
+                                          "reconstructions.png", "samples.png"]
+    for name in summary["figures"]:
+        image = matplotlib.image.imread(os.path.join(workdir, name))
+        assert image.shape[0] > 100 and image.std() > 0.05, f"{name} looks blank"
+    for stage in STAGES:
+        assert os.path.isdir(os.path.join(workdir, stage, "checkpoints")), stage
+        assert os.path.exists(os.path.join(workdir, stage, "metrics.csv")), stage
+
+
+def _latest_checkpoint(stage_dir: str) -> str:
+    directory = os.path.join(stage_dir, "checkpoints")
+    return os.path.join(directory, str(max(int(d) for d in os.listdir(directory)
+                                           if d.isdigit())))
+
+
+@pytest.mark.parametrize("interrupted", ["between_stages", "within_top_prior"])
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(quick_run, tmp_path,
+                                                                interrupted):
+    """A copy of the finished run cut back to the state a kill would leave (the priors never
+    started; or the top prior's last checkpoint lost and the bottom prior never started)
+    resumes to the same test metrics, bit for bit."""
+    workdir, summary = quick_run
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(workdir, resumed)
+    os.remove(os.path.join(resumed, "summary.json"))
+    shutil.rmtree(os.path.join(resumed, "bottom_prior"))
+    if interrupted == "between_stages":
+        shutil.rmtree(os.path.join(resumed, "top_prior"))
+    else:
+        shutil.rmtree(_latest_checkpoint(os.path.join(resumed, "top_prior")))
+    again = vqvae2_experiment.main([*QUICK, "--workdir", resumed])
+    assert again["test_metrics"] == summary["test_metrics"]
+    if interrupted == "within_top_prior":
+        assert again["stages"]["top_prior"]["steps"] == summary["stages"]["top_prior"]["steps"]
+
+
+def test_an_image_size_the_grids_do_not_divide_is_one_line(tmp_path, monkeypatch, capsys):
+    load = vqvae2_experiment.common.load_dataset
+
+    def cropped(config):  # 28x28 photo patches: not a multiple of 8 (--bottom_factor 4)
+        full = load(config)
+        return data.Dataset(full.name, full.train[:, :28, :28], full.test[:, :28, :28],
+                            full.kind)
+
+    monkeypatch.setattr(vqvae2_experiment.common, "load_dataset", cropped)
+    with pytest.raises(SystemExit) as exit_info:
+        vqvae2_experiment.main([*QUICK, "--bottom_factor", "4", "--workdir", str(tmp_path)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "multiples of 8, got 28x28" in err and len(err.strip().splitlines()) == 1, err
+    assert not os.listdir(tmp_path)
