@@ -309,14 +309,14 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     stages = train_stages(config, workdir)
     workdir, dataset, model, variables, codes = (stages.workdir, stages.dataset, stages.model,
                                                  stages.variables, stages.codes)
-    stage1, top, stage2, bottom, stage3 = (stages.vqvae2, stages.top, stages.top_prior,
-                                           stages.bottom, stages.bottom_prior)
-    title = common.figure_title(f"VQ-VAE-2 on {dataset.name}", config, int(stage1.state.step))
+    step = int(stages.vqvae2.state.step)
+    title = common.figure_title(f"VQ-VAE-2 on {dataset.name}", config, step)
     test_top, test_bottom = codes["test"]
     shown = viz.spread_by_contrast(dataset.test, NUM_RECONSTRUCTIONS)
-    _, _, samples = sample(model, variables, top, stage2.state.eval_params, bottom,
-                           stage3.state.eval_params, jax.random.key(config.seed + 1),
-                           NUM_SAMPLES, test_top.shape[1:], config.sampler)
+    _, _, samples = sample(model, variables, stages.top, stages.top_prior.state.eval_params,
+                           stages.bottom, stages.bottom_prior.state.eval_params,
+                           jax.random.key(config.seed + 1), NUM_SAMPLES, test_top.shape[1:],
+                           config.sampler)
     counts = {f"{level} ({'x'.join(map(str, grid.shape[1:]))})":
               np.bincount(grid.ravel(), minlength=vqvae2.NUM_CODES)
               for level, grid in zip(vqvae2.LEVELS, codes["test"])}
@@ -340,24 +340,25 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
                           unit=PRIOR_UNITS["prior_nll"], title=f"{title}: {stage}")
           for stage in ("top_prior", bottom_stage(config))),
     ]
-    records.write_figures_to_tensorboard(workdir, figures, int(stage1.state.step))
+    records.write_figures_to_tensorboard(workdir, figures, step)
 
-    metrics = {**stage1.test_metrics}
+    metrics = {**stages.vqvae2.test_metrics}
     for level, grid in zip(vqvae2.LEVELS, codes["test"]):
         # Usage and perplexity over the whole test set replace fit's batch means.
         for name, value in vqvae.code_statistics(grid, vqvae2.NUM_CODES).items():
             metrics[f"{level}_{name}"] = value
-    metrics["top_prior_nll"] = stage2.test_metrics["prior_nll"]
-    metrics["bottom_prior_nll"] = stage3.test_metrics["prior_nll"]
+    metrics["top_prior_nll"] = stages.top_prior.test_metrics["prior_nll"]
+    metrics["bottom_prior_nll"] = stages.bottom_prior.test_metrics["prior_nll"]
     metrics["bits_per_image"] = (metrics["top_prior_nll"] * test_top[0].size
                                  + metrics["bottom_prior_nll"] * test_bottom[0].size) / math.log(2)
     summary = records.update_json(os.path.join(workdir, "summary.json"), {
-        "config": stage1.summary["config"], "test_metrics": metrics, "units": UNITS,
+        "config": stages.vqvae2.summary["config"], "test_metrics": metrics, "units": UNITS,
         "dataset": dataset.describe(), "grids": {"top": list(test_top.shape[1:]),
                                                  "bottom": list(test_bottom.shape[1:])},
-        "stages": {"vqvae2": _timing(stage1.summary), "top_prior": _timing(stage2.summary),
-                   bottom_stage(config): _timing(stage3.summary)},
-        "device": stage1.summary["device"], "figures": [os.path.basename(f) for f in figures]},
+        "stages": {"vqvae2": _timing(stages.vqvae2.summary),
+                   "top_prior": _timing(stages.top_prior.summary),
+                   bottom_stage(config): _timing(stages.bottom_prior.summary)},
+        "device": stages.vqvae2.summary["device"], "figures": [os.path.basename(f) for f in figures]},
         replace=("test_metrics", "stages"))
     print(f"{title}: test recon_mse {metrics['recon_mse']:.4f} ({MSE}); codes used "
           + ", ".join(f"{level} {metrics[f'{level}_codebook_usage']:.0%} (perplexity "
