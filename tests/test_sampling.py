@@ -1,4 +1,5 @@
-"""Sampling the PixelCNN priors: the cached sampler against the full pass and the raster loop."""
+"""Sampling the PixelCNN-family priors: the cached sampler against the full pass and the raster
+loop, for PixelCNN, Gated PixelCNN, PixelSNAIL (attention) and the conditioned Gated PixelCNN."""
 
 import functools
 
@@ -8,12 +9,12 @@ import numpy as np
 import optax
 import pytest
 
-from lvm_jax.nn import sample_codes
-from lvm_jax.nn.masked_conv import GatedPixelCNN, PixelCNN
+from lvm_jax.nn import ConditionalGatedPixelCNN, GatedPixelCNN, PixelCNN, PixelSNAIL, sample_codes
 from lvm_jax.nn.sampling import cached_logits, raster_sample
 
-K = 5
-# Tiny priors over K codes: kernel sizes 1, 3 and 5; 1 to 4 layers or blocks.
+K, TOP_K = 5, 3
+# Tiny priors over K codes: kernel sizes 1, 3 and 5; 1 to 4 layers or blocks; 1 or 2 attention
+# blocks of 1 or 2 heads; conditioned on TOP_K codes.
 PRIORS = {
     "pixelcnn_k3_2blocks": PixelCNN(K, embed_dim=8, num_residual_blocks=2, hidden=16),
     "pixelcnn_k5_3blocks": PixelCNN(K, embed_dim=8, num_residual_blocks=3, hidden=16,
@@ -23,6 +24,16 @@ PRIORS = {
     "gated_k3_3layers": GatedPixelCNN(K, dim=8, num_layers=3, hidden=16),
     "gated_k5_2layers": GatedPixelCNN(K, dim=8, num_layers=2, hidden=16, kernel_size=5),
     "gated_k1_4layers": GatedPixelCNN(K, dim=8, num_layers=4, hidden=16, kernel_size=1),
+    "snail_k3_2blocks": PixelSNAIL(K, dim=8, num_blocks=2, layers_per_block=1, num_heads=2,
+                                   key_dim=4, value_dim=6, hidden=16),
+    "snail_k5_1block_2layers": PixelSNAIL(K, dim=8, num_blocks=1, layers_per_block=2,
+                                          kernel_size=5, num_heads=1, key_dim=4, value_dim=4,
+                                          hidden=16),
+    "conditional_k3_3layers": ConditionalGatedPixelCNN(K, TOP_K, dim=8, num_layers=3, hidden=16,
+                                                       condition_dim=8, num_condition_blocks=1),
+    "conditional_k5_2layers": ConditionalGatedPixelCNN(K, TOP_K, dim=8, num_layers=2, hidden=16,
+                                                       kernel_size=5, condition_dim=6,
+                                                       num_condition_blocks=2),
 }
 
 
@@ -30,16 +41,35 @@ PRIORS = {
 def _variables(name: str):
     """Variables of PRIORS[name], with biases drawn too (flax starts them at zero, which would
     hide a bias applied at the wrong place)."""
-    variables = PRIORS[name].init(jax.random.key(0), jnp.zeros((1, 1, 1), jnp.int32))
+    grid = jnp.zeros((1, 1, 1), jnp.int32)
+    model = PRIORS[name]
+    variables = model.init(jax.random.key(0), *((grid, grid) if _conditioned(model) else (grid,)))
     leaves, treedef = jax.tree.flatten(variables)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     return jax.tree.unflatten(treedef, [x if x.ndim > 1 else 0.3 * jax.random.normal(key, x.shape)
                                         for x, key in zip(leaves, keys)])
 
 
-def _codes(grid=(5, 7)):
-    """Random codes (3, *grid) in [0, K)."""
-    return jax.random.randint(jax.random.key(2), (3, *grid), 0, K)
+def _conditioned(model) -> bool:
+    return isinstance(model, ConditionalGatedPixelCNN)
+
+
+def _codes(grid=(5, 7), num=3):
+    """Random codes (num, *grid) in [0, K)."""
+    return jax.random.randint(jax.random.key(2), (num, *grid), 0, K)
+
+
+def _condition(model, grid=(5, 7), num=3):
+    """For a conditioned prior, random top codes (num, h, w) in [0, TOP_K), each side of the
+    grid halved where even (an upsampling by 2) and kept where odd (by 1); else None."""
+    if not _conditioned(model):
+        return None
+    top_grid = tuple(size // 2 if size % 2 == 0 else size for size in grid)
+    return jax.random.randint(jax.random.key(5), (num, *top_grid), 0, TOP_K)
+
+
+def _apply(model, variables, codes, condition):
+    return model.apply(variables, codes, *(() if condition is None else (condition,)))
 
 
 def _assert_close(actual, expected, rtol):
@@ -52,58 +82,85 @@ def _assert_close(actual, expected, rtol):
 @pytest.mark.parametrize(
     "name, grid",
     [(name, (5, 7)) for name in PRIORS]
-    + [(name, grid) for name in ("pixelcnn_k3_2blocks", "gated_k3_3layers")
-       for grid in ((1, 4), (4, 1))],
+    + [(name, grid) for name in ("pixelcnn_k3_2blocks", "gated_k3_3layers", "snail_k3_2blocks",
+                                 "conditional_k3_3layers")
+       for grid in ((1, 4), (4, 1))]
+    + [("conditional_k5_2layers", (4, 6))],
     ids=lambda value: value if isinstance(value, str) else "x".join(map(str, value)))
 def test_cached_logits_equal_the_full_pass(name, grid):
     """Teacher-forced: fed fixed codes, the cached steps give the full pass's logits everywhere."""
     model = PRIORS[name]
-    variables, codes = _variables(name), _codes(grid)
-    expected = model.apply(variables, codes)
+    variables, codes, condition = _variables(name), _codes(grid), _condition(model, grid)
+    expected = _apply(model, variables, codes, condition)
     assert np.ptp(np.asarray(expected)) > 0.2  # logits that vary: a real comparison
-    _assert_close(cached_logits(model, variables, codes), expected, rtol=1e-5)
+    _assert_close(cached_logits(model, variables, codes, condition), expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["pixelcnn_k3_2blocks", "gated_k5_2layers"])
+@pytest.mark.parametrize("name", ["pixelcnn_k3_2blocks", "gated_k5_2layers", "snail_k3_2blocks",
+                                  "snail_k5_1block_2layers", "conditional_k3_3layers"])
 def test_cached_and_raster_samplers_draw_the_same_codes(name):
     model = PRIORS[name]
-    variables = _variables(name)
-    sample = functools.partial(sample_codes, model, variables, jax.random.key(7), 8, 4, 6)
-    cached, raster = sample(), sample(method="raster")
+    variables, condition = _variables(name), _condition(PRIORS[name], (4, 6), num=8)
+    sample = functools.partial(sample_codes, model, variables, num=8, height=4, width=6,
+                               condition=condition)
+    cached = sample(rng=jax.random.key(7))
+    raster = sample(rng=jax.random.key(7), method="raster")
     assert cached.shape == (8, 4, 6) and cached.dtype == jnp.int32
     assert len(np.unique(np.asarray(cached))) == K  # draws, not a constant grid
     np.testing.assert_array_equal(cached, raster)
-    assert not np.array_equal(cached, sample_codes(model, variables, jax.random.key(8), 8, 4, 6))
+    assert not np.array_equal(cached, sample(rng=jax.random.key(8)))
 
 
-@pytest.mark.parametrize("name", ["pixelcnn_k3_2blocks", "gated_k3_3layers"])
+def test_conditioned_samples_follow_the_condition():
+    """The same key under other top codes draws other codes (the conditioning is used; with
+    random weights it moves some logits only a little, so a fraction of the draws change)."""
+    name = "conditional_k3_3layers"
+    model, variables = PRIORS[name], _variables(name)
+    top = _condition(model, (4, 6), num=8)
+    draw = lambda top: np.asarray(sample_codes(model, variables, jax.random.key(7), 8, 4, 6,
+                                               condition=top))
+    assert np.mean(draw(top) != draw((top + 1) % TOP_K)) > 0.05
+
+
+@pytest.mark.parametrize("name", ["pixelcnn_k3_2blocks", "gated_k3_3layers", "snail_k3_2blocks",
+                                  "conditional_k3_3layers"])
 def test_bfloat16_cached_sampling(name):
     """bfloat16 priors (float32 parameters) sample, and their cached logits are the full pass's
     to bfloat16 precision."""
     model = PRIORS[name]
-    variables, codes = _variables(name), _codes()
+    variables, codes, condition = _variables(name), _codes(), _condition(model)
     low = model.clone(dtype=jnp.bfloat16)
-    logits = cached_logits(low, variables, codes)
+    logits = cached_logits(low, variables, codes, condition)
     assert logits.dtype == jnp.float32
-    _assert_close(logits, low.apply(variables, codes), rtol=3e-2)
-    _assert_close(logits, model.apply(variables, codes), rtol=5e-2)
-    sampled = np.asarray(sample_codes(low, variables, jax.random.key(3), 4, 5, 7))
+    _assert_close(logits, _apply(low, variables, codes, condition), rtol=3e-2)
+    _assert_close(logits, _apply(model, variables, codes, condition), rtol=5e-2)
+    sampled = np.asarray(sample_codes(low, variables, jax.random.key(3), 4, 5, 7,
+                                      condition=_condition(model, num=4)))
     assert sampled.shape == (4, 5, 7) and sampled.dtype == np.int32
     assert sampled.min() >= 0 and sampled.max() < K
 
 
-@pytest.mark.parametrize("name", ["pixelcnn_k3_2blocks", "gated_k3_3layers"])
+@pytest.mark.parametrize("name", ["pixelcnn_k3_2blocks", "gated_k3_3layers", "snail_k3_2blocks",
+                                  "conditional_k3_3layers"])
 def test_cached_sampler_runs_no_convolution(name):
     """The cached loop works position by position (matrix products of cached windows); only
-    the raster loop runs convolutions over the whole grid."""
+    the raster loop runs convolutions over the whole grid. The conditioned prior's cached
+    sampler runs its conditioning stack's convolutions, once, before the loop."""
     model = PRIORS[name]
-    variables = _variables(name)
+    variables, condition = _variables(name), _condition(model, (4, 4), num=2)
 
     def jaxpr(method):
-        return str(jax.make_jaxpr(lambda v, key: sample_codes(model, v, key, 2, 4, 4, method))(
+        return str(jax.make_jaxpr(lambda v, key: sample_codes(model, v, key, 2, 4, 4, method,
+                                                              condition))(
             variables, jax.random.key(0)))
 
-    assert "conv_general_dilated" not in jaxpr("cached")
+    convolutions = 0
+    if condition is not None:
+        stack = jax.make_jaxpr(lambda v: model.apply(v, condition, (4, 4),
+                                                     method=model.condition))(variables)
+        convolutions = str(stack).count("conv_general_dilated")
+        assert convolutions == 2  # its one residual block's 3x3 and 1x1
+    assert jaxpr("cached").count("conv_general_dilated") == convolutions
     assert "conv_general_dilated" in jaxpr("raster")
 
 
@@ -171,5 +228,21 @@ def test_bad_arguments_are_rejected():
         sample_codes(model, variables, key, 2, 3, 3, method="beam")
     with pytest.raises(ValueError, match="height must be a positive int"):
         sample_codes(model, variables, key, 2, 0, 3)
-    with pytest.raises(TypeError, match="PixelCNN or GatedPixelCNN"):
+    with pytest.raises(TypeError, match="PixelCNN, GatedPixelCNN, PixelSNAIL or"):
         sample_codes(object(), variables, key, 2, 3, 3)
+    for bad in (variables["params"], {"batch_stats": {}}, [variables]):
+        with pytest.raises(ValueError, match=r"variables must be \{'params': params\}") as error:
+            sample_codes(model, bad, key, 2, 3, 3)
+        assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="condition is for a ConditionalGatedPixelCNN"):
+        sample_codes(model, variables, key, 2, 4, 6, condition=jnp.zeros((2, 2, 3), jnp.int32))
+    name = "conditional_k3_3layers"
+    model, variables = PRIORS[name], _variables(name)
+    with pytest.raises(ValueError, match="needs condition="):
+        sample_codes(model, variables, key, 2, 4, 6)
+    with pytest.raises(ValueError, match="divides theirs by an integer"):
+        sample_codes(model, variables, key, 2, 4, 6, condition=jnp.zeros((2, 3, 3), jnp.int32))
+    with pytest.raises(TypeError, match="condition must be an integer array"):
+        sample_codes(model, variables, key, 2, 4, 6, condition=jnp.zeros((2, 2, 3)))
+    with pytest.raises(ValueError, match="divides theirs by an integer"):
+        cached_logits(model, variables, _codes((4, 6)), jnp.zeros((1, 2, 3), jnp.int32))

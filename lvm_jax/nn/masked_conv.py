@@ -75,11 +75,11 @@ class MaskedConv(nn.Module):
         return nn.Conv(self.features, (k, k), padding="SAME", mask=mask, dtype=self.dtype)(x)
 
 
-def _check_codes(codes: jax.Array) -> None:
+def _check_codes(codes: jax.Array, name: str = "codes") -> None:
     if not jnp.issubdtype(codes.dtype, jnp.integer):
-        raise TypeError(f"codes must be an integer array, got dtype {codes.dtype}")
+        raise TypeError(f"{name} must be an integer array, got dtype {codes.dtype}")
     if codes.ndim != 3:
-        raise ValueError(f"codes must have shape (batch, H, W), got {codes.shape}")
+        raise ValueError(f"{name} must have shape (batch, H, W), got {codes.shape}")
 
 
 class _OutputHead(nn.Module):
@@ -166,15 +166,23 @@ class _GatedLayer(nn.Module):
     rows above. Both are gated; the horizontal output goes through a 1x1 conv
     and, after the first layer, a residual connection (in the first layer the
     input holds the current code, which a residual would leak).
+
+    With `condition` (batch, H, W, C), features known before sampling starts
+    (the conditional prior's upsampled top codes), each stack's pre-gate
+    activations also get their own 1x1 conv of it (eq. 5 of the paper, with a
+    spatial h). Dropout (rate `dropout_rate`, train only) acts on the gated
+    horizontal features before the output 1x1 conv.
     """
 
     dim: int
     kernel_size: int
     first: bool
     dtype: DTypeLike
+    dropout_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, v: jax.Array, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, v: jax.Array, h: jax.Array, condition: jax.Array | None = None,
+                 train: bool = False) -> tuple[jax.Array, jax.Array]:
         c = self.kernel_size // 2
         v_pre = nn.Conv(2 * self.dim, (c + 1, self.kernel_size), padding=((c, 0), (c, c)),
                         dtype=self.dtype)(v)
@@ -182,8 +190,15 @@ class _GatedLayer(nn.Module):
                                (1, c + 1, h.shape[-1], 2 * self.dim))
         h_pre = nn.Conv(2 * self.dim, (1, c + 1), padding=((0, 0), (c, 0)), mask=mask,
                         dtype=self.dtype)(h)
+        if condition is not None:
+            # Named, so that the automatic names of the unconditioned layer's convs stay the same.
+            v_pre = v_pre + nn.Conv(2 * self.dim, (1, 1), dtype=self.dtype,
+                                    name="condition_vertical")(condition)
+            h_pre = h_pre + nn.Conv(2 * self.dim, (1, 1), dtype=self.dtype,
+                                    name="condition_horizontal")(condition)
         h_pre = h_pre + nn.Conv(2 * self.dim, (1, 1), dtype=self.dtype)(_down_shift(v_pre))
-        h_out = nn.Conv(self.dim, (1, 1), dtype=self.dtype)(gate(h_pre))
+        gated = nn.Dropout(self.dropout_rate, deterministic=not train)(gate(h_pre))
+        h_out = nn.Conv(self.dim, (1, 1), dtype=self.dtype)(gated)
         return gate(v_pre), h_out if self.first else h + h_out
 
 
@@ -226,3 +241,92 @@ class GatedPixelCNN(nn.Module):
             v, h = layer(v, h)
         return to_float32(self.head(h))
 
+
+
+def upsampling_factors(shape: tuple[int, ...], condition_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(fy, fx) integers with a (batch, H, W) grid = (fy * h, fx * w) of a (batch, h, w) condition.
+
+    Raises a one-line ValueError when the batch sizes differ or a factor is not an integer.
+    """
+    (batch, height, width), (c_batch, c_height, c_width) = shape, condition_shape
+    if batch != c_batch or height % c_height or width % c_width:
+        raise ValueError(f"condition_codes {tuple(condition_shape)} must have the batch of codes "
+                         f"{tuple(shape)} and a grid whose size divides theirs by an integer")
+    return height // c_height, width // c_width
+
+
+class _ConditioningStack(nn.Module):
+    """Top codes (batch, h, w) int -> features (batch, h, w, dim): an embedding (a one-hot
+    times a matrix) and `num_blocks` residual blocks x + 1x1(ReLU(3x3(ReLU(x)))), unmasked: the
+    top codes are all known before the bottom ones are drawn."""
+
+    num_classes: int
+    dim: int
+    num_blocks: int
+    dtype: DTypeLike
+
+    @nn.compact
+    def __call__(self, codes: jax.Array) -> jax.Array:
+        x = nn.Embed(self.num_classes, self.dim, dtype=self.dtype)(codes)
+        for _ in range(self.num_blocks):
+            h = nn.Conv(self.dim, (3, 3), padding="SAME", dtype=self.dtype)(nn.relu(x))
+            x = x + nn.Conv(self.dim, (1, 1), dtype=self.dtype)(nn.relu(h))
+        return x
+
+
+class ConditionalGatedPixelCNN(nn.Module):
+    """Gated PixelCNN conditioned on a coarser grid of codes: VQ-VAE-2's bottom prior.
+
+    codes (batch, H, W) int, condition_codes (batch, h, w) int -> logits
+    (batch, H, W, num_classes), the logits at (i, j) depending on the codes
+    before (i, j) in raster order and on all of condition_codes. The
+    conditioning stack (`_ConditioningStack`, condition_dim channels,
+    num_condition_blocks blocks) runs once on condition_codes; its features
+    are upsampled to (H, W) by repeating each (nearest neighbour; H / h and
+    W / w must be integers) and every gated layer adds its own 1x1 conv of
+    them to both stacks' pre-gate activations. The rest is GatedPixelCNN's:
+    the same layers, receptive field and head.
+    """
+
+    num_classes: int
+    num_condition_classes: int
+    dim: int = 128
+    num_layers: int = 15
+    kernel_size: int = 3
+    hidden: int = 512
+    condition_dim: int = 64
+    num_condition_blocks: int = 2
+    dtype: DTypeLike = jnp.float32
+
+    def __post_init__(self):
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd int, got {self.kernel_size}")
+        super().__post_init__()
+
+    def setup(self):
+        self.embed = nn.Embed(self.num_classes, self.dim, dtype=self.dtype)
+        self.condition_stack = _ConditioningStack(self.num_condition_classes, self.condition_dim,
+                                                  self.num_condition_blocks, self.dtype)
+        self.layers = [_GatedLayer(self.dim, self.kernel_size, first=(i == 0), dtype=self.dtype)
+                       for i in range(self.num_layers)]
+        self.head = _OutputHead(self.hidden, self.num_classes, self.dtype)
+
+    def __call__(self, codes: jax.Array, condition_codes: jax.Array) -> jax.Array:
+        _check_codes(codes)
+        _check_codes(condition_codes, "condition_codes")
+        upsampling_factors(codes.shape, condition_codes.shape)
+        return self.logits(self.embed(codes), self.condition(condition_codes, codes.shape[1:]))
+
+    def condition(self, condition_codes: jax.Array, grid: tuple[int, int]) -> jax.Array:
+        """The conditioning features (batch, H, W, condition_dim) of the codes' grid (H, W)."""
+        fy, fx = upsampling_factors((condition_codes.shape[0], *grid), condition_codes.shape)
+        features = self.condition_stack(condition_codes)
+        return jnp.repeat(jnp.repeat(features, fy, axis=1), fx, axis=2)
+
+    def logits(self, x: jax.Array, condition: jax.Array) -> jax.Array:
+        """float32 logits from embedded codes x (batch, H, W, dim) and conditioning features
+        (batch, H, W, condition_dim); differentiable in both."""
+        v = h = x
+        for layer in self.layers:
+            v, h = layer(v, h, condition)
+        return to_float32(self.head(h))

@@ -24,17 +24,29 @@ time. Only the order of the floating-point sums differs from the full pass.
 """
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.linen.dtypes import promote_dtype
 
-from lvm_jax.nn.masked_conv import GatedPixelCNN, PixelCNN, conv_mask, gate, horizontal_mask
+from lvm_jax.nn.masked_conv import (
+    ConditionalGatedPixelCNN,
+    GatedPixelCNN,
+    PixelCNN,
+    _check_codes,
+    conv_mask,
+    gate,
+    horizontal_mask,
+    upsampling_factors,
+)
+from lvm_jax.nn.pixelsnail import PixelSNAIL, attend, coordinates
 from lvm_jax.nn.precision import to_float32
 
 METHODS = ("cached", "raster")
+PRIORS = (PixelCNN, GatedPixelCNN, ConditionalGatedPixelCNN, PixelSNAIL)
+Prior = PixelCNN | GatedPixelCNN | ConditionalGatedPixelCNN | PixelSNAIL
 
 
 def raster_sample(
@@ -69,12 +81,13 @@ def _draw(rng: jax.Array, t, logits: jax.Array) -> jax.Array:
     return jax.random.categorical(jax.random.fold_in(rng, t), logits).astype(jnp.int32)
 
 
-def sample_codes(model: PixelCNN | GatedPixelCNN, variables, rng: jax.Array, num: int,
-                 height: int, width: int, method: str = "cached") -> jax.Array:
-    """Draws `num` code grids from a PixelCNN or Gated PixelCNN prior in one jitted call.
+def sample_codes(model: Prior, variables, rng: jax.Array, num: int, height: int, width: int,
+                 method: str = "cached", condition: jax.Array | None = None) -> jax.Array:
+    """Draws `num` code grids from a PixelCNN-family prior in one jitted call.
 
     Args:
-      model: the prior (any number of layers, any kernel size, any dtype).
+      model: a PixelCNN, GatedPixelCNN, PixelSNAIL or ConditionalGatedPixelCNN
+        (any number of layers, any kernel size, any dtype).
       variables: its variables, {"params": ...}, as for `model.apply`.
       rng: PRNG key; position t = i * width + j draws with fold_in(rng, t), so
         both methods return the same codes for the same key.
@@ -82,65 +95,112 @@ def sample_codes(model: PixelCNN | GatedPixelCNN, variables, rng: jax.Array, num
       method: "cached" computes only what each new code changes (module
         docstring); "raster" runs the whole network once per position
         (`raster_sample`), the reference.
+      condition: for a ConditionalGatedPixelCNN only, and required there: its
+        condition_codes (num, height / f, width / f) int, f integers (e.g. the
+        top codes under VQ-VAE-2's bottom prior). The cached sampler runs the
+        conditioning stack once, before the first position.
     Returns:
       (num, height, width) int32 codes in [0, model.num_classes).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     _check_prior(model)
+    _check_variables(variables)
     for name, size in (("num", num), ("height", height), ("width", width)):
         if not isinstance(size, (int, np.integer)) or size < 1:
             raise ValueError(f"{name} must be a positive int, got {size!r}")
-    return _sample_codes(model, variables, rng, int(num), int(height), int(width), method)
+    _check_condition(model, condition, (num, height, width))
+    return _sample_codes(model, variables, rng, int(num), int(height), int(width), method,
+                         condition)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num", "height", "width", "method"))
-def _sample_codes(model, variables, rng, num, height, width, method):
+def _sample_codes(model, variables, rng, num, height, width, method, condition):
     if method == "raster":
-        return raster_sample(lambda codes: model.apply(variables, codes), rng, num, height, width)
+        return raster_sample(lambda codes: _apply_model(model, variables, codes, condition), rng,
+                             num, height, width)
 
     def choose(i, j, logits, codes):
         code = _draw(rng, i * width + j, logits)
         return code, codes.at[:, i, j].set(code)
 
-    return _cached_loop(_steps(model, variables["params"], num, width), height, width, choose,
-                        jnp.zeros((num, height, width), jnp.int32))
+    return _cached_loop(_steps(model, variables, num, height, width, condition), height, width,
+                        choose, jnp.zeros((num, height, width), jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames="model")
-def cached_logits(model: PixelCNN | GatedPixelCNN, variables, codes: jax.Array) -> jax.Array:
+def cached_logits(model: Prior, variables, codes: jax.Array,
+                  condition: jax.Array | None = None) -> jax.Array:
     """The logits of the cached sampler's steps when it is fed `codes` instead of drawing them.
 
     A test of the cache: for a causal model these equal `model.apply(variables,
-    codes)` up to the order of floating-point sums.
+    codes[, condition])` up to the order of floating-point sums.
 
     Args:
       model, variables: the prior and its variables.
       codes: (num, height, width) int codes, fed in raster order.
+      condition: the condition codes of a ConditionalGatedPixelCNN, else None.
     Returns:
       (num, height, width, K) float32 logits.
     """
     _check_prior(model)
+    _check_variables(variables)
+    _check_codes(codes)
+    _check_condition(model, condition, codes.shape)
+    return _cached_logits(model, variables, codes, condition)
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _cached_logits(model, variables, codes, condition):
     num, height, width = codes.shape
 
     def choose(i, j, logits, all_logits):
         return codes[:, i, j].astype(jnp.int32), all_logits.at[:, i, j].set(logits)
 
-    return _cached_loop(_steps(model, variables["params"], num, width), height, width, choose,
-                        jnp.zeros((num, height, width, model.num_classes), jnp.float32))
+    return _cached_loop(_steps(model, variables, num, height, width, condition), height, width,
+                        choose, jnp.zeros((num, height, width, model.num_classes), jnp.float32))
+
+
+def _apply_model(model, variables, codes, condition):
+    if condition is None:
+        return model.apply(variables, codes)
+    return model.apply(variables, codes, condition)
 
 
 def _check_prior(model) -> None:
-    if not isinstance(model, (PixelCNN, GatedPixelCNN)):
-        raise TypeError(f"expected a PixelCNN or GatedPixelCNN prior, got {type(model).__name__}; "
+    if not isinstance(model, PRIORS):
+        raise TypeError(f"expected a PixelCNN, GatedPixelCNN, PixelSNAIL or "
+                        f"ConditionalGatedPixelCNN prior, got {type(model).__name__}; "
                         f"for another causal model use raster_sample")
+
+
+def _check_variables(variables) -> None:
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        found = (f"a mapping with keys {sorted(variables)[:4]}" if isinstance(variables, Mapping)
+                 else type(variables).__name__)
+        raise ValueError(f"variables must be {{'params': params}}, as model.apply takes them, "
+                         f"got {found}")
+
+
+def _check_condition(model, condition, shape: tuple[int, int, int]) -> None:
+    """A ConditionalGatedPixelCNN needs condition codes whose grid divides (height, width);
+    every other prior takes none."""
+    name = type(model).__name__
+    if not isinstance(model, ConditionalGatedPixelCNN):
+        if condition is not None:
+            raise ValueError(f"condition is for a ConditionalGatedPixelCNN; a {name} takes none")
+        return
+    if condition is None:
+        raise ValueError("a ConditionalGatedPixelCNN needs condition= its condition codes "
+                         "(num, h, w), e.g. the top codes")
+    _check_codes(condition, "condition")
+    upsampling_factors(tuple(shape), condition.shape)
 
 
 def _cached_loop(steps, height: int, width: int, choose, out):
     """Runs `steps` over the grid in raster order: rows in a `fori_loop`, columns in another.
 
     Args:
-      steps: a _PixelCNNSteps or _GatedPixelCNNSteps.
+      steps: a _PixelCNNSteps or _GatedSteps.
       choose: (i, j, logits (num, K), out) -> (codes (num,) int32 of position
         (i, j), out): draws the codes, or feeds given ones, and records.
       out: the initial value of what `choose` records.
@@ -151,12 +211,12 @@ def _cached_loop(steps, height: int, width: int, choose, out):
     def row(i, carry):
         def column(j, carry):
             cache, out = carry
-            logits, cache = steps.logits_at(cache, j)
+            logits, cache = steps.logits_at(cache, i, j)
             code, out = choose(i, j, logits, out)
-            return steps.write_code(cache, j, code), out
+            return steps.write_code(cache, i, j, code), out
 
         cache, out = jax.lax.fori_loop(0, width, column, carry)
-        return steps.next_row(cache), out
+        return steps.next_row(cache, i), out
 
     return jax.lax.fori_loop(0, height, row, (steps.init_cache(), out))[1]
 
@@ -236,10 +296,10 @@ def _head_affines(head: dict, dtype):
     return _affine(head["Conv_0"], dtype), _affine(head["Conv_1"], dtype)
 
 
-def _steps(model, params, num: int, width: int):
+def _steps(model, variables, num: int, height: int, width: int, condition):
     if isinstance(model, PixelCNN):
-        return _PixelCNNSteps(model, params, num, width)
-    return _GatedPixelCNNSteps(model, params, num, width)
+        return _PixelCNNSteps(model, variables["params"], num, width)
+    return _GatedSteps(model, variables, num, height, width, condition)
 
 
 class _PixelCNNSteps:
@@ -278,7 +338,7 @@ class _PixelCNNSteps:
         return [self._buffer(self.input_size)] + [self._buffer(self.kernel_size)
                                                   for _ in self.blocks]
 
-    def logits_at(self, cache, j):
+    def logits_at(self, cache, i, j):
         """float32 logits (num, K) at (i, j) of the current row i, and the updated cache."""
         x = _apply(self.input_conv, _window(cache[0], j, self.input_size))
         new_cache = [cache[0]]
@@ -290,40 +350,64 @@ class _PixelCNNSteps:
             new_cache.append(buffer)
         return _head(self.head, x), new_cache
 
-    def write_code(self, cache, j, code):
+    def write_code(self, cache, i, j, code):
         """Records the code (num,) drawn at (i, j): its embedding enters the input conv's rows."""
         embedded = _write(cache[0], j + self.input_size // 2, self.embedding[code])
         return [embedded] + cache[1:]
 
-    def next_row(self, cache):
+    def next_row(self, cache, i):
         return [_push_row(buffer) for buffer in cache]
 
 
-class _GatedPixelCNNSteps:
-    """The Gated PixelCNN one position at a time, the vertical stack one row at a time.
+class _GatedSteps:
+    """The Gated PixelCNN family one position at a time, the vertical stack one row at a time:
+    GatedPixelCNN, ConditionalGatedPixelCNN and PixelSNAIL (the same gated layers; PixelSNAIL
+    adds attention blocks to the horizontal stack, the conditional prior a conditioning term).
 
-    Cache, per layer: the current row of the horizontal stack's input; the
-    last k//2 + 1 rows of the vertical stack's input; and the vertical stack's
-    link into the horizontal stack for the current row, 1x1(v_pre of the row
-    above). At (i, j) each layer computes the horizontal stack at (i, j) alone.
-    When row i is complete, each layer computes its vertical stack over row i
-    (which sees row i whole, and so must wait for it) and the link for row
-    i + 1. Parameter names are flax's automatic ones, in the order
-    _GatedLayer creates them: vertical, horizontal, link, output 1x1.
+    Cache, per gated layer: the current row of the horizontal stack's input;
+    the last k//2 + 1 rows of the vertical stack's input; and the vertical
+    stack's link into the horizontal stack for the current row, 1x1(v_pre of
+    the row above). At (i, j) each layer computes the horizontal stack at
+    (i, j) alone. When row i is complete, each layer computes its vertical
+    stack over row i (which sees row i whole, and so must wait for it) and the
+    link for row i + 1. Parameter names are flax's automatic ones, in the
+    order _GatedLayer creates them: vertical, horizontal, link, output 1x1.
+
+    The conditioning features reach every layer through two 1x1 convs, which
+    depend on the condition codes only: they are computed for the whole grid
+    before the first position, the conditioning stack included.
+
+    Each attention block (`_AttentionSteps`) keeps the keys and values of
+    the positions drawn so far, one row of its cache per position.
     """
 
-    def __init__(self, model: GatedPixelCNN, params, num: int, width: int):
-        dtype = model.dtype
+    def __init__(self, model: GatedPixelCNN | ConditionalGatedPixelCNN | PixelSNAIL, variables,
+                 num: int, height: int, width: int, condition: jax.Array | None):
+        params, dtype = variables["params"], model.dtype
         self.num, self.width, self.dim, self.dtype = num, width, model.dim, dtype
         k = self.kernel_size = model.kernel_size
         self.embedding = jnp.asarray(params["embed"]["embedding"], dtype)
         self.head = _head_affines(params["head"], dtype)
+        layers = [params[f"layers_{n}"]
+                  for n in range(sum(name.startswith("layers_") for name in params))]
         self.layers = [
             (_affine(layer["Conv_0"], dtype),
              _affine(layer["Conv_1"], dtype, horizontal_mask(k, first=(index == 0))),
              _affine(layer["Conv_2"], dtype),
              _affine(layer["Conv_3"], dtype))
-            for index, layer in enumerate(params[f"layers_{n}"] for n in range(model.num_layers))]
+            for index, layer in enumerate(layers)]
+        self.conditions = None
+        if condition is not None:
+            features = model.apply(variables, condition, (height, width), method=model.condition)
+            self.conditions = [
+                (_apply(_affine(layer["condition_vertical"], dtype), features),
+                 _apply(_affine(layer["condition_horizontal"], dtype), features))
+                for layer in layers]
+        self.attentions = {}  # index of the gated layer it follows -> its steps
+        if isinstance(model, PixelSNAIL):
+            for block in range(model.num_blocks):
+                self.attentions[(block + 1) * model.layers_per_block - 1] = _AttentionSteps(
+                    model, params[f"attentions_{block}"], num, height, width)
 
     def init_cache(self):
         c = self.kernel_size // 2
@@ -335,36 +419,99 @@ class _GatedPixelCNNSteps:
                   for _ in self.layers],
             # Row 0's link sees the zero row that the down-shift brings in.
             "link": [_apply(link, zeros) for _, _, link, _ in self.layers],
+            "attention": {index: steps.init_cache() for index, steps in self.attentions.items()},
         }
 
-    def logits_at(self, cache, j):
+    def logits_at(self, cache, i, j):
         """float32 logits (num, K) at (i, j) of the current row i, and the updated cache."""
         c = self.kernel_size // 2
-        h_buffers = list(cache["h"])
+        h_buffers, attention = list(cache["h"]), dict(cache["attention"])
         h = None
         for index, (_, horizontal, _, out) in enumerate(self.layers):
             if index:  # the first layer's input is the codes' embeddings, written by write_code
                 h_buffers[index] = _write(h_buffers[index], j + c, h)
             h_pre = (_apply(horizontal, _window(h_buffers[index], j, c + 1))
                      + jax.lax.dynamic_index_in_dim(cache["link"][index], j, 1, keepdims=False))
+            if self.conditions is not None:
+                h_pre = h_pre + self.conditions[index][1][:, i, j]
             h_out = _apply(out, gate(h_pre))
             h = h_out if index == 0 else h + h_out
-        return _head(self.head, h), {**cache, "h": h_buffers}
+            if index in self.attentions:
+                h, attention[index] = self.attentions[index].features_at(attention[index], h,
+                                                                         i, j)
+        return _head(self.head, h), {**cache, "h": h_buffers, "attention": attention}
 
-    def write_code(self, cache, j, code):
-        """Records the code (num,) drawn at (i, j): its embedding enters the first layer's row."""
-        first = _write(cache["h"][0], j + self.kernel_size // 2, self.embedding[code])
-        return {**cache, "h": [first] + cache["h"][1:]}
+    def write_code(self, cache, i, j, code):
+        """Records the code (num,) drawn at (i, j): its embedding enters the first layer's row
+        and every attention block's keys and values."""
+        embedded = self.embedding[code]
+        first = _write(cache["h"][0], j + self.kernel_size // 2, embedded)
+        attention = {index: steps.write_code(cache["attention"][index], i, j, embedded)
+                     for index, steps in self.attentions.items()}
+        return {**cache, "h": [first] + cache["h"][1:], "attention": attention}
 
-    def next_row(self, cache):
-        """The vertical stack over the completed row, the links for the next, empty rows."""
+    def next_row(self, cache, i):
+        """The vertical stack over the completed row i, the links for the next, empty rows."""
         c = self.kernel_size // 2
         v_row = cache["h"][0][:, 0, c:]  # the row's code embeddings, the first vertical input
         v_buffers, links = [], []
-        for buffer, (vertical, _, link, _) in zip(cache["v"], self.layers):
+        for index, (buffer, (vertical, _, link, _)) in enumerate(zip(cache["v"], self.layers)):
             buffer = _push_row(buffer, v_row, c)
             v_pre = _apply(vertical, _row_windows(buffer, self.kernel_size))
+            if self.conditions is not None:
+                v_pre = v_pre + self.conditions[index][0][:, i]
             v_buffers.append(buffer)
             links.append(_apply(link, v_pre))
             v_row = gate(v_pre)
-        return {"h": [_push_row(buffer) for buffer in cache["h"]], "v": v_buffers, "link": links}
+        return {**cache, "h": [_push_row(buffer) for buffer in cache["h"]], "v": v_buffers,
+                "link": links}
+
+
+class _AttentionSteps:
+    """PixelSNAIL's `_CausalAttentionBlock` one position at a time, with a key/value cache.
+
+    Cache: keys (num, H*W, key_dim) and values (num, H*W, value_dim), slot t
+    written when the code at t is drawn, and the block's input features at the
+    current position. At t the block computes its query from [features,
+    coordinates], attends to the slots s < t (the others are masked, as in
+    the full pass) and mixes the result into the features. Once the code at t
+    is drawn, its key and value are computed from [embedding, features,
+    coordinates], once.
+    """
+
+    def __init__(self, model: PixelSNAIL, params, num: int, height: int, width: int):
+        dtype = model.dtype
+        self.num, self.height, self.width, self.dim, self.dtype = num, height, width, model.dim, dtype
+        self.num_heads, self.key_dim, self.value_dim = (model.num_heads, model.key_dim,
+                                                        model.value_dim)
+        self.query, self.key, self.value, self.mix_features, self.mix_attention, self.mix_out = (
+            _affine(params[name], dtype) for name in ("query", "key", "value", "mix_features",
+                                                      "mix_attention", "mix_out"))
+        self.positions = jnp.arange(height * width)
+
+    def init_cache(self):
+        positions = self.height * self.width
+        return {"keys": jnp.zeros((self.num, positions, self.key_dim), self.dtype),
+                "values": jnp.zeros((self.num, positions, self.value_dim), self.dtype),
+                "features": jnp.zeros((self.num, self.dim), self.dtype)}
+
+    def _coordinates(self, i, j) -> jax.Array:
+        coords = coordinates(i, j, self.height, self.width).astype(self.dtype)
+        return jnp.broadcast_to(coords, (self.num, 2))
+
+    def features_at(self, cache, features, i, j):
+        """The block's output (num, dim) at (i, j) from its input features (num, dim)."""
+        query = _apply(self.query, jnp.concatenate([features, self._coordinates(i, j)], -1))
+        visible = self.positions[None] < i * self.width + j  # (1, H*W): s < t
+        attended = attend(query[:, None], cache["keys"], cache["values"], visible,
+                          self.num_heads)[:, 0]
+        pre = _apply(self.mix_features, features) + _apply(self.mix_attention, attended)
+        return features + _apply(self.mix_out, gate(pre)), {**cache, "features": features}
+
+    def write_code(self, cache, i, j, embedded):
+        """Writes the key and value of position (i, j) from its code's embedding (num, dim)."""
+        key_in = jnp.concatenate([embedded, cache["features"], self._coordinates(i, j)], -1)
+        t = i * self.width + j
+        write = lambda slots, x: jax.lax.dynamic_update_slice(slots, x[:, None], (0, t, 0))
+        return {**cache, "keys": write(cache["keys"], _apply(self.key, key_in)),
+                "values": write(cache["values"], _apply(self.value, key_in))}

@@ -1,0 +1,181 @@
+"""VQ-VAE-2's priors: PixelSNAIL (causal attention) and the top-conditioned Gated PixelCNN.
+
+Exact causality and the receptive field on random weights, the conditioning, errors. Their
+sampling: test_sampling.py.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lvm_jax.nn import ConditionalGatedPixelCNN, GatedPixelCNN, PixelSNAIL
+from lvm_jax.nn.pixelsnail import attend
+
+K, TOP_K = 6, 4
+HEIGHT, WIDTH = 5, 6
+PAST = np.tril(np.ones((HEIGHT * WIDTH, HEIGHT * WIDTH), bool), k=-1)  # [t, s]: s < t
+
+
+def _randomize_biases(variables):
+    """flax starts biases at zero, which would hide one applied at the wrong place."""
+    leaves, treedef = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    return jax.tree.unflatten(treedef, [x if x.ndim > 1 else 0.3 * jax.random.normal(key, x.shape)
+                                        for x, key in zip(leaves, keys)])
+
+
+def _dependence(logits_fn, x):
+    """(T, T) bool over raster positions: the logits at t depend on the input x at s
+    (x (1, H, W, C), the embedded codes); an exact zero gradient counts as no dependence."""
+    _, height, width, _ = x.shape
+    jac = jax.jit(jax.jacrev(lambda x: logits_fn(x)[0]))(x)  # (H, W, K, 1, H, W, C)
+    return (np.abs(np.asarray(jac)).sum(axis=(2, 3, 6)) > 0).reshape(height * width, -1)
+
+
+def _embedded(dim, key=2):
+    return jax.random.normal(jax.random.key(key), (1, HEIGHT, WIDTH, dim))
+
+
+@pytest.mark.parametrize("model", [
+    PixelSNAIL(K, dim=8, num_blocks=1, layers_per_block=1, num_heads=2, key_dim=4, value_dim=6,
+               hidden=16),
+    PixelSNAIL(K, dim=8, num_blocks=2, layers_per_block=2, kernel_size=5, num_heads=1,
+               key_dim=4, value_dim=4, hidden=16),
+], ids=["1block_k3_2heads", "2blocks_k5_1head"])
+def test_pixelsnail_sees_exactly_every_earlier_position(model):
+    """Gradient of the logits at every position t w.r.t. the input at every s: exactly 0 for
+    s >= t, nonzero for every s < t (the attention reaches beyond the convolutions' field)."""
+    x = _embedded(model.dim)
+    variables = _randomize_biases(model.init(jax.random.key(0), jnp.zeros((1, 2, 2), jnp.int32)))
+    dep = _dependence(lambda x: model.apply(variables, x, method=model.logits), x)
+    np.testing.assert_array_equal(dep, PAST)
+
+
+def test_pixelsnail_attention_is_what_reaches_far_positions():
+    """Without its attention blocks (their mixing weights zeroed) one 3x3 gated layer sees only
+    the two rows above (the vertical stack: the rows i - 1 .. i of its input, shifted down one
+    row) in columns j - 1 .. j + 1, and the left neighbour: the attention reaches the rest."""
+    model = PixelSNAIL(K, dim=8, num_blocks=1, layers_per_block=1, num_heads=2, key_dim=4,
+                       value_dim=6, hidden=16)
+    variables = _randomize_biases(model.init(jax.random.key(0), jnp.zeros((1, 2, 2), jnp.int32)))
+    variables = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.zeros_like(x) if "mix_attention" in jax.tree_util.keystr(path) else x,
+        variables)
+    seen = _dependence(lambda x: model.apply(variables, x, method=model.logits),
+                       _embedded(8))[3 * WIDTH + 3].reshape(HEIGHT, WIDTH)
+    expected = np.zeros((HEIGHT, WIDTH), bool)
+    expected[1:3, 2:5] = expected[3, 2] = True
+    np.testing.assert_array_equal(seen, expected)
+
+
+def test_pixelsnail_dropout_only_in_training():
+    model = PixelSNAIL(K, dim=8, num_blocks=1, layers_per_block=1, num_heads=2, key_dim=4,
+                       value_dim=6, hidden=16, dropout_rate=0.5)
+    codes = jax.random.randint(jax.random.key(3), (2, HEIGHT, WIDTH), 0, K)
+    variables = model.init(jax.random.key(0), codes)
+    logits = model.apply(variables, codes)
+    assert logits.shape == (2, HEIGHT, WIDTH, K) and logits.dtype == jnp.float32
+    np.testing.assert_array_equal(logits, model.apply(variables, codes, train=False))
+    train = [model.apply(variables, codes, train=True, rngs={"dropout": jax.random.key(seed)})
+             for seed in (0, 1)]
+    assert not np.allclose(train[0], logits) and not np.allclose(train[0], train[1])
+    # Dropout masks positions independently but never mixes them: still causal.
+    dep = _dependence(lambda x: model.apply(variables, x, True, method=model.logits,
+                                            rngs={"dropout": jax.random.key(0)}), _embedded(8))
+    assert not np.any(dep & ~PAST)
+
+
+def test_attend_matches_a_numpy_reference():
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 4, d)) for i, d in enumerate((6, 6, 4)))
+    visible = np.tril(np.ones((4, 4), bool), k=-1)
+    out = np.asarray(attend(q, k, v, visible, num_heads=2))
+    expected = np.zeros((2, 4, 4))
+    for head in range(2):
+        qh, kh, vh = (np.asarray(a)[..., head * a.shape[-1] // 2:(head + 1) * a.shape[-1] // 2]
+                      for a in (q, k, v))
+        for t in range(1, 4):
+            scores = qh[:, t, None] @ kh[:, :t].transpose(0, 2, 1) / np.sqrt(3)  # (2, 1, t)
+            weights = np.exp(scores - scores.max(-1, keepdims=True))
+            weights /= weights.sum(-1, keepdims=True)
+            expected[:, t, head * 2:(head + 1) * 2] = (weights @ vh[:, :t])[:, 0]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)  # row 0: nothing visible, 0
+
+
+CONDITIONAL = ConditionalGatedPixelCNN(K, TOP_K, dim=8, num_layers=3, hidden=16,
+                                       condition_dim=8, num_condition_blocks=1)
+
+
+def _conditional_variables():
+    return _randomize_biases(CONDITIONAL.init(jax.random.key(0), jnp.zeros((1, 2, 2), jnp.int32),
+                                              jnp.zeros((1, 1, 1), jnp.int32)))
+
+
+def test_conditional_prior_is_causal_in_the_codes_and_has_no_blind_spot():
+    """Causal in the bottom codes whatever the top codes: like GatedPixelCNN, 5x5 kernels in 3
+    layers see the whole 5x6 past, and nothing else."""
+    model = CONDITIONAL.clone(kernel_size=5)
+    variables = _randomize_biases(model.init(jax.random.key(0), jnp.zeros((1, 2, 2), jnp.int32),
+                                             jnp.zeros((1, 1, 1), jnp.int32)))
+    top = jax.random.randint(jax.random.key(4), (1, HEIGHT, WIDTH // 2), 0, TOP_K)
+    condition = model.apply(variables, top, (HEIGHT, WIDTH), method=model.condition)
+    assert condition.shape == (1, HEIGHT, WIDTH, 8)
+    dep = _dependence(lambda x: model.apply(variables, x, condition, method=model.logits),
+                      _embedded(8))
+    np.testing.assert_array_equal(dep, PAST)
+
+
+def test_conditional_prior_uses_every_top_code():
+    """The logits at each bottom position change with the top code above it (a 2x upsampling:
+    top (i, j) covers bottom rows 2i, 2i + 1 and columns 2j, 2j + 1) and every top code
+    changes some logits, the first position's included."""
+    variables = _conditional_variables()
+    codes = jax.random.randint(jax.random.key(3), (1, 4, 6), 0, K)
+    top = jax.random.randint(jax.random.key(4), (1, 2, 3), 0, TOP_K)
+    logits = np.asarray(CONDITIONAL.apply(variables, codes, top))
+    assert logits.shape == (1, 4, 6, K) and logits.dtype == np.float32
+    for i in range(2):
+        for j in range(3):
+            other = top.at[0, i, j].set((top[0, i, j] + 1) % TOP_K)
+            changed = np.abs(np.asarray(CONDITIONAL.apply(variables, codes, other)) - logits)
+            assert np.all(changed[0, 2 * i:2 * i + 2, 2 * j:2 * j + 2].max(-1) > 1e-4)
+    first = top.at[0, 0, 0].set((top[0, 0, 0] + 1) % TOP_K)
+    assert not np.allclose(CONDITIONAL.apply(variables, codes, first)[0, 0, 0], logits[0, 0, 0])
+
+
+def test_gated_layer_without_condition_keeps_gated_pixelcnn_parameters():
+    """The conditioned prior's layers add only the named condition convs to GatedPixelCNN's."""
+    codes = jnp.zeros((1, 2, 2), jnp.int32)
+    plain = GatedPixelCNN(K, dim=8, num_layers=2, hidden=16).init(jax.random.key(0), codes)
+    conditioned = CONDITIONAL.clone(num_layers=2).init(jax.random.key(0), codes,
+                                                       jnp.zeros((1, 1, 1), jnp.int32))
+    assert sorted(plain["params"]["layers_1"]) == ["Conv_0", "Conv_1", "Conv_2", "Conv_3"]
+    assert sorted(conditioned["params"]["layers_1"]) == [
+        "Conv_0", "Conv_1", "Conv_2", "Conv_3", "condition_horizontal", "condition_vertical"]
+
+
+def test_bad_input_is_rejected():
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        PixelSNAIL(K, num_heads=3, key_dim=8)
+    with pytest.raises(ValueError, match="odd"):
+        PixelSNAIL(K, kernel_size=4)
+    with pytest.raises(ValueError, match="dropout_rate"):
+        PixelSNAIL(K, dropout_rate=1.0)
+    with pytest.raises(ValueError, match="positive"):
+        PixelSNAIL(K, num_blocks=0)
+    with pytest.raises(ValueError, match="odd"):
+        ConditionalGatedPixelCNN(K, TOP_K, kernel_size=2)
+    codes = jnp.zeros((1, 4, 6), jnp.int32)
+    with pytest.raises(TypeError, match="codes must be an integer array"):
+        PixelSNAIL(K).init(jax.random.key(0), codes.astype(jnp.float32))
+    with pytest.raises(ValueError, match=r"codes must have shape \(batch, H, W\)"):
+        PixelSNAIL(K).init(jax.random.key(0), codes[0])
+    init = lambda top: CONDITIONAL.init(jax.random.key(0), codes, top)
+    with pytest.raises(TypeError, match="condition_codes must be an integer array"):
+        init(jnp.zeros((1, 2, 3)))
+    with pytest.raises(ValueError, match=r"condition_codes must have shape \(batch, H, W\)"):
+        init(jnp.zeros((2, 3), jnp.int32))
+    for top in (jnp.zeros((1, 3, 3), jnp.int32), jnp.zeros((2, 2, 3), jnp.int32)):
+        with pytest.raises(ValueError, match=r"divides theirs by an integer") as error:
+            init(top)
+        assert "\n" not in str(error.value)
