@@ -214,7 +214,7 @@ def main(argv=None) -> dict:
                           + f"; {DATASET}, batch 128, Adam 1e-3, seed {args.seed}, quantizer "
                             f"preset {PRESET} at every grid",
                "uptime_before": uptime_before,
-               "single_level": single_level(args), "vqvae2": hierarchical(args)}
+               "vqvae2": hierarchical(args), "single_level": single_level(args)}
     results["uptime_after"] = subprocess.run(["uptime"], capture_output=True,
                                              text=True).stdout.strip()
     results["device"] = records.read_json(os.path.join(args.workdir, "vqvae2", "vqvae2",
