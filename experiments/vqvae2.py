@@ -62,7 +62,8 @@ UNITS = {
         "commitment_loss": f"||z - sg(z_q)||^2, {PER_LATENT}",
         "batch_codebook_usage": "fraction of the K codes a test batch uses, batch mean",
         "codebook_usage": "fraction of the K codes used over the whole test set",
-        "perplexity": "codes: exp of the entropy of the code frequencies over the test set",
+        "perplexity": "codes: exp of the entropy of the code frequencies (per test batch, "
+                      "averaged, in metrics.csv; over the whole test set in summary.json)",
         "prior_nll": "nats per code of the level's grid (the bottom prior's given the top "
                      "codes)"}.items()},
     "bits_per_image": "bits per image: (top_prior_nll * top codes + bottom_prior_nll * bottom "
