@@ -18,7 +18,7 @@ import sys
 import time
 
 from benchmarks import conv_transpose, image_vae, image_vae_quality, report, vae2d, vlae, vqvae
-from benchmarks import iwae, lvae, scaling, startup, xla_flags
+from benchmarks import iwae, lvae, scaling, startup, vqvae2_sampling, xla_flags
 from benchmarks.common import NUM_CORES, Settings, default_torch_threads, machine
 from experiments import common
 from experiments import vae as vae_experiment
@@ -31,6 +31,7 @@ BENCHMARKS = {
     "vlae_step": vlae.train_step,
     "vqvae_sampling": vqvae.sampling,
     "vqvae_step": vqvae.train_step,
+    "vqvae2_sampling": vqvae2_sampling.run,
     "conv_transpose": conv_transpose.run,
     "lvae_step": lvae.run,
     "iwae": iwae.run,

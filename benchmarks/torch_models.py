@@ -322,12 +322,13 @@ class AutoregressivePrior(nn.Module):
     num_classes: int
 
     @torch.no_grad()
-    def sample(self, num: int, height: int, width: int) -> torch.Tensor:
-        """(num, height, width) codes; code (i, j) drawn from the softmax at (i, j)."""
+    def sample(self, num: int, height: int, width: int, *inputs) -> torch.Tensor:
+        """(num, height, width) codes; code (i, j) drawn from the softmax at (i, j).
+        `inputs`: the forward pass's further arguments (a conditioned prior's condition)."""
         codes = torch.zeros(num, height, width, dtype=torch.long)
         for i in range(height):
             for j in range(width):
-                probs = torch.softmax(self(codes)[:, :, i, j], dim=1)
+                probs = torch.softmax(self(codes, *inputs)[:, :, i, j], dim=1)
                 codes[:, i, j] = torch.multinomial(probs, 1).squeeze(1)
         return codes
 
@@ -363,10 +364,12 @@ class GatedLayer(nn.Module):
     Vertical: (k//2 + 1) x k conv over the rows up to the current one; horizontal:
     1 x (k//2 + 1) conv up to the current column (excluded in the first layer), plus a
     1x1 link from the vertical stack shifted down a row; gates; 1x1 conv and (after the
-    first layer) a residual on the horizontal stack.
+    first layer) a residual on the horizontal stack. With condition_dim, both stacks'
+    pre-gate activations also get their own 1x1 conv of a condition (batch, condition_dim,
+    H, W).
     """
 
-    def __init__(self, dim: int, kernel_size: int, first: bool):
+    def __init__(self, dim: int, kernel_size: int, first: bool, condition_dim: int | None = None):
         super().__init__()
         c = self.c = kernel_size // 2
         self.first = first
@@ -377,11 +380,17 @@ class GatedLayer(nn.Module):
         self.horizontal = MaskedConv2d(dim, 2 * dim, mask)
         self.link = nn.Conv2d(2 * dim, 2 * dim, 1)
         self.out = nn.Conv2d(dim, dim, 1)
+        if condition_dim is not None:
+            self.condition_vertical = nn.Conv2d(condition_dim, 2 * dim, 1)
+            self.condition_horizontal = nn.Conv2d(condition_dim, 2 * dim, 1)
 
-    def forward(self, v, h):
+    def forward(self, v, h, condition=None):
         c = self.c
         v_pre = self.vertical(nn.functional.pad(v, (c, c, c, 0)))
         h_pre = self.horizontal(nn.functional.pad(h, (c, 0, 0, 0)))
+        if condition is not None:
+            v_pre = v_pre + self.condition_vertical(condition)
+            h_pre = h_pre + self.condition_horizontal(condition)
         h_pre = h_pre + self.link(nn.functional.pad(v_pre, (0, 0, 1, 0))[:, :, :-1])
         h_out = self.out(gate(h_pre))
         return gate(v_pre), h_out if self.first else h + h_out

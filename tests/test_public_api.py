@@ -16,6 +16,8 @@ def test_losses_functions(name):
 
 
 def test_nn_exports_the_building_blocks_from_the_package_itself():
-    from lvm_jax.nn import GatedPixelCNN, MADE, MaskedConv, MaskedDense, PixelCNN, VectorQuantizer
-    for module in (GatedPixelCNN, MADE, MaskedConv, MaskedDense, PixelCNN, VectorQuantizer):
+    from lvm_jax.nn import (MADE, ConditionalGatedPixelCNN, GatedPixelCNN, MaskedConv, MaskedDense,
+                            PixelCNN, PixelSNAIL, VectorQuantizer)
+    for module in (ConditionalGatedPixelCNN, GatedPixelCNN, MADE, MaskedConv, MaskedDense,
+                   PixelCNN, PixelSNAIL, VectorQuantizer):
         assert issubclass(module, nn.Module) and module.__name__ in lvm_jax.nn.__all__

@@ -183,32 +183,46 @@ def test_raster_sample_reproduces_known_conditionals():
     np.testing.assert_allclose(freq, p, atol=0.03)  # 4 standard errors
 
 
-@pytest.mark.parametrize("model_cls", [PixelCNN, GatedPixelCNN])
-def test_trained_prior_samples_its_training_patterns(model_cls):
-    """Trained on the two 6x6 checkerboards of codes 1 and 2, it samples only those, with
-    either method."""
+def _checkerboards():
+    """The two 6x6 checkerboards of codes 1 and 2, (2, 6, 6) int32."""
     parity = np.indices((6, 6)).sum(0) % 2
-    patterns = jnp.asarray(np.stack([1 + parity, 2 - parity]), jnp.int32)
-    if model_cls is PixelCNN:
-        model = PixelCNN(num_classes=3, embed_dim=16, num_residual_blocks=2, hidden=32)
-    else:
-        model = GatedPixelCNN(num_classes=3, dim=16, num_layers=3, hidden=32)
-    params = model.init(jax.random.key(0), patterns)
+    return jnp.asarray(np.stack([1 + parity, 2 - parity]), jnp.int32)
+
+
+def _train(model, *inputs, steps=300):
+    """Parameters after `steps` of Adam on the mean NLL (nats per code) of inputs[0] given the
+    rest, and the last loss."""
+    params = model.init(jax.random.key(0), *inputs)
     optimizer = optax.adam(3e-3)
 
     @jax.jit
     def train_step(params, opt_state):
         def nll(params):
-            logits = model.apply(params, patterns)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, patterns).mean()
+            logits = model.apply(params, *inputs)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, inputs[0]).mean()
 
         loss, grads = jax.value_and_grad(nll)(params)
         updates, opt_state = optimizer.update(grads, opt_state)
         return optax.apply_updates(params, updates), opt_state, loss
 
     opt_state = optimizer.init(params)
-    for _ in range(300):
+    for _ in range(steps):
         params, opt_state, loss = train_step(params, opt_state)
+    return params, loss
+
+
+@pytest.mark.parametrize("model_cls", [PixelCNN, GatedPixelCNN, PixelSNAIL])
+def test_trained_prior_samples_its_training_patterns(model_cls):
+    """Trained on the two 6x6 checkerboards of codes 1 and 2, it samples only those, with
+    either method."""
+    patterns = _checkerboards()
+    model = {
+        PixelCNN: lambda: PixelCNN(num_classes=3, embed_dim=16, num_residual_blocks=2, hidden=32),
+        GatedPixelCNN: lambda: GatedPixelCNN(num_classes=3, dim=16, num_layers=3, hidden=32),
+        PixelSNAIL: lambda: PixelSNAIL(num_classes=3, dim=16, num_blocks=1, layers_per_block=2,
+                                       num_heads=2, key_dim=8, value_dim=16, hidden=32),
+    }[model_cls]()
+    params, loss = _train(model, patterns)
     # Only the first code is uncertain: log 2 nats over 36 positions.
     assert loss < np.log(2) / 36 + 0.01
 
@@ -218,6 +232,24 @@ def test_trained_prior_samples_its_training_patterns(model_cls):
     matches = np.all(np.asarray(codes)[:, None] == np.asarray(patterns)[None], axis=(2, 3))
     assert np.all(matches.any(axis=1)), "every sample is one of the training patterns"
     assert np.all(matches.any(axis=0)), "both patterns are sampled"
+
+
+def test_trained_conditional_prior_samples_the_pattern_its_condition_names():
+    """Trained on checkerboard 0 under a 3x3 top grid of 0s and checkerboard 1 under 1s, every
+    code is certain given the top codes (the first too), and the samples follow them."""
+    patterns = _checkerboards()
+    top = jnp.broadcast_to(jnp.arange(2, dtype=jnp.int32)[:, None, None], (2, 3, 3))
+    model = ConditionalGatedPixelCNN(3, 2, dim=16, num_layers=3, hidden=32, condition_dim=8,
+                                     num_condition_blocks=1)
+    params, loss = _train(model, patterns, top)
+    assert loss < 0.01
+
+    condition = jnp.asarray(np.repeat(np.arange(2), 8), jnp.int32)[:, None, None] + jnp.zeros(
+        (1, 3, 3), jnp.int32)
+    codes = sample_codes(model, params, jax.random.key(1), 16, 6, 6, condition=condition)
+    np.testing.assert_array_equal(codes, sample_codes(model, params, jax.random.key(1), 16, 6, 6,
+                                                      method="raster", condition=condition))
+    np.testing.assert_array_equal(codes, np.repeat(np.asarray(patterns), 8, axis=0))
 
 
 def test_bad_arguments_are_rejected():
@@ -234,6 +266,17 @@ def test_bad_arguments_are_rejected():
         with pytest.raises(ValueError, match=r"variables must be \{'params': params\}") as error:
             sample_codes(model, bad, key, 2, 3, 3)
         assert "\n" not in str(error.value)
+    other = _variables("pixelcnn_k5_3blocks")  # 5x5 kernels and a third block
+    with pytest.raises(ValueError, match=r"variables\['params'\] do not fit this PixelCNN: "
+                                         r"blocks_0/MaskedConv_0/Conv_0/kernel has shape "
+                                         r"\(5, 5, 8, 8\), expected \(3, 3, 8, 8\); ") as error:
+        sample_codes(model, other, key, 2, 3, 3)
+    assert str(error.value).endswith("unexpected blocks_2")
+    with pytest.raises(ValueError, match="missing condition_stack; missing "
+                                         "layers_0/condition_horizontal; missing "
+                                         "layers_0/condition_vertical; ...$"):
+        sample_codes(PRIORS["conditional_k3_3layers"], _variables("gated_k3_3layers"), key, 2, 4,
+                     6, condition=jnp.zeros((2, 2, 3), jnp.int32))
     with pytest.raises(ValueError, match="condition is for a ConditionalGatedPixelCNN"):
         sample_codes(model, variables, key, 2, 4, 6, condition=jnp.zeros((2, 2, 3), jnp.int32))
     name = "conditional_k3_3layers"

@@ -12,6 +12,11 @@ form a single channel, so the masks are purely spatial (no colour groups).
     with PixelCNN Decoders") splits the receptive field into a vertical stack
     (rows above) and a horizontal stack (the current row up to the left
     neighbour), which removes the blind spot, and uses tanh * sigmoid gates.
+  * ConditionalGatedPixelCNN: the Gated PixelCNN with every gated layer also
+    given features of a coarser grid of codes (VQ-VAE-2's bottom prior, given
+    the top codes; Razavi et al. 2019).
+
+PixelSNAIL (lvm_jax.nn.pixelsnail) adds self-attention to the same gated layers.
 
 Every module computes in its `dtype` attribute with float32 parameters; the
 logits of both priors come out float32 (lvm_jax.nn.precision).
@@ -314,7 +319,7 @@ class ConditionalGatedPixelCNN(nn.Module):
     def __call__(self, codes: jax.Array, condition_codes: jax.Array) -> jax.Array:
         _check_codes(codes)
         _check_codes(condition_codes, "condition_codes")
-        upsampling_factors(codes.shape, condition_codes.shape)
+        upsampling_factors(codes.shape, condition_codes.shape)  # the batch sizes too
         return self.logits(self.embed(codes), self.condition(condition_codes, codes.shape[1:]))
 
     def condition(self, condition_codes: jax.Array, grid: tuple[int, int]) -> jax.Array:

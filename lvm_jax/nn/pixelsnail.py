@@ -89,8 +89,8 @@ class _CausalAttentionBlock(nn.Module):
 
         positions = height * width
         visible = jnp.tril(jnp.ones((positions, positions), bool), k=-1)  # s < t strictly
-        flat = lambda x: x.reshape(batch, positions, x.shape[-1])
-        attended = attend(flat(query), flat(key), flat(value), visible, self.num_heads)
+        query, key, value = (x.reshape(batch, positions, x.shape[-1]) for x in (query, key, value))
+        attended = attend(query, key, value, visible, self.num_heads)
         attended = nn.Dropout(self.dropout_rate, deterministic=not train)(attended)
         attended = attended.reshape(batch, height, width, self.value_dim)
         pre = (nn.Dense(2 * dim, dtype=self.dtype, name="mix_features")(features)

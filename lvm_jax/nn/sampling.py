@@ -1,4 +1,7 @@
-"""Drawing code grids from the PixelCNN priors, in raster order.
+"""Drawing code grids from the PixelCNN-family priors, in raster order.
+
+PixelCNN, GatedPixelCNN, PixelSNAIL (self-attention) and ConditionalGatedPixelCNN
+(VQ-VAE-2's bottom prior, given its condition codes).
 
 Two samplers of the same distribution, which draw the same codes for the
 same key: position t = i * width + j is drawn with
@@ -12,6 +15,12 @@ same key: position t = i * width + j is drawn with
     rows of its own input that its kernel reaches, and each step computes, in
     every layer, only the activations that the newly drawn code changes. A
     grid costs about one full pass of work, spread over H*W steps.
+    Attention keeps a key/value cache: position t computes its query, key and
+    value once and reads the cached keys and values of the positions before
+    it (the dot products over the cache, masked to s < t, are the one part
+    whose cost per step grows with the grid: one row of keys per position
+    drawn). A conditioned prior's conditioning stack runs once, before the
+    first position; its 1x1 convs into every layer are precomputed too.
 
 Why the cached sampler is exact: it applies the model's own parameters (the
 tree that `model.apply` reads, masks included) to the same inputs as the full
@@ -19,8 +28,11 @@ pass. A convolution's output at one position is the dot product of its
 (masked) kernel with the input window around that position, and the cache
 holds exactly that window: the rows of the layer's input computed at earlier
 steps, zeros where the full pass pads. Everything between convolutions (1x1
-convolutions, ReLUs, gates, residual additions) acts on one position at a
-time. Only the order of the floating-point sums differs from the full pass.
+convolutions, ReLUs, gates, residual additions, the queries, keys, values
+and the attention's mixing) acts on one position at a time. The attention at
+t weighs the cached keys and values of s < t, exactly those the full pass's
+mask leaves (the others get weight 0 in both). Only the order of the
+floating-point sums differs from the full pass.
 """
 
 import functools
@@ -105,7 +117,7 @@ def sample_codes(model: Prior, variables, rng: jax.Array, num: int, height: int,
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     _check_prior(model)
-    _check_variables(variables)
+    _check_variables(model, variables)
     for name, size in (("num", num), ("height", height), ("width", width)):
         if not isinstance(size, (int, np.integer)) or size < 1:
             raise ValueError(f"{name} must be a positive int, got {size!r}")
@@ -143,7 +155,7 @@ def cached_logits(model: Prior, variables, codes: jax.Array,
       (num, height, width, K) float32 logits.
     """
     _check_prior(model)
-    _check_variables(variables)
+    _check_variables(model, variables)
     _check_codes(codes)
     _check_condition(model, condition, codes.shape)
     return _cached_logits(model, variables, codes, condition)
@@ -173,12 +185,46 @@ def _check_prior(model) -> None:
                         f"for another causal model use raster_sample")
 
 
-def _check_variables(variables) -> None:
+def _check_variables(model, variables) -> None:
+    """variables must be {"params": the tree model.init makes}: a one-line ValueError names
+    what differs (a bare parameter dict, another model's or size's parameters)."""
     if not isinstance(variables, Mapping) or "params" not in variables:
         found = (f"a mapping with keys {sorted(variables)[:4]}" if isinstance(variables, Mapping)
                  else type(variables).__name__)
         raise ValueError(f"variables must be {{'params': params}}, as model.apply takes them, "
                          f"got {found}")
+    expected = _parameter_shapes(model)
+    found = _shapes(variables["params"])
+    problems = ([f"{'/'.join(path)} has shape {found[path]}, expected {shape}"
+                 for path, shape in expected.items() if found.get(path, shape) != shape]
+                + [f"missing {name}" for name in _first_absent(expected, found)]
+                + [f"unexpected {name}" for name in _first_absent(found, expected)])
+    if problems:
+        raise ValueError(f"variables['params'] do not fit this {type(model).__name__}: "
+                         f"{'; '.join(problems[:3])}" + ("; ..." if len(problems) > 3 else ""))
+
+
+def _shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{path: shape} of a tree's leaves, e.g. {("embed", "embedding"): (128, 64)}."""
+    return {tuple(str(getattr(key, "key", key)) for key in path): tuple(np.shape(leaf))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _first_absent(tree: dict, other: dict) -> list[str]:
+    """The shortest paths of `tree` (leaf paths' prefixes) that `other` lacks, e.g.
+    "layers_0/condition_vertical" for a whole missing conv, in order, once each."""
+    present = {path[:k] for path in other for k in range(1, len(path) + 1)}
+    absent = (next(path[:k] for k in range(1, len(path) + 1) if path[:k] not in present)
+              for path in tree if path not in present)
+    return ["/".join(path) for path in dict.fromkeys(absent)]
+
+
+@functools.cache
+def _parameter_shapes(model) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """The shapes of the parameters model.init makes (the same for every grid size)."""
+    grid = jax.ShapeDtypeStruct((1, 1, 1), jnp.int32)
+    inputs = (grid, grid) if isinstance(model, ConditionalGatedPixelCNN) else (grid,)
+    return _shapes(jax.eval_shape(model.init, jax.random.key(0), *inputs)["params"])
 
 
 def _check_condition(model, condition, shape: tuple[int, int, int]) -> None:
@@ -481,7 +527,8 @@ class _AttentionSteps:
 
     def __init__(self, model: PixelSNAIL, params, num: int, height: int, width: int):
         dtype = model.dtype
-        self.num, self.height, self.width, self.dim, self.dtype = num, height, width, model.dim, dtype
+        self.num, self.height, self.width = num, height, width
+        self.dim, self.dtype = model.dim, dtype
         self.num_heads, self.key_dim, self.value_dim = (model.num_heads, model.key_dim,
                                                         model.value_dim)
         self.query, self.key, self.value, self.mix_features, self.mix_attention, self.mix_out = (
@@ -512,6 +559,9 @@ class _AttentionSteps:
         """Writes the key and value of position (i, j) from its code's embedding (num, dim)."""
         key_in = jnp.concatenate([embedded, cache["features"], self._coordinates(i, j)], -1)
         t = i * self.width + j
-        write = lambda slots, x: jax.lax.dynamic_update_slice(slots, x[:, None], (0, t, 0))
+
+        def write(slots, x):
+            return jax.lax.dynamic_update_slice(slots, x[:, None], (0, t, 0))
+
         return {**cache, "keys": write(cache["keys"], _apply(self.key, key_in)),
                 "values": write(cache["values"], _apply(self.value, key_in))}
