@@ -56,7 +56,8 @@ QUICK = dict(epochs=2, prior_epochs=2, width=64, code_dim=32)
 
 
 def study_config(args, bottom_condition: str = "top") -> vqvae2_experiment.Config:
-    sizes = QUICK if args.quick else dict(epochs=args.epochs, prior_epochs=args.prior_epochs)
+    sizes = QUICK if args.quick else dict(epochs=args.epochs, prior_epochs=args.prior_epochs,
+                                          width=args.width, code_dim=args.code_dim)
     return vqvae2_experiment.Config(dataset=DATASET, quantizer=PRESET,
                                     bottom_condition=bottom_condition, seed=args.seed,
                                     no_progress=args.no_progress, **sizes)
@@ -210,7 +211,8 @@ def main(argv=None) -> dict:
                "setting": ("--quick: a reduced study (" + ", ".join(f"{k} {v}" for k, v in
                                                                     QUICK.items()) + ")"
                            if args.quick else f"{args.epochs} epochs (VQ), {args.prior_epochs} "
-                                              "epochs (each prior), full widths")
+                                              f"epochs (each prior), width {args.width}, "
+                                              f"code_dim {args.code_dim}")
                           + f"; {DATASET}, batch 128, Adam 1e-3, seed {args.seed}, quantizer "
                             f"preset {PRESET} at every grid",
                "uptime_before": uptime_before,
@@ -233,6 +235,10 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=10, help="VQ-VAE epochs of both models")
     p.add_argument("--prior_epochs", type=int, default=10, help="epochs of every prior")
+    p.add_argument("--width", type=int, default=vqvae2.WIDTH,
+                   help="channels of the encoders and decoders of both models")
+    p.add_argument("--code_dim", type=int, default=vqvae2.CODE_DIM,
+                   help="dimension of the code vectors of both models")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None,
                    help="default runs/vqvae2_study (runs/vqvae2_study_quick with --quick)")
