@@ -1,7 +1,7 @@
 """What the hierarchy buys (issue 23): the VQ-VAE-2 against a single-level VQ-VAE at equal steps.
 
     python -m benchmarks.vqvae2_study [--quick] [--epochs 10] [--prior_epochs 10]
-                                      [--workdir runs/vqvae2_study]
+                                      [--width 128] [--code_dim 64] [--workdir runs/vqvae2_study]
 
 On patches_embedded (32x32 RGB), with the same batch (128), Adam learning rate (1e-3), seed,
 epochs, widths, K = 128 codes per grid and quantizer preset (kmeans, the codebook study's
