@@ -174,6 +174,24 @@ def save_curve_comparison(metrics_csvs: dict[str, str], path: str, name: str, un
     return _save(fig, path)
 
 
+@primary_only
+def save_code_usage(counts: dict[str, np.ndarray], path: str, title: str) -> str:
+    """One panel per code grid (e.g. the VQ-VAE-2's levels): the frequency of each of its K
+    codes, most used first, with the codes used and the perplexity in the panel's title."""
+    fig, axes = plt.subplots(1, len(counts), figsize=(5 * len(counts), 3.5), squeeze=False,
+                             layout="constrained")
+    for ax, (name, level_counts) in zip(axes[0], counts.items()):
+        level_counts = np.asarray(level_counts, np.float64)
+        frequencies = np.sort(level_counts / level_counts.sum())[::-1]
+        used = frequencies[frequencies > 0]
+        perplexity = np.exp(-np.sum(used * np.log(used)))
+        ax.bar(np.arange(len(frequencies)), frequencies, width=1.0, color="C0")
+        ax.set(title=f"{name}: {len(used)} of {len(frequencies)} codes used, perplexity "
+                     f"{perplexity:.1f}", xlabel="code, by frequency", ylabel="fraction of codes")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def _save(fig, path: str) -> str:
     """Writes `fig` as a PNG, whole or not at all, and leaves a file that already holds
     the same image untouched (`records.write_atomic`)."""

@@ -26,6 +26,9 @@ def test_notebook_trains_restores_and_samples(tmp_path, monkeypatch):
     assert set(namespace["vlae_summary"]["test_metrics"]) >= {"neg_elbo", "bits_per_dim"}
     assert "prior_nll" in namespace["vq_summary"]["test_metrics"]
     assert os.path.exists(tmp_path / "vqvae" / "mnist_embedded" / "samples_pixelcnn.png")
+    assert set(namespace["vq2_summary"]["test_metrics"]) >= {"recon_mse", "top_prior_nll",
+                                                             "bottom_prior_nll", "bits_per_image"}
+    assert os.path.exists(tmp_path / "vqvae2" / "mnist_embedded" / "samples.png")
 
 
 def test_install_cell_installs_an_uploaded_copy_and_says_what_to_do_on_a_restart():

@@ -163,22 +163,34 @@ def loss_fn(model: VQVAE, params, model_state, x: jax.Array, rng: jax.Array, tra
         batch_codebook_usage: fraction of the K codes this batch uses (also
           batch-size dependent).
     """
+    out, model_state = apply_model(model, params, model_state, x, rng, train)
+    metrics = {"recon_mse": ((out["reconstruction"] - x) ** 2).mean(), **vq_metrics(out)}
+    return metrics["recon_mse"] + metrics["vq_loss"], (metrics, model_state)
+
+
+def apply_model(model: nn.Module, params, model_state, x: jax.Array, rng: jax.Array,
+                train: bool) -> tuple[dict, dict]:
+    """(outputs, model_state) of a VQ-VAE on a batch: in training mode, the updated
+    BatchNorm and codebook statistics; in inference mode, model_state unchanged."""
     variables = {"params": params, **model_state}
     if train:
-        out, model_state = model.apply(variables, x, True, rng, mutable=list(model_state))
-    else:
-        out = model.apply(variables, x)
+        return model.apply(variables, x, True, rng, mutable=list(model_state))
+    return model.apply(variables, x), model_state
+
+
+def vq_metrics(out: dict) -> dict[str, jax.Array]:
+    """The batch means of one quantizer's outputs (see VectorQuantizer), per element of
+    the B*h*w*d code values: vq_loss, codebook_loss, commitment_loss; and perplexity and
+    batch_codebook_usage of this batch's codes."""
     # The quantizer sums its terms over one example's codes (projected with a lookup_dim).
     latent_size = out["codes"][0].size
-    metrics = {
-        "recon_mse": ((out["reconstruction"] - x) ** 2).mean(),
+    return {
         "vq_loss": out["loss"].mean() / latent_size,
         "codebook_loss": out["codebook_loss"].mean() / latent_size,
         "commitment_loss": out["commitment_loss"].mean() / latent_size,
         "perplexity": out["perplexity"],
         "batch_codebook_usage": (out["counts"] > 0).mean(),
     }
-    return metrics["recon_mse"] + metrics["vq_loss"], (metrics, model_state)
 
 
 def _identity(x):
@@ -186,20 +198,22 @@ def _identity(x):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "preprocess"))
-def _encode_batch(model: VQVAE, variables, images: jax.Array, preprocess: Callable) -> jax.Array:
-    return model.apply(variables, preprocess(images), method=VQVAE.encode)
+def _encode_batch(model: nn.Module, variables, images: jax.Array, preprocess: Callable):
+    return model.apply(variables, preprocess(images), method="encode")
 
 
-def encode_dataset(model: VQVAE, variables, images: np.ndarray, batch_size: int = 500,
-                   preprocess: Callable = _identity) -> np.ndarray:
-    """Code grids of a whole dataset, in inference mode: (N, H, W, C) -> (N, h, w) int32.
+def encode_dataset(model: nn.Module, variables, images: np.ndarray, batch_size: int = 500,
+                   preprocess: Callable = _identity):
+    """Code grids of a whole dataset, in inference mode: (N, H, W, C) -> (N, h, w) int32,
+    or the tuple of a model whose `encode` returns several grids (the VQ-VAE-2's (top,
+    bottom)).
 
     One compiled call per batch; the last batch is zero-padded to the same
     size, so the function compiles once (inference mode treats every example
     independently, so the padding changes no code).
 
     Args:
-      model, variables: the trained VQVAE and all its collections.
+      model, variables: the trained VQVAE (or VQVAE2) and all its collections.
       images: (N, H, W, C) as stored, e.g. uint8.
       batch_size: examples per call.
       preprocess: applied inside the compiled call, e.g. `data.scale_images`.
@@ -210,8 +224,10 @@ def encode_dataset(model: VQVAE, variables, images: np.ndarray, batch_size: int 
     for start in range(0, n, batch_size):
         batch = images[start:start + batch_size]
         padded = np.pad(batch, [(0, batch_size - len(batch))] + [(0, 0)] * (batch.ndim - 1))
-        grids.append(np.asarray(_encode_batch(model, variables, padded, preprocess))[:len(batch)])
-    return np.concatenate(grids)
+        count = len(batch)
+        grids.append(jax.tree.map(lambda grid: np.asarray(grid)[:count],
+                                  _encode_batch(model, variables, padded, preprocess)))
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *grids)
 
 
 def code_statistics(codes: np.ndarray, num_codes: int) -> dict[str, float]:

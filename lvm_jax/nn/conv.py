@@ -206,3 +206,66 @@ class VQDecoder(nn.Module):
         h = self.upsample(self.out_channels, dtype=self.dtype)(
             nn.relu(_batch_norm(train, self.dtype)(h)))
         return jnp.tanh(h)
+
+
+def _num_halvings(factor: int) -> int:
+    """log2 of a resampling factor of 2 or 4, the strides the VQ-VAE-2's levels use."""
+    if factor not in (2, 4):
+        raise ValueError(f"the resampling factor must be 2 or 4, got {factor}")
+    return factor.bit_length() - 1
+
+
+class StridedEncoder(nn.Module):
+    """(batch, H, W, C) -> (batch, H/factor, W/factor, features or out_features) in `dtype`,
+    one level of the VQ-VAE-2 encoder (rosinality's `Encoder`, with this package's
+    BatchNorm ResidualBlocks): Conv 4x4 s2 per halving (the first to features/2 when there
+    are two), Conv 3x3, ResidualBlocks, BN, ReLU, then, if `out_features` is set, the 1x1
+    conv to the quantizer's code dimension.
+    """
+
+    features: int
+    factor: int = 4
+    num_residual_blocks: int = 2
+    out_features: int | None = None
+    dtype: DTypeLike = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        halvings = _num_halvings(self.factor)
+        for i in range(halvings):
+            width = self.features // 2 if i < halvings - 1 else self.features
+            x = nn.relu(nn.Conv(width, (4, 4), strides=(2, 2), padding=PAD1, dtype=self.dtype)(x))
+        x = nn.Conv(self.features, (3, 3), padding=PAD1, dtype=self.dtype)(x)
+        for _ in range(self.num_residual_blocks):
+            x = ResidualBlock(dtype=self.dtype)(x, train)
+        x = nn.relu(_batch_norm(train, self.dtype)(x))
+        if self.out_features is not None:
+            x = nn.Conv(self.out_features, (1, 1), dtype=self.dtype)(x)
+        return x
+
+
+class StridedDecoder(nn.Module):
+    """(batch, h, w, D) -> (batch, h*factor, w*factor, out_channels) in `dtype`, one level of
+    the VQ-VAE-2 decoder (rosinality's `Decoder`): Conv 3x3 to `features`, ResidualBlocks,
+    then per doubling BN, ReLU and a ConvTranspose 4x4 s2 (to features/2, the last to
+    out_channels); tanh on the output with `tanh=True` (images in (-1, 1)).
+    """
+
+    features: int
+    out_channels: int
+    factor: int = 4
+    num_residual_blocks: int = 2
+    tanh: bool = False
+    dtype: DTypeLike = jnp.float32
+
+    @nn.compact
+    def __call__(self, z: jax.Array, train: bool) -> jax.Array:
+        doublings = _num_halvings(self.factor)
+        h = nn.Conv(self.features, (3, 3), padding=PAD1, dtype=self.dtype)(z)
+        for _ in range(self.num_residual_blocks):
+            h = ResidualBlock(dtype=self.dtype)(h, train)
+        for i in range(doublings):
+            width = self.out_channels if i == doublings - 1 else self.features // 2
+            h = SubPixelConvTranspose(width, dtype=self.dtype)(
+                nn.relu(_batch_norm(train, self.dtype)(h)))
+        return jnp.tanh(h) if self.tanh else h
