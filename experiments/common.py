@@ -222,7 +222,8 @@ def workdir(config: Config, experiment: str, workdir: str | None = None) -> str:
 
 
 # Experiments that train inside another's workdir, as its stages: their config.json names them.
-STAGE_OF = {"vqvae_prior": "vqvae"}
+STAGE_OF = {"vqvae_prior": "vqvae",
+            "vqvae2_top_prior": "vqvae2", "vqvae2_bottom_prior": "vqvae2"}
 
 
 def workdir_owners(path: str) -> set[str]:

@@ -11,19 +11,23 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from experiments import common, evaluate, lvae, mlp_vae, vae, vae_2d, vlae, vqvae  # noqa: E402
+from experiments import (common, evaluate, lvae, mlp_vae, vae, vae_2d, vlae, vqvae,  # noqa: E402
+                         vqvae2)
 from lvm_jax import viz  # noqa: E402
 from lvm_jax.train import records  # noqa: E402
 
 MAINS = {"vae": vae.main, "vlae": vlae.main, "vqvae": vqvae.main, "mlp_vae": mlp_vae.main,
-         "lvae": lvae.main, "vae_2d": vae_2d.main}
+         "lvae": lvae.main, "vae_2d": vae_2d.main, "vqvae2": vqvae2.main}
 CONFIGS = {"vae": vae.Config, "vlae": vlae.Config, "vqvae": vqvae.Config,
-           "mlp_vae": mlp_vae.Config, "lvae": lvae.Config, "vae_2d": vae_2d.Config}
+           "mlp_vae": mlp_vae.Config, "lvae": lvae.Config, "vae_2d": vae_2d.Config,
+           "vqvae2": vqvae2.Config}
 # Where each experiment's runs keep their config.json (and the experiment it names), as the
 # experiments lay out their workdirs.
 LAYOUTS = {"vae": {"config.json": "vae"}, "vlae": {"config.json": "vlae"},
            "lvae": {"config.json": "lvae"},
            "vqvae": {"vqvae/config.json": "vqvae", "prior_pixelcnn/config.json": "vqvae_prior"},
+           "vqvae2": {"vqvae2/config.json": "vqvae2", "top_prior/config.json": "vqvae2_top_prior",
+                      "bottom_prior/config.json": "vqvae2_bottom_prior"},
            "mlp_vae": {"decoders/gaussian/config.json": "mlp_vae",
                        "depth/deep/config.json": "mlp_vae"}}
 
@@ -57,7 +61,8 @@ def file_states(workdir) -> dict[str, tuple[str, int]]:
 @pytest.mark.parametrize("intruder, owner", [
     ("vqvae", "vlae"), ("vlae", "vqvae"), ("mlp_vae", "vae"), ("vae", "vqvae"),
     ("vae", "vlae"), ("vlae", "vae"),  # one layout, two experiments
-    ("lvae", "mlp_vae"), ("vae_2d", "vae"), ("vqvae", "mlp_vae")])
+    ("lvae", "mlp_vae"), ("vae_2d", "vae"), ("vqvae", "mlp_vae"),
+    ("vqvae2", "vqvae"), ("vqvae", "vqvae2")])  # one layout of stages, two experiments
 def test_another_experiments_workdir_is_refused_in_one_line_and_left_unchanged(
         intruder, owner, tmp_path, capsys):
     make_run(tmp_path, owner)
