@@ -35,7 +35,6 @@ from collections.abc import Callable
 import flax
 import jax
 import jaxlib
-import torch
 
 NUM_CORES = len(os.sched_getaffinity(0))
 
@@ -197,6 +196,8 @@ def compare(jax_sample: Sampler, torch_sample: Sampler, settings: Settings,
     def estimate(threads: int) -> float:
         return statistics.median(torch_times[threads] or warmup_times[threads] or [0.0])
 
+    import torch  # here, not at the top: benchmarks.report reads results without PyTorch
+
     def time_torch(into: dict):
         best = min((estimate(n) for n in settings.torch_threads if estimate(n) > 0),
                    default=0.0)
@@ -270,6 +271,8 @@ def cpu_model() -> str:
 
 def machine() -> dict:
     """The machine and software the table was measured with."""
+    import torch
+
     return {
         "cpu": cpu_model(),
         "cores": NUM_CORES,

@@ -274,7 +274,8 @@ def _pinned(step_directory: str, workdir: str):
       FileNotFoundError: the step vanished while it was pinned.
     """
     try:
-        pinned = tempfile.mkdtemp(prefix=".reading-", dir=workdir)
+        # Absolute: orbax refuses a relative path, and a workdir may be given as one.
+        pinned = tempfile.mkdtemp(prefix=".reading-", dir=os.path.abspath(workdir))
     except OSError:
         pinned = None
     try:
