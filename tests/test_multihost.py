@@ -134,26 +134,38 @@ def single_process_reference():
     return np.asarray(metrics["loss"]), jax.tree.leaves(jax.device_get(state.params)), test_metrics
 
 
-@pytest.mark.parametrize("input", ["memory", "stream"])
-def test_two_processes_train_like_one_on_the_same_global_batches(tmp_path, input):
+def run_hosts(script: str, *args, meanwhile=lambda: None):
+    """Runs HOSTS processes of `script` (argv: its process index, a coordinator port, `args`;
+    2 CPU devices each) and `meanwhile()` in this process while they run.
+
+    Returns:
+      (the JSON each host printed last, in process order; what `meanwhile` returned). A host
+      that fails fails the test.
+    """
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "JAX_PLATFORMS": "cpu"}
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(p), str(port), str(tmp_path),
-                               input],
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(p), str(port), *map(str, args)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
              for p in range(HOSTS)]
     try:
-        losses, params, test_metrics = single_process_reference()  # while the hosts train
+        result = meanwhile()
         outs = []
         for proc in procs:
             stdout, stderr = proc.communicate(timeout=300)
             assert proc.returncode == 0, stderr[-3000:]
             outs.append(json.loads(stdout.strip().splitlines()[-1]))
+        return outs, result
     finally:
         for proc in procs:
             proc.kill()  # a host left waiting for a failed one; nothing once they have exited
+
+
+@pytest.mark.parametrize("input", ["memory", "stream"])
+def test_two_processes_train_like_one_on_the_same_global_batches(tmp_path, input):
+    outs, (losses, params, test_metrics) = run_hosts(CHILD, tmp_path, input,
+                                                     meanwhile=single_process_reference)
 
     for out in outs:  # every host holds the same result, restored from the checkpoint of epoch 1
         assert out["resumed_from_step"] == 4 and out["device"] == "4 x cpu (cpu) on 2 hosts"
@@ -209,22 +221,7 @@ STOPPED_CHILD = textwrap.dedent("""
 def test_a_signal_on_one_host_stops_every_host_at_the_same_saved_step(tmp_path):
     """Host 1 alone gets SIGTERM; the hosts agree on the flag (an all-gather at each step
     boundary), so both save their parts of the same checkpoint, stop, and resume alike."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "JAX_PLATFORMS": "cpu"}
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", STOPPED_CHILD, str(p), str(port),
-                               str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-             for p in range(HOSTS)]
-    try:
-        outs = []
-        for proc in procs:
-            stdout, stderr = proc.communicate(timeout=300)
-            assert proc.returncode == 0, stderr[-3000:]
-            outs.append(json.loads(stdout.strip().splitlines()[-1]))
-    finally:
-        for proc in procs:
-            proc.kill()
+    outs, _ = run_hosts(STOPPED_CHILD, tmp_path)
     saved = os.path.join(tmp_path, "checkpoints", "0")
     for out in outs:
         assert out["stopped"] == [f"stopped by SIGTERM: step 0 of 8 is saved in {saved}; rerun "

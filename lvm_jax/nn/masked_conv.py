@@ -31,6 +31,12 @@ from jax.typing import DTypeLike
 from lvm_jax.nn.precision import to_float32
 
 
+def check_kernel_size(kernel_size: int) -> None:
+    """Refuses a kernel size that has no centre tap: the masks need a positive odd size."""
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size}")
+
+
 def conv_mask(kernel_size: int, mask_type: str) -> np.ndarray:
     """Spatial (k, k) mask of a raster-order masked convolution.
 
@@ -41,8 +47,7 @@ def conv_mask(kernel_size: int, mask_type: str) -> np.ndarray:
     """
     if mask_type not in ("A", "B"):
         raise ValueError(f"mask_type must be 'A' or 'B', got {mask_type!r}")
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size}")
+    check_kernel_size(kernel_size)
     c = kernel_size // 2
     mask = np.zeros((kernel_size, kernel_size), np.float32)
     mask[:c] = 1.0
@@ -225,8 +230,7 @@ class GatedPixelCNN(nn.Module):
     dtype: DTypeLike = jnp.float32
 
     def __post_init__(self):
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd int, got {self.kernel_size}")
+        check_kernel_size(self.kernel_size)
         super().__post_init__()
 
     def setup(self):
@@ -241,11 +245,16 @@ class GatedPixelCNN(nn.Module):
 
     def logits(self, x: jax.Array) -> jax.Array:
         """float32 logits from embedded codes x (batch, H, W, dim); differentiable in x."""
-        v = h = x
-        for layer in self.layers:
-            v, h = layer(v, h)
-        return to_float32(self.head(h))
+        return _gated_logits(self.layers, self.head, x)
 
+
+def _gated_logits(layers, head, x: jax.Array, condition: jax.Array | None = None) -> jax.Array:
+    """float32 logits of the gated layers and head on embedded codes x (batch, H, W, dim), each
+    layer also given `condition` (batch, H, W, C) when there is one."""
+    v = h = x
+    for layer in layers:
+        v, h = layer(v, h, condition)
+    return to_float32(head(h))
 
 
 def upsampling_factors(shape: tuple[int, ...], condition_shape: tuple[int, ...]) -> tuple[int, int]:
@@ -304,8 +313,7 @@ class ConditionalGatedPixelCNN(nn.Module):
     dtype: DTypeLike = jnp.float32
 
     def __post_init__(self):
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd int, got {self.kernel_size}")
+        check_kernel_size(self.kernel_size)
         super().__post_init__()
 
     def setup(self):
@@ -331,7 +339,4 @@ class ConditionalGatedPixelCNN(nn.Module):
     def logits(self, x: jax.Array, condition: jax.Array) -> jax.Array:
         """float32 logits from embedded codes x (batch, H, W, dim) and conditioning features
         (batch, H, W, condition_dim); differentiable in both."""
-        v = h = x
-        for layer in self.layers:
-            v, h = layer(v, h, condition)
-        return to_float32(self.head(h))
+        return _gated_logits(self.layers, self.head, x, condition)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from lvm_jax.nn.masked_conv import _GatedLayer, _OutputHead, _check_codes, gate
+from lvm_jax.nn.masked_conv import _GatedLayer, _OutputHead, _check_codes, check_kernel_size, gate
 from lvm_jax.nn.precision import to_float32
 
 
@@ -123,8 +123,7 @@ class PixelSNAIL(nn.Module):
     dtype: DTypeLike = jnp.float32
 
     def __post_init__(self):
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd int, got {self.kernel_size}")
+        check_kernel_size(self.kernel_size)
         if self.num_blocks < 1 or self.layers_per_block < 1:
             raise ValueError(f"num_blocks and layers_per_block must be positive, got "
                              f"{self.num_blocks} and {self.layers_per_block}")
