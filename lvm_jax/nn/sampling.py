@@ -19,8 +19,9 @@ same key: position t = i * width + j is drawn with
     value once and reads the cached keys and values of the positions before
     it: the one part whose cost per step grows, by one key per position drawn
     (the rows are looped over in a few blocks, `row_blocks`, each reading a
-    static prefix of the cache, up to the block's end). A conditioned prior's conditioning stack runs once, before the
-    first position; its 1x1 convs into every layer are precomputed too.
+    static prefix of the cache, up to the block's end). A conditioned prior's
+    conditioning stack runs once, before the first position; its 1x1 convs
+    into every layer are precomputed too.
 
 Why the cached sampler is exact: it applies the model's own parameters (the
 tree that `model.apply` reads, masks included) to the same inputs as the full
