@@ -22,7 +22,8 @@ sample from a shift between the splits; and on a training strip as narrow as the
 columns STRIP of each photo, cut as the splits are: it separates a narrow strip of content,
 whose overlapping patches repeat the same few textures, from a shift between the splits),
 each prior's NLL in nats per code, and the total bits per image (top NLL * 64 +
-bottom-given-top NLL * 256, or the single-level prior's NLL * 256, over ln 2), with the usage goals (>= 95% of the codes, perplexity >= K / 2 per level).
+bottom-given-top NLL * 256, or the single-level prior's NLL * 256, over ln 2), with the
+usage goals (>= 95% of the codes, perplexity >= K / 2 per level).
 Writes <workdir>/results.{md,json} and benchmarks/results/vqvae2_study.{md,json}, with the
 command and the machine's load (`uptime`) before and after.
 """
