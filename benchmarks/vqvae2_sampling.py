@@ -14,21 +14,34 @@ of each), three samplers of the same prior and weights:
       one position of every layer, the attention over a key/value cache; the
       conditioning stack once), one jitted call;
   (b) lvm_jax's raster loop (`method="raster"`: a full pass per position in a
-      `lax.fori_loop`), one jitted call, the reference that draws the same codes;
+      `lax.fori_loop`), one jitted call, which draws the same codes;
   (c) the PyTorch twin (benchmarks/torch_priors.py) sampled by the reference
       implementation's method (rosinality/vq-vae-2-pytorch's `sample_model`): a
       full forward pass per position under `torch.no_grad`, `torch.multinomial`.
 
-(a), (b) and (c) are timed in alternating rounds (`common.compare`). A raster
-loop whose cost, estimated as positions x one full pass (timed first), exceeds
-RASTER_BUDGET_S is not run: its row says "estimated" and gives positions x the
-full pass's median time. Then the cost against positions: the cached sampler
-alone on one grid of each side in SCALING_SIDES, in microseconds per position,
-beside the raster loop's full pass per position. The convolutions' work per
-position is the same on any grid; the attention's is not: each step takes the
-dot products of its query with the whole key/value cache of H*W slots (static
-shapes under jit; the slots not yet drawn are masked), so its cost per position
-grows with the grid's size, while a raster step's grows with its square.
+Each case gives three rows: (a) against (b), the algorithm comparison (the
+speed-up of caching, same framework, same codes: a ratio, higher is better);
+(b) against (c), the framework comparison (same algorithm); (a) against (c),
+the cached sampler against the reference implementation's method (the
+algorithms differ: not a framework ratio). (a), (b) and (c) are timed in
+alternating rounds (`common.compare`), a warm-up round first, 1 grid per call
+included. The raster loops run only if a warm-up and a timed round, estimated
+as positions x one full pass (timed first), fit in RASTER_BUDGET_S per case;
+then as many timed rounds as fit, up to the settings' repeats (the rows say
+how many). Otherwise their rows say "estimated" and use positions x one full
+pass. The whole benchmark is budgeted at 12 minutes on an idle 2-core machine.
+
+Then the cost against positions: the cached sampler alone on one grid of each
+side in the prior's scaling sides, in microseconds per position, beside the
+raster loop's full pass per position. The convolutions' work per position is
+the same on any grid. The attention's grows with the position: at position t
+it reads the cached keys and values of the rows filled so far, t slots plus
+at most the rest of t's block of rows (`lvm_jax.nn.sampling.row_blocks`: at
+most 4 blocks, each a static prefix of the cache), so a grid's attention work
+is about (1 + 1/blocks) / 2 of reading all H*W slots at every step, and its
+cost per position grows linearly with the grid's positions; a raster step's
+whole pass grows with them too, so the raster loop's cost per position grows
+with their square.
 
 Before timing, the PyTorch twins are loaded with lvm_jax's randomised
 parameters and must compute the same logits on random codes.
@@ -52,8 +65,10 @@ from lvm_jax.nn import ConditionalGatedPixelCNN, PixelSNAIL, sample_codes
 
 NAME = "vqvae2_sampling"
 NUM_SAMPLES, QUICK_NUM_SAMPLES = 100, 10
-RASTER_BUDGET_S, QUICK_RASTER_BUDGET_S = 120.0, 10.0
-CHEAP_S = 5.0  # a call estimated under this is timed `repeats` times, else once
+# Per case (prior, grid, grids per call): the raster loops' warm-up and timed rounds. Eight
+# cases of at most 60 s, the compilations and the scaling rows keep the whole benchmark under
+# about 12 minutes on an idle 2-core machine.
+RASTER_BUDGET_S, QUICK_RASTER_BUDGET_S = 60.0, 10.0
 
 
 class Prior(NamedTuple):
@@ -150,9 +165,9 @@ def _what(case: _Case) -> str:
             f"({case.positions} positions)")
 
 
-def _row(case: _Case, settings: Settings, **fields) -> Row:
+def _row(case: _Case, settings: Settings, higher_is_better: bool = False, **fields) -> Row:
     return Row(benchmark=NAME, model=PRIORS[case.name].label, batch=case.num,
-               higher_is_better=False, **fields)
+               higher_is_better=higher_is_better, **fields)
 
 
 def _torch_pass(case: _Case, settings: Settings) -> tuple[float, int]:
@@ -168,58 +183,72 @@ def _torch_pass(case: _Case, settings: Settings) -> tuple[float, int]:
 
 
 def _comparison_rows(case: _Case, settings: Settings, budget: float) -> list[Row]:
-    """(a) cached vs (c) PyTorch's raster loop, and (b) lvm_jax's raster loop vs (c)."""
+    """Three rows: (a) cached vs (b) lvm_jax's raster loop, the algorithm comparison (same
+    framework, same codes); (b) vs (c) PyTorch's raster loop, the framework comparison (same
+    algorithm); (a) vs (c), the cached sampler against the reference implementation's method.
+
+    The raster loops run only if a warm-up round and one timed round of both, estimated as
+    positions x one full pass each, fit in `budget`; then as many timed rounds as fit, up to
+    settings.repeats. Otherwise both are "estimated" (positions x one full pass).
+    """
     once = dataclasses.replace(settings, repeats=1)
     pass_jax = measure(case.jax_pass, once, warmup=1)
     pass_torch, threads = _torch_pass(case, once)
     estimate_jax, estimate_torch = case.positions * pass_jax, case.positions * pass_torch
     cached = case.sampler("cached")
-    cached()  # a warm-up call even where the raster loops are too slow for a warm-up round
     quick = " [quick]" if settings.quick else ""
-    if max(estimate_jax, estimate_torch) <= budget:
-        cheap = max(estimate_jax, estimate_torch) < CHEAP_S
+    rounds = int(budget // (estimate_jax + estimate_torch))  # the warm-up round included
+    if rounds >= 2:
+        repeats = min(settings.repeats, rounds - 1)
+        torch.manual_seed(settings.seed)
         # PyTorch's loop at the thread count of its fastest full pass only: on a busy machine
         # the slower count can take minutes per call.
-        fastest = dataclasses.replace(settings if cheap else once, torch_threads=(threads,))
-        torch.manual_seed(settings.seed)
-        result = compare(cached, case.torch_sampler(), fastest,
-                         warmup=int(cheap), also={"raster": case.sampler("raster")})
+        result = compare(cached, case.torch_sampler(),
+                         dataclasses.replace(settings, repeats=repeats, torch_threads=(threads,)),
+                         warmup=1, also={"raster": case.sampler("raster")})
         cached_s, raster_s, torch_s = (result.jax_seconds, result.also_seconds["raster"],
                                        result.torch_seconds)
         same = int(np.all(case.drawn["cached"] == case.drawn["raster"], axis=(1, 2)).sum())
-        timing = (f"median of {settings.repeats} after a warm-up round" if cheap
-                  else "timed once after compiling (the cached sampler after a warm-up call)")
         measured = ""
-        torch_note = (f"; {result.torch_note()} (the thread count of its fastest full pass, "
-                      f"of {settings.torch_threads})")
-        facts = (f"the same codes as lvm_jax's raster loop in {same} of {case.num} grids; "
-                 f"{timing}")
+        facts = (f"each median of {repeats} after a warm-up round, the three in alternation; "
+                 f"PyTorch {result.torch_note()} (the thread count of its fastest full pass, "
+                 f"of {settings.torch_threads})")
+        codes = f"the same codes in {same} of {case.num} grids"
     else:
         cached_s = measure(cached, settings, warmup=1)
         raster_s, torch_s = estimate_jax, estimate_torch
         measured = " (raster loops estimated)"
-        torch_note = ""
-        facts = (f"raster loops not run (over {budget:.0f} s): estimated as {case.positions} "
-                 f"positions x one full pass ({format_seconds(pass_jax)} lvm_jax, "
-                 f"{format_seconds(pass_torch)} PyTorch at {threads} thread"
-                 f"{'s' if threads > 1 else ''}, timed once); cached: median of "
-                 f"{settings.repeats}")
-    shared = dict(unit="ms per grid", pytorch=1e3 * torch_s / case.num,
-                  device=device(threads, jax_devices=1))
+        facts = (f"raster loops not run (a warm-up and a timed round over {budget:.0f} s): "
+                 f"estimated as {case.positions} positions x one full pass "
+                 f"({format_seconds(pass_jax)} lvm_jax, {format_seconds(pass_torch)} PyTorch at "
+                 f"{threads} thread{'s' if threads > 1 else ''}, timed once); cached: median of "
+                 f"{settings.repeats} after a warm-up call")
+        codes = "the same codes by construction (tests/test_sampling.py), not checked here"
+    per_grid = dict(unit="ms per grid", device=device(threads, jax_devices=1))
+    cached_text = "(a) cached sampler, sample_codes(method='cached'), one jitted call"
+    raster_text = (f"(b) lvm_jax's raster loop, sample_codes(method='raster'): a lax.fori_loop "
+                   f"of {case.positions} full passes in one jitted call")
+    torch_text = ("(c) the reference implementation's method: the PyTorch twin's full forward "
+                  "pass per position in a Python loop (rosinality's sample_model)")
     return [
-        _row(case, settings, step=f"{_what(case)}: (a) cached sampler vs (c) PyTorch raster "
-                                  f"loop{measured}{quick}",
-             lvm_jax=1e3 * cached_s / case.num,
-             note=f"(a) sample_codes(method='cached'), one jitted call, "
-                  f"{raster_s / cached_s:.1f}x faster than (b) lvm_jax's raster loop; (c) the "
-                  f"reference implementation's method, a full forward pass per position; "
-                  f"logits equal to {case.logits_error:.1g}; {facts}{torch_note}", **shared),
+        _row(case, settings, step=f"{_what(case)}: (a) cached sampler vs (b) lvm_jax raster loop, "
+                                  f"algorithm comparison{measured}{quick}",
+             unit="x speed-up (time of (b) / time of (a))", lvm_jax=raster_s / cached_s,
+             higher_is_better=True, device=device(jax_devices=1),
+             note=f"algorithm comparison, same framework and distribution: {cached_text} "
+                  f"({format_seconds(cached_s)} per call) vs {raster_text} "
+                  f"({format_seconds(raster_s)}); {codes}; {facts}"),
         _row(case, settings, step=f"{_what(case)}: (b) lvm_jax raster loop vs (c) PyTorch raster "
-                                  f"loop{measured}{quick}",
-             lvm_jax=1e3 * raster_s / case.num,
-             note=f"(b) sample_codes(method='raster'), a lax.fori_loop of {case.positions} full "
-                  f"passes in one jitted call; (c) the same passes in a Python loop; {facts}"
-                  f"{torch_note}", **shared),
+                                  f"loop, framework comparison{measured}{quick}",
+             lvm_jax=1e3 * raster_s / case.num, pytorch=1e3 * torch_s / case.num,
+             note=f"framework comparison, same algorithm: {raster_text}; {torch_text}; logits "
+                  f"equal to {case.logits_error:.1g}; {facts}", **per_grid),
+        _row(case, settings, step=f"{_what(case)}: (a) cached sampler vs (c) the reference "
+                                  f"implementation's method (PyTorch raster loop){measured}"
+                                  f"{quick}",
+             lvm_jax=1e3 * cached_s / case.num, pytorch=1e3 * torch_s / case.num,
+             note=f"not a framework comparison (the algorithms differ): {cached_text}; "
+                  f"{torch_text}; {facts}", **per_grid),
     ]
 
 
@@ -231,10 +260,12 @@ def _scaling_row(case: _Case, settings: Settings) -> Row:
     return _row(case, settings, step=f"cost per position, {_what(case)}: cached sampler{quick}",
                 unit="us per position", lvm_jax=1e6 * seconds / case.positions,
                 device=device(jax_devices=1),
-                note=f"(a) alone, median of {settings.repeats} after compiling: "
+                note=f"(a) alone, median of {settings.repeats} after a warm-up call: "
                      f"{format_seconds(seconds)} per grid; a raster loop's step (one full pass) "
                      f"takes {1e6 * full_pass:.0f} us, {full_pass * case.positions / seconds:.0f}x "
-                     f"the cached sampler's per position")
+                     f"the cached sampler's per position; the cached sampler's attention at a "
+                     f"position reads the cache's filled rows only (up to the end of its block "
+                     f"of rows), a full pass's attention every position at every position")
 
 
 def run(settings: Settings) -> list[Row]:

@@ -17,10 +17,13 @@ recommendation):
     size, in <workdir>/single_level.
 
 Reported on the test set: reconstruction MSE, codes used and perplexity per grid (and on
-the training set, and on a training subset of the test set's size, which separates a small
-sample from a shift between the splits), each prior's NLL in nats per code, and the total
-bits per image (top NLL * 64 + bottom-given-top NLL * 256, or the single-level prior's NLL *
-256, over ln 2), with the usage goals (>= 95% of the codes, perplexity >= K / 2 per level).
+the training set; on a training subset of the test set's size, which separates a small
+sample from a shift between the splits; and on a training strip as narrow as the test set,
+columns STRIP of each photo, cut as the splits are: it separates a narrow strip of content,
+whose overlapping patches repeat the same few textures, from a shift between the splits),
+each prior's NLL in nats per code, and the total bits per image (top NLL * 64 +
+bottom-given-top NLL * 256, or the single-level prior's NLL * 256, over ln 2), with the
+usage goals (>= 95% of the codes, perplexity >= K / 2 per level).
 Writes <workdir>/results.{md,json} and benchmarks/results/vqvae2_study.{md,json}, with the
 command and the machine's load (`uptime`) before and after.
 """
@@ -42,6 +45,7 @@ from experiments import common
 from experiments import vqvae as vqvae_experiment
 from experiments import vqvae2 as vqvae2_experiment
 from lvm_jax import data
+from lvm_jax.data import embedded
 from lvm_jax.models import vqvae, vqvae2
 from lvm_jax.nn.conv import StridedDecoder, StridedEncoder
 from lvm_jax.nn.masked_conv import GatedPixelCNN
@@ -49,6 +53,9 @@ from lvm_jax.train import Objective, fit, records
 
 DATASET, PRESET, K = "patches_embedded", "kmeans", vqvae2.NUM_CODES
 USAGE_GOAL, PERPLEXITY_GOAL = 0.95, 0.5 * K
+# The test set is the photos' right 128 columns (512-640); the training strip beside it, as
+# narrow and as many patches, from training pixels only.
+STRIP = (384, 512)
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "vqvae2_study")
 # --quick: the same layers, narrower, and fewer epochs: a check of the pipeline and a first
 # look at the numbers, not the study.
@@ -86,14 +93,22 @@ def nll_zeroed_condition(stages: vqvae2_experiment.Stages, batch: int = 100) -> 
     return float(np.concatenate(per_example).mean())
 
 
+def strip_codes(model, variables) -> tuple[np.ndarray, ...]:
+    """The code grids of the training strip's patches (columns STRIP of each photo)."""
+    grids = vqvae.encode_dataset(model, variables, embedded.photo_strip_patches(*STRIP),
+                                 preprocess=data.scale_images)
+    return grids if isinstance(grids, tuple) else (grids,)
+
+
 def usage(codes: dict, level: int, seed: int) -> dict:
-    """Codes used and perplexity of one grid on test, train, and a train subset of the test
-    set's size."""
+    """Codes used and perplexity of one grid on test, train, a train subset of the test
+    set's size, and the training strip (`codes["train_strip"]`)."""
     test, train = codes["test"][level], codes["train"][level]
     subset = np.random.default_rng(seed).choice(len(train), len(test), replace=False)
     return {"vectors_test": int(test.size),
             **{f"{name}_{split}": value for split, grids in
-               (("test", test), ("train", train), ("train_subset", train[subset]))
+               (("test", test), ("train", train), ("train_subset", train[subset]),
+                ("train_strip", codes["train_strip"][level]))
                for name, value in vqvae.code_statistics(grids, K).items()}}
 
 
@@ -103,9 +118,10 @@ def hierarchical(args) -> dict:
     stages = vqvae2_experiment.train_stages(study_config(args), workdir)  # finished: reloads
     unconditioned = vqvae2_experiment.train_stages(study_config(args, "none"), workdir)
     metrics = summary["test_metrics"]
+    codes = {**stages.codes, "train_strip": strip_codes(stages.model, stages.variables)}
     return {
         "recon_mse": metrics["recon_mse"],
-        "levels": {level: usage(stages.codes, i, args.seed)
+        "levels": {level: usage(codes, i, args.seed)
                    for i, level in enumerate(vqvae2.LEVELS)},
         "top_prior_nll": metrics["top_prior_nll"],
         "bottom_prior_nll": metrics["bottom_prior_nll"],
@@ -137,6 +153,7 @@ def single_level(args) -> dict:
     codes = {split: (vqvae.encode_dataset(model, variables, images, loop.eval_batch_size,
                                           data.scale_images),)
              for split, images in (("train", dataset.train), ("test", dataset.test))}
+    codes["train_strip"] = strip_codes(model, variables)
     sizes = vqvae2_experiment.BOTTOM_PRIOR
     prior = GatedPixelCNN(K, dim=sizes["dim"], num_layers=sizes["num_layers"],
                           hidden=sizes["hidden"])
@@ -184,18 +201,22 @@ def table(results: dict) -> str:
         f"| same network trained with every condition code 0 (conditioning off) | "
         f"{h['bottom_prior_nll_trained_unconditioned']:.3f} |", "",
         f"Code usage per grid (goals: >= {USAGE_GOAL:.0%} of the codes, perplexity >= "
-        f"{PERPLEXITY_GOAL:.0f}); the train subset has as many grids as the test set:", "",
-        "| grid | vectors (test) | used: test | train subset | train | perplexity: test | "
-        "train subset | train | goals met (test) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"{PERPLEXITY_GOAL:.0f}); the train subset has as many grids as the test set, drawn "
+        f"from all training columns; the train strip as many, from columns {STRIP[0]}-"
+        f"{STRIP[1]} of each photo (as narrow as the test set's {STRIP[1]}-640):", "",
+        "| grid | vectors (test) | used: test | train strip | train subset | train | "
+        "perplexity: test | train strip | train subset | train | goals met (test) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model in (s, h):
         met = goals(model["levels"])
         for name, level in model["levels"].items():
             lines.append(
                 f"| {name} | {level['vectors_test']} | {level['codebook_usage_test']:.0%} | "
+                f"{level['codebook_usage_train_strip']:.0%} | "
                 f"{level['codebook_usage_train_subset']:.0%} | "
                 f"{level['codebook_usage_train']:.0%} | {level['perplexity_test']:.1f} | "
+                f"{level['perplexity_train_strip']:.1f} | "
                 f"{level['perplexity_train_subset']:.1f} | {level['perplexity_train']:.1f} | "
                 f"{'yes' if all(met[name].values()) else 'no'} |")
     return "\n".join(lines) + "\n"

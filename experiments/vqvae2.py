@@ -86,7 +86,7 @@ class Config(common.Config):
 
     dataset: common.ImageDataset = configs.setting(
         "patches_embedded", "the data to train on: images whose height and width are "
-                            "multiples of 2 * --bottom_factor")
+                            "multiples of 8")
     bottom_factor: int = configs.setting(
         2, "downsampling of the bottom grid (the top one is twice coarser): 2 gives a 16x16 "
            "bottom and an 8x8 top grid on 32x32 images; 4 is the paper's layout for large "

@@ -2,6 +2,7 @@
 loop, for PixelCNN, Gated PixelCNN, PixelSNAIL (attention) and the conditioned Gated PixelCNN."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import optax
 import pytest
 
 from lvm_jax.nn import ConditionalGatedPixelCNN, GatedPixelCNN, PixelCNN, PixelSNAIL, sample_codes
-from lvm_jax.nn.sampling import cached_logits, raster_sample
+from lvm_jax.nn.sampling import cached_logits, raster_sample, row_blocks
 
 K, TOP_K = 5, 3
 # Tiny priors over K codes: kernel sizes 1, 3 and 5; 1 to 4 layers or blocks; 1 or 2 attention
@@ -138,6 +139,24 @@ def test_bfloat16_cached_sampling(name):
                                       condition=_condition(model, num=4)))
     assert sampled.shape == (4, 5, 7) and sampled.dtype == np.int32
     assert sampled.min() >= 0 and sampled.max() < K
+
+
+def test_row_blocks_cover_the_grid_in_at_most_max_row_blocks():
+    assert row_blocks(32, attends=False) == [(0, 32)]
+    assert row_blocks(32, attends=True) == [(0, 8), (8, 16), (16, 24), (24, 32)]
+    assert row_blocks(5, attends=True) == [(0, 2), (2, 4), (4, 5)]
+    assert row_blocks(3, attends=True) == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_cached_attention_reads_only_the_filled_rows_of_its_cache():
+    """On an 8x3 grid (row blocks of 2 rows), each step's attention scores cover the cache up
+    to the end of its block, 6, 12, 18 or 24 slots, not all 24 at every step."""
+    model = PRIORS["snail_k3_2blocks"]  # 2 heads
+    jaxpr = str(jax.make_jaxpr(lambda v, key: sample_codes(model, v, key, 2, 8, 3))(
+        _variables("snail_k3_2blocks"), jax.random.key(0)))
+    score_slots = {int(slots) for slots in
+                   re.findall(r"f32\[2,2,1,(\d+)\] = dot_general", jaxpr)}  # (num, heads, 1, S)
+    assert score_slots == {6, 12, 18, 24}
 
 
 @pytest.mark.parametrize("name", ["pixelcnn_k3_2blocks", "gated_k3_3layers", "snail_k3_2blocks",

@@ -41,6 +41,8 @@ def tiny():
     ((32, 32, 3), 4, (4, 4), (8, 8)),      # the paper's layout on 32x32
     ((64, 64, 3), 4, (8, 8), (16, 16)),
     ((64, 64, 1), 2, (16, 16), (32, 32)),
+    ((40, 40, 3), 2, (10, 10), (20, 20)),
+    ((40, 40, 3), 4, (5, 5), (10, 10)),
 ])
 def test_code_grids_and_reconstruction_shapes(shape, bottom_factor, top, bottom):
     model = vqvae2.conv_vqvae2(shape, bottom_factor=bottom_factor)
@@ -63,7 +65,8 @@ def test_code_grids_and_reconstruction_shapes(shape, bottom_factor, top, bottom)
 @pytest.mark.parametrize("shape, bottom_factor, message", [
     ((36, 36, 3), 4, "multiples of 8, got 36x36"),
     ((32, 20, 3), 4, "multiples of 8, got 32x20"),
-    ((18, 18, 3), 2, "multiples of 4, got 18x18"),
+    ((20, 20, 3), 2, "multiples of 8, got 20x20"),  # divisible by 2 * bottom_factor only
+    ((18, 18, 3), 2, "multiples of 8, got 18x18"),
 ])
 def test_an_image_size_the_grids_do_not_divide_is_a_one_line_error(shape, bottom_factor,
                                                                    message):
@@ -244,14 +247,14 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(quick_run, tmp_p
 def test_an_image_size_the_grids_do_not_divide_is_one_line(tmp_path, monkeypatch, capsys):
     load = vqvae2_experiment.common.load_dataset
 
-    def cropped(config):  # 28x28 photo patches: not a multiple of 8 (--bottom_factor 4)
+    def cropped(config):  # 28x28 photo patches: a multiple of 2 * --bottom_factor (4), not of 8
         full = load(config)
         return data.Dataset(full.name, full.train[:, :28, :28], full.test[:, :28, :28],
                             full.kind)
 
     monkeypatch.setattr(vqvae2_experiment.common, "load_dataset", cropped)
     with pytest.raises(SystemExit) as exit_info:
-        vqvae2_experiment.main([*QUICK, "--bottom_factor", "4", "--workdir", str(tmp_path)])
+        vqvae2_experiment.main([*QUICK, "--workdir", str(tmp_path)])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert "multiples of 8, got 28x28" in err and len(err.strip().splitlines()) == 1, err

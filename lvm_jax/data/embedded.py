@@ -41,10 +41,18 @@ def _patches(photo: np.ndarray, col_start: int, col_stop: int) -> np.ndarray:
 
 def photo_patches() -> tuple[np.ndarray, np.ndarray]:
     """(train (6100, 32, 32, 3), test (1300, 32, 32, 3)) uint8 patches of scikit-learn's photos."""
+    train = photo_strip_patches(0, _TEST_COLUMNS_FROM)
+    test = photo_strip_patches(_TEST_COLUMNS_FROM, None)
+    order = np.random.default_rng(0).permutation(len(train))
+    return train[order], test
+
+
+def photo_strip_patches(col_start: int, col_stop: int | None) -> np.ndarray:
+    """(N, 32, 32, 3) uint8 patches of both photos' columns [col_start, col_stop) (None: to
+    the photo's right edge), cut as patches_embedded cuts its splits (stride 8), photo by
+    photo, in raster order. E.g. (384, 512): a training strip as narrow as the test set's."""
     from sklearn.datasets import load_sample_images
 
     photos = load_sample_images().images
-    train = np.concatenate([_patches(p, 0, _TEST_COLUMNS_FROM) for p in photos])
-    test = np.concatenate([_patches(p, _TEST_COLUMNS_FROM, p.shape[1]) for p in photos])
-    order = np.random.default_rng(0).permutation(len(train))
-    return train[order], test
+    return np.concatenate([_patches(p, col_start, p.shape[1] if col_stop is None else col_stop)
+                           for p in photos])

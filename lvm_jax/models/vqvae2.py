@@ -20,6 +20,7 @@ top grid alone, the bottom grid given the top one (experiments/vqvae2.py).
 """
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -37,6 +38,9 @@ from lvm_jax.nn.quantizer import VectorQuantizer
 # is the single-level VQ-VAE's, so the two compare at the same K.
 NUM_CODES, CODE_DIM, WIDTH = vqvae.NUM_CODES, 64, 128
 LEVELS = ("top", "bottom")
+# Image sizes are multiples of 8 whatever the grids' downsampling (issue 23): the paper's
+# layout needs 8, and one size rule for every bottom_factor keeps the experiments comparable.
+SIZE_MULTIPLE = 8
 
 Quantizer = VectorQuantizer | FiniteScalarQuantizer
 
@@ -152,14 +156,15 @@ def conv_vqvae2(image_shape: tuple[int, int, int], num_codes: int = NUM_CODES,
     entry), the convolutions computing in `dtype`.
 
     Raises:
-      ConfigError: H or W not a multiple of 2 * bottom_factor (8 in the paper's layout),
-        before any compute; ValueError: contradictory quantizer options.
+      ConfigError: H or W not a multiple of SIZE_MULTIPLE (8) and of the top grid's
+        downsampling 2 * bottom_factor, before any compute; ValueError: contradictory
+        quantizer options.
     """
     height, width_px, channels = image_shape
-    factor = 2 * bottom_factor
+    factor = math.lcm(SIZE_MULTIPLE, 2 * bottom_factor)
     if height % factor or width_px % factor:
-        raise ConfigError(f"the VQ-VAE-2 downsamples the top level by {factor}: image height "
-                          f"and width must be multiples of {factor}, got {height}x{width_px}.")
+        raise ConfigError(f"the VQ-VAE-2 takes images whose height and width are multiples of "
+                          f"{factor}, got {height}x{width_px}.")
     return VQVAE2(vqvae.quantizer(num_codes, code_dim, **(top_options or {})),
                   vqvae.quantizer(num_codes, code_dim, **(bottom_options or {})),
                   out_channels=channels, width=width, bottom_factor=bottom_factor, dtype=dtype)

@@ -17,10 +17,11 @@ same key: position t = i * width + j is drawn with
     grid costs about one full pass of work, spread over H*W steps.
     Attention keeps a key/value cache: position t computes its query, key and
     value once and reads the cached keys and values of the positions before
-    it (the dot products over the cache, masked to s < t, are the one part
-    whose cost per step grows with the grid: one row of keys per position
-    drawn). A conditioned prior's conditioning stack runs once, before the
-    first position; its 1x1 convs into every layer are precomputed too.
+    it: the one part whose cost per step grows, by one key per position drawn
+    (the rows are looped over in a few blocks, `row_blocks`, each reading a
+    static prefix of the cache, up to the block's end). A conditioned prior's
+    conditioning stack runs once, before the first position; its 1x1 convs
+    into every layer are precomputed too.
 
 Why the cached sampler is exact: it applies the model's own parameters (the
 tree that `model.apply` reads, masks included) to the same inputs as the full
@@ -242,8 +243,32 @@ def _check_condition(model, condition, shape: tuple[int, int, int]) -> None:
     upsampling_factors(tuple(shape), condition.shape)
 
 
+# An attention prior's rows are sampled in at most this many blocks, unrolled in Python (each
+# block its own static slice of the key/value cache, so its own compiled loop body).
+MAX_ROW_BLOCKS = 4
+
+
+def row_blocks(height: int, attends: bool) -> list[tuple[int, int]]:
+    """The row ranges [start, stop) the cached sampler loops over, one `fori_loop` each.
+
+    Without attention, one block: every step's work is the same. With attention,
+    at most MAX_ROW_BLOCKS blocks of ceil(height / MAX_ROW_BLOCKS) rows (the last
+    may be shorter): the attention at a position of a block reads the cache
+    slots before the block's end, a static prefix, rather than all H*W. Its
+    work at position t is then at most t + rows_per_block * W slots, and a
+    grid's is about (1 + 1 / blocks) / 2 of reading every slot at every
+    position, against 1/2 for a prefix exactly t long; more blocks would save
+    at most a further 1 / (2 * blocks) at the price of compiling more bodies.
+    """
+    if not attends:
+        return [(0, height)]
+    size = -(-height // min(height, MAX_ROW_BLOCKS))
+    return [(start, min(start + size, height)) for start in range(0, height, size)]
+
+
 def _cached_loop(steps, height: int, width: int, choose, out):
-    """Runs `steps` over the grid in raster order: rows in a `fori_loop`, columns in another.
+    """Runs `steps` over the grid in raster order: row blocks in Python (`row_blocks`), the
+    rows of a block in a `fori_loop`, columns in another.
 
     Args:
       steps: a _PixelCNNSteps or _GatedSteps.
@@ -253,18 +278,22 @@ def _cached_loop(steps, height: int, width: int, choose, out):
     Returns:
       `out` after the last position.
     """
+    carry = (steps.init_cache(), out)
+    for start, stop in row_blocks(height, steps.attends):
+        filled = stop * width  # static: every position that a step of this block may read
 
-    def row(i, carry):
-        def column(j, carry):
-            cache, out = carry
-            logits, cache = steps.logits_at(cache, i, j)
-            code, out = choose(i, j, logits, out)
-            return steps.write_code(cache, i, j, code), out
+        def row(i, carry, filled=filled):
+            def column(j, carry):
+                cache, out = carry
+                logits, cache = steps.logits_at(cache, i, j, filled)
+                code, out = choose(i, j, logits, out)
+                return steps.write_code(cache, i, j, code), out
 
-        cache, out = jax.lax.fori_loop(0, width, column, carry)
-        return steps.next_row(cache, i), out
+            cache, out = jax.lax.fori_loop(0, width, column, carry)
+            return steps.next_row(cache, i), out
 
-    return jax.lax.fori_loop(0, height, row, (steps.init_cache(), out))[1]
+        carry = jax.lax.fori_loop(start, stop, row, carry)
+    return carry[1]
 
 
 # --- Row buffers: the cache of one layer's input -----------------------------------------------
@@ -360,6 +389,8 @@ class _PixelCNNSteps:
     modules create them.
     """
 
+    attends = False
+
     def __init__(self, model: PixelCNN, params, num: int, width: int):
         dtype = model.dtype
         self.num, self.width, self.dtype = num, width, dtype
@@ -384,8 +415,9 @@ class _PixelCNNSteps:
         return [self._buffer(self.input_size)] + [self._buffer(self.kernel_size)
                                                   for _ in self.blocks]
 
-    def logits_at(self, cache, i, j):
-        """float32 logits (num, K) at (i, j) of the current row i, and the updated cache."""
+    def logits_at(self, cache, i, j, filled: int):
+        """float32 logits (num, K) at (i, j) of the current row i, and the updated cache
+        (`filled`, the attention's cache prefix, is unused: no attention)."""
         x = _apply(self.input_conv, _window(cache[0], j, self.input_size))
         new_cache = [cache[0]]
         c = self.kernel_size // 2
@@ -424,7 +456,7 @@ class _GatedSteps:
     before the first position, the conditioning stack included.
 
     Each attention block (`_AttentionSteps`) keeps the keys and values of
-    the positions drawn so far, one row of its cache per position.
+    the positions drawn so far, one slot of its cache per position.
     """
 
     def __init__(self, model: GatedPixelCNN | ConditionalGatedPixelCNN | PixelSNAIL, variables,
@@ -454,6 +486,7 @@ class _GatedSteps:
             for block in range(model.num_blocks):
                 self.attentions[(block + 1) * model.layers_per_block - 1] = _AttentionSteps(
                     model, params[f"attentions_{block}"], num, height, width)
+        self.attends = bool(self.attentions)
 
     def init_cache(self):
         c = self.kernel_size // 2
@@ -468,8 +501,9 @@ class _GatedSteps:
             "attention": {index: steps.init_cache() for index, steps in self.attentions.items()},
         }
 
-    def logits_at(self, cache, i, j):
-        """float32 logits (num, K) at (i, j) of the current row i, and the updated cache."""
+    def logits_at(self, cache, i, j, filled: int):
+        """float32 logits (num, K) at (i, j) of the current row i, and the updated cache; the
+        attention reads the first `filled` (static) slots of its cache."""
         c = self.kernel_size // 2
         h_buffers, attention = list(cache["h"]), dict(cache["attention"])
         h = None
@@ -484,7 +518,7 @@ class _GatedSteps:
             h = h_out if index == 0 else h + h_out
             if index in self.attentions:
                 h, attention[index] = self.attentions[index].features_at(attention[index], h,
-                                                                         i, j)
+                                                                         i, j, filled)
         return _head(self.head, h), {**cache, "h": h_buffers, "attention": attention}
 
     def write_code(self, cache, i, j, code):
@@ -520,7 +554,10 @@ class _AttentionSteps:
     written when the code at t is drawn, and the block's input features at the
     current position. At t the block computes its query from [features,
     coordinates], attends to the slots s < t (the others are masked, as in
-    the full pass) and mixes the result into the features. Once the code at t
+    the full pass) and mixes the result into the features. It reads only a
+    static prefix of the cache, the slots up to the end of t's row block
+    (`row_blocks`): the slots after it are all masked, so they are skipped,
+    not computed and then zeroed. Once the code at t
     is drawn, its key and value are computed from [embedding, features,
     coordinates], once.
     """
@@ -546,12 +583,13 @@ class _AttentionSteps:
         coords = coordinates(i, j, self.height, self.width).astype(self.dtype)
         return jnp.broadcast_to(coords, (self.num, 2))
 
-    def features_at(self, cache, features, i, j):
-        """The block's output (num, dim) at (i, j) from its input features (num, dim)."""
+    def features_at(self, cache, features, i, j, filled: int):
+        """The block's output (num, dim) at (i, j) from its input features (num, dim), its
+        attention over the first `filled` slots (static; filled > i * width + j)."""
         query = _apply(self.query, jnp.concatenate([features, self._coordinates(i, j)], -1))
-        visible = self.positions[None] < i * self.width + j  # (1, H*W): s < t
-        attended = attend(query[:, None], cache["keys"], cache["values"], visible,
-                          self.num_heads)[:, 0]
+        visible = self.positions[None, :filled] < i * self.width + j  # (1, filled): s < t
+        attended = attend(query[:, None], cache["keys"][:, :filled],
+                          cache["values"][:, :filled], visible, self.num_heads)[:, 0]
         pre = _apply(self.mix_features, features) + _apply(self.mix_attention, attended)
         return features + _apply(self.mix_out, gate(pre)), {**cache, "features": features}
 
