@@ -8,6 +8,8 @@ initial parameters. Before timing, PyTorch's twin, loaded with randomised
 lvm_jax parameters, must compute the same loss and every gradient.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import torch
@@ -15,7 +17,7 @@ import torch
 from benchmarks import torch_models
 from benchmarks.common import Comparison, Row, Settings, compare_in_processes
 from benchmarks.trainers import JaxSteps, compare_steps, scale_images, to_torch_images
-from benchmarks.twins import assert_close, assert_same_gradients
+from benchmarks.twins import assert_close, assert_same_gradients, negligible_note
 from experiments import vae as vae_experiment
 from lvm_jax import data
 from lvm_jax.models import vae
@@ -59,10 +61,11 @@ def assert_same_function(model: vae.VAE, params, torch_model: torch_models.VAE,
 
 
 def assert_same_training(model: vae.VAE, params, channels: int, prior: str,
-                         images: np.ndarray, seed: int) -> float:
+                         images: np.ndarray, seed: int) -> tuple[float, str]:
     """Raises AssertionError unless PyTorch's twin, loaded with `params`, gives lvm_jax's
     training loss (the negative ELBO of `vae.loss_fn`, one sample, the same noise) and every
-    parameter's gradient on `images` (uint8 NHWC). Returns the largest relative error."""
+    parameter's gradient on `images` (uint8 NHWC). Returns the largest relative error and
+    `twins.negligible_note`."""
     key = jax.random.key(seed)
     # vae.loss_fn's noise: one sample, drawn from the first of split(key, 1).
     eps = jax.random.normal(jax.random.split(key, 1)[0], (len(images), model.latent_dim))
@@ -72,8 +75,8 @@ def assert_same_training(model: vae.VAE, params, channels: int, prior: str,
     loss, _ = torch_models.loss_fn(twin, scale_images(to_torch_images(images)),
                                    torch.from_numpy(np.array(eps)))
     loss.backward()
-    return max(assert_close("loss", value, loss.detach()),
-               assert_same_gradients(twin, torch_models.copy_flax_params, grads))
+    error, negligible = assert_same_gradients(twin, torch_models.copy_flax_params, grads)
+    return max(assert_close("loss", value, loss.detach()), error), negligible_note(negligible)
 
 
 def steps_per_sample(settings: Settings) -> int:
@@ -90,12 +93,15 @@ def step_comparison(prior: str, channels: int, settings: Settings) -> Comparison
                          settings.seed)
     initial = jax.device_get(jax_steps.state.params)
     # The same function in float32 (the parameters are float32 in every dtype).
-    assert_same_training(jax_model(dataset, prior), randomised(initial, settings.seed), channels,
-                         prior, dataset.test[:8], settings.seed)
-    return compare_steps(
+    error, negligible = assert_same_training(jax_model(dataset, prior),
+                                             randomised(initial, settings.seed), channels, prior,
+                                             dataset.test[:8], settings.seed)
+    result = compare_steps(
         jax_steps, lambda: torch_models.copy_flax_params(torch_models.conv_vae(channels, prior),
                                                          initial),
         to_torch_images(dataset.train), BATCH, steps_per_sample(settings), settings)
+    checked = f"same loss and every gradient to {error:.1g}"
+    return dataclasses.replace(result, remarks=(checked, negligible, *result.remarks))
 
 
 def train_step_rows(name: str, model_name: str, prior: str, settings: Settings,
@@ -110,19 +116,18 @@ def train_step_rows(name: str, model_name: str, prior: str, settings: Settings,
             benchmark=name,
             model=f"{model_name}, 32x32x{channels} ({dataset_name}){dtype_label(settings)}",
             step="train step (fwd + bwd + Adam)", batch=BATCH, unit="images/s",
-            higher_is_better=True, goal=goal, note=step_note(result, settings,
-                                                             "same loss and gradients"),
+            higher_is_better=True, goal=goal, note=step_note(result, settings),
             **result.throughput_fields(BATCH)))
     return rows
 
 
-def step_note(result: Comparison, settings: Settings, checked: str) -> str:
-    """A training-step row's note: what was checked, steps per sample, each PyTorch
-    configuration's figures, the per-process ratios and any remark."""
-    return "; ".join([f"{checked} (randomised parameters); both sides from lvm_jax's initial "
-                      f"parameters; steps per sample: {steps_per_sample(settings)}",
-                      f"{result.torch_note()} per step{result.processes_note()}",
-                      *result.remarks])
+def step_note(result: Comparison, settings: Settings, *checked: str) -> str:
+    """A training-step row's note: what was checked (on randomised parameters), steps per
+    sample, each PyTorch configuration's figures, the per-process ratios and the remarks."""
+    return "; ".join(part for part in [
+        *checked, "both sides trained from lvm_jax's initial parameters",
+        f"steps per sample: {steps_per_sample(settings)}",
+        f"{result.torch_note()} per step{result.processes_note()}", *result.remarks] if part)
 
 
 def randomised(params, seed: int, scale: float = 0.05):

@@ -11,6 +11,10 @@ import copy
 import numpy as np
 
 TOL = 1e-4  # max |difference| / (1 + max |lvm_jax value|)
+# A gradient leaf is a sum over the batch and positions of terms of both signs: float32
+# summation in another order moves it by up to ~1e-3 of its largest entry in the deep priors
+# (their L2 norms agree to ~1e-4), where a wrong wiring moves it by O(1).
+GRAD_TOL = 1e-2
 
 
 def assert_close(what: str, a, b, tol: float = TOL) -> float:
@@ -22,18 +26,38 @@ def assert_close(what: str, a, b, tol: float = TOL) -> float:
     return error
 
 
-def assert_same_gradients(twin, copy_params, grads, tol: float = TOL) -> float:
+# A leaf whose largest gradient entry is below this fraction of the model's largest is zero
+# up to rounding (e.g. a bias followed by training-mode BatchNorm, which removes it): its
+# entries are noise on both sides and are compared at that floor, not at their own scale.
+NEGLIGIBLE = 1e-5
+
+
+def assert_same_gradients(twin, copy_params, grads,
+                          tol: float = GRAD_TOL) -> tuple[float, list[str]]:
     """Raises AssertionError unless every parameter's `.grad` of `twin` (after a backward
     pass) equals lvm_jax's gradient tree `grads`, mapped into PyTorch's layout by
     `copy_params(module, tree)` (the twin's weight copy). Each leaf is compared relative to
-    its own scale (gradients are small). Returns the largest error."""
-    expected = copy_params(copy.deepcopy(twin), grads)
-    expected = dict(expected.named_parameters())
-    errors = [0.0]
+    its own scale (gradients are small), or to NEGLIGIBLE times the model's largest entry if
+    that is larger. Returns the largest error and the names of the negligible leaves."""
+    expected = dict(copy_params(copy.deepcopy(twin), grads).named_parameters())
+    expected = {name: p.detach().numpy() for name, p in expected.items()}
+    floor = NEGLIGIBLE * max(float(np.max(np.abs(a))) for a in expected.values())
+    errors, negligible = [0.0], []
     for name, parameter in twin.named_parameters():
         assert parameter.grad is not None, f"PyTorch's {name} has no gradient"
-        a = expected[name].detach().numpy()
-        scale = float(np.max(np.abs(a))) or 1.0
+        a = expected[name]
+        scale = float(np.max(np.abs(a)))
+        if scale < floor:
+            negligible.append(name)
+        scale = max(scale, floor)
         errors.append(assert_close(f"gradient of {name}", a / scale,
                                    parameter.grad.numpy() / scale, tol))
-    return max(errors)
+    return max(errors), negligible
+
+
+def negligible_note(names: list[str]) -> str:
+    """The row note's sentence on gradient leaves compared only at the model's scale."""
+    if not names:
+        return ""
+    return (f"the gradients of {', '.join(names)} are zero up to rounding on both sides and "
+            f"are compared at {NEGLIGIBLE:g} of the model's largest gradient")
