@@ -12,8 +12,8 @@ import re
 
 from benchmarks.common import Row
 
-COLUMNS = ("#", "benchmark", "model", "step", "batch", "device", "lvm_jax", "PyTorch", "ratio",
-           "unit", "goal", "met")
+COLUMNS = ("#", "benchmark", "model", "step", "batch", "device", "lvm_jax", "PyTorch (best)",
+           "PyTorch eager", "ratio (range)", "unit", "goal", "met")
 
 
 def load(path: str) -> dict:
@@ -46,17 +46,33 @@ def _number(value: float | None) -> str:
     return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
 
 
+def _ratio(row: dict) -> str:
+    """E.g. "1.05x (0.98-1.12)": the (paired) ratio and, where there is one, its range."""
+    if row["ratio"] is None:
+        return ABSENT
+    ratio_range = row.get("ratio_range")
+    spread = "" if ratio_range is None else f" ({ratio_range[0]:.2f}-{ratio_range[1]:.2f})"
+    return f"{row['ratio']:.2f}x{spread}"
+
+
+def _pytorch(row: dict) -> str:
+    """The best PyTorch figure, with its configuration where one is named."""
+    config = row.get("pytorch_config")
+    return _number(row["pytorch"]) + (f" ({config})" if config else "")
+
+
 def table_rows(results: dict) -> list[list[str]]:
-    """Table cells, one list per row, in COLUMNS order."""
+    """Table cells, one list per row, in COLUMNS order (rows written before the paired
+    statistics, without their fields, render with those cells empty)."""
     cells = []
     for entry in results["benchmarks"].values():
         for row in entry["rows"]:
             met = "" if row["goal_met"] is None else ("yes" if row["goal_met"] else "no")
             cells.append([str(len(cells) + 1), row["benchmark"], row["model"], row["step"],
                           str(row["batch"]), row["device"], _number(row["lvm_jax"]),
-                          _number(row["pytorch"]),
-                          ABSENT if row["ratio"] is None else f"{row['ratio']:.2f}x", row["unit"],
-                          "" if row["goal"] is None else f">= {row['goal']:g}x", met])
+                          _pytorch(row), _number(row.get("pytorch_eager")), _ratio(row),
+                          row["unit"], "" if row["goal"] is None else f">= {row['goal']:g}x",
+                          met])
     return cells
 
 
@@ -119,10 +135,18 @@ def markdown(results: dict) -> str:
         "`ratio` is lvm_jax's advantage: PyTorch time / lvm_jax time, lvm_jax throughput / "
         "PyTorch throughput, or PyTorch loss / lvm_jax loss, so > 1 means lvm_jax is better. "
         "`goal` is the least ratio the project's issues ask for. Timings are medians of "
-        "alternating lvm_jax / PyTorch repeats after warm-up. XLA uses all cores; PyTorch is "
-        "timed at each of the settings' thread counts (`torch.set_num_threads`; default the "
-        "core count, then 1) and the fastest is reported: `device` names it, the notes give "
-        f"each. Rows with {ABSENT} as PyTorch figure and ratio measure lvm_jax alone.",
+        "repeats after warm-up, every side once per round in an order shuffled every round. "
+        "XLA uses all cores; PyTorch is timed at each of the settings' thread counts "
+        "(`torch.set_num_threads`; default the core count, then 1) and the fastest is "
+        "reported: `device` names it, the notes give each. The training steps time PyTorch "
+        "eager (NCHW, `torch.optim.Adam`'s defaults) and compiled (`torch.compile`, "
+        "channels_last, fused Adam), both trained from lvm_jax's initial parameters: "
+        "`PyTorch (best)` is the faster configuration, named, the one the ratio is against; "
+        "`PyTorch eager` stands beside it. Their ratio is the median of the paired ratios "
+        "(best PyTorch / lvm_jax, timed in the same rounds) over N fresh processes (N in each "
+        "row's note and the settings' `processes`), with the range (min-max) over those "
+        "processes in brackets; a goal is met only when the whole range is at or above it. "
+        f"Rows with {ABSENT} as PyTorch figure and ratio measure lvm_jax alone.",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),

@@ -61,10 +61,11 @@ def parse_args(argv):
                    help="timed repetitions per side (medians are reported)")
     p.add_argument("--torch_threads", type=int, nargs="+", default=default_torch_threads(),
                    help="PyTorch thread counts to time; the fastest is reported")
-    p.add_argument("--processes", type=int, default=3,
-                   help="fresh processes per training-step comparison of the image VAE, VLAE "
-                        "and VQ-VAE (PyTorch's speed moves more between processes than within "
-                        "one); 1 with --quick")
+    p.add_argument("--processes", type=int, default=5,
+                   help="fresh processes per training-step comparison of the image VAE, VLAE, "
+                        "VQ-VAE and priors (PyTorch's speed moves more between processes than "
+                        "within one); the ratio is the median of the paired per-process ratios, "
+                        "with their range; 1 with --quick")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=Settings.dtype,
                    help="compute dtype of lvm_jax's models in the training-step comparisons "
                         "(bfloat16 for accelerators; PyTorch stays float32); other than float32, "

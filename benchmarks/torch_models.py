@@ -144,15 +144,18 @@ class VAE(nn.Module):
         self.trunk, self.decoder, self.prior = trunk, decoder, prior
         self.head = nn.Linear(features, 2 * latent_dim)
         self.learned_variance = learned_variance
+        self.latent_dim = latent_dim
 
     def encode(self, x):
         mean, raw_log_var = self.head(self.trunk(x)).chunk(2, dim=-1)
         return mean, soft_clamp(raw_log_var, LOG_VAR_BOUND)
 
-    def forward(self, x):
-        """(recon, kl), each (batch,) in nats, for one sample z ~ q(z|x)."""
+    def forward(self, x, eps=None):
+        """(recon, kl), each (batch,) in nats, for one sample z = mean + std * eps ~ q(z|x);
+        `eps` (batch, latent_dim) N(0, I) noise, drawn here by default."""
         mean, log_var = self.encode(x)
-        z = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
+        eps = torch.randn_like(mean) if eps is None else eps
+        z = mean + torch.exp(0.5 * log_var) * eps
         out = self.decoder(z)
         if self.learned_variance:
             out = out.view(*x.shape, 2)
@@ -162,9 +165,13 @@ class VAE(nn.Module):
         return -gaussian_log_prob(x, x_mean, x_log_var), self.prior.kl(z, mean, log_var)
 
 
-def loss_fn(model: VAE, x: torch.Tensor):
-    """Negative ELBO averaged over the batch (nats per example), and its terms."""
-    recon, kl = model(x)
+def loss_fn(model: VAE, x: torch.Tensor, eps: torch.Tensor | None = None):
+    """Negative ELBO averaged over the batch (nats per example), and its terms; `eps` as
+    `VAE.forward`'s, drawn here by default (outside the model, so that a compiled model sees
+    one input signature and the noise does not depend on the compiler's random numbers)."""
+    if eps is None:
+        eps = torch.randn(x.shape[0], model.latent_dim)
+    recon, kl = model(x, eps)
     recon, kl = recon.mean(), kl.mean()
     return recon + kl, {"neg_elbo": recon + kl, "recon": recon, "kl": kl}
 

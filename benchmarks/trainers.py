@@ -4,12 +4,15 @@
   convolutional models on CPU: one compiled call per step on a batch gathered
   on the device from the epoch's permutation, its metrics read back to the host.
 * `TorchSteps`: the PyTorch loop: index a batch of the uint8 NCHW tensor,
-  scale it to [-1, 1], forward, backward, Adam step, read the loss.
+  scale it to [-1, 1], forward, backward, Adam step, read the loss; eager with
+  `torch.optim.Adam`'s defaults, or `compiled` (`torch.compile`, channels_last,
+  fused Adam): the two configurations `torch_configs` offers `compare`.
 
 Both draw their batches from `lvm_jax.data.batching.epoch_order`, so with the
 same seed they see the same batches in the same order.
 """
 
+import dataclasses
 import itertools
 from collections.abc import Iterator
 
@@ -20,6 +23,8 @@ import optax
 import torch
 
 from benchmarks import torch_models
+from benchmarks.common import EAGER, Comparison, Sampler, Settings, compare, timer
+from benchmarks.twins import assert_close
 from lvm_jax.data import batching
 from lvm_jax.train import Objective
 from lvm_jax.train.loop import make_train_chunk
@@ -62,7 +67,9 @@ class JaxSteps:
 
     def step(self) -> float:
         idx = batching.put_host_indices(next(self.batches)[None], self.mesh)
-        self.state, metrics = self.chunk(self.state, self.data, idx, self.key)
+        # Waits for every output, the new state as well as the metrics, before reading the loss.
+        self.state, metrics = jax.block_until_ready(
+            self.chunk(self.state, self.data, idx, self.key))
         return float(jax.device_get(metrics)["loss"][0])
 
 
@@ -76,24 +83,87 @@ def scale_images(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 127.5 - 1.0
 
 
-class TorchSteps:
-    """One PyTorch training step of an image model per call of `step` (returns the loss).
+def adam(parameters, compiled: bool) -> tuple[torch.optim.Adam, str]:
+    """(Adam, its label): fused for the compiled configuration, or foreach where this PyTorch
+    build has no fused CPU kernel; PyTorch's default otherwise."""
+    parameters = list(parameters)
+    if not compiled:
+        return torch.optim.Adam(parameters, lr=LEARNING_RATE), "Adam"
+    try:  # raises where the device has no fused kernel
+        return torch.optim.Adam(parameters, lr=LEARNING_RATE, fused=True), "fused Adam"
+    except RuntimeError:
+        return torch.optim.Adam(parameters, lr=LEARNING_RATE, foreach=True), "foreach Adam"
 
-    `loss_fn(model, x) -> (loss, metrics)` on a batch scaled to [-1, 1]; default the VAEs'.
+
+class TorchSteps:
+    """One PyTorch training step per call of `step` (returns the loss).
+
+    Args:
+      model: the PyTorch twin (its parameters are trained in place).
+      inputs: the training set as a tensor: uint8 NCHW images, or integer code grids.
+      batch_size, seed: the batches, in `fit`'s order.
+      loss_fn: `(model, batch) -> (loss, metrics)`; default the VAEs'.
+      prepare: batch of `inputs` -> the model's input; default `scale_images` to [-1, 1].
+      compiled: `torch.compile(model)` (default mode), with the model's parameters and the
+        image batches in `channels_last` and fused Adam, instead of eager NCHW with
+        `torch.optim.Adam`'s defaults. `config` names what was used.
     """
 
-    def __init__(self, model: torch.nn.Module, train: np.ndarray, batch_size: int, seed: int,
-                 loss_fn=torch_models.loss_fn):
-        self.model = model
+    def __init__(self, model: torch.nn.Module, inputs: torch.Tensor, batch_size: int,
+                 seed: int, loss_fn=torch_models.loss_fn, prepare=None, compiled: bool = False):
         self.loss_fn = loss_fn
-        self.images = to_torch_images(train)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
-        self.batches = epoch_batches(seed, len(train), batch_size)
+        self.inputs = inputs
+        self.prepare = scale_images if prepare is None else prepare
+        self.memory_format = torch.channels_last if compiled else torch.contiguous_format
+        self.optimizer, optimizer = adam(model.parameters(), compiled)
+        self.model = torch.compile(model.to(memory_format=torch.channels_last)) if compiled \
+            else model
+        self.config = f"torch.compile, channels_last, {optimizer}" if compiled else EAGER
+        self.batches = epoch_batches(seed, len(inputs), batch_size)
+
+    def batch(self, idx: np.ndarray) -> torch.Tensor:
+        """The model's input for examples `idx`, in this configuration's memory format."""
+        x = self.prepare(self.inputs[torch.from_numpy(idx)])
+        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
 
     def step(self) -> float:
-        x = scale_images(self.images[torch.from_numpy(next(self.batches))])
-        loss, _ = self.loss_fn(self.model, x)
+        loss, _ = self.loss_fn(self.model, self.batch(next(self.batches)))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         return loss.item()
+
+
+def twin_samplers(make_twin, inputs: torch.Tensor, batch_size: int, seed: int, number: int,
+                  **steps) -> tuple[dict[str, Sampler], str]:
+    """({configuration: sampler of `number` TorchSteps steps}, remark) for `compare`: eager
+    PyTorch and, where torch.compile runs, the compiled configuration, each on a fresh
+    `make_twin()` (lvm_jax's initial parameters loaded). The compiled twin's first step,
+    which compiles forward and backward, must give the eager twin's first loss (same
+    parameters, batch and noise). The remark says why only eager was timed, else "".
+    `steps`: TorchSteps' loss_fn and prepare."""
+    eager = TorchSteps(make_twin(), inputs, batch_size, seed, **steps)
+    samplers = {EAGER: timer(eager.step, number)}
+    torch.manual_seed(seed)
+    eager_loss = eager.step()
+    try:
+        compiled = TorchSteps(make_twin(), inputs, batch_size, seed, compiled=True, **steps)
+        torch.manual_seed(seed)
+        compiled_loss = compiled.step()
+    except Exception as error:  # noqa: BLE001 - any compiler failure (no C++ toolchain, ...)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return samplers, f"torch.compile could not run here ({type(error).__name__}: " \
+                         f"{reason[:200]}): eager PyTorch only"
+    assert_close("compiled and eager PyTorch first-step losses", eager_loss, compiled_loss)
+    samplers[compiled.config] = timer(compiled.step, number)
+    return samplers, ""
+
+
+def compare_steps(jax_steps: JaxSteps, make_twin, inputs: torch.Tensor, batch_size: int,
+                  number: int, settings: Settings, **steps) -> Comparison:
+    """lvm_jax's training steps against its PyTorch twin's (`twin_samplers`: eager and
+    compiled), `number` steps per sample; the remark, if any, in `remarks`."""
+    samplers, remark = twin_samplers(make_twin, inputs, batch_size, settings.seed, number,
+                                     **steps)
+    result = compare(timer(jax_steps.step, number), samplers, settings)
+    return dataclasses.replace(result, remarks=(remark,) if remark else ())

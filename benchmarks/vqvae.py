@@ -36,15 +36,9 @@ import torch
 from benchmarks import torch_models
 from benchmarks.common import (Comparison, Row, Settings, compare, compare_in_processes,
                                device, measure, timer)
-from benchmarks.image_vae import dtype_label, randomised, steps_per_sample
-from benchmarks.trainers import (
-    LEARNING_RATE,
-    JaxSteps,
-    TorchSteps,
-    epoch_batches,
-    scale_images,
-    to_torch_images,
-)
+from benchmarks.image_vae import dtype_label, randomised, step_note, steps_per_sample
+from benchmarks.trainers import JaxSteps, compare_steps, scale_images, to_torch_images
+from benchmarks.twins import assert_close, assert_same_gradients, negligible_note
 from experiments import vqvae as vqvae_experiment
 from lvm_jax import data
 from lvm_jax.models import vqvae
@@ -66,18 +60,6 @@ PRIORS = {  # name: (row label, PyTorch twin, weight copy)
     "gated": ("Gated PixelCNN (dim 128, 15 layers, head 512)", torch_models.GatedPixelCNN,
               torch_models.copy_flax_gated_pixelcnn_params),
 }
-TOL = 1e-4  # max |difference| / (1 + max |lvm_jax value|)
-
-
-def _assert_close(what: str, a, b, tol: float = TOL) -> float:
-    """The relative error of b against a; raises AssertionError above `tol`."""
-    a, b = np.asarray(a), np.asarray(b)
-    assert a.shape == b.shape, f"{what}: shapes {a.shape} and {b.shape}"
-    error = float(np.max(np.abs(a - b))) / (1.0 + float(np.max(np.abs(a))))
-    assert error < tol, f"PyTorch and lvm_jax {what} differ by {error:.3g} (relative)"
-    return error
-
-
 def _priors(name: str, seed: int):
     """lvm_jax and PyTorch priors with the same random weights, checked to give the same logits."""
     prior = vqvae.PRIORS[name](vqvae.NUM_CODES)
@@ -86,7 +68,7 @@ def _priors(name: str, seed: int):
     torch_prior = PRIORS[name][2](PRIORS[name][1](vqvae.NUM_CODES), params)
     with torch.no_grad():
         torch_logits = torch_prior(torch.from_numpy(np.array(codes)).long())
-    error = _assert_close(f"{name} logits", prior.apply({"params": params}, codes),
+    error = assert_close(f"{name} logits", prior.apply({"params": params}, codes),
                           torch_logits.permute(0, 2, 3, 1))
     return prior, params, torch_prior, error
 
@@ -191,10 +173,13 @@ def _randomised_batch_stats(batch_stats, seed: int):
         jax.device_get(batch_stats))
 
 
-def assert_same_vqvae(model: vqvae.VQVAE, variables, images: np.ndarray, seed: int) -> float:
+def assert_same_vqvae(model: vqvae.VQVAE, variables, images: np.ndarray,
+                      seed: int) -> tuple[float, str]:
     """Raises AssertionError unless PyTorch's VQ-VAE, loaded with randomised `variables`,
-    gives lvm_jax's codes, reconstructions (training and inference mode), loss and
-    gradients on `images` (uint8 NHWC). Returns the largest relative error."""
+    gives lvm_jax's codes, reconstructions (training and inference mode), loss and every
+    gradient on `images` (uint8 NHWC). Returns the largest relative error and
+    `twins.negligible_note` (the convolution biases before training-mode BatchNorm, which
+    removes them: their gradient is zero up to rounding)."""
     params = randomised(variables["params"], seed)
     stats = _randomised_batch_stats(variables["batch_stats"], seed)
     torch_model = torch_models.copy_flax_vqvae_params(
@@ -205,7 +190,7 @@ def assert_same_vqvae(model: vqvae.VQVAE, variables, images: np.ndarray, seed: i
     torch_model.eval()
     with torch.no_grad():
         recon = torch_model(torch_x)[0]
-    errors = [_assert_close(
+    errors = [assert_close(
         "inference-mode reconstructions",
         model.apply({"params": params, "batch_stats": stats}, x)["reconstruction"],
         recon.permute(0, 2, 3, 1))]
@@ -222,87 +207,85 @@ def assert_same_vqvae(model: vqvae.VQVAE, variables, images: np.ndarray, seed: i
     with torch.no_grad():
         recon, _, _, indices = torch_model(torch_x)
     assert np.array_equal(np.asarray(out["indices"]), indices.numpy()), "codes differ"
-    errors.append(_assert_close("training-mode reconstructions", out["reconstruction"],
+    errors.append(assert_close("training-mode reconstructions", out["reconstruction"],
                                 recon.permute(0, 2, 3, 1)))
-    errors.append(_assert_close("loss", value, torch_loss.detach()))
-    # Gradients: the first encoder conv (through the straight-through estimator), the
-    # codebook and the last decoder layer.
-    pairs = {"encoder conv grad": (grads["encoder"]["Conv_0"]["kernel"].transpose(3, 2, 0, 1),
-                                   torch_model.encoder[0].weight.grad),
-             "codebook grad": (grads["quantizer"]["embeddings"],
-                               torch_model.quantizer.embedding.weight.grad),
-             "decoder output grad": (
-                 grads["decoder"]["SubPixelConvTranspose_1"]["kernel"].transpose(2, 3, 0, 1),
-                 torch_model.decoder[7].weight.grad)}
-    for what, (a, b) in pairs.items():
-        # Gradients are small: relative to their own scale.
-        scale = float(np.max(np.abs(np.asarray(a))))
-        errors.append(_assert_close(what, np.asarray(a) / scale, b.numpy() / scale))
-    return max(errors)
-
-
-class TorchPriorSteps:
-    """One PyTorch training step of a prior on code grids per call of `step` (returns the loss)."""
-
-    def __init__(self, prior: torch.nn.Module, codes: np.ndarray, batch_size: int, seed: int):
-        self.prior = prior
-        self.codes = torch.from_numpy(codes).long()
-        self.optimizer = torch.optim.Adam(prior.parameters(), lr=LEARNING_RATE)
-        self.batches = epoch_batches(seed, len(codes), batch_size)
-
-    def step(self) -> float:
-        loss, _ = torch_models.prior_loss_fn(self.prior, self.codes[torch.from_numpy(
-            next(self.batches))])
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss.item()
-
-
-def _compare_steps(jax_step, torch_step, settings: Settings) -> Comparison:
-    number = steps_per_sample(settings)
-    return compare(timer(jax_step, number), timer(torch_step, number), settings)
+    errors.append(assert_close("loss", value, torch_loss.detach()))
+    error, negligible = assert_same_gradients(torch_model, torch_models.copy_flax_vqvae_params,
+                                              grads)
+    return max(*errors, error), negligible_note(negligible)
 
 
 def _step_row(step_name: str, model: str, unit: str, result: Comparison, settings: Settings,
-              note: str, goal: float | None = None) -> Row:
-    return Row(benchmark="vqvae_step", model=model, step=step_name, batch=BATCH,
-               lvm_jax=BATCH / result.jax_seconds, pytorch=BATCH / result.torch_seconds,
-               unit=unit, higher_is_better=True, device=device(result.torch_threads), goal=goal,
-               note=f"{note}; steps per sample: {steps_per_sample(settings)}; "
-                    f"{result.torch_note()} per step{result.processes_note()}")
+              checked: tuple[str, ...], goal: float | None = None) -> Row:
+    return Row(benchmark="vqvae_step", model=model, step=step_name, batch=BATCH, unit=unit,
+               higher_is_better=True, goal=goal, note=step_note(result, settings, *checked),
+               **result.throughput_fields(BATCH))
 
 
-def _vqvae_steps(settings: Settings):
-    """(float32 model, dataset, JaxSteps, TorchSteps) of the VQ-VAE's training step, lvm_jax's
-    in `settings.dtype`, both sides initialised from `settings.seed`."""
-    dataset = data.load(DATASET)
-    model = vqvae.conv_vqvae(dataset.event_shape, vqvae.NUM_CODES, vqvae.CODE_DIM)
-    timed = vqvae.conv_vqvae(dataset.event_shape, vqvae.NUM_CODES, vqvae.CODE_DIM,
-                             dtype=settings.dtype)
-    jax_steps = JaxSteps(vqvae_experiment.vqvae_objective(timed), dataset.train, BATCH,
-                         settings.seed)
-    torch.manual_seed(settings.seed)
-    torch_model = torch_models.VQVAE(dataset.event_shape[-1], vqvae.NUM_CODES, vqvae.CODE_DIM)
-    torch_steps = TorchSteps(torch_model, dataset.train, BATCH, settings.seed,
-                             loss_fn=torch_models.vqvae_loss_fn)
-    return model, dataset, jax_steps, torch_steps
+def _vqvae_model(dataset: data.Dataset, dtype: str = "float32") -> vqvae.VQVAE:
+    return vqvae.conv_vqvae(dataset.event_shape, vqvae.NUM_CODES, vqvae.CODE_DIM, dtype=dtype)
 
 
 def vqvae_step_comparison(settings: Settings) -> Comparison:
-    """lvm_jax's and PyTorch's VQ-VAE training steps, compared (`train_step` checks first that
+    """lvm_jax's and PyTorch's VQ-VAE training steps (lvm_jax's in `settings.dtype`) from the
+    same initial parameters and BatchNorm statistics, compared (`train_step` checks first that
     the two compute the same function)."""
-    _, _, jax_steps, torch_steps = _vqvae_steps(settings)
-    return _compare_steps(jax_steps.step, torch_steps.step, settings)
+    dataset = data.load(DATASET)
+    jax_steps = JaxSteps(vqvae_experiment.vqvae_objective(_vqvae_model(dataset, settings.dtype)),
+                         dataset.train, BATCH, settings.seed)
+    params, state = jax.device_get((jax_steps.state.params, jax_steps.state.model_state))
+
+    def twin():
+        return torch_models.copy_flax_vqvae_params(
+            torch_models.VQVAE(dataset.event_shape[-1], vqvae.NUM_CODES, vqvae.CODE_DIM),
+            params, state["batch_stats"])
+
+    return compare_steps(jax_steps, twin, to_torch_images(dataset.train), BATCH,
+                         steps_per_sample(settings), settings, loss_fn=torch_models.vqvae_loss_fn)
+
+
+def prior_codes(seed: int) -> np.ndarray:
+    """The priors' training set: NUM_PRIOR_TRAIN_GRIDS random code grids (N, *GRID) int32."""
+    return np.random.default_rng(seed).integers(
+        0, vqvae.NUM_CODES, (NUM_PRIOR_TRAIN_GRIDS, *GRID)).astype(np.int32)
+
+
+def assert_same_prior_training(name: str, seed: int) -> tuple[float, str]:
+    """Raises AssertionError unless the PyTorch prior, loaded with randomised lvm_jax
+    parameters, gives lvm_jax's logits, loss (nats per code) and every gradient on a batch of
+    random codes. Returns the largest relative error and `twins.negligible_note`."""
+    prior, params, torch_prior, error = _priors(name, seed)
+    codes = prior_codes(seed)[:16]
+    value, grads = jax.value_and_grad(
+        lambda p: vqvae.prior_loss_fn(prior, p, codes, None)[0])(params)
+    loss, _ = torch_models.prior_loss_fn(torch_prior, torch.from_numpy(codes).long())
+    loss.backward()
+    grad_error, negligible = assert_same_gradients(torch_prior, PRIORS[name][2], grads)
+    return (max(error, assert_close(f"{name} loss", value, loss.detach()), grad_error),
+            negligible_note(negligible))
+
+
+def prior_step_comparison(name: str, settings: Settings) -> Comparison:
+    """lvm_jax's and PyTorch's training steps of prior `name` on random code grids, from the
+    same initial parameters."""
+    prior = vqvae.PRIORS[name](vqvae.NUM_CODES)
+    codes = prior_codes(settings.seed)
+    jax_steps = JaxSteps(vqvae_experiment.prior_objective(prior), codes, BATCH, settings.seed)
+    params = jax.device_get(jax_steps.state.params)
+    return compare_steps(
+        jax_steps, lambda: PRIORS[name][2](PRIORS[name][1](vqvae.NUM_CODES), params),
+        torch.from_numpy(codes).long(), BATCH, steps_per_sample(settings), settings,
+        loss_fn=torch_models.prior_loss_fn, prepare=lambda codes: codes)
 
 
 def train_step(settings: Settings) -> list[Row]:
-    """Images/s of a VQ-VAE training step (in `settings.processes` fresh processes), code
-    grids/s of a prior training step, batch 128."""
-    model, dataset, jax_steps, _ = _vqvae_steps(settings)
-    error = assert_same_vqvae(model, {"params": jax_steps.state.params,
-                                      **jax_steps.state.model_state},
-                              dataset.test[:16], settings.seed)
+    """Images/s of a VQ-VAE training step, code grids/s of a prior training step, batch 128,
+    each in `settings.processes` fresh processes after checking loss and gradients."""
+    dataset = data.load(DATASET)
+    model = _vqvae_model(dataset)
+    variables = jax.jit(model.init)(jax.random.key(settings.seed),
+                                    data.scale_images(dataset.test[:1]))
+    error, negligible = assert_same_vqvae(model, variables, dataset.test[:16], settings.seed)
     result = compare_in_processes("benchmarks.vqvae", "vqvae_step_comparison", [], settings)
     h, w, c = dataset.event_shape
     rows = [_step_row(
@@ -310,19 +293,14 @@ def train_step(settings: Settings) -> list[Row]:
         f"VQ-VAE (K={vqvae.NUM_CODES}, D={vqvae.CODE_DIM}), {h}x{w}x{c} ({DATASET})"
         f"{dtype_label(settings)}",
         "images/s", result, settings,
-        f"same codes, reconstructions, loss and gradients to {error:.1g}", goal=1.0)]
-
-    codes = np.random.default_rng(settings.seed).integers(
-        0, vqvae.NUM_CODES, (NUM_PRIOR_TRAIN_GRIDS, *GRID)).astype(np.int32)
+        (f"same codes, reconstructions, loss and every gradient to {error:.1g}", negligible),
+        goal=1.0)]
     for name, (label, _, _) in PRIORS.items():
-        prior, _, _, error = _priors(name, settings.seed)
-        jax_steps = JaxSteps(vqvae_experiment.prior_objective(prior), codes, BATCH, settings.seed)
-        torch.manual_seed(settings.seed)
-        torch_steps = TorchPriorSteps(PRIORS[name][1](vqvae.NUM_CODES), codes, BATCH,
-                                      settings.seed)
+        error, negligible = assert_same_prior_training(name, settings.seed)
         rows.append(_step_row(
             f"prior train step on {GRID[0]}x{GRID[1]} code grids (fwd + bwd + Adam)",
             f"{label}, K={vqvae.NUM_CODES}", "grids/s",
-            _compare_steps(jax_steps.step, torch_steps.step, settings), settings,
-            f"random codes; logits equal to {error:.1g}"))
+            compare_in_processes("benchmarks.vqvae", "prior_step_comparison", [name], settings),
+            settings, (f"random codes; same logits, loss and every gradient to {error:.1g}",
+                       negligible)))
     return rows

@@ -59,7 +59,7 @@ from benchmarks import torch_priors
 from benchmarks.common import (NUM_CORES, Row, Settings, compare, device, format_seconds, measure,
                                timer)
 from benchmarks.image_vae import randomised
-from benchmarks.vqvae import _assert_close
+from benchmarks.twins import assert_close
 from lvm_jax.models.vqvae import NUM_CODES
 from lvm_jax.nn import ConditionalGatedPixelCNN, PixelSNAIL, sample_codes
 
@@ -125,7 +125,7 @@ class _Case:
         apply = jax.jit(lambda params, *inputs: self.prior.apply({"params": params}, *inputs))
         with torch.no_grad():
             torch_logits = torch_priors.as_numpy_logits(self.torch_prior(*self.torch_inputs))
-        self.logits_error = _assert_close(f"{self.name} prior logits",
+        self.logits_error = assert_close(f"{self.name} prior logits",
                                           apply(self.params, *inputs), torch_logits)
         self.jax_pass = timer(lambda: jax.block_until_ready(apply(self.params, *inputs)))
         self.torch_pass = timer(functools.partial(self._torch_forward, *self.torch_inputs))
