@@ -218,7 +218,8 @@ def _warm_cache_in_process(epochs: int, settings: Settings) -> Comparison:
         raise RuntimeError(f"the warm-cache process failed:\n{done.stderr[-2000:]}")
     result = json.loads(done.stdout.splitlines()[-1])
     by_threads = {int(n): seconds for n, seconds in result.pop("torch_by_threads").items()}
-    return Comparison(**result, torch_by_threads=by_threads)
+    return Comparison(**{**result, "process_ratios": tuple(result["process_ratios"])},
+                      torch_by_threads=by_threads)
 
 
 def run(settings: Settings) -> list[Row]:
