@@ -26,7 +26,8 @@ Rows:
   second run of the experiment finds them, timed in a process of its own after
   one run that filled a fresh persistent compilation cache (the experiments
   enable it, `lvm_jax.compilation_cache`); each repetition still traces its
-  functions. Against the PyTorch figure of the row before.
+  functions. PyTorch's end-to-end run is timed in that process too, in the same
+  alternating rounds, after a warm-up run of its own.
 """
 
 import contextlib
@@ -35,7 +36,6 @@ import dataclasses
 import io
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,7 +47,7 @@ import optax
 import torch
 
 from benchmarks import torch_models
-from benchmarks.common import Row, Settings, compare, device
+from benchmarks.common import Comparison, Row, Settings, compare, device
 from experiments import vae_2d
 from lvm_jax import compilation_cache, data
 from lvm_jax.data import batching
@@ -200,23 +200,26 @@ def _end_to_end_samplers(dataset: data.Dataset, epochs: int, seed: int):
     return jax_sample, lambda: timed(lambda w: torch_run.experiment(dataset.test, epochs, w))
 
 
-def _warm_cache_worker(epochs: int, seed: int, repeats: int) -> list[float]:
-    """Seconds of `repeats` end-to-end runs after one that fills a fresh persistent compilation
-    cache; in a process of its own, for the cache is process-wide configuration."""
+def _warm_cache_comparison(epochs: int, settings: Settings) -> Comparison:
+    """lvm_jax's end-to-end run with a persistent compilation cache filled by its warm-up run,
+    against PyTorch's end-to-end run, in the same rounds; in a process of its own, for the
+    cache is process-wide configuration."""
     with tempfile.TemporaryDirectory() as cache:
         compilation_cache.enable(cache)
-        sample = _end_to_end_samplers(data.load("toy2d_1"), epochs, seed)[0]
-        sample()
-        return [sample() for _ in range(repeats)]
+        return compare(*_end_to_end_samplers(data.load("toy2d_1"), epochs, settings.seed),
+                       settings, warmup=1)
 
 
-def _warm_cache_seconds(epochs: int, seed: int, repeats: int) -> list[float]:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.vae2d", str(epochs), str(seed),
-                           str(repeats)], capture_output=True, text=True,
-                          env={**os.environ, compilation_cache.DISABLE_VARIABLE: "1"})
+def _warm_cache_in_process(epochs: int, settings: Settings) -> Comparison:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.vae2d", str(epochs),
+                           json.dumps(dataclasses.asdict(settings))], capture_output=True,
+                          text=True, env={**os.environ, compilation_cache.DISABLE_VARIABLE: "1"})
     if done.returncode:
         raise RuntimeError(f"the warm-cache process failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.splitlines()[-1])
+    result = json.loads(done.stdout.splitlines()[-1])
+    by_threads = {int(n): seconds for n, seconds in result.pop("torch_by_threads").items()}
+    return Comparison(**{**result, "process_ratios": tuple(result["process_ratios"])},
+                      torch_by_threads=by_threads)
 
 
 def run(settings: Settings) -> list[Row]:
@@ -236,7 +239,7 @@ def run(settings: Settings) -> list[Row]:
                    warmup=0)
     warm = compare(warm_jax, _sampler(torch_run, epochs), settings)
     end_to_end = compare(*_end_to_end_samplers(dataset, epochs, settings.seed), few, warmup=0)
-    warm_cache = _warm_cache_seconds(epochs, settings.seed, few.repeats)
+    warm_cache = _warm_cache_in_process(epochs, few)
 
     step = f"train {epochs} epochs x {len(dataset.train) // BATCH} steps"
     common = dict(benchmark=NAME, model="2D VAE (MLP 128-128, 2-d latent)", batch=BATCH,
@@ -259,13 +262,16 @@ def run(settings: Settings) -> list[Row]:
                   f"and torch.save; "
                   f"{end_to_end.torch_note()}"), **common),
         Row(step=f"{step}, end to end, warm compilation cache",
-            lvm_jax=statistics.median(warm_cache), pytorch=end_to_end.torch_seconds,
-            device=device(end_to_end.torch_threads, jax_devices=1),
+            lvm_jax=warm_cache.jax_seconds, pytorch=warm_cache.torch_seconds,
+            device=device(warm_cache.torch_threads, jax_devices=1),
             note=("the row above as a second run finds it: the persistent compilation cache "
-                  "filled by a first run, functions still traced; per repetition "
-                  + ", ".join(f"{t:.2f}" for t in warm_cache) + " s"), **common),
+                  "filled by a warm-up run, functions still traced; PyTorch timed in the same "
+                  f"process and rounds, after a warm-up run of its own; median of {few.repeats}; "
+                  f"{warm_cache.torch_note()}"), **common),
     ]
 
 
 if __name__ == "__main__":
-    print(json.dumps(_warm_cache_worker(*map(int, sys.argv[1:4]))))
+    settings = json.loads(sys.argv[2])
+    settings = Settings(**{**settings, "torch_threads": tuple(settings["torch_threads"])})
+    print(json.dumps(dataclasses.asdict(_warm_cache_comparison(int(sys.argv[1]), settings))))
