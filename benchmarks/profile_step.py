@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from benchmarks import torch_models, vqvae as vqvae_benchmark, xla_flags
-from benchmarks.trainers import JaxSteps, TorchSteps
+from benchmarks.trainers import JaxSteps, TorchSteps, to_torch_images
 from experiments import vqvae as vqvae_experiment
 from lvm_jax.data import batching
 from lvm_jax.models import vqvae
@@ -60,18 +60,11 @@ def kind(name: str, hlo: str) -> str:
     return "other operations"
 
 
-def _prior_codes(seed: int = 0) -> np.ndarray:
-    """Random code grids, as benchmarks.vqvae's prior steps train on."""
-    return np.random.default_rng(seed).integers(
-        0, vqvae.NUM_CODES, (vqvae_benchmark.NUM_PRIOR_TRAIN_GRIDS, *vqvae_benchmark.GRID)
-    ).astype(np.int32)
-
-
 def jax_steps(model: str) -> JaxSteps:
     """lvm_jax's training steps of `model` (a name of MODELS) at batch 128."""
     if model in PRIOR_MODELS:
         prior = vqvae.PRIORS[PRIOR_MODELS[model]](vqvae.NUM_CODES)
-        return JaxSteps(vqvae_experiment.prior_objective(prior), _prior_codes(),
+        return JaxSteps(vqvae_experiment.prior_objective(prior), vqvae_benchmark.prior_codes(0),
                         vqvae_benchmark.BATCH, seed=0)
     return xla_flags._steps(model)
 
@@ -79,16 +72,18 @@ def jax_steps(model: str) -> JaxSteps:
 def torch_step(model: str):
     """PyTorch's training step of `model`'s twin at batch 128: a callable."""
     if model in PRIOR_MODELS:
+        import torch
+
         twin = vqvae_benchmark.PRIORS[PRIOR_MODELS[model]][1](vqvae.NUM_CODES)
-        return vqvae_benchmark.TorchPriorSteps(twin, _prior_codes(), vqvae_benchmark.BATCH,
-                                               seed=0).step
+        return TorchSteps(twin, torch.from_numpy(vqvae_benchmark.prior_codes(0)).long(), vqvae_benchmark.BATCH,
+                          0, loss_fn=torch_models.prior_loss_fn, prepare=lambda codes: codes).step
     channels = int(model[-1])
-    train = xla_flags.data.load(xla_flags.DATASETS[channels]).train
+    images = to_torch_images(xla_flags.data.load(xla_flags.DATASETS[channels]).train)
     if model.startswith("VQ-VAE"):
-        return TorchSteps(torch_models.VQVAE(channels, vqvae.NUM_CODES, vqvae.CODE_DIM), train,
+        return TorchSteps(torch_models.VQVAE(channels, vqvae.NUM_CODES, vqvae.CODE_DIM), images,
                           xla_flags.BATCH, 0, loss_fn=torch_models.vqvae_loss_fn).step
     prior = "made" if model.startswith("VLAE") else "standard"
-    return TorchSteps(torch_models.conv_vae(channels, prior), train, xla_flags.BATCH, 0).step
+    return TorchSteps(torch_models.conv_vae(channels, prior), images, xla_flags.BATCH, 0).step
 
 
 def torch_kind(name: str) -> str:
