@@ -67,6 +67,8 @@ class Settings:
       seed: seeds data order, initialisation and noise on both sides.
       torch_threads: PyTorch intra-op thread counts to try; the fastest is reported.
       processes: fresh processes per training-step comparison (`compare_in_processes`).
+      torch_device: where PyTorch runs the training-step comparisons ("cpu", or "cuda" on a
+        GPU machine: benchmarks/device_check.sh).
       dtype: the compute dtype of lvm_jax's models in the training-step comparisons
         ("bfloat16" for accelerators); parameters and PyTorch stay float32.
     """
@@ -78,6 +80,7 @@ class Settings:
     torch_threads: tuple[int, ...] = dataclasses.field(default_factory=default_torch_threads)
     processes: int = 1
     dtype: str = "float32"
+    torch_device: str = "cpu"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -154,16 +157,19 @@ class Row:
                 "ratio": number(ratio), "goal_met": None if met is None else bool(met)}
 
 
-def device(torch_threads: int | None = None, jax_devices: int | None = None) -> str:
+def device(torch_threads: int | None = None, jax_devices: int | None = None,
+           torch_device: str = "cpu") -> str:
     """Where both sides ran, e.g. "cpu x2 as 8 jax devices (torch 1 thread)": lvm_jax on
-    `jax_devices` devices (default all of JAX's)."""
+    `jax_devices` devices (default all of JAX's), PyTorch on `torch_device`."""
     jax_device = jax.devices()[0]
     threads = "" if torch_threads is None else f" (torch {torch_threads} thread" + (
         "s)" if torch_threads > 1 else ")")
     if jax_device.platform == "cpu":
         split = jax_devices or len(jax.devices())
         return f"cpu x{NUM_CORES}" + (f" as {split} jax devices" if split > 1 else "") + threads
-    return f"jax {len(jax.devices())} x {jax_device.device_kind}; torch cpu x{NUM_CORES}{threads}"
+    torch_side = (f"torch {torch_device}" if torch_device != "cpu"
+                  else f"torch cpu x{NUM_CORES}{threads}")
+    return f"jax {len(jax.devices())} x {jax_device.device_kind}; {torch_side}"
 
 
 def timer(fn: Callable[[], object], number: int = 1) -> Sampler:
@@ -230,10 +236,11 @@ class Comparison:
         return (f"; paired ratio in each of {len(self.process_ratios)} processes: "
                 + ", ".join(f"{r:.2f}x" for r in self.process_ratios))
 
-    def throughput_fields(self, work: float) -> dict:
+    def throughput_fields(self, work: float, torch_device: str = "cpu") -> dict:
         """The Row fields of a throughput comparison (`work` units per call, e.g. images per
-        step): lvm_jax, pytorch (best configuration), pytorch_eager, pytorch_config,
-        paired_ratio and ratio_range (over the processes) and device."""
+        step, PyTorch on `torch_device`): lvm_jax, pytorch (best configuration),
+        pytorch_eager, pytorch_config, paired_ratio and ratio_range (over the processes) and
+        device."""
         eager = self.torch_by_config.get(EAGER)
         median, ratio_range = paired(self.process_ratios)
         threads = f"{self.torch_threads} thread{'s' if self.torch_threads > 1 else ''}"
@@ -241,7 +248,7 @@ class Comparison:
                     pytorch_eager=None if eager is None else work / eager,
                     pytorch_config=f"{self.torch_config}, {threads}",
                     paired_ratio=median, ratio_range=ratio_range,
-                    device=device(self.torch_threads))
+                    device=device(self.torch_threads, torch_device=torch_device))
 
 
 def paired(ratios) -> tuple[float | None, tuple[float, float] | None]:
@@ -397,6 +404,7 @@ def machine() -> dict:
         "jaxlib": jaxlib.__version__,
         "flax": flax.__version__,
         "torch": torch.__version__,
+        "torch_cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }

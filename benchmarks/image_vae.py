@@ -117,7 +117,7 @@ def train_step_rows(name: str, model_name: str, prior: str, settings: Settings,
             model=f"{model_name}, 32x32x{channels} ({dataset_name}){dtype_label(settings)}",
             step="train step (fwd + bwd + Adam)", batch=BATCH, unit="images/s",
             higher_is_better=True, goal=goal, note=step_note(result, settings),
-            **result.throughput_fields(BATCH)))
+            **result.throughput_fields(BATCH, settings.torch_device)))
     return rows
 
 

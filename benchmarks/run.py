@@ -70,6 +70,13 @@ def parse_args(argv):
                    help="compute dtype of lvm_jax's models in the training-step comparisons "
                         "(bfloat16 for accelerators; PyTorch stays float32); other than float32, "
                         "results go to latest_<dtype>.*")
+    p.add_argument("--torch_device", default=Settings.torch_device,
+                   help="where PyTorch runs the training-step comparisons: cpu, or cuda on a GPU "
+                        "machine (benchmarks/device_check.sh); with --dtype bfloat16 PyTorch "
+                        "runs under bfloat16 autocast (AMP), the fair pair")
+    p.add_argument("--results", default=None, metavar="NAME",
+                   help="write results/NAME.json and NAME.md instead of latest[_<dtype>].* "
+                        "(e.g. a file per device)")
     p.add_argument("--seed", type=int, default=Settings.seed)
     p.add_argument("--note", default=None,
                    help="a sentence about the conditions, written into the results file")
@@ -84,9 +91,10 @@ def main(argv=None):
     settings = Settings(quick=args.quick, quality_epochs=args.quality_epochs,
                         repeats=1 if args.quick else args.repeats, seed=args.seed,
                         torch_threads=tuple(args.torch_threads),
-                        processes=1 if args.quick else args.processes, dtype=args.dtype)
-    name = ("quick" if args.quick else "latest") + ("" if args.dtype == "float32"
-                                                    else f"_{args.dtype}")
+                        processes=1 if args.quick else args.processes, dtype=args.dtype,
+                        torch_device=args.torch_device)
+    name = args.results or ("quick" if args.quick else "latest") + (
+        "" if args.dtype == "float32" else f"_{args.dtype}")
     json_path = os.path.join(RESULTS_DIR, f"{name}.json")
     results = report.load(json_path)
     if args.note:

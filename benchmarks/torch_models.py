@@ -170,7 +170,7 @@ def loss_fn(model: VAE, x: torch.Tensor, eps: torch.Tensor | None = None):
     `VAE.forward`'s, drawn here by default (outside the model, so that a compiled model sees
     one input signature and the noise does not depend on the compiler's random numbers)."""
     if eps is None:
-        eps = torch.randn(x.shape[0], model.latent_dim)
+        eps = torch.randn(x.shape[0], model.latent_dim, device=x.device)
     recon, kl = model(x, eps)
     recon, kl = recon.mean(), kl.mean()
     return recon + kl, {"neg_elbo": recon + kl, "recon": recon, "kl": kl}

@@ -24,7 +24,7 @@ import torch
 
 from benchmarks import torch_models
 from benchmarks.common import EAGER, Comparison, Sampler, Settings, compare, timer
-from benchmarks.twins import assert_close
+from benchmarks.twins import TOL, assert_close
 from lvm_jax.data import batching
 from lvm_jax.train import Objective
 from lvm_jax.train.loop import make_train_chunk
@@ -107,27 +107,36 @@ class TorchSteps:
       compiled: `torch.compile(model)` (default mode), with the model's parameters and the
         image batches in `channels_last` and fused Adam, instead of eager NCHW with
         `torch.optim.Adam`'s defaults. `config` names what was used.
+      device: where the model, its optimizer and the batches live ("cpu", "cuda").
+      amp: the forward pass and loss under `torch.autocast` in bfloat16 (automatic mixed
+        precision; parameters, gradients and Adam stay float32): the counterpart of
+        lvm_jax's bfloat16 compute dtype.
     """
 
     def __init__(self, model: torch.nn.Module, inputs: torch.Tensor, batch_size: int,
-                 seed: int, loss_fn=torch_models.loss_fn, prepare=None, compiled: bool = False):
+                 seed: int, loss_fn=torch_models.loss_fn, prepare=None, compiled: bool = False,
+                 device: str = "cpu", amp: bool = False):
         self.loss_fn = loss_fn
-        self.inputs = inputs
+        self.device, self.amp = torch.device(device), amp
+        model, self.inputs = model.to(self.device), inputs.to(self.device)
         self.prepare = scale_images if prepare is None else prepare
         self.memory_format = torch.channels_last if compiled else torch.contiguous_format
         self.optimizer, optimizer = adam(model.parameters(), compiled)
         self.model = torch.compile(model.to(memory_format=torch.channels_last)) if compiled \
             else model
-        self.config = f"torch.compile, channels_last, {optimizer}" if compiled else EAGER
+        self.config = (f"torch.compile, channels_last, {optimizer}" if compiled else EAGER) + (
+            ", AMP bfloat16" if amp else "")
         self.batches = epoch_batches(seed, len(inputs), batch_size)
 
     def batch(self, idx: np.ndarray) -> torch.Tensor:
         """The model's input for examples `idx`, in this configuration's memory format."""
-        x = self.prepare(self.inputs[torch.from_numpy(idx)])
+        x = self.prepare(self.inputs[torch.from_numpy(idx).to(self.device)])
         return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
 
     def step(self) -> float:
-        loss, _ = self.loss_fn(self.model, self.batch(next(self.batches)))
+        """One step; reading the loss waits for it (and, on a GPU, for the queued update)."""
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
+            loss, _ = self.loss_fn(self.model, self.batch(next(self.batches)))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -141,7 +150,7 @@ def twin_samplers(make_twin, inputs: torch.Tensor, batch_size: int, seed: int, n
     `make_twin()` (lvm_jax's initial parameters loaded). The compiled twin's first step,
     which compiles forward and backward, must give the eager twin's first loss (same
     parameters, batch and noise). The remark says why only eager was timed, else "".
-    `steps`: TorchSteps' loss_fn and prepare."""
+    `steps`: TorchSteps' loss_fn, prepare, device and amp."""
     eager = TorchSteps(make_twin(), inputs, batch_size, seed, **steps)
     samplers = {EAGER: timer(eager.step, number)}
     torch.manual_seed(seed)
@@ -154,7 +163,9 @@ def twin_samplers(make_twin, inputs: torch.Tensor, batch_size: int, seed: int, n
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         return samplers, f"torch.compile could not run here ({type(error).__name__}: " \
                          f"{reason[:200]}): eager PyTorch only"
-    assert_close("compiled and eager PyTorch first-step losses", eager_loss, compiled_loss)
+    # bfloat16 autocast rounds differently once inductor fuses the operations.
+    assert_close("compiled and eager PyTorch first-step losses", eager_loss, compiled_loss,
+                 tol=1e-2 if steps.get("amp") else TOL)
     samplers[compiled.config] = timer(compiled.step, number)
     return samplers, ""
 
@@ -162,8 +173,10 @@ def twin_samplers(make_twin, inputs: torch.Tensor, batch_size: int, seed: int, n
 def compare_steps(jax_steps: JaxSteps, make_twin, inputs: torch.Tensor, batch_size: int,
                   number: int, settings: Settings, **steps) -> Comparison:
     """lvm_jax's training steps against its PyTorch twin's (`twin_samplers`: eager and
-    compiled), `number` steps per sample; the remark, if any, in `remarks`."""
+    compiled, on `settings.torch_device`, under bfloat16 autocast when lvm_jax computes in
+    bfloat16), `number` steps per sample; the remark, if any, in `remarks`."""
     samplers, remark = twin_samplers(make_twin, inputs, batch_size, settings.seed, number,
-                                     **steps)
+                                     device=settings.torch_device,
+                                     amp=settings.dtype == "bfloat16", **steps)
     result = compare(timer(jax_steps.step, number), samplers, settings)
     return dataclasses.replace(result, remarks=(remark,) if remark else ())

@@ -240,7 +240,7 @@ def _step_row(step_name: str, model: str, unit: str, result: Comparison, setting
               checked: tuple[str, ...], goal: float | None = None) -> Row:
     return Row(benchmark="vqvae_step", model=model, step=step_name, batch=BATCH, unit=unit,
                higher_is_better=True, goal=goal, note=step_note(result, settings, *checked),
-               **result.throughput_fields(BATCH))
+               **result.throughput_fields(BATCH, settings.torch_device))
 
 
 def _vqvae_model(dataset: data.Dataset, dtype: str = "float32") -> vqvae.VQVAE:
