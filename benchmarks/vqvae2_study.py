@@ -49,7 +49,7 @@ from lvm_jax.data import embedded
 from lvm_jax.models import vqvae, vqvae2
 from lvm_jax.nn.conv import StridedDecoder, StridedEncoder
 from lvm_jax.nn.masked_conv import GatedPixelCNN
-from lvm_jax.train import Objective, fit, records
+from lvm_jax.train import Objective, fit, interrupt, records
 
 DATASET, PRESET, K = "patches_embedded", "kmeans", vqvae2.NUM_CODES
 USAGE_GOAL, PERPLEXITY_GOAL = 0.95, 0.5 * K
@@ -270,4 +270,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except interrupt.Interrupted as stop:  # saved at a step boundary: one line, 130 or 143
+        parser().exit(stop.exit_status, f"python -m benchmarks.vqvae2_study: {stop}\n")
