@@ -104,14 +104,14 @@ def _sampling_rows(name: str, num: int, grid: tuple[int, int], settings: Setting
     reference method asked for (an algorithm goal)."""
     prior, params, torch_prior, error = _priors(name, settings.seed)
     samplers = {method: _compiled_sampler(prior, params, num, grid, method) for method in METHODS}
-    keys = iter(jax.random.split(jax.random.key(settings.seed), 1000))
-    drawn = {}  # each method's latest codes, drawn with the same key
+    keys = jax.random.split(jax.random.key(settings.seed), 1000)
+    drawn = {}  # each method's latest codes and its number of calls
 
     def sampler(method):
-        def sample():
-            if method == "cached":
-                drawn["key"] = next(keys)
-            drawn[method] = np.asarray(jax.block_until_ready(samplers[method](drawn["key"])))
+        def sample():  # the n-th call of each method draws with the n-th key, in any order
+            calls = drawn.get(f"{method} calls", 0)
+            drawn[method] = np.asarray(jax.block_until_ready(samplers[method](keys[calls])))
+            drawn[f"{method} calls"] = calls + 1
         return timer(sample)
 
     torch.manual_seed(settings.seed)

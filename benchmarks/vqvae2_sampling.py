@@ -129,8 +129,8 @@ class _Case:
                                           apply(self.params, *inputs), torch_logits)
         self.jax_pass = timer(lambda: jax.block_until_ready(apply(self.params, *inputs)))
         self.torch_pass = timer(functools.partial(self._torch_forward, *self.torch_inputs))
-        self.keys = iter(jax.random.split(jax.random.key(self.seed), 1000))
-        self.drawn = {}  # each method's latest codes, drawn with the same key
+        self.keys = jax.random.split(jax.random.key(self.seed), 1000)
+        self.drawn = {}  # each method's latest codes and its number of calls
 
     @torch.no_grad()
     def _torch_forward(self, *inputs):
@@ -141,18 +141,19 @@ class _Case:
         return self.side * self.side
 
     def sampler(self, method: str):
-        """A timer of `sample_codes(method)`, compiled ahead of time; the cached sampler
-        draws with a fresh key, the raster loop with the cached sampler's latest."""
+        """A timer of `sample_codes(method)`, compiled ahead of time; the n-th call of every
+        method draws with the n-th key, so that the samplers' latest codes compare whatever
+        order `compare` shuffles them into."""
         sample = jax.jit(lambda params, key, condition: sample_codes(
             self.prior, {"params": params}, key, self.num, self.side, self.side, method,
             condition))
         compiled = sample.lower(self.params, jax.random.key(0), self.condition).compile()
 
         def run():
-            if method == "cached":
-                self.drawn["key"] = next(self.keys)
+            calls = self.drawn.get(f"{method} calls", 0)
             self.drawn[method] = np.asarray(jax.block_until_ready(
-                compiled(self.params, self.drawn["key"], self.condition)))
+                compiled(self.params, self.keys[calls], self.condition)))
+            self.drawn[f"{method} calls"] = calls + 1
         return timer(run)
 
     def torch_sampler(self):
