@@ -46,6 +46,7 @@ from collections.abc import Callable
 import flax
 import jax
 import jaxlib
+import numpy as np
 
 NUM_CORES = len(os.sched_getaffinity(0))
 
@@ -256,6 +257,27 @@ def paired(ratios) -> tuple[float | None, tuple[float, float] | None]:
     if not ratios:
         return None, None
     return statistics.median(ratios), (min(ratios), max(ratios))
+
+
+class SameKeyDraws:
+    """Timers of samplers of one distribution whose n-th calls all draw with the n-th key,
+    whatever order `compare` shuffles them into; `latest[name]` holds each sampler's latest
+    draw as NumPy, so that after the same number of calls their outputs compare."""
+
+    def __init__(self, seed: int, max_calls: int = 1000):
+        self.keys = jax.random.split(jax.random.key(seed), max_calls)
+        self.calls: dict[str, int] = {}
+        self.latest: dict[str, np.ndarray] = {}
+
+    def timer(self, name: str, draw: Callable[[jax.Array], jax.Array]) -> Sampler:
+        """A sampler of one call `draw(key)`, waited for, under `name`."""
+
+        def sample():
+            calls = self.calls.get(name, 0)
+            self.latest[name] = np.asarray(jax.block_until_ready(draw(self.keys[calls])))
+            self.calls[name] = calls + 1
+
+        return timer(sample)
 
 
 def format_seconds(seconds: float) -> str:

@@ -35,7 +35,7 @@ import torch
 
 from benchmarks import torch_models
 from benchmarks.common import (Comparison, Row, Settings, compare, compare_in_processes,
-                               device, measure, timer)
+                               SameKeyDraws, device, measure, timer)
 from benchmarks.image_vae import dtype_label, randomised, step_note, steps_per_sample
 from benchmarks.trainers import JaxSteps, compare_steps, scale_images, to_torch_images
 from benchmarks.twins import assert_close, assert_same_gradients, negligible_note
@@ -104,21 +104,14 @@ def _sampling_rows(name: str, num: int, grid: tuple[int, int], settings: Setting
     reference method asked for (an algorithm goal)."""
     prior, params, torch_prior, error = _priors(name, settings.seed)
     samplers = {method: _compiled_sampler(prior, params, num, grid, method) for method in METHODS}
-    keys = jax.random.split(jax.random.key(settings.seed), 1000)
-    drawn = {}  # each method's latest codes and its number of calls
-
-    def sampler(method):
-        def sample():  # the n-th call of each method draws with the n-th key, in any order
-            calls = drawn.get(f"{method} calls", 0)
-            drawn[method] = np.asarray(jax.block_until_ready(samplers[method](keys[calls])))
-            drawn[f"{method} calls"] = calls + 1
-        return timer(sample)
+    draws = SameKeyDraws(settings.seed)
+    sampler = {method: draws.timer(method, samplers[method]) for method in METHODS}
 
     torch.manual_seed(settings.seed)
-    result = compare(sampler("cached"), timer(lambda: torch_prior.sample(num, *grid)), settings,
-                     warmup=warmup, also={"raster": sampler("raster")})
+    result = compare(sampler["cached"], timer(lambda: torch_prior.sample(num, *grid)), settings,
+                     warmup=warmup, also={"raster": sampler["raster"]})
     raster_seconds = result.also_seconds["raster"]
-    same = np.all(drawn["cached"] == drawn["raster"], axis=(1, 2)).sum()
+    same = np.all(draws.latest["cached"] == draws.latest["raster"], axis=(1, 2)).sum()
     quick = " [quick]" if settings.quick else ""
     timing = (f"median of {settings.repeats}" if settings.repeats > 1 else "timed once") + (
         " after a warm-up round" if warmup else " after compiling")

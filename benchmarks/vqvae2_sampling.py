@@ -57,7 +57,7 @@ import torch
 
 from benchmarks import torch_priors
 from benchmarks.common import (NUM_CORES, Row, Settings, compare, device, format_seconds, measure,
-                               timer)
+                               SameKeyDraws, timer)
 from benchmarks.image_vae import randomised
 from benchmarks.twins import assert_close
 from lvm_jax.models.vqvae import NUM_CODES
@@ -129,8 +129,7 @@ class _Case:
                                           apply(self.params, *inputs), torch_logits)
         self.jax_pass = timer(lambda: jax.block_until_ready(apply(self.params, *inputs)))
         self.torch_pass = timer(functools.partial(self._torch_forward, *self.torch_inputs))
-        self.keys = jax.random.split(jax.random.key(self.seed), 1000)
-        self.drawn = {}  # each method's latest codes and its number of calls
+        self.draws = SameKeyDraws(self.seed)
 
     @torch.no_grad()
     def _torch_forward(self, *inputs):
@@ -141,20 +140,14 @@ class _Case:
         return self.side * self.side
 
     def sampler(self, method: str):
-        """A timer of `sample_codes(method)`, compiled ahead of time; the n-th call of every
-        method draws with the n-th key, so that the samplers' latest codes compare whatever
-        order `compare` shuffles them into."""
+        """A timer of `sample_codes(method)`, compiled ahead of time, drawing with the same
+        keys as the other method (`SameKeyDraws`)."""
         sample = jax.jit(lambda params, key, condition: sample_codes(
             self.prior, {"params": params}, key, self.num, self.side, self.side, method,
             condition))
         compiled = sample.lower(self.params, jax.random.key(0), self.condition).compile()
 
-        def run():
-            calls = self.drawn.get(f"{method} calls", 0)
-            self.drawn[method] = np.asarray(jax.block_until_ready(
-                compiled(self.params, self.keys[calls], self.condition)))
-            self.drawn[f"{method} calls"] = calls + 1
-        return timer(run)
+        return self.draws.timer(method, lambda key: compiled(self.params, key, self.condition))
 
     def torch_sampler(self):
         condition = self.torch_inputs[1:]
@@ -209,7 +202,8 @@ def _comparison_rows(case: _Case, settings: Settings, budget: float) -> list[Row
                          warmup=1, also={"raster": case.sampler("raster")})
         cached_s, raster_s, torch_s = (result.jax_seconds, result.also_seconds["raster"],
                                        result.torch_seconds)
-        same = int(np.all(case.drawn["cached"] == case.drawn["raster"], axis=(1, 2)).sum())
+        latest = case.draws.latest
+        same = int(np.all(latest["cached"] == latest["raster"], axis=(1, 2)).sum())
         measured = ""
         facts = (f"each median of {repeats} after a warm-up round, the three in alternation; "
                  f"PyTorch {result.torch_note()} (the thread count of its fastest full pass, "
