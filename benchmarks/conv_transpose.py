@@ -27,7 +27,7 @@ from flax.linen.dtypes import promote_dtype
 from benchmarks import torch_models
 from benchmarks.common import Row, Settings, compare, device, timer
 from benchmarks.image_vae import BATCH
-from benchmarks.trainers import JaxSteps, TorchSteps
+from benchmarks.trainers import JaxSteps, TorchSteps, to_torch_images
 from experiments import vae as vae_experiment
 from experiments import vqvae as vqvae_experiment
 from lvm_jax import data
@@ -182,19 +182,20 @@ def _step_row(model: str, jax_steps: JaxSteps, torch_steps: TorchSteps,
 
 def step_rows(settings: Settings) -> list[Row]:
     train = data.load("patches_embedded").train
+    torch_train = to_torch_images(train)
     rows = []
     for name, (upsample, _) in FORMS.items():
         jax_steps = JaxSteps(vae_experiment.make_objective(_image_vae(upsample)), train, BATCH,
                              settings.seed)
         torch.manual_seed(settings.seed)
-        torch_steps = TorchSteps(torch_models.conv_vae(3), train, BATCH, settings.seed)
+        torch_steps = TorchSteps(torch_models.conv_vae(3), torch_train, BATCH, settings.seed)
         rows.append(_step_row(f"image VAE 32x32x3, decoder with {name}", jax_steps, torch_steps,
                               settings))
     for name, (upsample, _) in list(FORMS.items())[1:]:  # flax's form: minutes per sample
         jax_steps = JaxSteps(vqvae_experiment.vqvae_objective(_vqvae(upsample)), train, BATCH,
                              settings.seed)
         torch.manual_seed(settings.seed)
-        torch_steps = TorchSteps(torch_models.VQVAE(3, vqvae.NUM_CODES, vqvae.CODE_DIM), train,
+        torch_steps = TorchSteps(torch_models.VQVAE(3, vqvae.NUM_CODES, vqvae.CODE_DIM), torch_train,
                                  BATCH, settings.seed, loss_fn=torch_models.vqvae_loss_fn)
         rows.append(_step_row(f"VQ-VAE 32x32x3, decoder with {name}", jax_steps, torch_steps,
                               settings))

@@ -68,7 +68,7 @@ def train_torch(dataset: data.Dataset, epochs: int, seed: int, flax_init: bool) 
         x = data.scale_images(dataset.train[:1])
         key = jax.random.key(seed)
         torch_models.copy_flax_params(model, model_jax.init(key, x, key)["params"])
-    steps = TorchSteps(model, dataset.train, BATCH, seed)
+    steps = TorchSteps(model, to_torch_images(dataset.train), BATCH, seed)
     for _ in range(epochs * (len(dataset.train) // BATCH)):
         steps.step()
     return evaluate(model, dataset.test, seed)

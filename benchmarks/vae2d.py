@@ -47,7 +47,7 @@ import optax
 import torch
 
 from benchmarks import torch_models
-from benchmarks.common import Comparison, Row, Settings, compare, device
+from benchmarks.common import Comparison, Row, Settings, compare, device, merge_processes
 from experiments import vae_2d
 from lvm_jax import compilation_cache, data
 from lvm_jax.data import batching
@@ -216,10 +216,7 @@ def _warm_cache_in_process(epochs: int, settings: Settings) -> Comparison:
                           text=True, env={**os.environ, compilation_cache.DISABLE_VARIABLE: "1"})
     if done.returncode:
         raise RuntimeError(f"the warm-cache process failed:\n{done.stderr[-2000:]}")
-    result = json.loads(done.stdout.splitlines()[-1])
-    by_threads = {int(n): seconds for n, seconds in result.pop("torch_by_threads").items()}
-    return Comparison(**{**result, "process_ratios": tuple(result["process_ratios"])},
-                      torch_by_threads=by_threads)
+    return merge_processes([json.loads(done.stdout.splitlines()[-1])])
 
 
 def run(settings: Settings) -> list[Row]:
