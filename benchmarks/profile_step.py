@@ -1,22 +1,23 @@
-"""Where a training step's time goes, per kind of operation: lvm_jax's and PyTorch's.
+"""Where a training step's time goes, per kind of operation: lvm_jax's against PyTorch's.
 
-    python -m benchmarks.profile_step [--model "image VAE 32x32x3"] [--steps 5] [--top 25]
+    python -m benchmarks.profile_step [--model NAME ...] [--steps 5] [--top 20]
 
-Runs `--steps` compiled training steps of one model of MODELS (batch 128, `fit`'s compiled
-step) under `jax.profiler`, reads the per-operation events of the trace, and prints the
-milliseconds per step of each kind of operation (YNNPACK fusions: the convolutions XLA
-hands to YNNPACK; other convolutions, which run on XLA's slower Eigen path, such as the
-zero-dilated input gradients of strided convolutions; transposes, the layout changes of
-kernel gradients; everything else) and of the `--top` slowest operations, each with its
-output shape and op from the compiled HLO. Then the same step of the PyTorch twin (eager,
-as benchmarks.trainers runs it) under `torch.profiler`, its self time per kind (convolutions
-forward and backward, layout copies, the optimizer, everything else) and its `--top` slowest
-operators, so that the two profiles compare kind by kind. Profiling slows the step itself (compare
-kinds, not the total, with the step benchmarks). It profiles one JAX device, not the CPU split
-of the experiments (`lvm_jax.cpu_devices`): with 8 device threads on 2 cores, an operation's
-traced duration also counts the time its thread waits for a core, and the all-reduces' the
-time each device waits for the others (measured: 292 of 941 traced ms per image-VAE step).
-Writes the table to benchmarks/results/profile_step.md.
+For each model of MODELS (default: all six), in one process: lvm_jax's compiled training step
+(batch 128, `fit`'s step) is timed unprofiled, then run `--steps` times under `jax.profiler`,
+whose per-operation events are summed by kind (convolutions forward and backward, layout
+transposes, the optimizer, everything else); then the PyTorch twin's same step (eager, as
+benchmarks.trainers runs it) likewise, under `torch.profiler` (self time per operator). A
+profile's durations do not add up to the step (operations overlap on the cores, and
+profiling slows them), so each side's kinds are scaled to its own unprofiled step: the
+comparison table says, in milliseconds of the real step, where lvm_jax spends more or less
+than PyTorch. The `--top` slowest operations of each side follow, with XLA's output shape
+and op from the compiled HLO.
+
+It profiles one JAX device, not the CPU split of the experiments (`lvm_jax.cpu_devices`):
+with 8 device threads on 2 cores, an operation's traced duration also counts the time its
+thread waits for a core, and the all-reduces' the time each device waits for the others.
+PyTorch runs eager, not compiled: the inductor's fused kernels do not map onto operations.
+Writes one file per model to benchmarks/results/profile_step/.
 """
 
 import argparse
@@ -26,6 +27,7 @@ import gzip
 import json
 import os
 import re
+import statistics
 import sys
 import tempfile
 
@@ -33,6 +35,7 @@ import jax
 import numpy as np
 
 from benchmarks import torch_models, vqvae as vqvae_benchmark, xla_flags
+from benchmarks.common import cpu_model, timer
 from benchmarks.trainers import JaxSteps, TorchSteps, to_torch_images
 from experiments import vqvae as vqvae_experiment
 from lvm_jax.data import batching
@@ -42,6 +45,10 @@ PRIOR_MODELS = {"PixelCNN prior 8x8": "pixelcnn", "Gated PixelCNN prior 8x8": "g
 MODELS = (*xla_flags.MODELS, *PRIOR_MODELS)
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results", "profile_step")
+# The kinds of operation both profiles are summed into.
+CONV_FORWARD, CONV_BACKWARD = "convolutions, forward", "convolutions, backward"
+LAYOUT, OPTIMIZER, OTHER = "layout changes (transposes, copies)", "optimizer (Adam)", "everything else"
+KINDS = (CONV_FORWARD, CONV_BACKWARD, LAYOUT, OPTIMIZER, OTHER)
 
 
 def results_file(model: str) -> str:
@@ -51,13 +58,20 @@ def results_file(model: str) -> str:
 
 
 def kind(name: str, hlo: str) -> str:
-    if name.startswith("ynn_fusion"):
-        return "YNNPACK fusions (convolutions)"
-    if " convolution(" in hlo:
-        return "convolutions on XLA's Eigen path"
+    """The kind of XLA operation `name` (its compiled HLO line `hlo`), in torch_kind's terms.
+
+    A convolution is a backward one when JAX's autodiff made it: its op_name metadata runs
+    through `transpose(jvp(...))`. The optimizer's operations are those `fit`'s step traces
+    in its "optimizer" named scope."""
+    op_name = re.search(r'op_name="([^"]*)"', hlo)
+    op_name = op_name.group(1) if op_name else ""
+    if name.startswith("ynn_fusion") or " convolution(" in hlo:
+        return CONV_BACKWARD if "transpose(" in op_name else CONV_FORWARD
     if "transpose" in name:
-        return "transposes (layout changes)"
-    return "other operations"
+        return LAYOUT
+    if "/optimizer/" in op_name:
+        return OPTIMIZER
+    return OTHER
 
 
 def jax_steps(model: str) -> JaxSteps:
@@ -86,27 +100,34 @@ def torch_step(model: str):
     return TorchSteps(torch_models.conv_vae(channels, prior), images, xla_flags.BATCH, 0).step
 
 
-def torch_kind(name: str) -> str:
+def torch_kind(event) -> str:
+    """The kind of a PyTorch profiler event: the optimizer's are those under Adam's step."""
+    name, caller = event.name, event
+    while caller is not None:
+        if caller.name.startswith("Optimizer.step"):
+            return OPTIMIZER
+        caller = caller.cpu_parent
     if "convolution_backward" in name:
-        return "convolutions, backward"
+        return CONV_BACKWARD
     if "convolution" in name:
-        return "convolutions, forward"
+        return CONV_FORWARD
     if name in ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy"):
-        return "copies (layout changes)"
-    if "adam" in name.lower() or "_foreach" in name:
-        return "optimizer (Adam)"
-    return "other operations"
+        return LAYOUT
+    return OTHER
 
 
-def torch_operation_milliseconds(step, number: int) -> dict[str, float]:
-    """{PyTorch operator: self milliseconds per step} from a profile of `number` steps."""
+def torch_operation_milliseconds(step, number: int) -> dict[tuple[str, str], float]:
+    """{(PyTorch operator, kind): self milliseconds per step} from a profile of `number` steps."""
     import torch
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         for _ in range(number):
             step()
-    return {event.key: event.self_cpu_time_total / 1e3 / number
-            for event in profile.key_averages() if event.self_cpu_time_total > 0}
+    total = collections.Counter()
+    for event in profile.events():
+        if event.self_cpu_time_total > 0:
+            total[event.name, torch_kind(event)] += event.self_cpu_time_total / 1e3 / number
+    return total
 
 
 def compiled_instructions(steps) -> dict[str, str]:
@@ -143,52 +164,85 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def main(argv=None) -> str:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="image VAE 32x32x3", choices=MODELS)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--top", type=int, default=25)
-    args = p.parse_args(argv)
+def wall_milliseconds(step, number: int = 3, repeats: int = 5) -> float:
+    """Median wall milliseconds per call of `step`, unprofiled, after a warm-up."""
+    sample = timer(step, number)
+    sample()
+    return 1e3 * statistics.median(sample() for _ in range(repeats))
 
-    steps = jax_steps(args.model)
-    for _ in range(3):  # compile and warm up
-        steps.step()
+
+def per_step(by_kind: collections.Counter, wall_ms: float) -> dict[str, float]:
+    """Each kind's share of the profiled time, in milliseconds of the unprofiled step.
+
+    A profile's durations sum to more than the step's wall time (operations overlap on the
+    cores, and profiling slows them), so each side's kinds are scaled to its own measured
+    step: that is what compares across the two frameworks."""
+    total = sum(by_kind.values())
+    return {k: wall_ms * by_kind[k] / total for k in KINDS}
+
+
+def profile(model: str, number: int, top: int) -> str:
+    """The markdown report of `model`'s step profiled over `number` steps on both sides."""
+    steps = jax_steps(model)
+    jax_wall = wall_milliseconds(steps.step)
     hlo = compiled_instructions(steps)
-    times = {name: ms for name, ms in operation_milliseconds(steps, args.steps).items()
+    times = {name: ms for name, ms in operation_milliseconds(steps, number).items()
              if name in hlo}
     by_kind = collections.Counter()
     for name, ms in times.items():
         by_kind[kind(name, hlo[name])] += ms
-    lines = [f"# Where the {args.model} training step's time goes (batch 128, profiled)", "",
-             f"`python -m benchmarks.profile_step --model \"{args.model}\"`, "
-             f"{args.steps} steps, load average {os.getloadavg()[0]:.2f}; ms per step.", "",
-             "| kind | ms per step |", "|---|---|"]
-    lines += [f"| {k} | {ms:.1f} |" for k, ms in by_kind.most_common()]
-    lines += [f"| all operations | {sum(by_kind.values()):.1f} |", "",
-              "| ms per step | operation | output and op (compiled HLO) |", "|---|---|---|"]
-    for name, ms in sorted(times.items(), key=lambda item: -item[1])[:args.top]:
-        op = re.sub(r", metadata=.*", "", hlo[name])[:120].replace("|", "\\|")
-        lines.append(f"| {ms:.1f} | {name} | `{op}` |")
-    torch_step_fn = torch_step(args.model)
-    for _ in range(3):
-        torch_step_fn()
-    torch_times = torch_operation_milliseconds(torch_step_fn, args.steps)
+    eigen = sum(ms for name, ms in times.items()
+                if " convolution(" in hlo[name] and not name.startswith("ynn_fusion"))
+
+    torch_step_fn = torch_step(model)
+    torch_wall = wall_milliseconds(torch_step_fn)
+    torch_times = torch_operation_milliseconds(torch_step_fn, number)
     torch_by_kind = collections.Counter()
-    for name, ms in torch_times.items():
-        torch_by_kind[torch_kind(name)] += ms
-    lines += ["", f"## PyTorch (eager, {_torch_threads()} threads), the same step", "",
-              "| kind | ms per step (self time) |", "|---|---|"]
-    lines += [f"| {k} | {ms:.1f} |" for k, ms in torch_by_kind.most_common()]
-    lines += [f"| all operators | {sum(torch_by_kind.values()):.1f} |", "",
-              "| ms per step | operator |", "|---|---|"]
-    lines += [f"| {ms:.1f} | {name} |" for name, ms in
-              sorted(torch_times.items(), key=lambda item: -item[1])[:args.top]]
-    text = "\n".join(lines) + "\n"
-    with open(results_file(args.model), "w") as f:
-        f.write(text)
-    print(text)
-    return text
+    for (_, kind_of), ms in torch_times.items():
+        torch_by_kind[kind_of] += ms
+
+    jax_ms, torch_ms = per_step(by_kind, jax_wall), per_step(torch_by_kind, torch_wall)
+    lines = [f"# Where the {model} training step's time goes (batch 128)", "",
+             f"`python -m benchmarks.profile_step --model \"{model}\"`: {number} profiled steps "
+             f"each side, {cpu_model()}, load average {os.getloadavg()[0]:.2f}. lvm_jax on one "
+             f"JAX device; PyTorch eager at {_torch_threads()} threads. Each side's profiled "
+             "time per kind is scaled to its own unprofiled step (median wall time, in the "
+             "same process), so the columns add up to the steps' wall times.", "",
+             "| kind | lvm_jax ms per step | PyTorch ms per step | lvm_jax - PyTorch (ms) |",
+             "|---|---|---|---|"]
+    lines += [f"| {k} | {jax_ms[k]:.1f} ({by_kind[k] / sum(by_kind.values()):.0%}) | "
+              f"{torch_ms[k]:.1f} ({torch_by_kind[k] / sum(torch_by_kind.values()):.0%}) | "
+              f"{jax_ms[k] - torch_ms[k]:+.1f} |" for k in KINDS]
+    lines += [f"| the step (wall) | {jax_wall:.1f} | {torch_wall:.1f} | "
+              f"{jax_wall - torch_wall:+.1f} |", "",
+              f"Profiled sums: lvm_jax {sum(by_kind.values()):.1f} ms per step (of which "
+              f"{eigen:.1f} convolutions on XLA's slower Eigen path, the rest YNNPACK's), "
+              f"PyTorch {sum(torch_by_kind.values()):.1f} ms (self time).", "",
+             f"## lvm_jax: the {top} slowest operations (profiled ms per step)", "",
+              "| ms | operation | kind | output and op (compiled HLO) |", "|---|---|---|---|"]
+    for name, ms in sorted(times.items(), key=lambda item: -item[1])[:top]:
+        op = re.sub(r", metadata=.*", "", hlo[name])[:110].replace("|", "\\|")
+        lines.append(f"| {ms:.1f} | {name} | {kind(name, hlo[name])} | `{op}` |")
+    lines += ["", f"## PyTorch: the {top} slowest operators (profiled self ms per step)", "",
+              "| ms | operator | kind |", "|---|---|---|"]
+    lines += [f"| {ms:.1f} | {name} | {kind_of} |" for (name, kind_of), ms in
+              sorted(torch_times.items(), key=lambda item: -item[1])[:top]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", nargs="+", default=list(MODELS), choices=MODELS,
+                   help="the models to profile (default: all)")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--top", type=int, default=20)
+    args = p.parse_args(argv)
+    for model in args.model:
+        text = profile(model, args.steps, args.top)
+        with open(results_file(model), "w") as f:
+            f.write(text)
+        print(text, flush=True)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ CONFIGURATIONS = {
                                       "individual_convolution,dot,eltwise,reduce")},
 }
 MODELS = ("image VAE 32x32x1", "image VAE 32x32x3", "VLAE 32x32x3", "VQ-VAE 32x32x3")
-MAX_ROUNDS = 3
+MAX_ROUNDS = 2  # a round is a process per configuration: about 11 minutes on 2 cores
 
 
 def _steps(model: str):

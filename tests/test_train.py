@@ -298,3 +298,23 @@ def test_vqvae_epoch_lines_stay_under_160_characters():
     header = loop.units_line(metrics, vqvae.UNITS).splitlines()
     assert header[0] == "units:" and all(len(line) < 160 for line in header)
     assert "  recon_mse: mean squared error per element" in header
+
+
+def test_optimizer_operations_are_named_in_the_compiled_step():
+    """Adam's (and the EMA's) operations carry the "optimizer" scope in their op_name, which
+    `benchmarks.profile_step` sorts a profile by; the model's forward and backward do not."""
+    import re
+    from lvm_jax.data import batching
+    mesh = batching.data_mesh()
+    config = TrainConfig(**{**CONFIG.__dict__, "ema_decay": 0.9})
+    state = jax.device_put(initial_state(tiny_objective(), TRAIN[:1], config),
+                           batching.replicated(mesh))
+    chunk = loop.make_train_chunk(tiny_objective(), mesh, config.ema_decay)
+    idx = batching.put_host_indices(np.zeros((1, 64), np.int32), mesh)
+    hlo = chunk.lower(state, batching.put_host_shard(TRAIN, mesh), idx,
+                      jax.random.key(0)).compile().as_text()
+    op_names = re.findall(r'op_name="([^"]*)"', hlo)
+    in_scope = [name for name in op_names if "/optimizer/" in name]
+    assert any(name.endswith("/sqrt") for name in in_scope)  # Adam's sqrt(v) + eps
+    assert not any("jvp(" in name for name in in_scope)  # no forward or backward operation
+    assert any("jvp(" in name for name in op_names)
