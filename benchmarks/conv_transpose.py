@@ -195,8 +195,9 @@ def step_rows(settings: Settings) -> list[Row]:
         jax_steps = JaxSteps(vqvae_experiment.vqvae_objective(_vqvae(upsample)), train, BATCH,
                              settings.seed)
         torch.manual_seed(settings.seed)
-        torch_steps = TorchSteps(torch_models.VQVAE(3, vqvae.NUM_CODES, vqvae.CODE_DIM), torch_train,
-                                 BATCH, settings.seed, loss_fn=torch_models.vqvae_loss_fn)
+        torch_steps = TorchSteps(torch_models.VQVAE(3, vqvae.NUM_CODES, vqvae.CODE_DIM),
+                                 torch_train, BATCH, settings.seed,
+                                 loss_fn=torch_models.vqvae_loss_fn)
         rows.append(_step_row(f"VQ-VAE 32x32x3, decoder with {name}", jax_steps, torch_steps,
                               settings))
     return rows

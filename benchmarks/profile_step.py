@@ -27,7 +27,6 @@ import gzip
 import json
 import os
 import re
-import statistics
 import sys
 import tempfile
 
@@ -35,7 +34,7 @@ import jax
 import numpy as np
 
 from benchmarks import torch_models, vqvae as vqvae_benchmark, xla_flags
-from benchmarks.common import cpu_model, timer
+from benchmarks.common import Settings, cpu_model, measure, timer
 from benchmarks.trainers import JaxSteps, TorchSteps, to_torch_images
 from experiments import vqvae as vqvae_experiment
 from lvm_jax.data import batching
@@ -47,7 +46,8 @@ MODELS = (*xla_flags.MODELS, *PRIOR_MODELS)
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results", "profile_step")
 # The kinds of operation both profiles are summed into.
 CONV_FORWARD, CONV_BACKWARD = "convolutions, forward", "convolutions, backward"
-LAYOUT, OPTIMIZER, OTHER = "layout changes (transposes, copies)", "optimizer (Adam)", "everything else"
+LAYOUT, OPTIMIZER = "layout changes (transposes, copies)", "optimizer (Adam)"
+OTHER = "everything else"
 KINDS = (CONV_FORWARD, CONV_BACKWARD, LAYOUT, OPTIMIZER, OTHER)
 
 
@@ -89,8 +89,9 @@ def torch_step(model: str):
         import torch
 
         twin = vqvae_benchmark.PRIORS[PRIOR_MODELS[model]][1](vqvae.NUM_CODES)
-        return TorchSteps(twin, torch.from_numpy(vqvae_benchmark.prior_codes(0)).long(), vqvae_benchmark.BATCH,
-                          0, loss_fn=torch_models.prior_loss_fn, prepare=lambda codes: codes).step
+        codes = torch.from_numpy(vqvae_benchmark.prior_codes(0)).long()
+        return TorchSteps(twin, codes, vqvae_benchmark.BATCH, 0, loss_fn=torch_models.prior_loss_fn,
+                          prepare=lambda batch: batch).step
     channels = int(model[-1])
     images = to_torch_images(xla_flags.data.load(xla_flags.DATASETS[channels]).train)
     if model.startswith("VQ-VAE"):
@@ -164,11 +165,10 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def wall_milliseconds(step, number: int = 3, repeats: int = 5) -> float:
-    """Median wall milliseconds per call of `step`, unprofiled, after a warm-up."""
-    sample = timer(step, number)
-    sample()
-    return 1e3 * statistics.median(sample() for _ in range(repeats))
+def wall_milliseconds(step) -> float:
+    """Median wall milliseconds per call of `step`, unprofiled: the harness's `measure` of 5
+    samples of 3 calls, after one warm-up sample."""
+    return 1e3 * measure(timer(step, 3), Settings(), warmup=1)
 
 
 def per_step(by_kind: collections.Counter, wall_ms: float) -> dict[str, float]:

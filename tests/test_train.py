@@ -4,6 +4,7 @@ import collections
 import functools
 import json
 import os
+import re
 import shutil
 import time
 
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lvm_jax.data import toy2d
+from lvm_jax.data import batching, toy2d
 from lvm_jax.models import likelihoods, vae
 from lvm_jax.train import (Checkpointer, CheckpointError, NonFiniteLossError, Objective,
                            TrainConfig, evaluate_test_set, fit, initial_state, loop)
@@ -303,8 +304,6 @@ def test_vqvae_epoch_lines_stay_under_160_characters():
 def test_optimizer_operations_are_named_in_the_compiled_step():
     """Adam's (and the EMA's) operations carry the "optimizer" scope in their op_name, which
     `benchmarks.profile_step` sorts a profile by; the model's forward and backward do not."""
-    import re
-    from lvm_jax.data import batching
     mesh = batching.data_mesh()
     config = TrainConfig(**{**CONFIG.__dict__, "ema_decay": 0.9})
     state = jax.device_put(initial_state(tiny_objective(), TRAIN[:1], config),
