@@ -70,16 +70,22 @@ def wait_for_line(proc, text: str) -> list[str]:
     raise AssertionError(f"the run ended without printing {text!r}: {lines}")
 
 
+def wait_until(proc, ready, what: str) -> None:
+    """Polls `ready()` until it holds, failing with `what` if `proc` ends first."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ready():
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"{what} before the run ended")
+
+
 def wait_for_train_rows(proc, workdir, rows: int) -> None:
     """Waits until `workdir`'s metrics.csv holds `rows` training rows."""
     path = os.path.join(workdir, "metrics.csv")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if os.path.exists(path) and sum(r["split"] == "train"
-                                        for r in MetricsLog.read(path)) >= rows:
-            return
-        time.sleep(0.005)
-    raise AssertionError(f"no {rows} training rows before the run ended")
+    wait_until(proc, lambda: os.path.exists(path) and sum(
+        r["split"] == "train" for r in MetricsLog.read(path)) >= rows,
+        f"no {rows} training rows")
 
 
 def params_digest(out: str) -> str:
@@ -223,12 +229,15 @@ def run_module(module: str, *flags) -> subprocess.Popen:
 
 
 def test_signals_while_writing_figures_and_evaluating_leave_whole_files(tmp_path):
-    """vae_2d signalled after its last epoch line (final evaluation and figures), then
-    experiments.evaluate signalled during its IWAE pass: one line each, every figure whole,
-    summary.json untouched by the stopped evaluation."""
+    """vae_2d signalled once fit has written summary.json (during the final evaluation and
+    figures), then experiments.evaluate signalled during its IWAE pass: one line each, every
+    figure whole, summary.json untouched by the stopped evaluation."""
     workdir = str(tmp_path / "run")
     proc = run_module("vae_2d", "--quick", "--no_progress", "--workdir", workdir)
-    wait_for_line(proc, "epoch 2/2: test")
+    # Not on the last epoch line: a signal there may stop fit before it writes the summary,
+    # and the rerun then writes it instead of finding a finished run.
+    wait_until(proc, lambda: os.path.exists(os.path.join(workdir, "summary.json")),
+               "no summary.json")
     proc.send_signal(signal.SIGINT)
     code, out, err = finish(proc)
     assert code == 130 and len(err.strip().splitlines()) == 1, err
