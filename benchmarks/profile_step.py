@@ -32,11 +32,13 @@ import tempfile
 
 import jax
 import numpy as np
+import torch
 
 from benchmarks import torch_models, vqvae as vqvae_benchmark, xla_flags
 from benchmarks.common import Settings, cpu_model, measure, timer
 from benchmarks.trainers import JaxSteps, TorchSteps, to_torch_images
 from experiments import vqvae as vqvae_experiment
+from lvm_jax import data
 from lvm_jax.data import batching
 from lvm_jax.models import vqvae
 
@@ -80,20 +82,18 @@ def jax_steps(model: str) -> JaxSteps:
         prior = vqvae.PRIORS[PRIOR_MODELS[model]](vqvae.NUM_CODES)
         return JaxSteps(vqvae_experiment.prior_objective(prior), vqvae_benchmark.prior_codes(0),
                         vqvae_benchmark.BATCH, seed=0)
-    return xla_flags._steps(model)
+    return xla_flags.model_steps(model)
 
 
 def torch_step(model: str):
     """PyTorch's training step of `model`'s twin at batch 128: a callable."""
     if model in PRIOR_MODELS:
-        import torch
-
         twin = vqvae_benchmark.PRIORS[PRIOR_MODELS[model]][1](vqvae.NUM_CODES)
         codes = torch.from_numpy(vqvae_benchmark.prior_codes(0)).long()
-        return TorchSteps(twin, codes, vqvae_benchmark.BATCH, 0, loss_fn=torch_models.prior_loss_fn,
-                          prepare=lambda batch: batch).step
+        return TorchSteps(twin, codes, vqvae_benchmark.BATCH, 0,
+                          loss_fn=torch_models.prior_loss_fn, prepare=lambda batch: batch).step
     channels = int(model[-1])
-    images = to_torch_images(xla_flags.data.load(xla_flags.DATASETS[channels]).train)
+    images = to_torch_images(data.load(xla_flags.DATASETS[channels]).train)
     if model.startswith("VQ-VAE"):
         return TorchSteps(torch_models.VQVAE(channels, vqvae.NUM_CODES, vqvae.CODE_DIM), images,
                           xla_flags.BATCH, 0, loss_fn=torch_models.vqvae_loss_fn).step
@@ -119,8 +119,6 @@ def torch_kind(event) -> str:
 
 def torch_operation_milliseconds(step, number: int) -> dict[tuple[str, str], float]:
     """{(PyTorch operator, kind): self milliseconds per step} from a profile of `number` steps."""
-    import torch
-
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         for _ in range(number):
             step()
@@ -157,12 +155,6 @@ def operation_milliseconds(steps, number: int) -> dict[str, float]:
         if event.get("ph") == "X":
             total[event["name"]] += event["dur"] / 1e3 / number
     return total
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def wall_milliseconds(step) -> float:
@@ -205,8 +197,8 @@ def profile(model: str, number: int, top: int) -> str:
     lines = [f"# Where the {model} training step's time goes (batch 128)", "",
              f"`python -m benchmarks.profile_step --model \"{model}\"`: {number} profiled steps "
              f"each side, {cpu_model()}, load average {os.getloadavg()[0]:.2f}. lvm_jax on one "
-             f"JAX device; PyTorch eager at {_torch_threads()} threads. Each side's profiled "
-             "time per kind is scaled to its own unprofiled step (median wall time, in the "
+             f"JAX device; PyTorch eager at {torch.get_num_threads()} threads. Each side's "
+             "profiled time per kind is scaled to its own unprofiled step (median wall time, in the "
              "same process), so the columns add up to the steps' wall times.", "",
              "| kind | lvm_jax ms per step | PyTorch ms per step | lvm_jax - PyTorch (ms) |",
              "|---|---|---|---|"]
@@ -218,7 +210,7 @@ def profile(model: str, number: int, top: int) -> str:
               f"Profiled sums: lvm_jax {sum(by_kind.values()):.1f} ms per step (of which "
               f"{eigen:.1f} convolutions on XLA's slower Eigen path, the rest YNNPACK's), "
               f"PyTorch {sum(torch_by_kind.values()):.1f} ms (self time).", "",
-             f"## lvm_jax: the {top} slowest operations (profiled ms per step)", "",
+              f"## lvm_jax: the {top} slowest operations (profiled ms per step)", "",
               "| ms | operation | kind | output and op (compiled HLO) |", "|---|---|---|---|"]
     for name, ms in sorted(times.items(), key=lambda item: -item[1])[:top]:
         op = re.sub(r", metadata=.*", "", hlo[name])[:110].replace("|", "\\|")

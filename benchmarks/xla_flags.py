@@ -46,7 +46,7 @@ MODELS = ("image VAE 32x32x1", "image VAE 32x32x3", "VLAE 32x32x3", "VQ-VAE 32x3
 MAX_ROUNDS = 2  # a round is a process per configuration: about 11 minutes on 2 cores
 
 
-def _steps(model: str):
+def model_steps(model: str):
     """JaxSteps of `model` (a name of MODELS) at batch 128."""
     channels = int(model[-1])
     dataset = data.load(DATASETS[channels])
@@ -77,7 +77,7 @@ def worker(settings: Settings) -> dict[str, tuple[float, float, int]]:
     number = 1 if settings.quick else 3
     seconds = {}
     for model in MODELS:
-        steps = _steps(model)
+        steps = model_steps(model)
         seconds[model] = (measure(timer(steps.step, number), settings),
                           measure(_cpu_timer(steps.step, number), settings, warmup=0),
                           len(steps.mesh.devices.flat))
