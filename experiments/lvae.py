@@ -199,8 +199,6 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     runs/lvae/<dataset>), writes its figures and summary.json, and returns the summary."""
     workdir = common.workdir(config, "lvae", workdir)
     dataset = common.load_dataset(config)
-    if dataset.kind != "image":
-        raise data.DataError(f"lvae trains on images; {dataset.name} is not an image dataset.")
     likelihood = config.likelihood or default_likelihood(dataset)
     free_bits = default_free_bits(config.latent_layers) if config.free_bits is None else config.free_bits
     settings = dict(latent_layers=config.latent_layers, likelihood=likelihood,
@@ -209,6 +207,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
                     gated=config.gated,
                     learn_top_prior=config.learn_top_prior, data_init=config.data_init)
     model = build_model(dataset, **settings, dtype=config.dtype)
+    data.require_images(dataset, "lvae", multiple_of=model.size_multiple)
     objective = make_objective(model, free_bits,
                                dataset.train[:INIT_EXAMPLES] if config.data_init else None)
     result = fit(objective, dataset.train, dataset.test, common.train_config(config), workdir,

@@ -198,9 +198,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     runs/mlp_vae/<dataset>), writes their figures and summary.json, and returns the summary."""
     root = common.workdir(config, EXPERIMENT, workdir)
     dataset = common.load_dataset(config)
-    if dataset.event_shape != (32, 32, 1):
-        raise data.DataError(f"{EXPERIMENT} takes MNIST digits; {dataset.name} has shape "
-                             f"{dataset.event_shape}.")
+    data.require_images(dataset, EXPERIMENT, size=(32, 32), channels=(1,))  # MNIST digits
     studies = {}
     if config.study in ("decoders", "all"):
         studies["decoders"] = decoder_study(config, dataset, root)

@@ -129,8 +129,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None, experiment: s
     summary."""
     workdir = common.workdir(config, experiment, workdir)
     dataset = common.load_dataset(config)
-    if dataset.kind != "image":
-        raise data.DataError(f"{experiment} trains on images; {dataset.name} is not an image dataset.")
+    data.require_images(dataset, experiment, size=vae.CONV_IMAGE_SIZE)
     model = build_model(dataset, config.prior, config.likelihood, config.dtype)
     objective = make_objective(model, config.num_samples, config.beta, config.free_bits)
     result = fit(objective, dataset.train, dataset.test, common.train_config(config),

@@ -253,8 +253,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     options = quantizer_options(config)
     workdir = common.workdir(config, "vqvae", workdir)
     dataset = common.load_dataset(config)
-    if dataset.kind != "image":
-        raise data.DataError(f"vqvae trains on images; {dataset.name} is not an image dataset.")
+    data.require_images(dataset, "vqvae", multiple_of=vqvae.SIZE_MULTIPLE)
     model = build_model(config, dataset, options)
     model_settings = run_settings(model, options)
 

@@ -279,8 +279,7 @@ def train_stages(config: Config, workdir: str | None = None) -> Stages:
     """Trains (or resumes, or reloads when finished) the three stages `config` describes in
     `workdir` (default runs/vqvae2/<dataset>)."""
     dataset = common.load_dataset(config)
-    if dataset.kind != "image":
-        raise data.DataError(f"vqvae2 trains on images; {dataset.name} is not an image dataset.")
+    data.require_images(dataset, "vqvae2", multiple_of=vqvae2.SIZE_MULTIPLE)
     model = build_model(config, dataset.event_shape)
     workdir = common.workdir(config, "vqvae2", workdir)
     settings = model_settings(config, model)

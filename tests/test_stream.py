@@ -72,22 +72,6 @@ def test_a_shard_folder_holds_the_arrays_with_a_manifest(tmp_path):
         write_folder(tmp_path / "d")
 
 
-def test_the_writer_command_takes_arrays_and_image_folders(tmp_path):
-    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), np.uint8)
-    for split, part in (("train", images[:3]), ("test", images[3:])):
-        os.makedirs(tmp_path / split)
-        for i, image in enumerate(part):
-            Image.fromarray(image).save(tmp_path / split / f"{i}.png")
-    shards.main(["write", str(tmp_path / "a"), "--train_images", str(tmp_path / "train"),
-                 "--test_images", str(tmp_path / "test"), "--per_shard", "2"])
-    np.testing.assert_array_equal(shards.ShardSource(str(tmp_path / "a"), "train")[:], images[:3])
-    np.save(tmp_path / "train.npy", TRAIN)
-    np.save(tmp_path / "test.npy", TEST)
-    shards.main(["write", str(tmp_path / "b"), "--train", str(tmp_path / "train.npy"),
-                 "--test", str(tmp_path / "test.npy")])
-    np.testing.assert_array_equal(shards.ShardSource(str(tmp_path / "b"), "test")[:], TEST)
-
-
 @pytest.mark.parametrize("hosts", [1, 3])
 def test_the_pipeline_reads_each_hosts_batches_in_the_memory_paths_order(hosts):
     source, steps_per_epoch, local_batch = stream.ArraySource(TRAIN, "toy"), 4, 16
@@ -259,6 +243,7 @@ def test_a_truncated_shard_names_its_first_missing_record(tmp_path):
 
 def test_a_shard_truncated_while_read_names_the_record(tmp_path):
     source = shards.ShardSource(write_folder(tmp_path / "d"))
+    np.testing.assert_array_equal(source[101], TRAIN[101])  # shard 1's file is open
     path = tmp_path / "d" / "train-00001-of-00007.npy"
     os.truncate(path, header_bytes(path) + 50 * 8)
     np.testing.assert_array_equal(source[149], TRAIN[149])
@@ -269,14 +254,34 @@ def test_a_shard_truncated_while_read_names_the_record(tmp_path):
 
 def test_a_corrupt_record_is_one_line_naming_the_file_and_index(tmp_path):
     source = shards.ShardSource(write_folder(tmp_path / "d"))
+    np.testing.assert_array_equal(source[300], TRAIN[300])  # shard 3's file is open
     path = tmp_path / "d" / "train-00003-of-00007.npy"
-    corrupt(path, header_bytes(path) + 7 * 8 + 2)
+    corrupt(path, header_bytes(path) + 7 * 8 + 2)  # rewritten in place while it is read
     np.testing.assert_array_equal(source.read_batch([306, 308]), TRAIN[[306, 308]])
     with pytest.raises(DataError, match=r"train-00003-of-00007\.npy: record 7 is corrupt") as err:
         source.read_batch([306, 307])
     assert "\n" not in str(err.value)
     with pytest.raises(DataError, match=r"train-00003-of-00007\.npy differs from the SHA-256"):
         shards.verify(str(tmp_path / "d"))
+
+
+@pytest.mark.parametrize("change", ["replace", "touch"])
+def test_a_shard_changed_after_the_source_opened_is_named_not_read(tmp_path, change):
+    """Replaced by other examples with consistent checksums (another inode), or its
+    modification time changed as a rewrite in place changes it: the file is not the one
+    checked when the run opened the folder."""
+    source = shards.ShardSource(write_folder(tmp_path / "d"))
+    path = tmp_path / "d" / "train-00002-of-00007.npy"
+    other = TRAIN[::-1][200:300]
+    if change == "replace":
+        np.save(tmp_path / "new.npy", other)
+        np.save(tmp_path / "d" / "train-00002-of-00007.crc32.npy", shards.example_crc32(other))
+        os.replace(tmp_path / "new.npy", path)
+    else:
+        os.utime(path, ns=(0, 0))
+    np.testing.assert_array_equal(source.read_batch([10, 350]), TRAIN[[10, 350]])  # others
+    with pytest.raises(DataError, match=rf"^shard {path} changed since the run opened it"):
+        source.read_batch([10, 250])
 
 
 @pytest.mark.parametrize("replacement, found", [

@@ -2,11 +2,15 @@
 
 import dataclasses
 import math
+import typing
 
 import numpy as np
 
 from lvm_jax.data import stream
 from lvm_jax.errors import DataError
+
+if typing.TYPE_CHECKING:  # identity reads shard folders, whose writer checks examples here
+    from lvm_jax.data.identity import DataIdentity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,17 +24,23 @@ class Dataset:
         vectors as float32 (N, D); `train` may instead be a source read while training
         (`lvm_jax.data.stream`), which has the shape, dtype, length and slices of one.
       kind: "image" or "vector".
+      identity: what data these are (`lvm_jax.data.identity`), the same whichever way
+        the training split is read; None for a Dataset built in Python rather than by
+        `lvm_jax.data.load`.
     """
 
     name: str
     train: np.ndarray
     test: np.ndarray
     kind: str
+    identity: "DataIdentity | None" = None
 
     def head(self, num_train: int, num_test: int) -> "Dataset":
-        """The first examples of each split; a streamed training split stays streamed."""
-        return Dataset(self.name, stream.head(self.train, num_train), self.test[:num_test],
-                       self.kind)
+        """The first examples of each split; a streamed training split stays streamed. The
+        identity stays that of the whole dataset, which a --quick run records with its
+        `quick` setting."""
+        return dataclasses.replace(self, train=stream.head(self.train, num_train),
+                                   test=self.test[:num_test])
 
     @property
     def event_shape(self) -> tuple[int, ...]:
@@ -53,6 +63,57 @@ class Dataset:
     def describe(self) -> str:
         return (f"{self.name}: {len(self.train)} train / {len(self.test)} test, "
                 f"example shape {self.event_shape}, {self.kind}, values in {self.value_range}")
+
+
+def require_images(dataset: Dataset, model: str, *, size: tuple[int, int] | None = None,
+                   multiple_of: int = 1, channels: tuple[int, ...] = (1, 3)) -> None:
+    """Refuses, with a one-line DataError, data that `model` (its name, for the message)
+    cannot take: anything but uint8 images (N, H, W, C) with C in `channels`, train and
+    test of one example shape, H x W equal to `size` or else multiples of `multiple_of`.
+
+    Reads shapes and dtypes only, so it costs nothing on either input path (a streamed
+    training split is not read): call it before anything is written.
+    """
+    where = dataset.identity.location if dataset.identity else None
+    what = f"{dataset.name}{f' ({where})' if where and where != dataset.name else ''}"
+    splits = {"train": dataset.train, "test": dataset.test}
+    for split, examples in splits.items():
+        shape, dtype = tuple(examples.shape[1:]), np.dtype(examples.dtype)
+        if len(shape) != 3 or dtype != np.uint8:
+            raise DataError(f"{model} takes uint8 images (H, W, C); {what} holds {split} examples "
+                            f"of shape {shape} {dtype}.")
+    shape = tuple(dataset.train.shape[1:])
+    if tuple(dataset.test.shape[1:]) != shape:
+        raise DataError(f"{model} takes train and test images of one shape; {what} holds train "
+                        f"{_pixels(shape)} and test {_pixels(dataset.test.shape[1:])} images.")
+    if shape[2] not in channels:
+        raise DataError(f"{model} takes images of {' or '.join(map(str, channels))} channel(s); "
+                        f"{what} holds {_pixels(shape)} images.")
+    if size is not None and shape[:2] != tuple(size):
+        raise DataError(f"{model} takes {size[0]}x{size[1]} images; {what} holds "
+                        f"{_pixels(shape)} images.")
+    if shape[0] % multiple_of or shape[1] % multiple_of:
+        raise DataError(f"{model} takes images whose height and width are multiples of "
+                        f"{multiple_of}; {what} holds {_pixels(shape)} images.")
+
+
+def _pixels(shape: tuple[int, ...]) -> str:
+    """(32, 32, 3) -> "32x32x3"."""
+    return "x".join(map(str, shape))
+
+
+def example_kind(example_shape: tuple[int, ...], dtype: np.dtype, what: str) -> str:
+    """"image" or "vector": the kind of the stored examples of `example_shape` and `dtype`,
+    images uint8 (H, W, C) with C = 1 or 3, vectors floating point (D,). Anything else
+    raises DataError naming `what`; shapes and dtypes only, no example is read."""
+    shape, dtype = tuple(example_shape), np.dtype(dtype)
+    if all(n >= 1 for n in shape):
+        if len(shape) == 1 and np.issubdtype(dtype, np.floating):
+            return "vector"
+        if len(shape) == 3 and shape[-1] in (1, 3) and dtype == np.uint8:
+            return "image"
+    raise DataError(f"{what}: examples of shape {shape} {dtype}; store images as uint8 (H, W, C) "
+                    "with C = 1 or 3, vectors as floating point (D,).")
 
 
 def as_uint8_images(x: np.ndarray, what: str) -> np.ndarray:

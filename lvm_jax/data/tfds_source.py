@@ -8,9 +8,12 @@ internet) and needs TensorFlow to encode the images: the optional extra,
 read from its --data_dir.
 """
 
+import os
+
 import numpy as np
 
 from lvm_jax.data.dataset import DataError, as_uint8_images, pad_to_32
+from lvm_jax.data.identity import DataIdentity
 from lvm_jax.data.stream import RecordSource
 
 # our name -> TFDS name
@@ -61,18 +64,29 @@ def _sources(name: str, data_dir: str | None):
             f"--data_dir where it is prepared, or {_EMBEDDED}.") from err
 
 
-def load(name: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) uint8 NHWC images of a TFDS dataset; MNIST variants padded to 32x32."""
+def _identity(name: str, train, test) -> DataIdentity:
+    """TFDS's identity of a prepared dataset: its name, version and split sizes (its files
+    are not read for it), and the folder it was prepared in."""
+    info = train.dataset_info
+    return DataIdentity(name, os.path.realpath(info.data_dir),
+                        f"{info.full_name}, {len(train)} train, {len(test)} test",
+                        "TFDS name, version and split sizes")
+
+
+def load(name: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray, DataIdentity]:
+    """(train, test, identity): uint8 NHWC images of a TFDS dataset, MNIST variants padded
+    to 32x32."""
     sources = _sources(name, data_dir)
-    return tuple(_images(name, np.stack([example["image"] for example in source]),
-                         f"TFDS {TFDS_NAMES[name]} {split}")
-                 for source, split in zip(sources, ("train", "test")))
+    return (*(_images(name, np.stack([example["image"] for example in source]),
+                      f"TFDS {TFDS_NAMES[name]} {split}")
+              for source, split in zip(sources, ("train", "test"))), _identity(name, *sources))
 
 
-def stream(name: str, data_dir: str | None = None) -> tuple[RecordSource, np.ndarray]:
-    """(train read example by example from its `tfds.data_source`, test whole)."""
+def stream(name: str, data_dir: str | None = None) -> tuple[RecordSource, np.ndarray, DataIdentity]:
+    """(train read example by example from its `tfds.data_source`, test whole, identity)."""
     train, test = _sources(name, data_dir)
     what = f"TFDS {TFDS_NAMES[name]}"
     return (RecordSource(train, f"{what} train", decode=lambda example: example["image"],
                          to_examples=lambda images: _images(name, images, f"{what} train")),
-            _images(name, np.stack([example["image"] for example in test]), f"{what} test"))
+            _images(name, np.stack([example["image"] for example in test]), f"{what} test"),
+            _identity(name, train, test))

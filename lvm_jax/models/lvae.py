@@ -310,6 +310,12 @@ class LVAE(nn.Module):
             return downsampling_schedule(self.num_layers)
         return tuple(self.downsample)
 
+    @property
+    def size_multiple(self) -> int:
+        """What image height and width must be multiples of: the stem's stride 2 and each
+        layer's stride-2 steps."""
+        return 2 ** (1 + sum(self.schedule))
+
     def latent_shapes(self) -> list[tuple[int, int, int]]:
         """(h_i, w_i, latent_channels) of z_1 ... z_L."""
         height, width, _ = self.image_shape
@@ -325,7 +331,7 @@ class LVAE(nn.Module):
                              f"num_layers={self.num_layers}, downsample={self.schedule}.")
         if self.merge not in MERGES:
             raise ValueError(f"merge must be one of {MERGES}, got {self.merge!r}.")
-        factor = 2 ** (1 + sum(self.schedule))
+        factor = self.size_multiple
         if len(self.image_shape) != 3 or self.image_shape[0] % factor or self.image_shape[1] % factor:
             raise ValueError(f"image_shape {self.image_shape} must be (H, W, C) with H and W "
                              f"divisible by {factor} for the downsampling schedule {self.schedule}.")

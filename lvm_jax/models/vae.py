@@ -140,11 +140,16 @@ def mlp_vae(event_dim: int, latent_dim: int, hidden: Sequence[int], likelihood: 
                event_shape=(event_dim,), latent_dim=latent_dim, dtype=dtype)
 
 
+# The height and width of the images the convolutional VAE takes: its encoder and decoder
+# are built for 32x32.
+CONV_IMAGE_SIZE = (32, 32)
+
+
 def conv_vae(image_shape: tuple[int, int, int], latent_dim: int, likelihood: Likelihood,
              prior: nn.Module | None = None, dtype: DTypeLike = jnp.float32) -> VAE:
     """The image VAE of REFERENCE.md §2 on 32x32 images in [-1, 1]; `dtype` is the
     computation dtype of encoder and decoder; a `prior` with layers takes its own."""
-    if image_shape[:2] != (32, 32):
+    if tuple(image_shape[:2]) != CONV_IMAGE_SIZE:
         raise ValueError(f"the convolutional VAE takes 32x32 images, got {image_shape}.")
     return VAE(trunk=ConvEncoder(dtype=dtype),
                decoder=ConvDecoder(likelihood.channels_per_pixel(image_shape), dtype=dtype),

@@ -122,6 +122,10 @@ def quantizer(num_codes: int = NUM_CODES, code_dim: int = CODE_DIM, *, ema: bool
                            lookup_dim=lookup_dim, rotation_trick=rotation_trick)
 
 
+# The encoder downsamples by 4: image height and width must be multiples of it.
+SIZE_MULTIPLE = 4
+
+
 def conv_vqvae(image_shape: tuple[int, int, int], num_codes: int = NUM_CODES,
                code_dim: int = CODE_DIM, dtype: DTypeLike = jnp.float32,
                **quantizer_options) -> VQVAE:
@@ -130,9 +134,9 @@ def conv_vqvae(image_shape: tuple[int, int, int], num_codes: int = NUM_CODES,
     and the bottleneck `quantizer(num_codes, code_dim, **quantizer_options)`.
     """
     height, width, channels = image_shape
-    if height % 4 or width % 4:
-        raise ValueError(f"the VQ-VAE downsamples by 4: image height and width must be "
-                         f"multiples of 4, got {image_shape}.")
+    if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
+        raise ValueError(f"the VQ-VAE downsamples by {SIZE_MULTIPLE}: image height and width "
+                         f"must be multiples of {SIZE_MULTIPLE}, got {image_shape}.")
     return VQVAE(VQEncoder(code_dim, dtype=dtype), quantizer(num_codes, code_dim,
                                                              **quantizer_options),
                  VQDecoder(code_dim, channels, dtype=dtype))
