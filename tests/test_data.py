@@ -296,18 +296,18 @@ class Unreadable(stream.ArraySource):
 
 @pytest.mark.parametrize("train, test, settings, message", [
     ((5, 28, 28, 1), (5, 28, 28, 1), {"size": (32, 32)},
-     "vae takes 32x32 images; d holds 28x28x1 images."),
+     "vae takes 32x32 images, got 28x28x1 images from d."),
     ((5, 32, 32, 1), (5, 28, 28, 1), {},
-     "vae takes train and test images of one shape; d holds train 32x32x1 and test 28x28x1 "
-     "images."),
+     "vae takes train and test images of one shape, got train 32x32x1 and test 28x28x1 "
+     "images from d."),
     ((5, 36, 36, 3), (5, 36, 36, 3), {"multiple_of": 8},
-     "vae takes images whose height and width are multiples of 8; d holds 36x36x3 images."),
+     "vae takes images whose height and width are multiples of 8, got 36x36x3 images from d."),
     ((5, 32, 32, 3), (5, 32, 32, 3), {"channels": (1,)},
-     "vae takes images of 1 channel(s); d holds 32x32x3 images."),
+     "vae takes 1-channel images, got 32x32x3 images from d."),
     ((5, 32, 32, 2), (5, 32, 32, 2), {},
-     "vae takes images of 1 or 3 channel(s); d holds 32x32x2 images."),
-    ((5, 2), (5, 2), {}, "vae takes uint8 images (H, W, C); d holds train examples of shape (2,) "
-                         "float32."),
+     "vae takes 1-channel or 3-channel images, got 32x32x2 images from d."),
+    ((5, 2), (5, 2), {}, "vae takes uint8 images (H, W, C), got train examples of shape (2,) "
+                         "float32 from d."),
 ])
 def test_require_images_refuses_from_shapes_alone(train, test, settings, message):
     dtype = np.float32 if len(train) == 2 else np.uint8
@@ -336,8 +336,9 @@ def test_an_experiment_refuses_data_its_model_cannot_take_before_its_workdir_exi
     module = importlib.import_module(f"experiments.{experiment}")
     config = module.Config(dataset="shards", data_dir=folder, quick=True, **settings)
     workdir = tmp_path / "run"
-    with pytest.raises(data.DataError, match=f"^{re.escape(message)}; shards \\({folder}\\) "
-                                             f"holds {'x'.join(map(str, shape))} images.$"):
+    with pytest.raises(data.DataError, match=f"^{re.escape(message)}, got "
+                                             f"{'x'.join(map(str, shape))} images from shards "
+                                             f"\\({folder}\\).$"):
         module.train_and_evaluate(config, str(workdir))
     assert not workdir.exists()
 
@@ -352,6 +353,6 @@ def test_the_vae_on_28x28_shards_is_one_line_and_no_workdir(tmp_path):
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [
-        f"python -m experiments.vae: error: vae takes 32x32 images; shards ({folder}) holds "
-        "28x28x1 images."]
+        "python -m experiments.vae: error: vae takes 32x32 images, got 28x28x1 images from "
+        f"shards ({folder})."]
     assert not (tmp_path / "run").exists()

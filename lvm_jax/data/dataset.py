@@ -76,25 +76,25 @@ def require_images(dataset: Dataset, model: str, *, size: tuple[int, int] | None
     """
     where = dataset.identity.location if dataset.identity else None
     what = f"{dataset.name}{f' ({where})' if where and where != dataset.name else ''}"
-    splits = {"train": dataset.train, "test": dataset.test}
-    for split, examples in splits.items():
+    for split, examples in (("train", dataset.train), ("test", dataset.test)):
         shape, dtype = tuple(examples.shape[1:]), np.dtype(examples.dtype)
         if len(shape) != 3 or dtype != np.uint8:
-            raise DataError(f"{model} takes uint8 images (H, W, C); {what} holds {split} examples "
-                            f"of shape {shape} {dtype}.")
+            raise DataError(f"{model} takes uint8 images (H, W, C), got {split} examples of "
+                            f"shape {shape} {dtype} from {what}.")
     shape = tuple(dataset.train.shape[1:])
     if tuple(dataset.test.shape[1:]) != shape:
-        raise DataError(f"{model} takes train and test images of one shape; {what} holds train "
-                        f"{_pixels(shape)} and test {_pixels(dataset.test.shape[1:])} images.")
+        raise DataError(f"{model} takes train and test images of one shape, got train "
+                        f"{_pixels(shape)} and test {_pixels(dataset.test.shape[1:])} images "
+                        f"from {what}.")
     if shape[2] not in channels:
-        raise DataError(f"{model} takes images of {' or '.join(map(str, channels))} channel(s); "
-                        f"{what} holds {_pixels(shape)} images.")
+        raise DataError(f"{model} takes {' or '.join(f'{c}-channel' for c in channels)} images, "
+                        f"got {_pixels(shape)} images from {what}.")
     if size is not None and shape[:2] != tuple(size):
-        raise DataError(f"{model} takes {size[0]}x{size[1]} images; {what} holds "
-                        f"{_pixels(shape)} images.")
+        raise DataError(f"{model} takes {size[0]}x{size[1]} images, got {_pixels(shape)} images "
+                        f"from {what}.")
     if shape[0] % multiple_of or shape[1] % multiple_of:
         raise DataError(f"{model} takes images whose height and width are multiples of "
-                        f"{multiple_of}; {what} holds {_pixels(shape)} images.")
+                        f"{multiple_of}, got {_pixels(shape)} images from {what}.")
 
 
 def _pixels(shape: tuple[int, ...]) -> str:
