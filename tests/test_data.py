@@ -7,8 +7,6 @@ import os
 import pickle
 import re
 import shutil
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -20,8 +18,6 @@ from lvm_jax import data
 from lvm_jax.data import batching, shards, stream, toy2d
 from lvm_jax.errors import RecordError
 from tests.helpers import run_python
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("which, cov", [("1", [[13, 12], [12, 13]]), ("2", [[13, -12], [-12, 13]]),
@@ -341,18 +337,3 @@ def test_an_experiment_refuses_data_its_model_cannot_take_before_its_workdir_exi
                                              f"\\({folder}\\).$"):
         module.train_and_evaluate(config, str(workdir))
     assert not workdir.exists()
-
-
-def test_the_vae_on_28x28_shards_is_one_line_and_no_workdir(tmp_path):
-    """The reproduction of issue 35, from the command line."""
-    images = np.random.default_rng(0).integers(0, 256, (28, 28, 28, 1), np.uint8)
-    folder = write_shards(tmp_path / "d", images)
-    proc = subprocess.run([sys.executable, "-m", "experiments.vae", "--dataset", "shards",
-                           "--data_dir", folder, "--quick", "--workdir", str(tmp_path / "run")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert proc.returncode == 1
-    assert proc.stderr.splitlines() == [
-        "python -m experiments.vae: error: vae takes 32x32 images, got 28x28x1 images from "
-        f"shards ({folder})."]
-    assert not (tmp_path / "run").exists()

@@ -112,36 +112,53 @@ def test_the_writer_command_takes_arrays_and_image_folders(tmp_path):
     np.testing.assert_array_equal(shards.ShardSource(str(tmp_path / "b"), "test")[:], VECTORS[:5])
 
 
-def run_tool(*args) -> subprocess.CompletedProcess:
-    """`python -m lvm_jax.data.shards ARGS`, with every RuntimeWarning an error."""
-    return subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m",
-                           "lvm_jax.data.shards", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
-
-
-def test_the_command_refuses_in_one_line_and_its_help_names_real_flags(tmp_path):
+def test_the_command_refuses_in_one_line_without_a_warning(tmp_path):
+    """Run as `python -m`, every RuntimeWarning an error: runpy warns when the package
+    imports the module it runs."""
     np.save(tmp_path / "train.npy", IMAGES)
-    np.save(tmp_path / "test.npy", IMAGES[:, :4])
+    np.save(tmp_path / "test.npy", IMAGES)
     before = tree(tmp_path)
-    proc = run_tool("write", str(tmp_path / "out"), "--train", str(tmp_path / "train.npy"),
-                    "--test", str(tmp_path / "test.npy"), "--per_shard", "0")
+    proc = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m",
+                           "lvm_jax.data.shards", "write", str(tmp_path / "out"), "--train",
+                           str(tmp_path / "train.npy"), "--test", str(tmp_path / "test.npy"),
+                           "--per_shard", "0"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
     assert (proc.returncode, proc.stdout) == (1, "")
     assert proc.stderr.splitlines() == [
         "python -m lvm_jax.data.shards: error: examples per shard must be an integer of at least "
         "1, got 0."]
-    proc = run_tool("write", str(tmp_path / "out"), "--train", str(tmp_path / "train.npy"),
-                    "--test", str(tmp_path / "test.npy"))
-    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1
-    assert "train (8, 8, 1) uint8, test (4, 8, 1) uint8" in proc.stderr
     assert tree(tmp_path) == before
 
-    proc = run_tool("--help")  # no runpy warning: it would be an error here
-    assert (proc.returncode, proc.stderr) == (0, "")
-    parser_flags = {"--train", "--test", "--train_images", "--test_images", "--per_shard"}
-    mentioned = {word.strip("[],.`") for word in proc.stdout.split() if word.startswith("--")}
-    assert mentioned <= parser_flags | {"--dataset", "--data_dir", "--input", "--help"}, mentioned
-    written = run_tool("write", "--help").stdout
-    assert all(flag in written for flag in parser_flags)
+
+def test_splits_of_two_shapes_are_refused_by_the_command(tmp_path, capsys):
+    np.save(tmp_path / "train.npy", IMAGES)
+    np.save(tmp_path / "test.npy", IMAGES[:, :4])
+    before = tree(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["write", str(tmp_path / "out"), "--train", str(tmp_path / "train.npy"),
+                  "--test", str(tmp_path / "test.npy")])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "python -m lvm_jax.data.shards: error: the train and test splits must hold examples of "
+        "one shape and dtype: train (8, 8, 1) uint8, test (4, 8, 1) uint8."]
+    assert tree(tmp_path) == before
+
+
+def help_text(capsys, *args) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*args, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_the_help_names_only_flags_that_exist(capsys):
+    flags = {"--train", "--test", "--train_images", "--test_images", "--per_shard", "--help"}
+    written = help_text(capsys, "write")
+    assert all(flag in written.split() or f"[{flag}" in written for flag in flags)
+    mentioned = {word.strip("[],.`") for word in help_text(capsys).split()
+                 if word.startswith(("--", "[--", "`--"))}
+    # The experiments' flags that the help says to train with.
+    assert mentioned - flags == {"--dataset", "--data_dir", "--input"}, mentioned
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ import pytest
 import tensorflow_datasets as tfds
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from PIL import Image
 
 from lvm_jax import data
 from lvm_jax.data import batching, shards, stream, toy2d

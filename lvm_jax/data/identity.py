@@ -17,7 +17,7 @@ The digest of each kind of dataset:
   files are verified against the manifest (`shards.verify`, a full read) before
   they are accepted;
 * the course's pickles: the file's SHA-256, a full read of a file that the loader
-  reads whole anyway (CIFAR-10's 176 MiB: 0.2 s, about what reading it takes);
+  reads whole anyway (CIFAR-10's 184 MB: 0.1 to 0.2 s, about what loading it takes);
 * the embedded datasets and the 2D toys: the SHA-256 of their arrays (at most 23 MB);
 * a TFDS dataset: its name, version and split sizes (TFDS's own identity of a
   prepared dataset; its files are not read for it).
