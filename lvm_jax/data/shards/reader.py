@@ -46,7 +46,7 @@ def _npy_header(path: str, what: str) -> tuple[tuple[int, ...], bool, np.dtype, 
                         f"({' '.join(str(err).split())[:120]}).") from err
 
 
-def _identity(stat: os.stat_result) -> tuple[int, int, int]:
+def _file_version(stat: os.stat_result) -> tuple[int, int, int]:
     """What says a file was replaced or rewritten: its inode, size and modification time."""
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
@@ -80,7 +80,7 @@ class ShardSource(Indexing):
             offset, stat = self._check_header(path, shard["count"])
             self._paths.append(path)
             self._offsets.append(offset)
-            self._stats.append(_identity(stat))
+            self._stats.append(_file_version(stat))
             self._crc32.append(_read_crc32(os.path.join(folder, shard["crc32_file"]),
                                            shard["count"]))
         self._starts = np.cumsum([0] + [s["count"] for s in entry["shards"]])
@@ -116,7 +116,7 @@ class ShardSource(Indexing):
             fd = os.open(self._paths[k], os.O_RDONLY)
         except FileNotFoundError:
             raise DataError(f"shard {self._paths[k]} is missing (listed in the manifest).") from None
-        if _identity(os.fstat(fd)) != self._stats[k]:
+        if _file_version(os.fstat(fd)) != self._stats[k]:
             os.close(fd)
             raise DataError(f"shard {self._paths[k]} changed since the run opened it (replaced or "
                             "rewritten: another inode, size or modification time); rerun to "
