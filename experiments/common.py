@@ -1,10 +1,13 @@
 """Settings, command lines, data loading and reporting shared by the experiment entry points."""
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import glob
+import logging
 import os
+import sys
 from collections.abc import Callable
 from typing import Literal
 
@@ -14,6 +17,7 @@ from experiments import configs
 from lvm_jax import compilation_cache, cpu_devices, data, errors
 from lvm_jax.models import likelihoods
 from lvm_jax.train import TrainConfig, interrupt, records
+from lvm_jax.train import workdir as workdir_lock
 
 # --quick: 2 epochs of 2 steps at the default batch of 128, and enough test examples for
 # every figure (the VAE's take 70).
@@ -172,7 +176,7 @@ def run(parser: argparse.ArgumentParser, config: type[Config], train_and_evaluat
             jax.distributed.initialize()
         elif isinstance(settings, Config):
             split_cpu(settings)
-        with interrupt.handled(second_ends_process=True):
+        with quiet_disk_errors(), interrupt.handled(second_ends_process=True):
             result = train_and_evaluate(settings, flags.workdir)
             # A signal after the last step boundary: the run's files are all written whole.
             interrupt.check("the run finished, and its files are all written")
@@ -186,6 +190,41 @@ def run(parser: argparse.ArgumentParser, config: type[Config], train_and_evaluat
         if disk_error is None:
             raise
         parser.exit(1, f"{parser.prog}: error: {disk_error}\n")
+
+
+class QuietDiskErrors(logging.Filter):
+    """Drops the log records (with their tracebacks) of a disk error from orbax's threads:
+    the run stops on it and names it in one line (`records.disk_error`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not ((error is not None and records.disk_error(error) is not None)
+                    or any(int(code) in records.DISK_ERRORS for code in
+                           records.TENSORSTORE_OS_ERROR.findall(record.getMessage())))
+
+
+@contextlib.contextmanager
+def quiet_disk_errors():
+    """For the `with` block, on the command line only: drops orbax's log records of a disk
+    error (`QuietDiskErrors`) and the "Event loop is closed" errors of tensorstore's
+    callbacks, which a save or read failing halfway (a full disk) reports as unraisable
+    by the dozen, around the one line that names the failure."""
+    absl, previous_hook, quiet = logging.getLogger("absl"), sys.unraisablehook, QuietDiskErrors()
+
+    def hook(unraisable):
+        traceback = unraisable.exc_traceback
+        if not (unraisable.exc_type is RuntimeError and traceback is not None
+                and str(unraisable.exc_value) == "Event loop is closed"
+                and traceback.tb_frame.f_code.co_name == "call_soon_threadsafe"):
+            previous_hook(unraisable)
+
+    absl.addFilter(quiet)
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        absl.removeFilter(quiet)
+        sys.unraisablehook = previous_hook
 
 
 def split_cpu(config: Config) -> int | None:
@@ -204,20 +243,29 @@ def splits_cpu(config_type: type, quick: bool) -> bool:
     return getattr(config_type, "CONVOLUTIONAL", False) and not quick
 
 
+# The file that names the experiment owning a workdir, written before anything else of it.
+OWNER_FILE = "experiment.json"
+
+
 def workdir(config: Config, experiment: str, workdir: str | None = None) -> str:
-    """`workdir`, or by default runs/<experiment>/<dataset>[_quick].
+    """`workdir`, or by default runs/<experiment>/<dataset>[_quick], claimed for `experiment`:
+    under the workdir's lock, refused if another experiment owns it, else its OWNER_FILE
+    written; so of two experiments started on one new workdir, the second is refused before
+    it writes anything, whatever the layout of their runs (stages and variants in folders).
 
     Raises:
-      WorkdirError: the workdir holds another experiment's run (`workdir_owners`); nothing
-        in it is changed.
+      WorkdirError: the workdir holds another experiment's run (`workdir_owners`), or is in
+        use; nothing in it is changed.
     """
     path = workdir or os.path.join("runs", experiment,
                                    config.dataset + ("_quick" if config.quick else ""))
-    others = workdir_owners(path) - {experiment}
-    if others:
-        raise errors.WorkdirError(
-            f"the workdir {path} holds a run of {', '.join(sorted(others))}, not of {experiment}: "
-            f"choose another --workdir for this {experiment} run.")
+    with workdir_lock.locked(path):
+        others = workdir_owners(path) - {experiment}
+        if others:
+            raise errors.WorkdirError(
+                f"the workdir {path} holds a run of {', '.join(sorted(others))}, not of "
+                f"{experiment}: choose another --workdir for this {experiment} run.")
+        records.write_json(os.path.join(path, OWNER_FILE), {"experiment": experiment})
     return path
 
 
@@ -227,12 +275,12 @@ STAGE_OF = {"vqvae_prior": "vqvae",
 
 
 def workdir_owners(path: str) -> set[str]:
-    """The experiments whose runs `path` holds: each run's config.json names its experiment
-    (written by `fit` before any other file), in the workdir itself (vae, vlae, vae_2d,
+    """The experiments whose runs `path` holds: its OWNER_FILE names one (`workdir`), as does
+    each run's config.json, in the workdir itself (vae, vlae, vae_2d,
     lvae), a level down (vqvae's stages) or two (mlp_vae's study variants). Empty for a new
     workdir; an unreadable config.json is left to the run that reads it."""
     owners = set()
-    for pattern in ("config.json", "*/config.json", "*/*/config.json"):
+    for pattern in (OWNER_FILE, "config.json", "*/config.json", "*/*/config.json"):
         for found in sorted(glob.glob(os.path.join(glob.escape(path), pattern))):
             try:
                 experiment = records.read_record(found).get("experiment")
