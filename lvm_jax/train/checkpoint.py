@@ -24,6 +24,7 @@ import re
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -79,6 +80,9 @@ def read_record(step_directory: str, step: int) -> dict:
     problems = [f"it lacks {key!r}" for key in RECORD_KEYS if key not in record]
     problems += [f"{key!r} is no {kind.__name__}" for key, kind in RECORD_KEYS.items()
                  if key in record and (type(record[key]) is not kind)]
+    problems += [f"it holds the unknown key {key!r}" for key in record if key not in RECORD_KEYS]
+    if not problems and not all(type(v) in (int, float) for v in record["timing"].values()):
+        problems.append("its 'timing' holds a value that is no number")
     if not problems and record["step"] != step:
         problems.append(f"it records step {record['step']} in the folder of step {step} "
                         "(step folders renamed or swapped)")
@@ -126,7 +130,8 @@ def read_step(step_directory: str, step: int, like, data_iterator=None) -> tuple
     """
     try:
         record = read_record(step_directory, step)
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        # jnp.asarray: a Python scalar (a new TrainState's step) restores as the int32 it was.
+        target = jax.tree.map(lambda x: ocp.utils.to_shape_dtype_struct(jnp.asarray(x)), like)
         handler = ocp.StandardCheckpointHandler()
         differs = mismatch(handler.metadata(epath.Path(step_directory) / STATE), target)
         if differs:
@@ -157,22 +162,24 @@ def read_step(step_directory: str, step: int, like, data_iterator=None) -> tuple
 def restore_committed(workdir: str, like, check=None) -> tuple:
     """(state, step, record) of the newest finalized checkpoint of the run in `workdir`, with
     the structure of `like`: safe while that run trains, saves and deletes old steps (a
-    step that vanishes gives way to the next newest). `check(record, step)`, if given, may
+    step that vanishes gives way to the next newest, and a listing whose every step
+    vanished is read again). `check(record, step)`, if given, may
     refuse a step by its record before its state is read.
 
     Raises:
       CheckpointError: no checkpoint, or the newest is unusable (see `read_step`).
     """
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    for step in reversed(finalized_steps(directory)):
-        step_directory = os.path.join(directory, str(step))
-        try:
-            if check is not None:
-                check(read_record(step_directory, step), step)
-            state, record = read_step(step_directory, step, like)
-            return state, step, record
-        except FileNotFoundError:
-            continue
+    for _ in range(3):  # a listing whose every step vanished is read again
+        for step in reversed(finalized_steps(directory)):
+            step_directory = os.path.join(directory, str(step))
+            try:
+                if check is not None:
+                    check(read_record(step_directory, step), step)
+                state, record = read_step(step_directory, step, like)
+                return state, step, record
+            except FileNotFoundError:
+                continue
     raise CheckpointError(f"{directory} holds no checkpoint: train the run first, or retry "
                           "once it has saved one.")
 

@@ -18,13 +18,22 @@ from PIL import Image
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
+from lvm_jax.errors import WorkdirError
+
 # Where a run's TensorBoard events go, inside its workdir: `tensorboard --logdir runs/`.
 TENSORBOARD_DIR = "tensorboard"
 
 
 def open_event_file(path: str) -> RecordWriter:
-    """A record writer on a new file at `path` (O_EXCL: never an existing file or link),
-    holding the file-version event TensorBoard expects first."""
+    """A record writer on a new file at `path` (O_EXCL: never an existing file or link, in a
+    folder that is no link), holding the file-version event TensorBoard expects first.
+
+    Raises:
+      WorkdirError: the folder is a symbolic link.
+    """
+    if os.path.islink(os.path.dirname(path)):
+        raise WorkdirError(f"{os.path.dirname(path)} is a symbolic link: lvm_jax writes nothing "
+                           "through a link. Remove it, or use another --workdir.")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     writer = RecordWriter(os.fdopen(fd, "wb"))
