@@ -16,8 +16,7 @@ import time
 
 import pytest
 
-from lvm_jax.train import interrupt
-from lvm_jax.train.checkpoint import RECORD_FILE, file_digests
+from lvm_jax.train import checkpoint, interrupt
 from lvm_jax.train.records import MetricsLog, read_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,8 +119,7 @@ def assert_stopped_and_resumes_exactly(proc, signum, workdir, uninterrupted):
     assert match, line
     step, directory = int(match.group(1)), match.group(2)
     assert directory == os.path.join(workdir, "checkpoints", str(step))
-    record = read_json(os.path.join(directory, RECORD_FILE))
-    assert record["sha256"] == file_digests(directory)  # complete, and verified
+    assert checkpoint.read_record(directory, step)["step"] == step  # committed with its record
     rows = MetricsLog.read(os.path.join(workdir, "metrics.csv"))
     assert max(int(r["step"]) for r in rows) == step  # the log stops where the checkpoint does
 

@@ -81,16 +81,16 @@ class DeviceFeed:
 
 
 class IteratorState:
-    """A grain iterator's state (JSON bytes), in the protocol of grain's orbax handler."""
+    """A grain iterator's state (a dict), in the protocol of grain's orbax handler (JSON)."""
 
-    def __init__(self, state: bytes | None = None):
+    def __init__(self, state: dict | None = None):
         self.state = state
 
     def get_state(self) -> bytes:
-        return self.state
+        return json.dumps(self.state).encode()
 
     def set_state(self, state: bytes) -> None:
-        self.state = state
+        self.state = json.loads(state)
 
     def start_prefetch(self) -> None:
         """Called by grain's handler after `set_state`: `StreamFeed.start` starts reading."""
@@ -115,7 +115,7 @@ class StreamFeed:
         self._steps_per_epoch, self._total_steps = steps_per_epoch, total_steps
         self._steps_per_call = steps_per_call
         self._iterator = None
-        self._states: dict[int, bytes] = {}  # step -> iterator state, of the last two calls
+        self._states: dict[int, dict] = {}  # step -> iterator state, of the last two calls
         self._thread: threading.Thread | None = None
         self._calls: queue.Queue = queue.Queue(maxsize=CALLS_AHEAD)
         self._stop = threading.Event()
@@ -132,8 +132,7 @@ class StreamFeed:
         """Starts reading at `step`: from the `restored` iterator state, which must name
         `step` (the train state's), or positioned at `step` when there is none (a run begun
         with --input memory)."""
-        saved = json.loads(restored.state) if restored and restored.state else None
-        self._iterator = self._batches.iterator(saved, step)
+        self._iterator = self._batches.iterator(restored and restored.state, step)
         if stream.next_step(self._iterator) != step:
             raise CheckpointError(
                 f"the checkpoint's data iterator is at step {stream.next_step(self._iterator)}, "
