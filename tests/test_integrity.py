@@ -180,6 +180,31 @@ def test_second_run_on_a_locked_workdir_is_refused_and_a_killed_run_frees_it(tmp
     assert again.summary["steps"] == 20
 
 
+def test_two_experiments_started_on_one_new_workdir_run_one_and_refuse_the_other(tmp_path):
+    """Started together on a new workdir, one experiment with its run at the top and one
+    with its variants in folders: the workdir is claimed under its lock before either
+    writes anything, so one runs and the other is refused in one line, writing nothing."""
+    workdir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    commands = {"vae_2d": [], "mlp_vae": ["--study", "depth"]}
+    procs = {name: subprocess.Popen([sys.executable, "-m", f"experiments.{name}", "--quick",
+                                     "--no_progress", "--workdir", str(workdir), *flags],
+                                    cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE) for name, flags in commands.items()}
+    done = {name: (*proc.communicate(timeout=600), proc.returncode)
+            for name, proc in procs.items()}
+    (winner,) = [name for name, (_, _, code) in done.items() if code == 0]
+    (loser,) = [name for name, (_, _, code) in done.items() if code == 1]
+    line = done[loser][1].strip()
+    assert "\n" not in line and (f"holds a run of {winner}, not of {loser}" in line
+                                 or "is in use by another run" in line), line
+    assert records.read_json(str(workdir / common.OWNER_FILE)) == {"experiment": winner}
+    summary = records.read_json(str(workdir / "summary.json"))
+    # The winner's summary alone, not merged with the other's (mlp_vae's has no "config").
+    assert ("studies" in summary, "config" in summary) == (winner == "mlp_vae",
+                                                           winner == "vae_2d")
+
+
 def _writable(directory) -> bool:
     try:
         fd, path = tempfile.mkstemp(dir=directory)

@@ -19,12 +19,14 @@ def vae_workdir(tmp_path_factory):
     dataset = common.load_dataset(config)
     model = vae.build_model(dataset, config.prior, config.likelihood)
     loop = common.train_config(config)
-    with Checkpointer(str(workdir)) as checkpointer:
-        checkpointer.save(initial_state(vae.make_objective(model), dataset.train[:1], loop))
     train = {k: v for k, v in dataclasses.asdict(loop).items() if k not in TrainConfig.RESUMABLE}
-    records.write_json(str(workdir / "config.json"), {
-        **common.run_config(config, "vae", prior=config.prior, likelihood=config.likelihood,
-                            latent_dim=vae.LATENT_DIM), "train": train})
+    run_config = {**common.run_config(config, "vae", prior=config.prior,
+                                      likelihood=config.likelihood, latent_dim=vae.LATENT_DIM),
+                  "train": train}
+    with Checkpointer(str(workdir)) as checkpointer:
+        checkpointer.save(initial_state(vae.make_objective(model), dataset.train[:1], loop),
+                          run_config, {})
+    records.write_json(str(workdir / "config.json"), run_config)
     return str(workdir)
 
 

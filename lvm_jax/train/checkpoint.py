@@ -47,9 +47,11 @@ def _handlers() -> dict:
 
 
 def state_digest(state) -> str:
-    """SHA-256 of every leaf of `state` (its path, dtype, shape and bytes), in tree order."""
+    """SHA-256 of every leaf of `state` (its path, dtype, shape and bytes), in tree order; a
+    Python scalar counts as the JAX array it restores as (a new TrainState's step)."""
     digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]:
+    leaves = jax.device_get(jax.tree.map(jnp.asarray, state))
+    for path, leaf in jax.tree_util.tree_flatten_with_path(leaves)[0]:
         leaf = np.asarray(leaf)
         digest.update(f"{jax.tree_util.keystr(path)} {leaf.dtype} {leaf.shape}".encode())
         digest.update(leaf.tobytes())
