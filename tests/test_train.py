@@ -16,7 +16,8 @@ import pytest
 from lvm_jax.data import batching, toy2d
 from lvm_jax.models import likelihoods, vae
 from lvm_jax.train import (Checkpointer, CheckpointError, NonFiniteLossError, Objective,
-                           TrainConfig, evaluate_test_set, fit, initial_state, loop, steps)
+                           TrainConfig, checkpoint, evaluate_test_set, fit, initial_state, loop,
+                           steps)
 from lvm_jax.train.checkpoint import RECORD, RECORD_FILE, state_digest
 from lvm_jax.train.records import MetricsLog, read_json
 from tests.helpers import tiny_objective
@@ -292,3 +293,23 @@ def test_optimizer_operations_are_named_in_the_compiled_step():
     assert any(name.endswith("/sqrt") for name in in_scope)  # Adam's sqrt(v) + eps
     assert not any("jvp(" in name for name in in_scope)  # no forward or backward operation
     assert any("jvp(" in name for name in op_names)
+
+
+def test_a_checkpoint_of_flax_automatic_names_says_it_predates_named_submodules(tmp_path):
+    """A checkpoint whose tree differs from the model's is refused in one line naming the
+    first differing leaf; one holding Flax automatic names (Conv_0) the model lacks says it
+    predates lvm_jax's named submodules."""
+    state = initial_state(tiny_objective(), TRAIN[:1], CONFIG)
+    kernel = jax.tree.leaves(state.params)[0]
+    old = state.replace(params={"Conv_0": {"kernel": kernel}}, opt_state=(), ema_params=None)
+    new = state.replace(params={"encoder": {"kernel": kernel}}, opt_state=(), ema_params=None)
+    with Checkpointer(str(tmp_path)) as checkpointer:
+        checkpointer.save(old, {}, {})
+    with pytest.raises(CheckpointError) as raised:
+        checkpoint.restore_committed(str(tmp_path), new)
+    message = str(raised.value)
+    assert "\n" not in message and "params/Conv_0/kernel" in message
+    assert "predates lvm_jax's named submodules and must be retrained" in message
+    assert checkpoint.mismatch({"params": {"decoder": {"kernel": kernel}}},
+                               {"params": {"encoder": {"kernel": kernel}}}) == (
+        "it holds params/decoder/kernel, which this model lacks")

@@ -133,7 +133,8 @@ def read_step(step_directory: str, step: int, like, data_iterator=None) -> tuple
     try:
         record = read_record(step_directory, step)
         # jnp.asarray: a Python scalar (a new TrainState's step) restores as the int32 it was.
-        target = jax.tree.map(lambda x: ocp.utils.to_shape_dtype_struct(jnp.asarray(x)), like)
+        target = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else
+                              ocp.utils.to_shape_dtype_struct(jnp.asarray(x)), like)
         handler = ocp.StandardCheckpointHandler()
         differs = mismatch(handler.metadata(epath.Path(step_directory) / STATE), target)
         if differs:
