@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import time
 
 import jax
 import jax.numpy as jnp
