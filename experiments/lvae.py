@@ -140,19 +140,18 @@ def layer_views(model: lvae.LVAE, variables, rng: jax.Array) -> jax.Array:
 
 def save_figures(run: Run, test: np.ndarray, workdir: str, title: str) -> list[str]:
     """Samples, reconstructions, the per-layer views and the curves; `test` stored images.
-    The samples are `run.sample(100, key)` with the first key of
-    `jax.random.split(jax.random.key(seed + 1))`, the layer views drawn with the second."""
-    sample_rng, layers_rng = jax.random.split(jax.random.key(run.config.seed + 1))
+    The samples are `run.sample(100, jax.random.key(seed + 1))`."""
+    key = jax.random.key(run.config.seed + 1)
     model = run.model
     figures = [
-        viz.save_image_grid(run.sample(100, sample_rng), os.path.join(workdir, "samples.png"),
+        viz.save_image_grid(run.sample(100, key), os.path.join(workdir, "samples.png"),
                             title=f"{title}: 100 samples (decoder mean)"),
         viz.save_image_grid(viz.interleave_pairs(runs.to_images(run.preprocess(test)),
                                                  run.reconstruct(test)),
                             os.path.join(workdir, "reconstructions.png"),
                             title=f"{title}: test images | reconstructions"),
     ]
-    views = jax.device_get(layer_views(model, run.variables[""], layers_rng))
+    views = jax.device_get(layer_views(model, run.variables[""], jax.random.fold_in(key, 1)))
     for layer, view in enumerate(views, start=1):
         figures.append(viz.save_image_grid(
             view, os.path.join(workdir, f"layer_{layer}.png"), ncols=LAYER_COLS,

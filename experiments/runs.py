@@ -125,6 +125,12 @@ class Run:
     def dataset_name(self) -> str:
         return self.config.dataset
 
+    @property
+    def priors(self) -> dict[str, str]:
+        """{name: folder} of the trained priors `sample(..., prior=name)` may pick; empty for
+        a run whose model has one prior of its own."""
+        return {}
+
     @functools.cached_property
     def dataset(self) -> data.Dataset:
         """The run's dataset (its --quick subset for a --quick run), loaded when first used,
@@ -255,7 +261,7 @@ def load_run(workdir: str, data_dir: str | None = None) -> Run:
     config = _config(module, main_record, workdir)
     run = module.build(config, main_record)
     run.workdir, run.data_dir = root, data_dir
-    main_path = os.path.join(root, run.main)
+    main_path = os.path.join(root, run.main) if run.main else root
     if run.main:  # a staged run: its root was given, or the folder of one of its stages
         main_record = _read(os.path.join(main_path, "config.json"))
         run = module.build(_config(module, main_record, main_path), main_record)

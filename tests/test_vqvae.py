@@ -163,16 +163,10 @@ def test_projected_presets_decode_their_codes_in_the_full_model(preset):
                                model.apply(variables, x)["reconstruction"], rtol=1e-4, atol=1e-5)
 
 
-def test_plain_preset_is_the_course_quantizer_and_resumes_earlier_workdirs():
+def test_plain_preset_is_the_course_quantizer():
     assert vqvae.quantizer(K, D) == vqvae.quantizer(K, D, **vqvae.QUANTIZER_PRESETS["plain"])
     course = vqvae.quantizer(K, D)
     assert (course.commitment_cost, course.ema, course.lookup_dim) == (1.0, False, None)
-    model = vqvae.conv_vqvae(IMAGE_SHAPE, K, D)
-    # The run settings of the plain and EMA VQ-VAEs keep the keys of earlier versions.
-    assert vqvae_experiment.run_settings(model, {}) == dict(
-        num_codes=K, code_dim=D, ema_codebook=False, restart_dead_codes=None)
-    assert vqvae_experiment.run_settings(model, {"ema": True, "kmeans_iters": 3})["quantizer"] == {
-        "kmeans_iters": 3}
 
 
 def test_gradients_route_through_the_full_model(tiny):
