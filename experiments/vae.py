@@ -18,7 +18,6 @@ import sys
 from typing import Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from experiments import common, configs, runs

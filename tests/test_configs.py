@@ -5,7 +5,6 @@ import csv
 import dataclasses
 import io
 import math
-import types
 
 import numpy as np
 import pytest
