@@ -274,6 +274,11 @@ def train_config(config: Config) -> TrainConfig:
                        progress=not config.no_progress)
 
 
+def train_steps(loop: TrainConfig, num_train: int) -> int:
+    """The optimizer steps `fit` takes with `loop` on `num_train` examples (one host)."""
+    return loop.epochs * (num_train // loop.batch_size)
+
+
 def run_record(config: Config, experiment: str, example_shape, **facts) -> dict:
     """What config.json holds beside the training loop's "train" settings (which `fit`
     adds): the experiment (or stage) that trains there, the settings of `config` that

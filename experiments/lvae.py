@@ -172,8 +172,8 @@ class Config(common.Config):
 
     dataset: common.ImageDataset = configs.setting("mnist_embedded", "the data to train on")
     batch_size: int = configs.redefault(common.Config, "batch_size", 64)
-    learning_rate: float = configs.setting(3e-4, "the optimizer's step size", configs.POSITIVE_FLOAT,
-                                           may_change_on_resume=True)
+    learning_rate: float = configs.setting(3e-4, "the optimizer's step size",
+                                           configs.POSITIVE_FLOAT, may_change_on_resume=True)
     optimizer: Literal[tuple(OPTIMIZERS)] = configs.setting(
         "adamax", "Adamax (the seed's) or Adam, each at --learning_rate")
     latent_layers: int = configs.setting(3, "stochastic layers L", configs.POSITIVE_INT)

@@ -33,7 +33,7 @@ from PIL import Image
 from experiments import common, configs, runs
 from lvm_jax import data, evaluate, viz
 from lvm_jax.models import likelihoods, vae
-from lvm_jax.train import FitResult, Objective, fit, records
+from lvm_jax.train import FitResult, Objective, fit, progress, records
 
 EXPERIMENT = "mlp_vae"
 NATS = "nats per example"
@@ -87,7 +87,8 @@ def build(config, record: dict) -> Run:
                                        make_objective(model, record["num_samples"]), example)})
 
 
-def train_variant(config, dataset, workdir, likelihood, hidden, num_samples) -> tuple[Run, FitResult]:
+def train_variant(config, dataset, workdir, likelihood, hidden,
+                  num_samples) -> tuple[Run, FitResult]:
     """Trains (or resumes) one variant in `workdir`: its run and its FitResult."""
     record = common.run_record(config, EXPERIMENT, dataset.event_shape, likelihood=likelihood,
                                hidden=list(hidden), num_samples=num_samples)
@@ -191,6 +192,9 @@ def depth_study(config, dataset, root) -> dict:
     return {"metrics": rows, "figure": os.path.basename(figure)}
 
 
+STUDIES = {"decoders": decoder_study, "depth": depth_study}
+
+
 @dataclasses.dataclass(frozen=True)
 class Config(common.Config):
     """The MLP VAE studies' settings."""
@@ -215,15 +219,16 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     if dataset.event_shape != (32, 32, 1):
         raise data.DataError(f"{EXPERIMENT} takes MNIST digits; {dataset.name} has shape "
                              f"{dataset.event_shape}.")
+    chosen = ("decoders", "depth") if config.study == "all" else (config.study,)
+    variants = {"decoders": DECODERS, "depth": DEPTHS}
+    steps = common.train_steps(common.train_config(config), len(dataset.train))
     studies = {}
-    if config.study in ("decoders", "all"):
-        studies["decoders"] = decoder_study(config, dataset, root)
-    if config.study in ("depth", "all"):
-        studies["depth"] = depth_study(config, dataset, root)
+    with progress.planned({variant: steps for study in chosen for variant in variants[study]}):
+        for study in chosen:
+            studies[study] = STUDIES[study](config, dataset, root)
     summary = records.update_json(os.path.join(root, "summary.json"), {
         "studies": studies, "units": UNITS, "dataset": dataset.describe(),
         "model_input": "the central 28x28 crop of each digit, 784 dimensions"})
-    steps = common.train_config(config).epochs * (len(dataset.train) // config.batch_size)
     print(common.figure_title(f"MLP VAE studies on {dataset.name}", config, steps) + ":")
     for study, result in studies.items():
         for variant, metrics in result["metrics"].items():

@@ -306,8 +306,8 @@ def _locate(workdir: str) -> tuple[str, dict]:
     """(the run's root folder, a config.json of it): `workdir` itself, or for a staged run
     given by a stage's folder, its parent."""
     if not os.path.isdir(workdir):
-        raise CheckpointError(f"{workdir} is no run's workdir: "
-                              f"{'it is a file' if os.path.exists(workdir) else 'it does not exist'}.")
+        what = "it is a file" if os.path.exists(workdir) else "it does not exist"
+        raise CheckpointError(f"{workdir} is no run's workdir: {what}.")
     own = os.path.join(workdir, "config.json")
     if os.path.exists(own):
         record = _read(own)
@@ -361,7 +361,7 @@ def _restore(run: Run, folder: str, stage: Stage) -> int | None:
     if folder != run.main and codes_step != run.step:
         return None
     checkpoints = os.path.join(path, "checkpoints")
-    if not os.path.isdir(checkpoints) or not any(name.isdigit() for name in os.listdir(checkpoints)):
+    if not os.path.isdir(checkpoints) or not any(n.isdigit() for n in os.listdir(checkpoints)):
         return None
 
     def same_run(saved: dict, step: int) -> None:

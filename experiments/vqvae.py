@@ -38,7 +38,7 @@ from experiments import common, configs, runs
 from lvm_jax import data, viz
 from lvm_jax.models import vqvae
 from lvm_jax.nn import sampling
-from lvm_jax.train import Objective, fit, records
+from lvm_jax.train import Objective, fit, progress, records
 
 # --quick keeps the layers and shrinks the widths: at full width one training
 # step of the VQ-VAE takes seconds on a CPU.
@@ -276,43 +276,49 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     model = run.model
 
     loop = common.train_config(config)
-    stage1 = fit(run.objective, dataset.train, dataset.test, loop, os.path.join(workdir, "vqvae"),
-                 record)
-    run.trained("vqvae", stage1.state)
-    train_codes, test_codes = (
-        vqvae.encode_dataset(model, run.variables["vqvae"], images, loop.eval_batch_size,
-                             data.scale_images)
-        for images in (dataset.train, dataset.test))
+    prior_loop = dataclasses.replace(loop, epochs=loop.epochs if config.quick
+                                     else config.prior_epochs)
+    plan = {"vqvae": common.train_steps(loop, len(dataset.train)),
+            **{f"prior_{name}": common.train_steps(prior_loop, len(dataset.train))
+               for name in config.prior}}
+    with progress.planned(plan):
+        stage1 = fit(run.objective, dataset.train, dataset.test, loop,
+                     os.path.join(workdir, "vqvae"), record)
+        run.trained("vqvae", stage1.state)
+        train_codes, test_codes = (
+            vqvae.encode_dataset(model, run.variables["vqvae"], images, loop.eval_batch_size,
+                                 data.scale_images)
+            for images in (dataset.train, dataset.test))
 
-    # With --quick, both stages train the same few steps (same epochs, batch and examples).
-    title = common.figure_title(f"VQ-VAE on {dataset.name}", config, run.step)
-    # Test images of evenly spread contrast: the photo patches are mostly flat sky.
-    shown = viz.spread_by_contrast(dataset.test, NUM_RECONSTRUCTIONS)
-    figures = save_stage1_figures(workdir, title, dataset.test[shown],
-                                  run.decode(test_codes[shown]))
-    records.write_figures_to_tensorboard(workdir, figures, run.step)
+        # With --quick, both stages train the same few steps (same epochs, batch and examples).
+        title = common.figure_title(f"VQ-VAE on {dataset.name}", config, run.step)
+        # Test images of evenly spread contrast: the photo patches are mostly flat sky.
+        shown = viz.spread_by_contrast(dataset.test, NUM_RECONSTRUCTIONS)
+        figures = save_stage1_figures(workdir, title, dataset.test[shown],
+                                      run.decode(test_codes[shown]))
+        records.write_figures_to_tensorboard(workdir, figures, run.step)
 
-    # Priors trained earlier in this workdir on the same codes stay in the summary.
-    summary_path = os.path.join(workdir, "summary.json")
-    previous = records.read_json(summary_path) if os.path.exists(summary_path) else {}
-    priors = {name: entry for name, entry in previous.get("priors", {}).items()
-              if entry["vqvae_step"] == run.step}
-    prior_loop = dataclasses.replace(loop, epochs=loop.epochs if config.quick else config.prior_epochs)
-    for prior_name in config.prior:
-        folder = f"prior_{prior_name}"
-        # The codes depend on the VQ-VAE's step: a prior must not resume on another's codes.
-        stage2 = fit(run.stages[folder].objective, train_codes, test_codes, prior_loop,
-                     os.path.join(workdir, folder),
-                     common.run_record(config, "vqvae_prior", dataset.event_shape,
-                                       prior=[prior_name], vqvae_step=run.step))
-        run.trained(folder, stage2.state)
-        samples = run.sample(NUM_SAMPLES, jax.random.key(config.seed + 1), prior=prior_name)
-        prior_figures = save_prior_figures(workdir, title, prior_name, samples)
-        records.write_figures_to_tensorboard(workdir, prior_figures, int(stage2.state.step))
-        priors[prior_name] = {"prior_nll": stage2.test_metrics["prior_nll"],
-                              "vqvae_step": run.step,
-                              "config": stage2.summary["config"], "stage": _timing(stage2.summary),
-                              "figures": [os.path.basename(f) for f in prior_figures]}
+        # Priors trained earlier in this workdir on the same codes stay in the summary.
+        summary_path = os.path.join(workdir, "summary.json")
+        previous = records.read_json(summary_path) if os.path.exists(summary_path) else {}
+        priors = {name: entry for name, entry in previous.get("priors", {}).items()
+                  if entry["vqvae_step"] == run.step}
+        for prior_name in config.prior:
+            folder = f"prior_{prior_name}"
+            # The codes depend on the VQ-VAE's step: a prior must not resume on another's codes.
+            stage2 = fit(run.stages[folder].objective, train_codes, test_codes, prior_loop,
+                         os.path.join(workdir, folder),
+                         common.run_record(config, "vqvae_prior", dataset.event_shape,
+                                           prior=[prior_name], vqvae_step=run.step))
+            run.trained(folder, stage2.state)
+            samples = run.sample(NUM_SAMPLES, jax.random.key(config.seed + 1), prior=prior_name)
+            prior_figures = save_prior_figures(workdir, title, prior_name, samples)
+            records.write_figures_to_tensorboard(workdir, prior_figures, int(stage2.state.step))
+            priors[prior_name] = {"prior_nll": stage2.test_metrics["prior_nll"],
+                                  "vqvae_step": run.step,
+                                  "config": stage2.summary["config"],
+                                  "stage": _timing(stage2.summary),
+                                  "figures": [os.path.basename(f) for f in prior_figures]}
 
     vq = stage1.test_metrics
     # Usage and perplexity over the whole test set replace the batch means of `fit`.

@@ -34,7 +34,7 @@ from experiments import common, configs, runs
 from lvm_jax import data, errors, viz
 from lvm_jax.models import vqvae, vqvae2
 from lvm_jax.nn import ConditionalGatedPixelCNN, PixelSNAIL, sample_codes, sampling
-from lvm_jax.train import FitResult, Objective, fit, records
+from lvm_jax.train import FitResult, Objective, fit, progress, records
 
 # --quick keeps the layers and shrinks the widths (cosine's lookup_dim is 32, hence the
 # code dimension).
@@ -324,29 +324,33 @@ def train_stages(config: Config, workdir: str | None = None) -> Stages:
     workdir = common.workdir(config, "vqvae2", workdir)
 
     loop = common.train_config(config)
-    stage1 = fit(run.objective, dataset.train, dataset.test, loop, os.path.join(workdir, "vqvae2"),
-                 record)
-    run.trained("vqvae2", stage1.state)
-    codes = {split: vqvae.encode_dataset(run.model, run.variables["vqvae2"], images,
-                                         loop.eval_batch_size, data.scale_images)
-             for split, images in (("train", dataset.train), ("test", dataset.test))}
     prior_loop = dataclasses.replace(loop, epochs=loop.epochs if config.quick
                                      else config.prior_epochs)
-    bottom = bottom_stage(config)
-    prior_data = {"top_prior": {split: codes[split][0] for split in codes},
-                  bottom: {split: pair_grids(codes[split][1], codes[split][0],
-                                             config.bottom_condition) for split in codes}}
-    results = {}
-    for folder, stage in list(run.stages.items())[1:]:
-        # The codes depend on the VQ-VAE-2's step: a prior must not resume on another's codes.
-        results[folder] = fit(stage.objective, prior_data[folder]["train"],
-                              prior_data[folder]["test"], prior_loop,
-                              os.path.join(workdir, folder),
-                              common.run_record(config, stage.experiment, dataset.event_shape,
-                                                vqvae2_step=run.step,
-                                                **({"bottom_condition": config.bottom_condition}
-                                                   if folder == bottom else {})))
-        run.trained(folder, results[folder].state)
+    plan = {folder: common.train_steps(loop if folder == "vqvae2" else prior_loop,
+                                       len(dataset.train)) for folder in run.stages}
+    with progress.planned(plan):
+        stage1 = fit(run.objective, dataset.train, dataset.test, loop,
+                     os.path.join(workdir, "vqvae2"), record)
+        run.trained("vqvae2", stage1.state)
+        codes = {split: vqvae.encode_dataset(run.model, run.variables["vqvae2"], images,
+                                             loop.eval_batch_size, data.scale_images)
+                 for split, images in (("train", dataset.train), ("test", dataset.test))}
+        bottom = bottom_stage(config)
+        prior_data = {"top_prior": {split: codes[split][0] for split in codes},
+                      bottom: {split: pair_grids(codes[split][1], codes[split][0],
+                                                 config.bottom_condition) for split in codes}}
+        results = {}
+        for folder, stage in list(run.stages.items())[1:]:
+            # The codes depend on the VQ-VAE-2's step: a prior must not resume on another's
+            # codes.
+            facts = {"vqvae2_step": run.step,
+                     **({"bottom_condition": config.bottom_condition} if folder == bottom else {})}
+            results[folder] = fit(stage.objective, prior_data[folder]["train"],
+                                  prior_data[folder]["test"], prior_loop,
+                                  os.path.join(workdir, folder),
+                                  common.run_record(config, stage.experiment, dataset.event_shape,
+                                                    **facts))
+            run.trained(folder, results[folder].state)
     return Stages(workdir, dataset, run, codes, stage1, results["top_prior"], results[bottom])
 
 

@@ -37,7 +37,8 @@ def make_run(workdir, experiment: str) -> None:
     `common.run_record` writes them), a summary, a figure and a metrics.csv."""
     settings = CONFIGS[experiment](quick=True)
     for path, name in LAYOUTS[experiment].items():
-        records.write_json(os.path.join(workdir, path), common.run_record(settings, name, (32, 32, 1)))
+        records.write_json(os.path.join(workdir, path),
+                           common.run_record(settings, name, (32, 32, 1)))
         records.write_atomic(os.path.join(workdir, os.path.dirname(path), "metrics.csv"),
                              "split,epoch,step,time,loss\ntest,0,0,0.0,1.0\n")
     records.write_json(os.path.join(workdir, "summary.json"), {"test_metrics": {"loss": 1.0}})
