@@ -54,7 +54,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser with one-line errors: a bad flag or value ends the program with one
     line (exit status 2) instead of the usage, and an unknown flag that is a near miss of a
-    real one (--batch-size, --learnig_rate) names it."""
+    real one (--batch-size, --learnig_rate, --epoch) names it. Abbreviations are refused like
+    any unknown flag: --epoch taken for --epochs would hide a typo, and a flag added later
+    would change what an abbreviation meant."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def parse_args(self, args=None, namespace=None):
         flags, unknown = self.parse_known_args(args, namespace)
@@ -78,8 +83,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 DATA_DIR_HELP = ("where TFDS datasets are prepared (default: TFDS's, $TFDS_DATA_DIR or "
-                 "~/tensorflow_datasets), or where the course's .pkl files are (needed for the "
-                 "deepul_* datasets)")
+                 "~/tensorflow_datasets); the folder of the course's .pkl files (needed for the "
+                 "deepul_* datasets); or the shard folder of --dataset shards (written by "
+                 "python -m lvm_jax.data.shards write)")
 ImageDataset = Literal[tuple(data.IMAGE_DATASETS)]
 Likelihood = Literal[tuple(sorted(likelihoods.LIKELIHOODS))]
 

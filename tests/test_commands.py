@@ -104,6 +104,7 @@ def test_the_owners_of_a_workdir_are_read_from_its_runs_config_json(tmp_path):
     (["--batch-size", "32"], "did you mean --batch_size?"),
     (["--learnig_rate=3e-4"], "did you mean --learning_rate?"),
     (["--work-dir", "x"], "did you mean --workdir?"),
+    (["--epoch", "3"], "did you mean --epochs?"),  # no abbreviation taken for the flag
     (["--colour", "red"], None),
 ])
 def test_an_unknown_flag_is_one_line_naming_the_near_miss(flags, hint, capsys):
