@@ -149,6 +149,16 @@ def parser(config: type[Config], experiment: str, description: str) -> argparse.
     return p
 
 
+def trained_run_parser(config: type, command: str, description: str) -> argparse.ArgumentParser:
+    """The command line of a command on a trained run (`experiments.<command>`): a flag for
+    every field of `config`, and the required --workdir of the run."""
+    p = configs.add_flags(ArgumentParser(prog=f"python -m experiments.{command}",
+                                         description=description,
+                                         formatter_class=HelpFormatter), config)
+    p.add_argument("--workdir", required=True, help="the trained run's workdir")
+    return p
+
+
 def run(parser: argparse.ArgumentParser, config: type[Config], train_and_evaluate, argv=None):
     """Parses the command line and runs `train_and_evaluate(config, workdir)`.
 

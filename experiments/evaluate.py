@@ -216,11 +216,7 @@ def _evaluate_run(config: Config, workdir: str) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = configs.add_flags(common.ArgumentParser(prog="python -m experiments.evaluate",
-                                                  description=__doc__,
-                                                  formatter_class=common.HelpFormatter), Config)
-    p.add_argument("--workdir", required=True, help="the training run's output directory")
-    return p
+    return common.trained_run_parser(Config, "evaluate", __doc__)
 
 
 def main(argv=None):

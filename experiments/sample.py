@@ -59,8 +59,9 @@ def draw(config: Config, workdir: str) -> dict:
                                  "VQ-VAE-2's trained priors.")
     samples = run.sample(config.num, jax.random.key(seed), **priors)
     seconds = time.perf_counter() - tic
-    title = (f"{config.num} samples of {run.experiment} ({workdir}, step {run.step}, "
-             f"key {seed}" + (f", prior {config.prior})" if config.prior else ")"))
+    title = common.figure_title(
+        f"{config.num} samples of {run.experiment} ({workdir}, step {run.step}, key {seed}"
+        + (f", prior {config.prior})" if config.prior else ")"), run.config, run.step)
     if samples.dtype == np.uint8:
         grid = viz.save_image_grid(samples, config.out, ncols=int(np.ceil(np.sqrt(config.num))),
                                    title=title)
@@ -75,11 +76,7 @@ def draw(config: Config, workdir: str) -> dict:
 
 
 def parser():
-    p = configs.add_flags(common.ArgumentParser(prog="python -m experiments.sample",
-                                                description=__doc__,
-                                                formatter_class=common.HelpFormatter), Config)
-    p.add_argument("--workdir", required=True, help="the trained run's workdir")
-    return p
+    return common.trained_run_parser(Config, "sample", __doc__)
 
 
 def main(argv=None):

@@ -51,11 +51,17 @@ def make_objective(model: vae.VAE, eval_samples: int = EPOCH_EVAL_SAMPLES) -> Ob
 
 class Run(runs.VAERun):
     """A trained 2D VAE (`runs.Run`'s verbs): points are (N, 2) float32, latents the posterior
-    means (N, 2); its samples.png shows `sample(1000, key, noise=True)` and the decoder means
-    `sample(1000, key)`."""
+    means (N, 2); its samples.png shows `sample(1000, key)` and the decoder means
+    `sample(1000, key, noise=False)`."""
 
     def dataset_name(self) -> str:
         return f"toy2d_{self.config.dataset}"
+
+    def sample(self, num: int, key: jax.Array, noise: bool = True) -> np.ndarray:
+        """`num` points x ~ p(x|z), z ~ p(z), the 2D VAE's samples (its learned decoder
+        variance carries much of the data's spread); the decoder means at the same z with
+        `noise=False`."""
+        return super().sample(num, key, noise)
 
     def outputs(self, x) -> np.ndarray:
         return np.asarray(x)
@@ -101,8 +107,8 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     title = common.figure_title(f"2D VAE, dataset {config.dataset}", config, step)
     figures = [
         viz.save_scatter(os.path.join(workdir, "samples.png"), dataset.test, {
-            "samples with decoder noise": run.sample(1000, rng, noise=True),
-            "decoder means (no noise)": run.sample(1000, rng)},
+            "samples with decoder noise": run.sample(1000, rng),
+            "decoder means (no noise)": run.sample(1000, rng, noise=False)},
             title=f"{title}: 1000 samples over the test data"),
         viz.save_curves(os.path.join(workdir, "metrics.csv"), os.path.join(workdir, "curves.png"),
                         title=title),

@@ -121,7 +121,7 @@ def test_an_unknown_flag_is_one_line_naming_the_near_miss(flags, hint, capsys):
 def test_required_flags_show_as_required(capsys):
     text = evaluate.parser().format_help()
     line = " ".join(text[text.index("  --workdir WORKDIR"):].split("\n")[0].split())
-    assert line == "--workdir WORKDIR the training run's output directory (required)"
+    assert line == "--workdir WORKDIR the trained run's workdir (required)"
     assert "(default: None)" not in text
     with pytest.raises(SystemExit) as done:
         evaluate.main([])
