@@ -256,16 +256,16 @@ def load_run(workdir: str, data_dir: str | None = None) -> Run:
         a checkpoint that does not match the rebuilt model.
       RecordError: a config.json is malformed, or disagrees with its checkpoint's record.
     """
-    root, main_record = _locate(workdir)
-    module = _module(main_record, os.path.join(root, "config.json"))
-    config = _config(module, main_record, workdir)
-    run = module.build(config, main_record)
+    root, record = _locate(workdir)
+    experiment = common.STAGE_OF.get(record["experiment"], record["experiment"])
+    staged = experiment in common.STAGE_OF.values()  # its main stage in <root>/<experiment>
+    main_path = os.path.join(root, experiment) if staged else root
+    if staged:
+        record = _read(os.path.join(main_path, "config.json"))
+    module = _module(record, os.path.join(main_path, "config.json"))
+    run = module.build(_config(module, record, main_path), record)
     run.workdir, run.data_dir = root, data_dir
-    main_path = os.path.join(root, run.main) if run.main else root
-    if run.main:  # a staged run: its root was given, or the folder of one of its stages
-        main_record = _read(os.path.join(main_path, "config.json"))
-        run = module.build(_config(module, main_record, main_path), main_record)
-        run.workdir, run.data_dir = root, data_dir
+    if staged:
         run.stages.update(_other_stages(module, root, run))
     for folder, stage in run.stages.items():
         if _restore(run, folder, stage) is None and folder == run.main:
@@ -283,8 +283,8 @@ def _read(path: str) -> dict:
 
 
 def _module(record: dict, path: str):
-    """The experiment module that builds the run `record` describes."""
-    name = common.STAGE_OF.get(record["experiment"], record["experiment"])
+    """The experiment module that builds the run `record` (read from `path`) describes."""
+    name = record["experiment"]
     if name not in EXPERIMENTS:
         raise RecordError(f"{path} names the experiment {name!r}, which is none of "
                           f"{', '.join(EXPERIMENTS)}.")

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import load_run, vqvae as vqvae_experiment
+from experiments import load_run, sample, vqvae as vqvae_experiment
 from lvm_jax import data, viz
 from lvm_jax.errors import ConfigError
 from lvm_jax.models import vqvae
@@ -304,6 +304,9 @@ def test_experiment_quick_smoke(tmp_path):
     with pytest.raises(ConfigError, match="^this vqvae run has no importance-weighted bound: it "
                                           "has sample, reconstruct, encode, decode.$"):
         run.evaluate(test[:2], key)
+    grid = tmp_path / "gated.png"  # the command draws through the same verbs
+    sample.main(["--workdir", workdir, "--num", "100", "--prior", "gated", "--out", str(grid)])
+    np.testing.assert_array_equal(np.load(tmp_path / "gated.npy"), drawn["samples_gated.png"])
 
 
 @pytest.mark.parametrize("flags, message", [
