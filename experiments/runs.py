@@ -263,6 +263,10 @@ def load_run(workdir: str, data_dir: str | None = None) -> Run:
     if staged:
         record = _read(os.path.join(main_path, "config.json"))
     module = _module(record, os.path.join(main_path, "config.json"))
+    if "example_shape" not in record:
+        raise RecordError(f"{os.path.join(main_path, 'config.json')} names no example_shape: "
+                          "the run was written by an lvm_jax older than load_run, which cannot "
+                          "rebuild it from its records.")
     run = module.build(_config(module, record, main_path), record)
     run.workdir, run.data_dir = root, data_dir
     if staged:

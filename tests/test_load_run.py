@@ -109,3 +109,7 @@ def test_a_config_json_naming_no_experiment_is_one_line(tmp_path):
                                               "vae_2d, vae, vlae, mlp_vae, lvae, vqvae, vqvae2."):
         load_run(str(tmp_path))
     assert runs.EXPERIMENTS == ("vae_2d", "vae", "vlae", "mlp_vae", "lvae", "vqvae", "vqvae2")
+    (tmp_path / "config.json").write_text(json.dumps({"experiment": "vae", "dataset": "mnist"}))
+    with pytest.raises(CheckpointError, match="config.json names no example_shape: the run was "
+                                              "written by an lvm_jax older than load_run"):
+        load_run(str(tmp_path))
