@@ -145,7 +145,8 @@ def markdown_table(rows: list[dict], plain_mse: float | None) -> str:
 def restore_variables(args, preset: str, dataset: data.Dataset) -> tuple[vqvae.VQVAE, dict]:
     """The trained VQ-VAE of a variant and its variables, from its latest checkpoint."""
     config = variant_config(args, preset)
-    model = vqvae_experiment.build_model(config, dataset, vqvae_experiment.quantizer_options(config))
+    model = vqvae_experiment.build_model(config, dataset.event_shape,
+                                         vqvae_experiment.quantizer_options(config))
     like = initial_state(vqvae_experiment.vqvae_objective(model), dataset.train[:1],
                               common.train_config(config))
     state = checkpoint.restore_committed(os.path.join(variant_workdir(args, preset), "vqvae"),

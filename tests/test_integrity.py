@@ -425,7 +425,10 @@ def test_progress_off_a_terminal_is_a_plain_line_now_and_then(capsys):
     chatty = Progress(3, 0, "run", interval=0)
     for _ in range(3):
         chatty.update(1, epoch=1)
-    assert capsys.readouterr().out.splitlines() == [f"run: step {i}/3 epoch 1" for i in (1, 2, 3)]
+    first, *timed = capsys.readouterr().out.splitlines()
+    assert first == "run: step 1/3 (epoch 1)"  # the first call compiles: no rate yet
+    assert [line.split(",")[0] for line in timed] == ["run: step 2/3", "run: step 3/3"]
+    assert all(" steps/s, " in line and line.endswith(" left (epoch 1)") for line in timed)
 
 
 def test_silent_phases_say_what_they_do(tmp_path, capsys):

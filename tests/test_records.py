@@ -302,7 +302,7 @@ def test_a_malformed_summary_of_a_finished_run_is_one_line(finished, tmp_path, t
     ("[" * 100_000, "nests too deep"),
     ("{\"hidden\": " + "[" * 900 + "]" * 900 + "}", "nests too deep"),
     ("{\"seed\": " + "1" * 5000 + "}", "4300 digits"),
-    ("{\"train\": {\"seed\": " + "1" * 50 + "}}", "is not at most 4294967295"),
+    ("{\"seed\": " + "1" * 50 + "}", "is not at most 4294967295"),
     ("{\"train\": {\"learning_rate\": " + "1" * 400 + "}}", "(400 characters) is not a finite"),
     ("{\"train\": []}", "with a \"train\" object"),
     ("{\"beta\": \"1\"}", "beta='1' is not"),
