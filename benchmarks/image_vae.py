@@ -29,7 +29,7 @@ DATASETS = {1: "mnist_embedded", 3: "patches_embedded"}
 
 def jax_model(dataset: data.Dataset, prior: str, dtype: str = "float32") -> vae.VAE:
     """lvm_jax's image VAE ("standard" prior) or VLAE ("made"), as the experiments build it."""
-    return vae_experiment.build_model(dataset, prior, "unit_gaussian", dtype)
+    return vae_experiment.build_model(dataset.event_shape, prior, "unit_gaussian", dtype)
 
 
 def dtype_label(settings: Settings) -> str:

@@ -41,10 +41,8 @@ MB = 1e6
 def build(dataset: data.Dataset, layers: int):
     """The experiment's model and objective at its command-line defaults."""
     config = lvae_experiment.Config(latent_layers=layers)
-    model = lvae_experiment.build_model(
-        dataset, layers, lvae_experiment.default_likelihood(dataset), config.latent_channels,
-        config.hidden, config.blocks_per_layer, config.merge, config.skip, config.gated,
-        config.learn_top_prior, config.data_init)
+    model = lvae_experiment.build_model(config, dataset.event_shape,
+                                        lvae_experiment.default_likelihood(dataset))
     init_data = dataset.train[:lvae_experiment.INIT_EXAMPLES] if config.data_init else None
     return model, lvae_experiment.make_objective(
         model, lvae_experiment.default_free_bits(layers), init_data)

@@ -27,7 +27,7 @@ from benchmarks.common import EAGER, Comparison, Sampler, Settings, compare, tim
 from benchmarks.twins import TOL, assert_close
 from lvm_jax.data import batching
 from lvm_jax.train import Objective
-from lvm_jax.train.loop import make_train_chunk
+from lvm_jax.train.steps import make_train_chunk
 from lvm_jax.train.state import TrainState
 
 LEARNING_RATE = 1e-3

@@ -52,7 +52,7 @@ from experiments import vae_2d
 from lvm_jax import compilation_cache, data
 from lvm_jax.data import batching
 from lvm_jax.train import TrainConfig, evaluate_test_set, fit
-from lvm_jax.train.loop import make_train_chunk
+from lvm_jax.train.steps import make_train_chunk
 from lvm_jax.train.state import TrainState
 
 NAME = "vae2d"

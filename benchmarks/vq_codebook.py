@@ -37,7 +37,7 @@ from experiments import common
 from experiments import vqvae as vqvae_experiment
 from lvm_jax import data, viz
 from lvm_jax.models import vqvae
-from lvm_jax.train import checkpoint, loop, records
+from lvm_jax.train import checkpoint, device_description, initial_state, records
 
 DATASET = "patches_embedded"
 PRIOR = "gated"
@@ -145,14 +145,12 @@ def markdown_table(rows: list[dict], plain_mse: float | None) -> str:
 def restore_variables(args, preset: str, dataset: data.Dataset) -> tuple[vqvae.VQVAE, dict]:
     """The trained VQ-VAE of a variant and its variables, from its latest checkpoint."""
     config = variant_config(args, preset)
-    model = vqvae_experiment.build_model(config, dataset, vqvae_experiment.quantizer_options(config))
-    like = loop.initial_state(vqvae_experiment.vqvae_objective(model), dataset.train[:1],
+    model = vqvae_experiment.build_model(config, dataset.event_shape,
+                                         vqvae_experiment.quantizer_options(config))
+    like = initial_state(vqvae_experiment.vqvae_objective(model), dataset.train[:1],
                               common.train_config(config))
-    checkpointer = checkpoint.Checkpointer(os.path.join(variant_workdir(args, preset), "vqvae"))
-    try:
-        state = checkpointer.restore(like)
-    finally:
-        checkpointer.close()
+    state = checkpoint.restore_committed(os.path.join(variant_workdir(args, preset), "vqvae"),
+                                         like)[0]
     return model, {"params": state.eval_params, **state.model_state}
 
 
@@ -218,7 +216,7 @@ def main(argv=None) -> dict:
     records.write_atomic(os.path.join(args.workdir, "table.md"), text)
     results = {"budget": budget, "rows": rows, "best": best[0],
                "figures": [os.path.basename(f) for f in figures],
-               "device": loop.device_description()}
+               "device": device_description()}
     records.write_json(os.path.join(args.workdir, "results.json"), results)
     if not args.quick:
         os.makedirs(RESULTS_FIGURES, exist_ok=True)

@@ -88,7 +88,8 @@ def nll_zeroed_condition(stages: vqvae2_experiment.Stages, batch: int = 100) -> 
     """The trained bottom prior's test NLL (nats per code) with every condition code 0."""
     bottom, top = stages.codes["test"][1], np.zeros_like(stages.codes["test"][0])
     params = stages.bottom_prior.state.eval_params
-    per_example = [np.asarray(_nll(stages.bottom, params, bottom[i:i + batch], top[i:i + batch]))
+    prior = stages.run.stages["bottom_prior"].model
+    per_example = [np.asarray(_nll(prior, params, bottom[i:i + batch], top[i:i + batch]))
                    for i in range(0, len(bottom), batch)]
     return float(np.concatenate(per_example).mean())
 
@@ -118,7 +119,7 @@ def hierarchical(args) -> dict:
     stages = vqvae2_experiment.train_stages(study_config(args), workdir)  # finished: reloads
     unconditioned = vqvae2_experiment.train_stages(study_config(args, "none"), workdir)
     metrics = summary["test_metrics"]
-    codes = {**stages.codes, "train_strip": strip_codes(stages.model, stages.variables)}
+    codes = {**stages.codes, "train_strip": strip_codes(stages.run.model, stages.run.variables["vqvae2"])}
     return {
         "recon_mse": metrics["recon_mse"],
         "levels": {level: usage(codes, i, args.seed)

@@ -1,10 +1,13 @@
 """Settings, command lines, data loading and reporting shared by the experiment entry points."""
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import glob
+import logging
 import os
+import sys
 from collections.abc import Callable
 from typing import Literal
 
@@ -14,6 +17,7 @@ from experiments import configs
 from lvm_jax import compilation_cache, cpu_devices, data, errors
 from lvm_jax.models import likelihoods
 from lvm_jax.train import TrainConfig, interrupt, records
+from lvm_jax.train import workdir as workdir_lock
 
 # --quick: 2 epochs of 2 steps at the default batch of 128, and enough test examples for
 # every figure (the VAE's take 70).
@@ -54,7 +58,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser with one-line errors: a bad flag or value ends the program with one
     line (exit status 2) instead of the usage, and an unknown flag that is a near miss of a
-    real one (--batch-size, --learnig_rate) names it."""
+    real one (--batch-size, --learnig_rate, --epoch) names it. Abbreviations are refused like
+    any unknown flag: --epoch taken for --epochs would hide a typo, and a flag added later
+    would change what an abbreviation meant."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def parse_args(self, args=None, namespace=None):
         flags, unknown = self.parse_known_args(args, namespace)
@@ -78,8 +87,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 DATA_DIR_HELP = ("where TFDS datasets are prepared (default: TFDS's, $TFDS_DATA_DIR or "
-                 "~/tensorflow_datasets), or where the course's .pkl files are (needed for the "
-                 "deepul_* datasets)")
+                 "~/tensorflow_datasets); the folder of the course's .pkl files (needed for the "
+                 "deepul_* datasets); or the shard folder of --dataset shards (written by "
+                 "python -m lvm_jax.data.shards write)")
 ImageDataset = Literal[tuple(data.IMAGE_DATASETS)]
 Likelihood = Literal[tuple(sorted(likelihoods.LIKELIHOODS))]
 
@@ -91,31 +101,32 @@ class Config(configs.Config):
 
     dataset: str = configs.setting("mnist_embedded", "the data to train on")
     epochs: int = configs.setting(20, "passes over the training set (--quick overrides it)",
-                                  configs.POSITIVE_INT)
+                                  configs.POSITIVE_INT, may_change_on_resume=True)
     batch_size: int = configs.setting(128, "examples per training step, split over the devices",
                                       configs.POSITIVE_INT)
-    learning_rate: float = configs.setting(1e-3, "Adam's step size", configs.POSITIVE_FLOAT)
+    learning_rate: float = configs.setting(1e-3, "Adam's step size", configs.POSITIVE_FLOAT,
+                                           may_change_on_resume=True)
     seed: int = configs.setting(0, "seeds initialisation, data order and sampling: a run is "
                                    "reproducible from it", configs.SEED)
-    data_dir: str | None = configs.setting(None, DATA_DIR_HELP)
+    data_dir: str | None = configs.setting(None, DATA_DIR_HELP, may_change_on_resume=True)
     input: Literal["memory", "stream"] = configs.setting(
         "memory", "memory: the training set whole on the devices; stream: read while training "
                   "(grain), for data larger than memory, e.g. --dataset shards; same batches, "
-                  "same numbers (docs/streaming.md)")
+                  "same numbers (docs/streaming.md)", may_change_on_resume=True)
     quick: bool = configs.setting(
         False, f"smoke test: {QUICK_TRAIN} train / {QUICK_TEST} test examples, {QUICK_EPOCHS} "
                "epoch(s); figures say they come from a smoke run")
     steps_per_call: int | None = configs.setting(
         None, "training steps compiled into one lax.scan call; default 100, or 1 for "
               "convolutional models on CPU (XLA:CPU runs convolutions inside loops many times "
-              "slower, jax-ml/jax#12868)", configs.POSITIVE_INT)
+              "slower, jax-ml/jax#12868)", configs.POSITIVE_INT, may_change_on_resume=True)
     grad_clip: float | None = configs.setting(
         None, "clip the global gradient norm to this before each Adam step (inf: no clipping)",
         configs.POSITIVE_OR_INF)
     ema_decay: float | None = configs.setting(
         None, "evaluate, checkpoint and sample with an exponential moving average of the "
               "parameters with this decay (e.g. 0.999); 0 turns it off", configs.DECAY_RATE)
-    no_progress: bool = configs.setting(False, "hide the progress bar")
+    no_progress: bool = configs.setting(False, "hide the progress bar", may_change_on_resume=True)
     dtype: Literal["float32", "bfloat16"] = configs.setting(
         "float32", "dtype of the model's activations: bfloat16 runs the convolutions and matrix "
                    "multiplies at bfloat16 speed on GPUs and TPUs, while parameters, optimizer "
@@ -124,12 +135,6 @@ class Config(configs.Config):
     # Whether the model is convolutional: on CPU its training steps run one per compiled
     # call, split over several CPU devices (`lvm_jax.cpu_devices`) but in --quick runs.
     CONVOLUTIONAL = False
-
-    # config.json keeps the loop's settings under "train", as TrainConfig names them.
-    SAVED_IN_TRAIN = {"epochs": "epochs", "batch_size": "batch_size",
-                      "learning_rate": "learning_rate", "seed": "seed",
-                      "steps_per_call": "steps_per_call", "grad_clip": "grad_clip_norm",
-                      "ema_decay": "ema_decay"}
 
 
 def parser(config: type[Config], experiment: str, description: str) -> argparse.ArgumentParser:
@@ -145,6 +150,16 @@ def parser(config: type[Config], experiment: str, description: str) -> argparse.
                    help="one process of a multi-host run (TPU pod, SLURM or Open MPI job): calls "
                         "jax.distributed.initialize(), which finds the other hosts; --workdir "
                         "must be a directory every host sees")
+    return p
+
+
+def trained_run_parser(config: type, command: str, description: str) -> argparse.ArgumentParser:
+    """The command line of a command on a trained run (`experiments.<command>`): a flag for
+    every field of `config`, and the required --workdir of the run."""
+    p = configs.add_flags(ArgumentParser(prog=f"python -m experiments.{command}",
+                                         description=description,
+                                         formatter_class=HelpFormatter), config)
+    p.add_argument("--workdir", required=True, help="the trained run's workdir")
     return p
 
 
@@ -172,7 +187,7 @@ def run(parser: argparse.ArgumentParser, config: type[Config], train_and_evaluat
             jax.distributed.initialize()
         elif isinstance(settings, Config):
             split_cpu(settings)
-        with interrupt.handled(second_ends_process=True):
+        with quiet_disk_errors(), interrupt.handled(second_ends_process=True):
             result = train_and_evaluate(settings, flags.workdir)
             # A signal after the last step boundary: the run's files are all written whole.
             interrupt.check("the run finished, and its files are all written")
@@ -186,6 +201,41 @@ def run(parser: argparse.ArgumentParser, config: type[Config], train_and_evaluat
         if disk_error is None:
             raise
         parser.exit(1, f"{parser.prog}: error: {disk_error}\n")
+
+
+class QuietDiskErrors(logging.Filter):
+    """Drops the log records (with their tracebacks) of a disk error from orbax's threads:
+    the run stops on it and names it in one line (`records.disk_error`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not ((error is not None and records.disk_error(error) is not None)
+                    or any(int(code) in records.DISK_ERRORS for code in
+                           records.TENSORSTORE_OS_ERROR.findall(record.getMessage())))
+
+
+@contextlib.contextmanager
+def quiet_disk_errors():
+    """For the `with` block, on the command line only: drops orbax's log records of a disk
+    error (`QuietDiskErrors`) and the "Event loop is closed" errors of tensorstore's
+    callbacks, which a save or read failing halfway (a full disk) reports as unraisable
+    by the dozen, around the one line that names the failure."""
+    absl, previous_hook, quiet = logging.getLogger("absl"), sys.unraisablehook, QuietDiskErrors()
+
+    def hook(unraisable):
+        traceback = unraisable.exc_traceback
+        if not (unraisable.exc_type is RuntimeError and traceback is not None
+                and str(unraisable.exc_value) == "Event loop is closed"
+                and traceback.tb_frame.f_code.co_name == "call_soon_threadsafe"):
+            previous_hook(unraisable)
+
+    absl.addFilter(quiet)
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        absl.removeFilter(quiet)
+        sys.unraisablehook = previous_hook
 
 
 def split_cpu(config: Config) -> int | None:
@@ -204,20 +254,29 @@ def splits_cpu(config_type: type, quick: bool) -> bool:
     return getattr(config_type, "CONVOLUTIONAL", False) and not quick
 
 
+# The file that names the experiment owning a workdir, written before anything else of it.
+OWNER_FILE = "experiment.json"
+
+
 def workdir(config: Config, experiment: str, workdir: str | None = None) -> str:
-    """`workdir`, or by default runs/<experiment>/<dataset>[_quick].
+    """`workdir`, or by default runs/<experiment>/<dataset>[_quick], claimed for `experiment`:
+    under the workdir's lock, refused if another experiment owns it, else its OWNER_FILE
+    written; so of two experiments started on one new workdir, the second is refused before
+    it writes anything, whatever the layout of their runs (stages and variants in folders).
 
     Raises:
-      WorkdirError: the workdir holds another experiment's run (`workdir_owners`); nothing
-        in it is changed.
+      WorkdirError: the workdir holds another experiment's run (`workdir_owners`), or is in
+        use; nothing in it is changed.
     """
     path = workdir or os.path.join("runs", experiment,
                                    config.dataset + ("_quick" if config.quick else ""))
-    others = workdir_owners(path) - {experiment}
-    if others:
-        raise errors.WorkdirError(
-            f"the workdir {path} holds a run of {', '.join(sorted(others))}, not of {experiment}: "
-            f"choose another --workdir for this {experiment} run.")
+    with workdir_lock.locked(path):
+        others = workdir_owners(path) - {experiment}
+        if others:
+            raise errors.WorkdirError(
+                f"the workdir {path} holds a run of {', '.join(sorted(others))}, not of "
+                f"{experiment}: choose another --workdir for this {experiment} run.")
+        records.write_json(os.path.join(path, OWNER_FILE), {"experiment": experiment})
     return path
 
 
@@ -227,12 +286,12 @@ STAGE_OF = {"vqvae_prior": "vqvae",
 
 
 def workdir_owners(path: str) -> set[str]:
-    """The experiments whose runs `path` holds: each run's config.json names its experiment
-    (written by `fit` before any other file), in the workdir itself (vae, vlae, vae_2d,
+    """The experiments whose runs `path` holds: its OWNER_FILE names one (`workdir`), as does
+    each run's config.json, in the workdir itself (vae, vlae, vae_2d,
     lvae), a level down (vqvae's stages) or two (mlp_vae's study variants). Empty for a new
     workdir; an unreadable config.json is left to the run that reads it."""
     owners = set()
-    for pattern in ("config.json", "*/config.json", "*/*/config.json"):
+    for pattern in (OWNER_FILE, "config.json", "*/config.json", "*/*/config.json"):
         for found in sorted(glob.glob(os.path.join(glob.escape(path), pattern))):
             try:
                 experiment = records.read_record(found).get("experiment")
@@ -279,8 +338,17 @@ def train_config(config: Config) -> TrainConfig:
                        progress=not config.no_progress)
 
 
-def run_config(config: Config, experiment: str, **model_settings) -> dict:
-    """What identifies a run, saved in config.json beside the loop's settings: a resumed run
-    must match it, and `Config.from_json` reads the config's fields back from it."""
-    return {"experiment": experiment, "dataset": config.dataset, "quick": config.quick,
-            "dtype": config.dtype, "input": config.input, **model_settings}
+def train_steps(loop: TrainConfig, num_train: int) -> int:
+    """The optimizer steps `fit` takes with `loop` on `num_train` examples (one host)."""
+    return loop.epochs * (num_train // loop.batch_size)
+
+
+def run_record(config: Config, experiment: str, example_shape, **facts) -> dict:
+    """What config.json holds beside the training loop's "train" settings (which `fit`
+    adds): the experiment (or stage) that trains there, the settings of `config` that
+    identify the run (`Config.record`), and the run facts no setting names: the shape of
+    one training example, and `facts` (e.g. the step of the codes a prior trained on).
+    A resumed run must match it; `load_run` rebuilds the run from it alone. A new run fact
+    is added here, for every experiment at once."""
+    return {"experiment": experiment, **config.record(),
+            "example_shape": list(example_shape), **facts}

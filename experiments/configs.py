@@ -10,7 +10,9 @@ more values, `X | None` may be left unset. From these:
 * `add_flags` declares one argparse flag per field, with the field's name (underscores
   kept), help, default and checks, so that a bad value on the command line is refused by
   argparse itself (exit status 2) before any compute;
-* `Config.from_json` rebuilds the config of a finished run from its config.json.
+* `Config.record` is what config.json keeps of it: every setting but those marked
+  `may_change_on_resume` (the one list of what a resumed run may change), and
+  `Config.from_json` rebuilds the config of a run from its config.json.
 
 A small helper over argparse rather than a library such as tyro: the flags stay exactly
 those of the documentation (`--batch_size`, `--skip/--no-skip`, `--prior pixelcnn gated`),
@@ -82,18 +84,27 @@ POSITIVE_OR_INF = Range(float, lambda v: v > 0, "a positive number (inf allowed)
 DECAY_RATE = Range(float, lambda v: 0 <= v < 1, "a decay rate in [0, 1)")
 
 
-def setting(default, help: str, range: Range | None = None, metavar: str | None = None):
+def setting(default, help: str, range: Range | None = None, metavar: str | None = None,
+            may_change_on_resume: bool = False):
     """A config field: its default, its one-line help (shown by --help with the default),
-    the range a number must lie in, and the flag's metavar."""
+    the range a number must lie in, the flag's metavar, and whether a resumed run may change
+    it (a setting of how long or how the process runs, or of what is done after training,
+    rather than of what is trained): such a setting is not in config.json's record of the
+    run (`Config.record`), so a resume does not compare it."""
     return dataclasses.field(default=default,
-                             metadata={"help": help, "range": range, "metavar": metavar})
+                             metadata={"help": help, "range": range, "metavar": metavar,
+                                       "may_change_on_resume": may_change_on_resume})
 
 
 def redefault(config: type, name: str, default):
-    """Field `name` of `config` with another default (help and range kept), for a subclass
-    that changes a default: `ema_decay: float | None = redefault(Base, "ema_decay", 0.99)`."""
-    metadata = config.__dataclass_fields__[name].metadata
-    return setting(default, metadata["help"], metadata["range"], metadata["metavar"])
+    """Field `name` of `config` with another default (all else kept), for a subclass that
+    changes a default: `ema_decay: float | None = redefault(Base, "ema_decay", 0.99)`."""
+    return dataclasses.field(default=default, metadata=config.__dataclass_fields__[name].metadata)
+
+
+def may_change_on_resume(config: type) -> tuple[str, ...]:
+    """The fields of `config` that a resumed run may change (declared by `setting`)."""
+    return tuple(f.name for f in dataclasses.fields(config) if f.metadata["may_change_on_resume"])
 
 
 def _unset_allowed(annotation) -> tuple[Any, bool]:
@@ -157,15 +168,20 @@ class Config:
         """A copy with `changes`, checked like the original."""
         return dataclasses.replace(self, **changes)
 
-    # Where config.json keeps the fields that configure the training loop.
-    SAVED_IN_TRAIN: typing.ClassVar[dict[str, str]] = {}
+    def record(self) -> dict:
+        """The settings that identify the run, as config.json keeps them: every field but
+        those that may change on resume (`may_change_on_resume`)."""
+        changeable = may_change_on_resume(type(self))
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in changeable}
 
     @classmethod
     def from_saved(cls, saved: dict):
-        """The config of a run from its saved settings (config.json's contents): each field
-        named at the top level or, for the loop's settings, in "train"; settings the config
-        does not have (those derived from it, such as "experiment") are left out, missing
-        fields take their defaults.
+        """The config of a run from its saved settings (config.json's contents, `record`
+        plus run facts and the training loop's "train" settings): each field named at the
+        top level; a field that may change on resume is read from "train" when the loop
+        keeps it under the same name (the learning rate now in use); keys that name no
+        field (the experiment, run facts) are left out, missing fields take their defaults.
 
         Raises:
           ConfigError: `saved` or its "train" is no dict, or a value is out of its field's
@@ -175,10 +191,9 @@ class Config:
             raise errors.ConfigError(f"{cls.__module__}.{cls.__qualname__}: saved settings "
                                      "must be a JSON object with a \"train\" object.")
         names = {field.name for field in dataclasses.fields(cls)}
-        values = {name: saved[name] for name in names if name in saved}
         train = saved.get("train", {})
-        values.update({field: train[key] for field, key in cls.SAVED_IN_TRAIN.items()
-                       if key in train and field in names})
+        values = {name: train[name] for name in may_change_on_resume(cls) if name in train}
+        values.update({name: saved[name] for name in names if name in saved})
         return cls(**values)
 
     @classmethod

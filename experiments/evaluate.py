@@ -3,10 +3,8 @@ mlp_vae and lvae; a VQ-VAE has no such bound: its priors report nats per code).
 
     python -m experiments.evaluate --workdir runs/vae/mnist_embedded [--num_samples 1000]
 
-Reads the run's config.json, rebuilds its model with the experiment's
-`build_model` (arguments taken from config.json by name; `dataset` is the
-loaded Dataset; an argument with a default that an older config.json lacks
-takes that default), restores the latest checkpoint and evaluates the test set.
+Rebuilds the run from its workdir (`experiments.load_run`), and evaluates its
+test set with `run.evaluate`.
 Adds to the run's summary.json:
   test_metrics: iwae_nll and iwae_nll_stderr (nats per example),
     iwae_bits_per_dim (images), iwae_num_samples, active_units;
@@ -21,32 +19,23 @@ import argparse
 import dataclasses
 import glob
 import importlib
-import inspect
 import os
 import sys
 import time
-import types
-from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from experiments import common, configs
-from lvm_jax import cpu_devices, data, evaluate
-from lvm_jax.errors import ConfigError, RecordError, UserError
+from experiments import common, configs, runs
+from experiments.runs import load_run
+from lvm_jax import cpu_devices, evaluate
+from lvm_jax.errors import ConfigError, UserError
 from lvm_jax.models.priors import StandardNormalPrior
-from lvm_jax.train import (CheckpointError, Objective, TrainConfig, device_description,
-                           initial_state, interrupt, records)
-from lvm_jax.train.checkpoint import newest_record, restore_committed
+from lvm_jax.train import CheckpointError, device_description, interrupt, records
 from lvm_jax.train import workdir as workdir_lock
 
 # The experiments whose models give importance weights (`evaluate.iwae_log_weights`).
 EVALUATED = ("vae", "vlae", "vae_2d", "mlp_vae", "lvae")
-# Experiments whose config.json does not name their model's module or dataset directly.
-MODEL_MODULES = {"vlae": "vae"}  # the VLAE is experiments.vae's model with the MADE prior
-DATASET_NAMES = {"vae_2d": "toy2d_{}"}  # vae_2d's --dataset picks one of the toy2d sets
 NATS = "nats per example"
 UNITS = {"iwae_nll": f"{NATS}, importance-weighted bound with iwae_num_samples samples",
          "iwae_nll_stderr": f"{NATS}, standard error of the mean over the test set",
@@ -56,87 +45,23 @@ UNITS = {"iwae_nll": f"{NATS}, importance-weighted bound with iwae_num_samples s
          "active_units": "latent dimensions with Cov_x(E_q[z_u]) > the threshold (Burda et al.)"}
 
 
-class Run(NamedTuple):
-    """A trained run, rebuilt: its config.json, data, model, objective, the parameters to
-    evaluate and the step of their checkpoint.
-
-    The model takes its examples as the training step did, preprocessed: stored uint8
-    images scaled to [-1, 1] or binarized, MNIST digits cropped. `preprocess` does it:
-
-        run = load_run("runs/vae/mnist_embedded")
-        terms = run.model.apply({"params": run.params}, run.preprocess(run.dataset.test[:8]),
-                                jax.random.key(0))  # per-example ELBO terms, nats
-    """
-
-    config: dict
-    dataset: data.Dataset
-    model: nn.Module
-    objective: Objective
-    params: Any
-    step: int
-
-    def preprocess(self, examples) -> jax.Array:
-        """`examples` as stored (e.g. `dataset.test[:8]`, uint8 images) -> the model's input,
-        as the training step computed it (`objective.preprocess`)."""
-        return self.objective.preprocess(jnp.asarray(examples))
-
-
-def load_run(workdir: str, data_dir: str | None = None) -> Run:
-    """Rebuilds the run in `workdir` from its config.json and newest committed checkpoint;
-    apply its model to `run.preprocess(examples)` (see `Run`).
-
-    Safe while the run trains: it reads the newest checkpoint whose record verifies, never
-    a step being written or deleted (`checkpoint.restore_committed`).
+def bounded_run(workdir: str, data_dir: str | None = None) -> runs.BoundRun:
+    """The run in `workdir` (`experiments.load_run`), once its config.json names an
+    experiment with an importance-weighted bound.
 
     Raises:
-      CheckpointError: `workdir` holds no config.json or no checkpoint, or one that does
-        not match the rebuilt model.
-      RecordError: config.json is malformed, or names another experiment, dataset or model
-        than the checkpoint's record.
-      DataError: the run's dataset cannot be loaded.
+      CheckpointError: `workdir` holds no config.json (the message names the runs inside it
+        that have a bound), names an experiment without one, or holds no trained step.
     """
     config_path = os.path.join(workdir, "config.json")
     if not os.path.exists(config_path):
         raise CheckpointError(_no_config_message(workdir))
-    config = records.read_record(config_path)
-    _check_types(config_path, config, {"experiment": str})
-    experiment = config["experiment"]
+    experiment = records.read_record(config_path).get("experiment")
     if experiment not in EVALUATED:
-        raise CheckpointError(_no_bound_message(workdir, [experiment]))
-    _check_types(config_path, config, {"dataset": str, "train": dict})
-    newest = newest_record(workdir)
-    if newest is not None:  # before the config builds anything: it may name other data
-        _check_same_run(config_path, config, newest[1], newest[0])
-    module = importlib.import_module(f"experiments.{MODEL_MODULES.get(experiment, experiment)}")
-    dataset_name = DATASET_NAMES.get(experiment, "{}").format(config["dataset"])
-    flags = types.SimpleNamespace(dataset=dataset_name, data_dir=data_dir,
-                                  quick=config.get("quick", False))
-    dataset = common.load_dataset(flags, dataset_name)
-
-    kwargs = {}
-    for name, parameter in inspect.signature(module.build_model).parameters.items():
-        if name == "dataset":
-            kwargs[name] = dataset
-        elif name in config:
-            kwargs[name] = config[name]
-        elif parameter.default is inspect.Parameter.empty:
-            raise CheckpointError(
-                f"{config_path} lacks {name!r}, which {module.__name__}.build_model needs.")
-        # Otherwise the setting is newer than this config.json (e.g. dtype): the run used
-        # its default.
-    model = module.build_model(**kwargs)
-    objective = module.make_objective(model)
-    params, step = restore_eval_params(workdir, objective, dataset.test[:1], config["train"],
-                                       expected=config)
-    return Run(config, dataset, model, objective, params, step)
-
-
-def _check_types(path: str, config: dict, kinds: dict[str, type]) -> None:
-    """Refuses a config.json that lacks one of `kinds` ({key: type}) or holds another type."""
-    for key, kind in kinds.items():
-        if not isinstance(config.get(key), kind):
-            raise RecordError(f"{path} is malformed: its {key!r} is "
-                              f"{'missing' if key not in config else 'no ' + kind.__name__}.")
+        raise CheckpointError(_no_bound_message(workdir, [str(experiment)]))
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise CheckpointError(f"{workdir} holds no checkpoints/: train the run first.")
+    return load_run(workdir, data_dir)
 
 
 def _no_bound_message(workdir: str, experiments: list[str]) -> str:
@@ -162,53 +87,6 @@ def _no_config_message(workdir: str) -> str:
     if inner:
         return _no_bound_message(workdir, list(map(str, inner.values())))
     return f"{workdir} holds no config.json: it is no training run's workdir."
-
-
-def restore_eval_params(workdir: str, objective, example: np.ndarray, train_config: dict,
-                        expected: dict | None = None):
-    """(parameters to evaluate, step) of the newest committed checkpoint: the EMA when the run
-    kept one. The restore target is the TrainState `fit` saves, built the same way.
-
-    With `expected` (config.json's contents), refuses a checkpoint whose record keeps
-    another run's settings (experiment, dataset, model; the loop's "train" settings and the
-    "changes" may differ): config.json edited, or a checkpoint copied from another run.
-    """
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise CheckpointError(f"{workdir} holds no checkpoints/: train the run first.")
-    try:
-        target = initial_state(objective, example, TrainConfig(**train_config))
-    except (TypeError, ValueError) as err:
-        raise RecordError(f"{os.path.join(workdir, 'config.json')} is malformed: its 'train' "
-                          f"settings do not build the run ({err}).") from None
-
-    def same_run(record: dict, step: int) -> None:
-        _check_same_run(os.path.join(workdir, "config.json"), expected, record, step)
-
-    state, step, _ = restore_committed(workdir, target,
-                                       same_run if expected is not None else None)
-    return state.eval_params, step
-
-
-def _check_same_run(config_path: str, config: dict, record: dict, step: int) -> None:
-    """Refuses config.json's contents `config` when they differ from the config that the
-    checkpoint of `step` keeps in its `record` (but for the loop's settings)."""
-    differ = _differences(config, record.get("config"))
-    if differ:
-        raise RecordError(
-            f"{config_path} does not match the checkpoint of step {step} ({differ[0]}): "
-            "config.json was edited, or the checkpoint is another run's. Restore config.json, "
-            "or evaluate the run the checkpoint belongs to.")
-
-
-def _differences(config: dict, saved: dict | None) -> list[str]:
-    """"dataset: config.json 'a', checkpoint 'b'" for every setting but the loop's ("train")
-    and the "changes" that differ between config.json and a checkpoint's record (none for a
-    record of an older lvm_jax, which keeps no config)."""
-    if saved is None:
-        return []
-    return [f"{key}: config.json {config.get(key)!r}, checkpoint {saved.get(key)!r}"
-            for key in sorted((set(config) | set(saved)) - {"train", "changes"})
-            if records.to_json(config.get(key)) != records.to_json(saved.get(key))]
 
 
 def _note(message: str) -> None:
@@ -276,14 +154,14 @@ def _evaluate_run(config: Config, workdir: str) -> dict:
     if os.path.exists(summary_path):
         records.read_record(summary_path)  # malformed: refused before any compute
     _note(f"restoring the run in {workdir}")
-    run = load_run(workdir, config.data_dir)
+    run = bounded_run(workdir, config.data_dir)
     dataset, model, params = run.dataset, run.model, run.params
     preprocess = run.objective.preprocess
     chunk = evaluate.resolve_chunk(config.num_samples, config.chunk)
 
     def iwae_nll(examples, num_samples, progress=False):
-        return evaluate.iwae_nll(model, params, examples, jax.random.key(config.seed), num_samples,
-                                 chunk, config.batch_size, preprocess, progress)
+        return run.evaluate(examples, jax.random.key(config.seed), num_samples, chunk,
+                            config.batch_size, progress)
 
     # A fixed subset keeps k = 1000 affordable for convolutional models on a CPU.
     examples = dataset.test[:config.num_examples]
@@ -328,7 +206,7 @@ def _evaluate_run(config: Config, workdir: str) -> dict:
 
     bits = metrics.get("iwae_bits_per_dim")
     elbo = metrics.get("neg_elbo_iwae_examples", summary["test_metrics"].get("neg_elbo"))
-    print(f"{run.config['experiment']} on {dataset.name}: IWAE NLL (k={config.num_samples}) "
+    print(f"{run.experiment} on {dataset.name}: IWAE NLL (k={config.num_samples}) "
           f"{metrics['iwae_nll']:.3f} ± {metrics['iwae_nll_stderr']:.3f} nats"
           + (f" ({bits:.4f} bits/dim)" if bits is not None else "")
           + (f", -ELBO {elbo:.3f}" if elbo is not None else "")
@@ -338,11 +216,7 @@ def _evaluate_run(config: Config, workdir: str) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = configs.add_flags(common.ArgumentParser(prog="python -m experiments.evaluate",
-                                                  description=__doc__,
-                                                  formatter_class=common.HelpFormatter), Config)
-    p.add_argument("--workdir", required=True, help="the training run's output directory")
-    return p
+    return common.trained_run_parser(Config, "evaluate", __doc__)
 
 
 def main(argv=None):

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import common, configs
+from experiments import common, configs, runs
 from lvm_jax import data, evaluate, viz
 from lvm_jax.errors import ConfigError
 from lvm_jax.models import likelihoods, lvae
@@ -54,13 +54,14 @@ def default_free_bits(latent_layers: int) -> float:
     return 0.5 if latent_layers <= 6 else 1.0
 
 
-def build_model(dataset: data.Dataset, latent_layers: int, likelihood: str, latent_channels: int,
-                hidden: int, blocks_per_layer: int, merge: str, skip: bool, gated: bool,
-                learn_top_prior: bool, data_init: bool, dtype: str = "float32") -> lvae.LVAE:
-    return lvae.LVAE(image_shape=dataset.event_shape, likelihood=likelihoods.get(likelihood),
-                     num_layers=latent_layers, latent_channels=latent_channels, hidden=hidden,
-                     blocks_per_layer=blocks_per_layer, merge=merge, skip=skip, gated=gated,
-                     learn_top_prior=learn_top_prior, data_init=data_init, dtype=dtype)
+def build_model(config, image_shape: tuple[int, int, int], likelihood: str) -> lvae.LVAE:
+    """The LVAE `config` names, for images of `image_shape` and the `likelihood` resolved."""
+    return lvae.LVAE(image_shape=tuple(image_shape), likelihood=likelihoods.get(likelihood),
+                     num_layers=config.latent_layers, latent_channels=config.latent_channels,
+                     hidden=config.hidden, blocks_per_layer=config.blocks_per_layer,
+                     merge=config.merge, skip=config.skip, gated=config.gated,
+                     learn_top_prior=config.learn_top_prior, data_init=config.data_init,
+                     dtype=config.dtype)
 
 
 def make_objective(model: lvae.LVAE, free_bits: float = 0.5,
@@ -87,14 +88,14 @@ def make_objective(model: lvae.LVAE, free_bits: float = 0.5,
                                preprocess=preprocess, units=units)
 
 
-def iwae_metrics(model: lvae.LVAE, params, examples: np.ndarray, preprocess, num_samples: int,
-                 seed: int, progress: bool, chunk: int | None = None) -> dict:
+def iwae_metrics(run: "Run", examples: np.ndarray, num_samples: int, seed: int, progress: bool,
+                 chunk: int | None = None) -> dict:
     """Importance-weighted NLL of `examples` (stored), nats per example, with its standard
     error, and their -ELBO from `ELBO_SAMPLES` samples per example, so the two compare on
     the same examples (the bound is at least the ELBO)."""
     key = jax.random.key(seed)
-    nll = evaluate.iwae_nll(model, params, examples, key, num_samples, chunk, IWAE_BATCH,
-                            preprocess, progress)
+    nll = run.evaluate(examples, key, num_samples, chunk, IWAE_BATCH, progress)
+    model, params, preprocess = run.model, run.params, run.objective.preprocess
     # The mean of the log-weights estimates the ELBO (Monte Carlo KL, as in training).
     mean_log_weight = jax.jit(lambda p, x, r: evaluate.iwae_log_weights(
         model, p, preprocess(x), r, ELBO_SAMPLES).mean(axis=0))
@@ -105,32 +106,53 @@ def iwae_metrics(model: lvae.LVAE, params, examples: np.ndarray, preprocess, num
             "neg_elbo_iwae_examples": float(-elbo.mean())}
 
 
+class Run(runs.VAERun):
+    """A trained LVAE (`runs.Run`'s verbs): images are uint8 (N, H, W, C); `encode` gives the
+    posterior means of every layer, flattened and concatenated (layer 1 first), which no
+    single latent decodes."""
+
+    LACKS = ("decode",)
+
+    def decode(self, z) -> np.ndarray:
+        raise self._lacks("decode", "no decoder of one latent (its layers are drawn top "
+                                    "down, each given those above)")
+
+
+def build(config, record: dict) -> Run:
+    """The run `config` describes (its record holds the likelihood and free bits resolved
+    from their defaults: `common.run_record`), untrained; the data-dependent initialisation
+    is the training objective's (`make_objective`)."""
+    model = build_model(config, record["example_shape"], config.likelihood)
+    example = jax.ShapeDtypeStruct((1, *record["example_shape"]), np.uint8)
+    return Run(config, {"": runs.Stage("lvae", model, make_objective(model, config.free_bits),
+                                       example,
+                                       OPTIMIZERS[config.optimizer](config.learning_rate))})
+
+
 @functools.partial(jax.jit, static_argnames="model")
-def figure_images(model: lvae.LVAE, variables, rng: jax.Array, test: jax.Array) -> dict:
-    """Every image of the figures in one compiled call: 100 samples, the reconstructions of
-    `test` (preprocessed), and the per-layer views (L, rows * cols, H, W, C), layer 1 first."""
-    sample_rng, layers_rng = jax.random.split(rng)
+def layer_views(model: lvae.LVAE, variables, rng: jax.Array) -> jax.Array:
+    """The per-layer views (L, rows * cols, H, W, C), layer 1 first, in one compiled call."""
     # vmap over a traced layer index: one generative pass serves every layer.
-    layer_views = jax.vmap(lambda layer: model.apply(
-        variables, layers_rng, layer, LAYER_ROWS, LAYER_COLS, method=lvae.LVAE.layer_samples))(
+    return jax.vmap(lambda layer: model.apply(
+        variables, rng, layer, LAYER_ROWS, LAYER_COLS, method=lvae.LVAE.layer_samples))(
         jnp.arange(1, model.num_layers + 1))
-    return {"samples": model.apply(variables, sample_rng, 100, method=lvae.LVAE.sample),
-            "reconstructions": model.apply(variables, test, method=lvae.LVAE.reconstruct),
-            "layers": layer_views}
 
 
-def save_figures(model: lvae.LVAE, params, test: jax.Array, workdir: str, seed: int,
-                 title: str) -> list[str]:
-    """Samples, reconstructions, the per-layer views and the curves; `test` preprocessed."""
-    images = jax.device_get(figure_images(model, {"params": params}, jax.random.key(seed + 1), test))
+def save_figures(run: Run, test: np.ndarray, workdir: str, title: str) -> list[str]:
+    """Samples, reconstructions, the per-layer views and the curves; `test` stored images.
+    The samples are `run.sample(100, jax.random.key(seed + 1))`."""
+    key = jax.random.key(run.config.seed + 1)
+    model = run.model
     figures = [
-        viz.save_image_grid(images["samples"], os.path.join(workdir, "samples.png"),
+        viz.save_image_grid(run.sample(100, key), os.path.join(workdir, "samples.png"),
                             title=f"{title}: 100 samples (decoder mean)"),
-        viz.save_image_grid(viz.interleave_pairs(np.asarray(test), images["reconstructions"]),
+        viz.save_image_grid(viz.interleave_pairs(runs.to_images(run.preprocess(test)),
+                                                 run.reconstruct(test)),
                             os.path.join(workdir, "reconstructions.png"),
                             title=f"{title}: test images | reconstructions"),
     ]
-    for layer, view in enumerate(images["layers"], start=1):
+    views = jax.device_get(layer_views(model, run.variables[""], jax.random.fold_in(key, 1)))
+    for layer, view in enumerate(views, start=1):
         figures.append(viz.save_image_grid(
             view, os.path.join(workdir, f"layer_{layer}.png"), ncols=LAYER_COLS,
             title=f"{title}: layer {layer} of {model.num_layers} (rows fix the layers above)"))
@@ -150,7 +172,8 @@ class Config(common.Config):
 
     dataset: common.ImageDataset = configs.setting("mnist_embedded", "the data to train on")
     batch_size: int = configs.redefault(common.Config, "batch_size", 64)
-    learning_rate: float = configs.setting(3e-4, "the optimizer's step size", configs.POSITIVE_FLOAT)
+    learning_rate: float = configs.setting(3e-4, "the optimizer's step size",
+                                           configs.POSITIVE_FLOAT, may_change_on_resume=True)
     optimizer: Literal[tuple(OPTIMIZERS)] = configs.setting(
         "adamax", "Adamax (the seed's) or Adam, each at --learning_rate")
     latent_layers: int = configs.setting(3, "stochastic layers L", configs.POSITIVE_INT)
@@ -175,14 +198,15 @@ class Config(common.Config):
         True, f"data-dependent initialisation on {INIT_EXAMPLES} training examples")
     iwae_samples: int = configs.setting(
         0, "after training, the importance-weighted test NLL with this many samples per example "
-           "(e.g. 1000); 0 skips it", configs.NON_NEGATIVE_INT)
+           "(e.g. 1000); 0 skips it", configs.NON_NEGATIVE_INT, may_change_on_resume=True)
     iwae_examples: int | None = configs.setting(
         None, "evaluate the importance-weighted NLL on the first this many test examples "
-              "(default all)", configs.POSITIVE_INT)
+              "(default all)", configs.POSITIVE_INT, may_change_on_resume=True)
     iwae_chunk: int | None = configs.setting(
         None, "importance samples per compiled call, split over the devices (divides "
               f"--iwae_samples; default its largest divisor up to {evaluate.DEFAULT_CHUNK}; 100 "
-              "draws the samples of docs/results.md's table)", configs.POSITIVE_INT)
+              "draws the samples of docs/results.md's table)", configs.POSITIVE_INT,
+        may_change_on_resume=True)
 
     def __post_init__(self):
         super().__post_init__()
@@ -197,32 +221,28 @@ class Config(common.Config):
 def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     """Trains (or resumes) the run `config` describes in `workdir` (default
     runs/lvae/<dataset>), writes its figures and summary.json, and returns the summary."""
-    workdir = common.workdir(config, "lvae", workdir)
     dataset = common.load_dataset(config)
     likelihood = config.likelihood or default_likelihood(dataset)
     free_bits = default_free_bits(config.latent_layers) if config.free_bits is None else config.free_bits
-    settings = dict(latent_layers=config.latent_layers, likelihood=likelihood,
-                    latent_channels=config.latent_channels, hidden=config.hidden,
-                    blocks_per_layer=config.blocks_per_layer, merge=config.merge, skip=config.skip,
-                    gated=config.gated,
-                    learn_top_prior=config.learn_top_prior, data_init=config.data_init)
-    model = build_model(dataset, **settings, dtype=config.dtype)
-    data.require_images(dataset, "lvae", multiple_of=model.size_multiple)
-    objective = make_objective(model, free_bits,
+    record = common.run_record(config, "lvae", dataset.event_shape, likelihood=likelihood,
+                               free_bits=free_bits)
+    run = build(config.replace(likelihood=likelihood, free_bits=free_bits), record)
+    data.require_images(dataset, "lvae", multiple_of=run.model.size_multiple)
+    workdir = common.workdir(config, "lvae", workdir)
+    stage = run.stages[""]
+    objective = make_objective(run.model, free_bits,
                                dataset.train[:INIT_EXAMPLES] if config.data_init else None)
     result = fit(objective, dataset.train, dataset.test, common.train_config(config), workdir,
-                 common.run_config(config, "lvae", free_bits=free_bits, optimizer=config.optimizer,
-                                   **settings),
-                 tx=OPTIMIZERS[config.optimizer](config.learning_rate))
-    params = result.state.eval_params
+                 record, tx=stage.tx)
+    run.trained("", result.state)
+    model, params = run.model, run.params
     metrics = dict(result.test_metrics)
     metrics["bits_per_dim"] = float(evaluate.image_bits_per_dim(metrics["neg_elbo"], dataset.num_dims,
                                                                 model.likelihood))
     units = dict(objective.units)
     if config.iwae_samples:
-        metrics.update(iwae_metrics(model, params, dataset.test[:config.iwae_examples],
-                                    objective.preprocess, config.iwae_samples, config.seed,
-                                    not config.no_progress, config.iwae_chunk))
+        metrics.update(iwae_metrics(run, dataset.test[:config.iwae_examples], config.iwae_samples,
+                                    config.seed, not config.no_progress, config.iwae_chunk))
         units.update(iwae_nll=f"{NATS}, importance-weighted bound with iwae_num_samples samples "
                               "on the first iwae_num_examples test examples",
                      iwae_nll_stderr=f"{NATS}, standard error of the mean over those examples",
@@ -231,10 +251,9 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
                      iwae_num_samples="importance samples per example",
                      iwae_num_examples="test examples evaluated")
     layers = f"{config.latent_layers} layer{'s' if config.latent_layers > 1 else ''}"
-    step = int(result.state.step)
+    step = run.step
     title = common.figure_title(f"LVAE ({layers}) on {dataset.name}", config, step)
-    test_images = objective.preprocess(jnp.asarray(dataset.test[:50]))
-    figures = save_figures(model, params, test_images, workdir, config.seed, title)
+    figures = save_figures(run, dataset.test[:50], workdir, title)
     records.write_figures_to_tensorboard(workdir, figures, step)
     kl_per_layer = [metrics[f"kl_layer_{i}"] for i in range(1, config.latent_layers + 1)]
     summary = records.update_json(os.path.join(workdir, "summary.json"), {

@@ -30,10 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from experiments import common, configs
+from experiments import common, configs, runs
 from lvm_jax import data, evaluate, viz
 from lvm_jax.models import likelihoods, vae
-from lvm_jax.train import Objective, fit, records
+from lvm_jax.train import FitResult, Objective, fit, progress, records
 
 EXPERIMENT = "mlp_vae"
 NATS = "nats per example"
@@ -70,14 +70,32 @@ def count_parameters(params) -> int:
     return int(sum(p.size for p in jax.tree.leaves(params)))
 
 
-def train_variant(config, dataset, workdir, likelihood, hidden, num_samples):
-    model = build_model(likelihood, hidden, config.latent_dim, config.dtype)
-    objective = make_objective(model, num_samples)
-    result = fit(objective, dataset.train, dataset.test, common.train_config(config),
-                 workdir, common.run_config(config, EXPERIMENT, likelihood=likelihood,
-                                            hidden=list(hidden), latent_dim=config.latent_dim,
-                                            num_samples=num_samples))
-    return model, objective, result
+class Run(runs.VAERun):
+    """A trained variant of a study (`runs.Run`'s verbs): digits are uint8 (N, 28, 28, 1)
+    images, latents the posterior means (N, latent_dim)."""
+
+    def outputs(self, x) -> np.ndarray:
+        return runs.to_images(to_images(x))
+
+
+def build(config, record: dict) -> Run:
+    """The variant `record` describes (its decoder's likelihood, hidden layers and training
+    samples per example are run facts), untrained."""
+    model = build_model(record["likelihood"], record["hidden"], config.latent_dim, config.dtype)
+    example = jax.ShapeDtypeStruct((1, *record["example_shape"]), np.uint8)
+    return Run(config, {"": runs.Stage(EXPERIMENT, model,
+                                       make_objective(model, record["num_samples"]), example)})
+
+
+def train_variant(config, dataset, workdir, likelihood, hidden,
+                  num_samples) -> tuple[Run, FitResult]:
+    """Trains (or resumes) one variant in `workdir`: its run and its FitResult."""
+    record = common.run_record(config, EXPERIMENT, dataset.event_shape, likelihood=likelihood,
+                               hidden=list(hidden), num_samples=num_samples)
+    run = build(config, record)
+    result = fit(run.objective, dataset.train, dataset.test, common.train_config(config),
+                 workdir, record)
+    return run.trained("", result.state), result
 
 
 def to_images(x_flat) -> np.ndarray:
@@ -89,14 +107,12 @@ def decoder_study(config, dataset, root) -> dict:
     test = dataset.test[:16]
     for name in DECODERS:
         workdir = os.path.join(root, "decoders", name)
-        model, objective, result = train_variant(config, dataset, workdir, name, (400,), num_samples=5)
-        params = result.state.eval_params
-        x = objective.preprocess(jnp.asarray(test))
-        recon = model.apply({"params": params}, x, method=vae.VAE.reconstruct)
-        panels.append(viz.interleave_pairs(to_images(x), to_images(recon)))
+        run, result = train_variant(config, dataset, workdir, name, (400,), num_samples=5)
+        panels.append(viz.interleave_pairs(run.outputs(run.preprocess(test)),
+                                           run.reconstruct(test)))
         metrics = dict(result.test_metrics)
         metrics["bits_per_dim"] = float(evaluate.image_bits_per_dim(
-            metrics["neg_elbo"], 784, model.likelihood))
+            metrics["neg_elbo"], 784, run.model.likelihood))
         rows[name] = metrics
     title = common.figure_title("original | reconstruction; rows of 4 pairs: "
                                 + ", then ".join(DECODERS.values()), config, int(result.state.step))
@@ -140,23 +156,22 @@ def depth_study(config, dataset, root) -> dict:
     rng = jax.random.key(config.seed + 1)
     for name, hidden in DEPTHS.items():
         workdir = os.path.join(root, "depth", name)
-        model, objective, result = train_variant(config, dataset, workdir, "unit_gaussian", hidden, 1)
-        params = result.state.eval_params
+        run, result = train_variant(config, dataset, workdir, "unit_gaussian", hidden, 1)
+        model, params = run.model, run.params
         variables = {"params": params}
         title = common.figure_title(name, config, int(result.state.step))
         digits = dataset.test[:256]  # fewer with --quick
-        x = objective.preprocess(jnp.asarray(digits))
+        x = run.preprocess(digits)
         mean, log_var = model.apply(variables, x, method=vae.VAE.encode)
         z = mean + jnp.exp(0.5 * log_var) * jax.random.normal(rng, mean.shape)
         recon = model.likelihood.mean(model.apply(variables, z, method=vae.VAE.decode))
         kl_dims = np.asarray(evaluate.per_dim_kl(model, params, digits,
-                                                 preprocess=objective.preprocess))
-        samples = model.apply(variables, rng, 64, method=vae.VAE.sample)
+                                                 preprocess=run.objective.preprocess))
         figures = [
             viz.save_image_grid(viz.interleave_pairs(to_images(x[:16]), to_images(recon[:16])),
                                 os.path.join(root, f"{name}_reconstructions.png"), ncols=8,
                                 title=f"{title}: test digits | reconstructions (z ~ q)"),
-            viz.save_image_grid(to_images(samples), os.path.join(root, f"{name}_samples.png"),
+            viz.save_image_grid(run.sample(64, rng), os.path.join(root, f"{name}_samples.png"),
                                 ncols=8, title=f"{title}: decoded prior samples"),
             viz.save_histogram(kl_dims, os.path.join(root, f"{name}_kl_histogram.png"),
                                threshold=COLLAPSE_NATS,
@@ -177,6 +192,9 @@ def depth_study(config, dataset, root) -> dict:
     return {"metrics": rows, "figure": os.path.basename(figure)}
 
 
+STUDIES = {"decoders": decoder_study, "depth": depth_study}
+
+
 @dataclasses.dataclass(frozen=True)
 class Config(common.Config):
     """The MLP VAE studies' settings."""
@@ -189,25 +207,26 @@ class Config(common.Config):
     grad_clip: float | None = configs.redefault(common.Config, "grad_clip", 1000.0)
     study: Literal["all", "decoders", "depth"] = configs.setting(
         "all", "which study to run: the three decoders (seed 001), the two depths (seed 004), "
-               "or both")
+               "or both", may_change_on_resume=True)
     latent_dim: int = configs.setting(20, "latent dimensions", configs.POSITIVE_INT)
 
 
 def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     """Runs (or resumes) the studies `config` names under `workdir` (default
     runs/mlp_vae/<dataset>), writes their figures and summary.json, and returns the summary."""
-    root = common.workdir(config, EXPERIMENT, workdir)
     dataset = common.load_dataset(config)
     data.require_images(dataset, EXPERIMENT, size=(32, 32), channels=(1,))  # MNIST digits
+    root = common.workdir(config, EXPERIMENT, workdir)
+    chosen = ("decoders", "depth") if config.study == "all" else (config.study,)
+    variants = {"decoders": DECODERS, "depth": DEPTHS}
+    steps = common.train_steps(common.train_config(config), len(dataset.train))
     studies = {}
-    if config.study in ("decoders", "all"):
-        studies["decoders"] = decoder_study(config, dataset, root)
-    if config.study in ("depth", "all"):
-        studies["depth"] = depth_study(config, dataset, root)
+    with progress.planned({variant: steps for study in chosen for variant in variants[study]}):
+        for study in chosen:
+            studies[study] = STUDIES[study](config, dataset, root)
     summary = records.update_json(os.path.join(root, "summary.json"), {
         "studies": studies, "units": UNITS, "dataset": dataset.describe(),
         "model_input": "the central 28x28 crop of each digit, 784 dimensions"})
-    steps = common.train_config(config).epochs * (len(dataset.train) // config.batch_size)
     print(common.figure_title(f"MLP VAE studies on {dataset.name}", config, steps) + ":")
     for study, result in studies.items():
         for variant, metrics in result["metrics"].items():

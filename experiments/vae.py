@@ -18,10 +18,9 @@ import sys
 from typing import Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from experiments import common, configs
+from experiments import common, configs, runs
 from lvm_jax import data, evaluate, viz
 from lvm_jax.models import likelihoods, vae
 from lvm_jax.models.priors import MADEFlowPrior, StandardNormalPrior
@@ -36,10 +35,10 @@ UNITS = {"neg_elbo": NATS, "recon": NATS, "kl": NATS, "loss": NATS,
          "neg_elbo_sse": "recon_sse + kl (course units)"}
 
 
-def build_model(dataset: data.Dataset, prior: str, likelihood: str,
+def build_model(image_shape: tuple[int, int, int], prior: str, likelihood: str,
                 dtype: str = "float32") -> vae.VAE:
     prior_settings = {"dtype": dtype} if prior == "made" else {}  # N(0, I) has no layers
-    return vae.conv_vae(dataset.event_shape, LATENT_DIM, likelihoods.get(likelihood),
+    return vae.conv_vae(tuple(image_shape), LATENT_DIM, likelihoods.get(likelihood),
                         prior=PRIORS[prior](LATENT_DIM, **prior_settings), dtype=dtype)
 
 
@@ -62,42 +61,42 @@ def summary_metrics(metrics: dict, num_dims: int, likelihood: str) -> dict:
     return {**metrics, "bits_per_dim": float(bits), **course}
 
 
-@functools.partial(jax.jit, static_argnames="model")
-def figure_images(model: vae.VAE, variables, rng: jax.Array, test: jax.Array) -> dict:
-    """Every image of the figures in one compiled call (op by op, each primitive would compile
-    on its own): 100 samples, the reconstructions of test[:50] and 10 interpolations of 10
-    frames, a row per pair, between the encodings of test[50:60] and test[60:70]; `test`
-    (70, ...) preprocessed."""
-    z_start, z_end = (model.apply(variables, x, method=vae.VAE.encode)[0]
-                      for x in (test[50:60], test[60:70]))
-    t = jnp.linspace(0.0, 1.0, 10)[:, None, None]
-    z = (1 - t) * z_start[None] + t * z_end[None]  # (frames, pairs, latent)
-    frames = jax.vmap(lambda zf: model.apply(variables, zf, method=_decode_mean))(z)
-    return {"samples": model.apply(variables, rng, 100, method=vae.VAE.sample),
-            "reconstructions": model.apply(variables, test[:50], method=vae.VAE.reconstruct),
-            "interpolations": jnp.swapaxes(frames, 0, 1).reshape(-1, *frames.shape[2:])}
+class Run(runs.VAERun):
+    """A trained image VAE or VLAE (`runs.Run`'s verbs): images are uint8 (N, H, W, C)."""
+
+    def interpolations(self, start, end, frames: int = 10) -> np.ndarray:
+        """A row of `frames` decoded frames between the encodings of each pair of stored
+        images start[i], end[i]: uint8 (len(start) * frames, H, W, C), a row per pair."""
+        t = np.linspace(0.0, 1.0, frames, dtype=np.float32)[None, :, None]
+        z_start, z_end = self.encode(start)[:, None], self.encode(end)[:, None]
+        return self.decode(((1 - t) * z_start + t * z_end).reshape(-1, z_start.shape[-1]))
 
 
-def save_figures(model: vae.VAE, params, dataset: data.Dataset, workdir: str, seed: int,
-                 title: str) -> list[str]:
+def build(config, record: dict) -> Run:
+    """The run `config` describes (its record: `common.run_record`), untrained."""
+    model = build_model(record["example_shape"], config.prior, config.likelihood, config.dtype)
+    objective = make_objective(model, config.num_samples, config.beta, config.free_bits)
+    example = jax.ShapeDtypeStruct((1, *record["example_shape"]), np.uint8)
+    return Run(config, {"": runs.Stage(record["experiment"], model, objective, example)})
+
+
+def save_figures(run: Run, dataset: data.Dataset, workdir: str, title: str) -> list[str]:
     """The figures of REFERENCE.md §2: samples, reconstructions, interpolations, curves."""
-    test = common.image_preprocess(model.likelihood)(jnp.asarray(dataset.test[:70]))
-    images = jax.device_get(figure_images(model, {"params": params}, jax.random.key(seed + 1), test))
+    test = dataset.test[:70]
     return [
-        viz.save_image_grid(images["samples"], os.path.join(workdir, "samples.png"),
+        viz.save_image_grid(run.sample(100, jax.random.key(run.config.seed + 1)),
+                            os.path.join(workdir, "samples.png"),
                             title=f"{title}: 100 samples (decoder mean)"),
-        viz.save_image_grid(viz.interleave_pairs(np.asarray(test[:50]), images["reconstructions"]),
+        viz.save_image_grid(viz.interleave_pairs(runs.to_images(run.preprocess(test[:50])),
+                                                 run.reconstruct(test[:50])),
                             os.path.join(workdir, "reconstructions.png"),
                             title=f"{title}: test images | reconstructions"),
-        viz.save_image_grid(images["interpolations"], os.path.join(workdir, "interpolations.png"),
+        viz.save_image_grid(run.interpolations(test[50:60], test[60:70]),
+                            os.path.join(workdir, "interpolations.png"),
                             title=f"{title}: interpolations between test encodings"),
         viz.save_curves(os.path.join(workdir, "metrics.csv"), os.path.join(workdir, "curves.png"),
                         title=title),
     ]
-
-
-def _decode_mean(model: vae.VAE, z):
-    return model.likelihood.mean(model.decode(z))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,24 +126,18 @@ def train_and_evaluate(config: Config, workdir: str | None = None, experiment: s
     """Trains (or resumes) the run `config` describes in `workdir` (default
     runs/<experiment>/<dataset>), writes its figures and summary.json, and returns the
     summary."""
-    workdir = common.workdir(config, experiment, workdir)
     dataset = common.load_dataset(config)
     data.require_images(dataset, experiment, size=vae.CONV_IMAGE_SIZE)
-    model = build_model(dataset, config.prior, config.likelihood, config.dtype)
-    objective = make_objective(model, config.num_samples, config.beta, config.free_bits)
-    result = fit(objective, dataset.train, dataset.test, common.train_config(config),
-                 workdir, common.run_config(config, experiment, prior=config.prior,
-                                            likelihood=config.likelihood, latent_dim=LATENT_DIM,
-                                            num_samples=config.num_samples, beta=config.beta,
-                                            free_bits=config.free_bits))
+    workdir = common.workdir(config, experiment, workdir)
+    record = common.run_record(config, experiment, dataset.event_shape)
     metrics = summary_metrics(result.test_metrics, dataset.num_dims, config.likelihood)
-    step = int(result.state.step)
+    step = run.step
     title = common.figure_title(f"{experiment.upper()} on {dataset.name}", config, step)
-    figures = save_figures(model, result.state.eval_params, dataset, workdir, config.seed, title)
+    figures = save_figures(run, dataset, workdir, title)
     records.write_figures_to_tensorboard(workdir, figures, step)
     summary = records.update_json(os.path.join(workdir, "summary.json"), {
         "test_metrics": metrics, "dataset": dataset.describe(),
-        "units": {**UNITS, "bits_per_dim": evaluate.bits_per_dim_unit(model.likelihood)},
+        "units": {**UNITS, "bits_per_dim": evaluate.bits_per_dim_unit(run.model.likelihood)},
         "reference_results": common.REFERENCE_RESULTS.get((experiment, config.dataset)),
         "figures": [os.path.basename(f) for f in figures]})
     print(f"{title}: test -ELBO {metrics['neg_elbo']:.2f} nats ({metrics['bits_per_dim']:.3f} bits/dim), "

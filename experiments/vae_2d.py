@@ -16,7 +16,7 @@ from typing import Literal
 import jax
 import numpy as np
 
-from experiments import common, configs
+from experiments import common, configs, runs
 from lvm_jax import data, viz
 from lvm_jax.models import likelihoods, vae
 from lvm_jax.train import Objective, evaluate_test_set, fit, records
@@ -49,6 +49,32 @@ def make_objective(model: vae.VAE, eval_samples: int = EPOCH_EVAL_SAMPLES) -> Ob
         eval_loss_fn=functools.partial(vae.loss_fn, model, num_samples=eval_samples), units=UNITS)
 
 
+class Run(runs.VAERun):
+    """A trained 2D VAE (`runs.Run`'s verbs): points are (N, 2) float32, latents the posterior
+    means (N, 2); its samples.png shows `sample(1000, key)` and the decoder means
+    `sample(1000, key, noise=False)`."""
+
+    def dataset_name(self) -> str:
+        return f"toy2d_{self.config.dataset}"
+
+    def sample(self, num: int, key: jax.Array, noise: bool = True) -> np.ndarray:
+        """`num` points x ~ p(x|z), z ~ p(z), the 2D VAE's samples (its learned decoder
+        variance carries much of the data's spread); the decoder means at the same z with
+        `noise=False`."""
+        return super().sample(num, key, noise)
+
+    def outputs(self, x) -> np.ndarray:
+        return np.asarray(x)
+
+
+def build(config, record: dict) -> Run:
+    """The run `config` describes (its record: `common.run_record`), untrained."""
+    model = build_model(config.dtype)
+    example = jax.ShapeDtypeStruct((1, *record["example_shape"]), np.float32)
+    return Run(config, {"": runs.Stage(record["experiment"], model, make_objective(model),
+                                       example)})
+
+
 @dataclasses.dataclass(frozen=True)
 class Config(common.Config):
     """The 2D VAE's settings."""
@@ -64,26 +90,25 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     runs/vae_2d/<dataset>), writes its figures and summary.json, and returns the summary."""
     workdir = common.workdir(config, EXPERIMENT, workdir)
     dataset = common.load_dataset(config, f"toy2d_{config.dataset}")
-    model = build_model(config.dtype)
+    record = common.run_record(config, EXPERIMENT, dataset.train.shape[1:])
+    run = build(config, record)
     train_config = common.train_config(config)
-    result = fit(make_objective(model), dataset.train, dataset.test, train_config, workdir,
-                 common.run_config(config, EXPERIMENT))
+    result = fit(run.objective, dataset.train, dataset.test, train_config, workdir, record)
+    run.trained("", result.state)
     # The final figure, once: the same batches and noise as fit's evaluations, 100 samples.
-    final = evaluate_test_set(make_objective(model, EVAL_SAMPLES), result.state, dataset.test,
+    final = evaluate_test_set(make_objective(run.model, EVAL_SAMPLES), result.state, dataset.test,
                               train_config)
 
     exact_nll = float(np.mean(data.toy2d.exact_nll(dataset.test, config.dataset)))
     metrics = {**final, "exact_nll": exact_nll, "gap_to_exact_nll": final["neg_elbo"] - exact_nll}
 
-    sample = jax.jit(lambda p, r, noise: model.apply({"params": p}, r, 1000, noise,
-                                                     method=vae.VAE.sample), static_argnums=2)
     rng = jax.random.key(config.seed + 1)
-    step = int(result.state.step)
+    step = run.step
     title = common.figure_title(f"2D VAE, dataset {config.dataset}", config, step)
     figures = [
         viz.save_scatter(os.path.join(workdir, "samples.png"), dataset.test, {
-            "samples with decoder noise": np.asarray(sample(result.state.eval_params, rng, True)),
-            "decoder means (no noise)": np.asarray(sample(result.state.eval_params, rng, False))},
+            "samples with decoder noise": run.sample(1000, rng),
+            "decoder means (no noise)": run.sample(1000, rng, noise=False)},
             title=f"{title}: 1000 samples over the test data"),
         viz.save_curves(os.path.join(workdir, "metrics.csv"), os.path.join(workdir, "curves.png"),
                         title=title),

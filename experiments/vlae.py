@@ -21,6 +21,10 @@ class Config(vae.Config):
     prior: vae.Prior = configs.redefault(vae.Config, "prior", "made")
 
 
+# The VAE's, with the MADE-flow prior that the Config names.
+build = vae.build
+
+
 def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     """`vae.train_and_evaluate` as the VLAE: its workdir defaults to runs/vlae/<dataset>."""
     return vae.train_and_evaluate(config, workdir, "vlae")

@@ -31,13 +31,14 @@ import sys
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from experiments import common, configs
+from experiments import common, configs, runs
 from lvm_jax import data, viz
 from lvm_jax.models import vqvae
 from lvm_jax.nn import sampling
-from lvm_jax.train import Objective, fit, records
+from lvm_jax.train import Objective, fit, progress, records
 
 # --quick keeps the layers and shrinks the widths: at full width one training
 # step of the VQ-VAE takes seconds on a CPU.
@@ -74,13 +75,6 @@ def code_dim(config) -> int:
     return QUICK_CODE_DIM if config.quick else vqvae.CODE_DIM
 
 
-# The quantizer option each setting sets, as `vqvae.quantizer` and config.json name them.
-QUANTIZER_SETTINGS = {"ema_codebook": "ema", "restart_dead_codes": "restart_after",
-                      "kmeans_iters": "kmeans_iters", "cosine": "cosine",
-                      "lookup_dim": "lookup_dim", "rotation_trick": "rotation_trick",
-                      "fsq_levels": "fsq_levels"}
-
-
 def quantizer_options(config) -> dict:
     """The options of `vqvae.quantizer`: the `quantizer` preset, then the settings given on
     top (a switch that is off, or a setting left unset, keeps the preset's).
@@ -106,21 +100,16 @@ def quantizer_options(config) -> dict:
     return options
 
 
-def build_model(config, dataset: data.Dataset, options: dict) -> vqvae.VQVAE:
+def build_model(config, image_shape: tuple[int, int, int], options: dict) -> vqvae.VQVAE:
     """The VQ-VAE `config` names (quantizer `options`), narrower with --quick."""
-    return vqvae.conv_vqvae(dataset.event_shape, vqvae.NUM_CODES, code_dim(config),
+    return vqvae.conv_vqvae(tuple(image_shape), vqvae.NUM_CODES, code_dim(config),
                             dtype=config.dtype, **options)
 
 
-def run_settings(model: vqvae.VQVAE, options: dict) -> dict:
-    """What identifies the VQ-VAE of a run; options beyond the EMA codebook and restarts appear
-    only when set, so workdirs of earlier versions still resume."""
-    extra = {name: list(value) if isinstance(value, tuple) else value
-             for name, value in options.items() if name not in ("ema", "restart_after")}
-    return dict(num_codes=model.quantizer.num_codes, code_dim=model.quantizer.code_dim,
-                ema_codebook=bool(options.get("ema")),
-                restart_dead_codes=options.get("restart_after"),
-                **({"quantizer": extra} if extra else {}))
+def prior_model(config, name: str):
+    """The prior `name` as `config` sizes it (narrower with --quick)."""
+    return vqvae.PRIORS[name](vqvae.NUM_CODES, **(QUICK_PRIORS[name] if config.quick else {}),
+                              dtype=config.dtype)
 
 
 def vqvae_objective(model: vqvae.VQVAE) -> Objective:
@@ -170,17 +159,53 @@ def _timing(summary: dict) -> dict:
                                     "train_steps_per_second", "train_examples_per_second")}
 
 
-def train_prior(config, prior_name: str, loop, train_codes, test_codes, workdir: str,
-                model_settings: dict):
-    """Stage 2 for one prior, in <workdir>/prior_<name>; returns (the prior, its FitResult)."""
-    prior = vqvae.PRIORS[prior_name](vqvae.NUM_CODES, **(QUICK_PRIORS[prior_name] if config.quick
-                                                         else {}), dtype=config.dtype)
-    prior_loop = dataclasses.replace(loop, epochs=loop.epochs if config.quick else config.prior_epochs)
-    # The codes depend on the VQ-VAE's step: a prior must not resume on another's codes.
-    result = fit(prior_objective(prior), train_codes, test_codes, prior_loop,
-                 os.path.join(workdir, f"prior_{prior_name}"),
-                 common.run_config(config, "vqvae_prior", prior=prior_name, **model_settings))
-    return prior, result
+class Run(runs.Run):
+    """A trained VQ-VAE with the priors trained on its current codes (`runs.Run`'s verbs):
+    images are uint8 (N, H, W, C), codes int32 grids (N, h, w); `prior=` names one of
+    `priors` (default the config's first)."""
+
+    @property
+    def priors(self) -> dict[str, str]:
+        """{prior name: its folder} of the priors this run holds."""
+        return {folder[len("prior_"):]: folder for folder in self.stages if folder != "vqvae"}
+
+    def sample(self, num: int, key: jax.Array, prior: str | None = None) -> np.ndarray:
+        """`num` images decoded from code grids drawn from the prior, with the config's
+        sampler (`lvm_jax.nn.sample_codes`)."""
+        folder = runs.choose_prior(prior, self.priors, self.config.prior[0])
+        stage = self.stages[folder]
+        _, images = vqvae.sample(self.model, self.variables["vqvae"], stage.model,
+                                 self.variables[folder]["params"], key, runs.check_count(num),
+                                 stage.example.shape[1:], self.config.sampler)
+        return runs.to_images(images)
+
+    def encode(self, x) -> np.ndarray:
+        """The code grids (N, h, w) int32 of stored images `x`."""
+        return vqvae.encode_dataset(self.model, self.variables["vqvae"], np.asarray(x),
+                                    common.CONVOLUTIONAL_EVAL_BATCH, data.scale_images)
+
+    def decode(self, z) -> np.ndarray:
+        """The images decoded from code grids `z` (N, h, w)."""
+        return runs.to_images(vqvae.decode(self.model, self.variables["vqvae"], jnp.asarray(z)))
+
+    def reconstruct(self, x) -> np.ndarray:
+        """Stored images `x` encoded to codes and decoded."""
+        return self.decode(self.encode(x))
+
+
+def build(config, record: dict) -> Run:
+    """The VQ-VAE and the priors `config` names (its record: `common.run_record`), untrained."""
+    image_shape = tuple(record["example_shape"])
+    model = build_model(config, image_shape, quantizer_options(config))
+    images = jax.ShapeDtypeStruct((1, *image_shape), np.uint8)
+    grid = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x,
+                                                           method="encode")[0], images).shape
+    stages = {"vqvae": runs.Stage("vqvae", model, vqvae_objective(model), images)}
+    for name in config.prior:
+        prior = prior_model(config, name)
+        stages[f"prior_{name}"] = runs.Stage("vqvae_prior", prior, prior_objective(prior),
+                                             jax.ShapeDtypeStruct(grid, np.int32))
+    return Run(config, stages)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,9 +217,11 @@ class Config(common.Config):
     dataset: common.ImageDataset = configs.setting("patches_embedded", "the data to train on")
     prior: tuple[Literal[tuple(sorted(vqvae.PRIORS))], ...] = configs.setting(
         ("pixelcnn",), "the autoregressive prior(s) over the code grid (stage 2), each trained "
-                       "on the same codes: --prior pixelcnn gated compares them")
+                       "on the same codes: --prior pixelcnn gated compares them",
+        may_change_on_resume=True)
     prior_epochs: int = configs.setting(20, "epochs of stage 2 (--epochs sets stage 1); --quick "
-                                            "runs 2", configs.POSITIVE_INT)
+                                            "runs 2", configs.POSITIVE_INT,
+                                        may_change_on_resume=True)
     quantizer: Literal[tuple(vqvae.QUANTIZER_PRESETS)] = configs.setting(
         "plain", "named quantizer settings: "
                  + "; ".join(f"{name} = {options or 'the course VQ-VAE'}"
@@ -226,24 +253,13 @@ class Config(common.Config):
     sampler: Literal[tuple(sampling.METHODS)] = configs.setting(
         "cached", "how the prior samples are drawn: cached computes only what each new code "
                   "changes (about one pass of the network per grid); raster runs the whole "
-                  "network once per code, the reference (same codes for a seed)")
+                  "network once per code, the reference (same codes for a seed)",
+        may_change_on_resume=True)
 
     def __post_init__(self):
         super().__post_init__()
         quantizer_options(self)
 
-    @classmethod
-    def from_saved(cls, saved: dict):
-        """As `configs.Config.from_saved`; the quantizer's options, which config.json names as
-        `vqvae.quantizer` does, come back as settings over the plain preset, and a stage-2
-        config.json's prior as the one prior."""
-        options = saved.get("quantizer", {})
-        settings = {name: options[option] for name, option in QUANTIZER_SETTINGS.items()
-                    if option in options}
-        if "prior" in saved:
-            settings["prior"] = (saved["prior"],)
-        base = super().from_saved({k: v for k, v in saved.items() if k not in ("quantizer", "prior")})
-        return base.replace(**settings)
 
 
 def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
@@ -251,51 +267,61 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     (default runs/vqvae/<dataset>), writes their figures and summary.json, and returns the
     summary."""
     options = quantizer_options(config)
-    workdir = common.workdir(config, "vqvae", workdir)
     dataset = common.load_dataset(config)
     data.require_images(dataset, "vqvae", multiple_of=vqvae.SIZE_MULTIPLE)
-    model = build_model(config, dataset, options)
-    model_settings = run_settings(model, options)
+    workdir = common.workdir(config, "vqvae", workdir)
+    record = common.run_record(config, "vqvae", dataset.event_shape)
+    run = build(config, record)
+    model = run.model
 
     loop = common.train_config(config)
-    stage1 = fit(vqvae_objective(model), dataset.train, dataset.test, loop,
-                 os.path.join(workdir, "vqvae"), common.run_config(config, "vqvae", **model_settings))
-    variables = {"params": stage1.state.eval_params, **stage1.state.model_state}
-    train_codes, test_codes = (
-        vqvae.encode_dataset(model, variables, images, loop.eval_batch_size, data.scale_images)
-        for images in (dataset.train, dataset.test))
-    model_settings["vqvae_step"] = int(stage1.state.step)
+    prior_loop = dataclasses.replace(loop, epochs=loop.epochs if config.quick
+                                     else config.prior_epochs)
+    plan = {"vqvae": common.train_steps(loop, len(dataset.train)),
+            **{f"prior_{name}": common.train_steps(prior_loop, len(dataset.train))
+               for name in config.prior}}
+    with progress.planned(plan):
+        stage1 = fit(run.objective, dataset.train, dataset.test, loop,
+                     os.path.join(workdir, "vqvae"), record)
+        run.trained("vqvae", stage1.state)
+        train_codes, test_codes = (
+            vqvae.encode_dataset(model, run.variables["vqvae"], images, loop.eval_batch_size,
+                                 data.scale_images)
+            for images in (dataset.train, dataset.test))
 
-    # With --quick, both stages train the same few steps (same epochs, batch and examples).
-    title = common.figure_title(f"VQ-VAE on {dataset.name}", config, int(stage1.state.step))
-    # Test images of evenly spread contrast: the photo patches are mostly flat sky.
-    shown = viz.spread_by_contrast(dataset.test, NUM_RECONSTRUCTIONS)
-    reconstructions = vqvae.decode(model, variables, test_codes[shown])
-    figures = save_stage1_figures(workdir, title, data.scale_images(dataset.test[shown]),
-                                  np.asarray(reconstructions))
-    records.write_figures_to_tensorboard(workdir, figures, int(stage1.state.step))
+        # With --quick, both stages train the same few steps (same epochs, batch and examples).
+        title = common.figure_title(f"VQ-VAE on {dataset.name}", config, run.step)
+        # Test images of evenly spread contrast: the photo patches are mostly flat sky.
+        shown = viz.spread_by_contrast(dataset.test, NUM_RECONSTRUCTIONS)
+        figures = save_stage1_figures(workdir, title, dataset.test[shown],
+                                      run.decode(test_codes[shown]))
+        records.write_figures_to_tensorboard(workdir, figures, run.step)
 
-    # Priors trained earlier in this workdir on the same codes stay in the summary.
-    summary_path = os.path.join(workdir, "summary.json")
-    previous = records.read_json(summary_path) if os.path.exists(summary_path) else {}
-    priors = {name: entry for name, entry in previous.get("priors", {}).items()
-              if entry["vqvae_step"] == model_settings["vqvae_step"]}
-    for prior_name in config.prior:
-        prior, stage2 = train_prior(config, prior_name, loop, train_codes, test_codes, workdir,
-                                    model_settings)
-        _, samples = vqvae.sample(model, variables, prior, stage2.state.eval_params,
-                                  jax.random.key(config.seed + 1), NUM_SAMPLES, test_codes.shape[1:],
-                                  config.sampler)
-        prior_figures = save_prior_figures(workdir, title, prior_name, samples)
-        records.write_figures_to_tensorboard(workdir, prior_figures, int(stage2.state.step))
-        priors[prior_name] = {"prior_nll": stage2.test_metrics["prior_nll"],
-                              "vqvae_step": model_settings["vqvae_step"],
-                              "config": stage2.summary["config"], "stage": _timing(stage2.summary),
-                              "figures": [os.path.basename(f) for f in prior_figures]}
+        # Priors trained earlier in this workdir on the same codes stay in the summary.
+        summary_path = os.path.join(workdir, "summary.json")
+        previous = records.read_json(summary_path) if os.path.exists(summary_path) else {}
+        priors = {name: entry for name, entry in previous.get("priors", {}).items()
+                  if entry["vqvae_step"] == run.step}
+        for prior_name in config.prior:
+            folder = f"prior_{prior_name}"
+            # The codes depend on the VQ-VAE's step: a prior must not resume on another's codes.
+            stage2 = fit(run.stages[folder].objective, train_codes, test_codes, prior_loop,
+                         os.path.join(workdir, folder),
+                         common.run_record(config, "vqvae_prior", dataset.event_shape,
+                                           prior=[prior_name], vqvae_step=run.step))
+            run.trained(folder, stage2.state)
+            samples = run.sample(NUM_SAMPLES, jax.random.key(config.seed + 1), prior=prior_name)
+            prior_figures = save_prior_figures(workdir, title, prior_name, samples)
+            records.write_figures_to_tensorboard(workdir, prior_figures, int(stage2.state.step))
+            priors[prior_name] = {"prior_nll": stage2.test_metrics["prior_nll"],
+                                  "vqvae_step": run.step,
+                                  "config": stage2.summary["config"],
+                                  "stage": _timing(stage2.summary),
+                                  "figures": [os.path.basename(f) for f in prior_figures]}
 
     vq = stage1.test_metrics
     # Usage and perplexity over the whole test set replace the batch means of `fit`.
-    metrics = {**vq, **vqvae.code_statistics(test_codes, model.quantizer.num_codes),
+    metrics = {**vq, **vqvae.code_statistics(test_codes, run.model.quantizer.num_codes),
                "reference_loss": vq["recon_mse"] + vq["codebook_loss"] + vq["commitment_loss"],
                "prior_nll": {name: entry["prior_nll"] for name, entry in priors.items()}}
     summary = records.update_json(summary_path, {

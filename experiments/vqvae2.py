@@ -30,11 +30,11 @@ import jax
 import numpy as np
 import optax
 
-from experiments import common, configs
+from experiments import common, configs, runs
 from lvm_jax import data, errors, viz
 from lvm_jax.models import vqvae, vqvae2
 from lvm_jax.nn import ConditionalGatedPixelCNN, PixelSNAIL, sample_codes, sampling
-from lvm_jax.train import FitResult, Objective, fit, records
+from lvm_jax.train import FitResult, Objective, fit, progress, records
 
 # --quick keeps the layers and shrinks the widths (cosine's lookup_dim is 32, hence the
 # code dimension).
@@ -105,15 +105,16 @@ class Config(common.Config):
     bottom_quantizer: PRESET | None = configs.setting(
         None, "the bottom level's quantizer settings (default: --quantizer)")
     prior_epochs: int = configs.setting(20, "epochs of each prior (--epochs sets stage 1); "
-                                            "--quick runs 2", configs.POSITIVE_INT)
+                                            "--quick runs 2", configs.POSITIVE_INT,
+                                        may_change_on_resume=True)
     bottom_condition: Literal["top", "none"] = configs.setting(
         "top", "what conditions the bottom prior: the top codes, or none (every condition "
                "code 0: the same network, no information from the top level; trained in "
-               "bottom_prior_none/)")
+               "bottom_prior_none/)", may_change_on_resume=True)
     sampler: Literal[tuple(sampling.METHODS)] = configs.setting(
         "cached", "how the samples are drawn: cached computes only what each new code "
                   "changes; raster runs the whole network once per code (same codes for a "
-                  "seed)")
+                  "seed)", may_change_on_resume=True)
 
     def level_options(self) -> dict[str, dict]:
         """Each level's `vqvae.quantizer` options."""
@@ -138,14 +139,6 @@ def build_model(config: Config, image_shape: tuple[int, int, int]) -> vqvae2.VQV
         raise
     except ValueError as err:
         raise common.FlagError(f"the quantizer settings contradict each other: {err}") from None
-
-
-def model_settings(config: Config, model: vqvae2.VQVAE2) -> dict:
-    """What identifies the VQ-VAE-2 of a run (config.json)."""
-    return dict(num_codes=model.top_quantizer.num_codes, code_dim=model.top_quantizer.code_dim,
-                width=model.width, bottom_factor=model.bottom_factor,
-                quantizer=config.quantizer, top_quantizer=config.top_quantizer,
-                bottom_quantizer=config.bottom_quantizer)
 
 
 def pair_grids(bottom: np.ndarray, top: np.ndarray, condition: str = "top") -> np.ndarray:
@@ -193,37 +186,26 @@ def bottom_prior(config: Config) -> ConditionalGatedPixelCNN:
                                     dtype=config.dtype)
 
 
-def train_top_prior(config: Config, loop, codes: dict, workdir: str, settings: dict):
-    """Stage 2 in <workdir>/top_prior: (the prior, its FitResult)."""
-    prior = top_prior(config)
+def top_objective(prior: PixelSNAIL) -> Objective:
     loss = functools.partial(top_prior_loss_fn, prior)
-    objective = Objective.stateless(init=lambda rng, x: prior.init(rng, x),
-                                    loss_fn=functools.partial(loss, train=True),
-                                    eval_loss_fn=functools.partial(loss, train=False),
-                                    units=PRIOR_UNITS)
-    result = fit(objective, codes["train"][0], codes["test"][0], loop,
-                 os.path.join(workdir, "top_prior"),
-                 common.run_config(config, "vqvae2_top_prior", **settings))
-    return prior, result
+    return Objective.stateless(init=lambda rng, x: prior.init(rng, x),
+                               loss_fn=functools.partial(loss, train=True),
+                               eval_loss_fn=functools.partial(loss, train=False),
+                               units=PRIOR_UNITS)
+
+
+def bottom_objective(prior: ConditionalGatedPixelCNN) -> Objective:
+    return Objective.stateless(init=lambda rng, pairs: prior.init(rng, *split_pairs(pairs)),
+                               loss_fn=functools.partial(bottom_prior_loss_fn, prior),
+                               units=PRIOR_UNITS)
+
+
+# The folder of the bottom prior of each --bottom_condition.
+BOTTOM_STAGES = {"top": "bottom_prior", "none": "bottom_prior_none"}
 
 
 def bottom_stage(config: Config) -> str:
-    return "bottom_prior" if config.bottom_condition == "top" else "bottom_prior_none"
-
-
-def train_bottom_prior(config: Config, loop, codes: dict, workdir: str, settings: dict):
-    """Stage 3 in <workdir>/bottom_prior (bottom_prior_none without the conditioning):
-    (the prior, its FitResult)."""
-    prior = bottom_prior(config)
-    train, test = (pair_grids(codes[split][1], codes[split][0], config.bottom_condition)
-                   for split in ("train", "test"))
-    objective = Objective.stateless(
-        init=lambda rng, pairs: prior.init(rng, *split_pairs(pairs)),
-        loss_fn=functools.partial(bottom_prior_loss_fn, prior), units=PRIOR_UNITS)
-    result = fit(objective, train, test, loop, os.path.join(workdir, bottom_stage(config)),
-                 common.run_config(config, "vqvae2_bottom_prior", **settings,
-                                   bottom_condition=config.bottom_condition))
-    return prior, result
+    return BOTTOM_STAGES[config.bottom_condition]
 
 
 @functools.partial(jax.jit, static_argnames=("model", "top", "bottom", "num", "top_shape",
@@ -243,13 +225,72 @@ def sample(model: vqvae2.VQVAE2, variables, top: PixelSNAIL, top_params,
     return top_codes, bottom_codes, vqvae2.decode(model, variables, top_codes, bottom_codes)
 
 
-def reconstruction_columns(model, variables, top: np.ndarray, bottom: np.ndarray,
-                           images: np.ndarray) -> np.ndarray:
-    """Rows of RECONSTRUCTION_COLUMNS, interleaved for a 4-column grid: (4N, H, W, C)."""
-    decoded = [images, vqvae2.decode(model, variables, top, bottom),
-               vqvae2.decode(model, variables, top, None),
-               vqvae2.decode(model, variables, None, bottom)]
-    return np.stack([np.asarray(d) for d in decoded], axis=1).reshape(-1, *images.shape[1:])
+class Run(runs.Run):
+    """A trained VQ-VAE-2 with its priors (`runs.Run`'s verbs): images are uint8 (N, H, W, C),
+    codes the pair of int32 grids (top (N, h, w), bottom (N, 2h, 2w)); `prior=` names the
+    bottom prior by what conditions it ("top", or "none" when trained), default the
+    config's."""
+
+    @property
+    def priors(self) -> dict[str, str]:
+        """{bottom condition: the folder of its bottom prior} of the bottom priors this run
+        holds."""
+        return {name: folder for name, folder in BOTTOM_STAGES.items() if folder in self.stages}
+
+    def sample(self, num: int, key: jax.Array, prior: str | None = None) -> np.ndarray:
+        """`num` images: top grids from the top prior, bottom grids from the bottom prior
+        given them, decoded; drawn with the config's sampler (`lvm_jax.nn.sample_codes`)."""
+        folder = runs.choose_prior(prior, self.priors, self.config.bottom_condition)
+        top = self.stages["top_prior"]
+        _, _, images = sample(self.model, self.variables["vqvae2"], top.model,
+                              self.variables["top_prior"]["params"], self.stages[folder].model,
+                              self.variables[folder]["params"], key, runs.check_count(num),
+                              top.example.shape[1:], self.config.sampler)
+        return runs.to_images(images)
+
+    def encode(self, x) -> tuple[np.ndarray, np.ndarray]:
+        """The (top, bottom) code grids of stored images `x`."""
+        return vqvae.encode_dataset(self.model, self.variables["vqvae2"], np.asarray(x),
+                                    common.CONVOLUTIONAL_EVAL_BATCH, data.scale_images)
+
+    def decode(self, z) -> np.ndarray:
+        """The images decoded from `z` = (top, bottom) grids; a level given as None is
+        decoded from its mean code vector."""
+        top, bottom = z
+        return runs.to_images(vqvae2.decode(self.model, self.variables["vqvae2"], top, bottom))
+
+    def reconstruct(self, x) -> np.ndarray:
+        """Stored images `x` encoded to both grids and decoded."""
+        return self.decode(self.encode(x))
+
+
+def build(config: Config, record: dict) -> Run:
+    """The VQ-VAE-2, its top prior and the bottom prior of `config.bottom_condition` (its
+    record: `common.run_record`), untrained."""
+    image_shape = tuple(record["example_shape"])
+    model = build_model(config, image_shape)
+    images = jax.ShapeDtypeStruct((1, *image_shape), np.uint8)
+    top_grid, bottom_grid = (grid.shape for grid in jax.eval_shape(
+        lambda x: model.init_with_output(jax.random.key(0), x, method="encode")[0], images))
+    top, bottom = top_prior(config), bottom_prior(config)
+    return Run(config, {
+        "vqvae2": runs.Stage("vqvae2", model, Objective(
+            init=model.init, loss=functools.partial(vqvae2.loss_fn, model),
+            preprocess=data.scale_images, units=UNITS), images),
+        "top_prior": runs.Stage("vqvae2_top_prior", top, top_objective(top),
+                                jax.ShapeDtypeStruct(top_grid, np.int32)),
+        bottom_stage(config): runs.Stage("vqvae2_bottom_prior", bottom, bottom_objective(bottom),
+                                         jax.ShapeDtypeStruct((*bottom_grid, 2), np.int32)),
+    })
+
+
+def reconstruction_columns(run: Run, images: np.ndarray) -> np.ndarray:
+    """Rows of RECONSTRUCTION_COLUMNS for stored `images`, interleaved for a 4-column grid:
+    uint8 (4N, H, W, C)."""
+    top, bottom = run.encode(images)
+    decoded = [images, run.decode((top, bottom)), run.decode((top, None)),
+               run.decode((None, bottom))]
+    return np.stack(decoded, axis=1).reshape(-1, *images.shape[1:])
 
 
 def _timing(summary: dict) -> dict:
@@ -259,19 +300,16 @@ def _timing(summary: dict) -> dict:
 
 @dataclasses.dataclass
 class Stages:
-    """The three trained stages of a run: the VQ-VAE-2 (`model`, `variables`: all its
-    collections), the grids it gives each split (`codes[split]` = (top, bottom)), and each
-    prior with its FitResult."""
+    """The three trained stages of a run: the `run` (its models and trained variables), the
+    grids the VQ-VAE-2 gives each split (`codes[split]` = (top, bottom)), and each stage's
+    FitResult."""
 
     workdir: str
     dataset: data.Dataset
-    model: vqvae2.VQVAE2
-    vqvae2: FitResult
-    variables: dict
+    run: Run
     codes: dict[str, tuple[np.ndarray, np.ndarray]]
-    top: PixelSNAIL
+    vqvae2: FitResult
     top_prior: FitResult
-    bottom: ConditionalGatedPixelCNN
     bottom_prior: FitResult
 
 
@@ -280,50 +318,57 @@ def train_stages(config: Config, workdir: str | None = None) -> Stages:
     `workdir` (default runs/vqvae2/<dataset>)."""
     dataset = common.load_dataset(config)
     data.require_images(dataset, "vqvae2", multiple_of=vqvae2.SIZE_MULTIPLE)
-    model = build_model(config, dataset.event_shape)
+    record = common.run_record(config, "vqvae2", dataset.event_shape)
+    run = build(config, record)
     workdir = common.workdir(config, "vqvae2", workdir)
-    settings = model_settings(config, model)
 
     loop = common.train_config(config)
-    objective = Objective(init=model.init, loss=functools.partial(vqvae2.loss_fn, model),
-                          preprocess=data.scale_images, units=UNITS)
-    stage1 = fit(objective, dataset.train, dataset.test, loop, os.path.join(workdir, "vqvae2"),
-                 common.run_config(config, "vqvae2", **settings))
-    variables = {"params": stage1.state.eval_params, **stage1.state.model_state}
-    codes = {split: vqvae.encode_dataset(model, variables, images, loop.eval_batch_size,
-                                         data.scale_images)
-             for split, images in (("train", dataset.train), ("test", dataset.test))}
-    # The codes depend on the VQ-VAE-2's step: a prior must not resume on another's codes.
-    prior_settings = {**settings, "vqvae2_step": int(stage1.state.step)}
     prior_loop = dataclasses.replace(loop, epochs=loop.epochs if config.quick
                                      else config.prior_epochs)
-    top, stage2 = train_top_prior(config, prior_loop, codes, workdir, prior_settings)
-    bottom, stage3 = train_bottom_prior(config, prior_loop, codes, workdir, prior_settings)
-    return Stages(workdir, dataset, model, stage1, variables, codes, top, stage2, bottom,
-                  stage3)
+    plan = {folder: common.train_steps(loop if folder == "vqvae2" else prior_loop,
+                                       len(dataset.train)) for folder in run.stages}
+    with progress.planned(plan):
+        stage1 = fit(run.objective, dataset.train, dataset.test, loop,
+                     os.path.join(workdir, "vqvae2"), record)
+        run.trained("vqvae2", stage1.state)
+        codes = {split: vqvae.encode_dataset(run.model, run.variables["vqvae2"], images,
+                                             loop.eval_batch_size, data.scale_images)
+                 for split, images in (("train", dataset.train), ("test", dataset.test))}
+        bottom = bottom_stage(config)
+        prior_data = {"top_prior": {split: codes[split][0] for split in codes},
+                      bottom: {split: pair_grids(codes[split][1], codes[split][0],
+                                                 config.bottom_condition) for split in codes}}
+        results = {}
+        for folder, stage in list(run.stages.items())[1:]:
+            # The codes depend on the VQ-VAE-2's step: a prior must not resume on another's
+            # codes.
+            facts = {"vqvae2_step": run.step,
+                     **({"bottom_condition": config.bottom_condition} if folder == bottom else {})}
+            results[folder] = fit(stage.objective, prior_data[folder]["train"],
+                                  prior_data[folder]["test"], prior_loop,
+                                  os.path.join(workdir, folder),
+                                  common.run_record(config, stage.experiment, dataset.event_shape,
+                                                    **facts))
+            run.trained(folder, results[folder].state)
+    return Stages(workdir, dataset, run, codes, stage1, results["top_prior"], results[bottom])
 
 
 def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     """Trains (or resumes) the three stages `config` describes in `workdir` (default
     runs/vqvae2/<dataset>), writes the figures and summary.json, and returns the summary."""
     stages = train_stages(config, workdir)
-    workdir, dataset, model, variables, codes = (stages.workdir, stages.dataset, stages.model,
-                                                 stages.variables, stages.codes)
-    step = int(stages.vqvae2.state.step)
+    workdir, dataset, run, codes = stages.workdir, stages.dataset, stages.run, stages.codes
+    step = run.step
     title = common.figure_title(f"VQ-VAE-2 on {dataset.name}", config, step)
     test_top, test_bottom = codes["test"]
     shown = viz.spread_by_contrast(dataset.test, NUM_RECONSTRUCTIONS)
-    _, _, samples = sample(model, variables, stages.top, stages.top_prior.state.eval_params,
-                           stages.bottom, stages.bottom_prior.state.eval_params,
-                           jax.random.key(config.seed + 1), NUM_SAMPLES, test_top.shape[1:],
-                           config.sampler)
+    samples = run.sample(NUM_SAMPLES, jax.random.key(config.seed + 1))
     counts = {f"{level} ({'x'.join(map(str, grid.shape[1:]))})":
               np.bincount(grid.ravel(), minlength=vqvae2.NUM_CODES)
               for level, grid in zip(vqvae2.LEVELS, codes["test"])}
     figures = [
         viz.save_image_grid(
-            reconstruction_columns(model, variables, test_top[shown], test_bottom[shown],
-                                   data.scale_images(dataset.test[shown])),
+            reconstruction_columns(run, dataset.test[shown]),
             os.path.join(workdir, "reconstructions.png"), ncols=8,
             title=f"{title}\nper test image: " + " | ".join(RECONSTRUCTION_COLUMNS)
                   + " (a missing level: its mean code vector)"),

@@ -29,7 +29,7 @@ class CheckpointError(UserError, RuntimeError):
 
 
 class RecordError(CheckpointError):
-    """A run's record (config.json, metrics.csv, summary.json, a checkpoint's record.json) is
+    """A run's record (config.json, metrics.csv, summary.json, a checkpoint's record) is
     unreadable, malformed, or contradicts the others; nothing was changed."""
 
 

@@ -33,7 +33,7 @@ from lvm_jax.models import vae
 from lvm_jax.models.likelihoods import Likelihood
 from lvm_jax.models.priors import StandardNormalPrior
 from lvm_jax.train import interrupt
-from lvm_jax.train.loop import dispatch_bounded
+from lvm_jax.train.steps import dispatch_bounded
 from lvm_jax.train.progress import Progress
 
 

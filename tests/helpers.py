@@ -1,5 +1,6 @@
 """What several test files build alike."""
 
+import contextlib
 import functools
 import json
 import os
@@ -7,7 +8,10 @@ import subprocess
 import sys
 import textwrap
 
-from lvm_jax import cpu_devices
+import numpy as np
+import pytest
+
+from lvm_jax import cpu_devices, viz
 from lvm_jax.models import likelihoods, vae
 from lvm_jax.train import Objective
 
@@ -31,3 +35,24 @@ def run_python(script: str, **env) -> dict:
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def drawn_figures():
+    """{figure file name: what it was drawn from} for the figures saved inside the block: the
+    image array of each `viz.save_image_grid`, the panels of each `viz.save_scatter`."""
+    drawn = {}
+    save_grid, save_scatter = viz.save_image_grid, viz.save_scatter
+
+    def grid(images, path, *args, **kwargs):
+        drawn[os.path.basename(path)] = np.asarray(images)
+        return save_grid(images, path, *args, **kwargs)
+
+    def scatter(path, data, panels, *args, **kwargs):
+        drawn[os.path.basename(path)] = {name: np.asarray(p) for name, p in panels.items()}
+        return save_scatter(path, data, panels, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(viz, "save_image_grid", grid)
+        patch.setattr(viz, "save_scatter", scatter)
+        yield drawn

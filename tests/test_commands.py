@@ -34,10 +34,11 @@ LAYOUTS = {"vae": {"config.json": "vae"}, "vlae": {"config.json": "vlae"},
 
 def make_run(workdir, experiment: str) -> None:
     """A workdir laid out as `experiment`'s --quick run leaves it: its config.json files (as
-    `common.run_config` writes them), a summary, a figure and a metrics.csv."""
+    `common.run_record` writes them), a summary, a figure and a metrics.csv."""
     settings = CONFIGS[experiment](quick=True)
     for path, name in LAYOUTS[experiment].items():
-        records.write_json(os.path.join(workdir, path), common.run_config(settings, name))
+        records.write_json(os.path.join(workdir, path),
+                           common.run_record(settings, name, (32, 32, 1)))
         records.write_atomic(os.path.join(workdir, os.path.dirname(path), "metrics.csv"),
                              "split,epoch,step,time,loss\ntest,0,0,0.0,1.0\n")
     records.write_json(os.path.join(workdir, "summary.json"), {"test_metrics": {"loss": 1.0}})
@@ -103,6 +104,7 @@ def test_the_owners_of_a_workdir_are_read_from_its_runs_config_json(tmp_path):
     (["--batch-size", "32"], "did you mean --batch_size?"),
     (["--learnig_rate=3e-4"], "did you mean --learning_rate?"),
     (["--work-dir", "x"], "did you mean --workdir?"),
+    (["--epoch", "3"], "did you mean --epochs?"),  # no abbreviation taken for the flag
     (["--colour", "red"], None),
 ])
 def test_an_unknown_flag_is_one_line_naming_the_near_miss(flags, hint, capsys):
@@ -119,7 +121,7 @@ def test_an_unknown_flag_is_one_line_naming_the_near_miss(flags, hint, capsys):
 def test_required_flags_show_as_required(capsys):
     text = evaluate.parser().format_help()
     line = " ".join(text[text.index("  --workdir WORKDIR"):].split("\n")[0].split())
-    assert line == "--workdir WORKDIR the training run's output directory (required)"
+    assert line == "--workdir WORKDIR the trained run's workdir (required)"
     assert "(default: None)" not in text
     with pytest.raises(SystemExit) as done:
         evaluate.main([])

@@ -5,7 +5,6 @@ import csv
 import dataclasses
 import io
 import math
-import types
 
 import numpy as np
 import pytest
@@ -99,15 +98,31 @@ def test_lists_become_tuples_so_configs_stay_hashable_and_comparable():
 
 def test_vqvae_quantizer_settings_survive_config_json():
     config = vqvae.Config(quantizer="cosine", ema_codebook=True, restart_dead_codes=5,
-                          kmeans_iters=3, quick=True, seed=4)
-    options = vqvae.quantizer_options(config)
-    model = types.SimpleNamespace(quantizer=types.SimpleNamespace(num_codes=128, code_dim=32))
-    saved = {**common.run_config(config, "vqvae", **vqvae.run_settings(model, options)),
+                          kmeans_iters=3, quick=True, seed=4, prior=("gated", "pixelcnn"))
+    saved = {**common.run_record(config, "vqvae", (32, 32, 3)),
              "train": dataclasses.asdict(common.train_config(config))}
+    assert "prior" not in saved  # which priors a run trains may change: stage 1 is theirs
     loaded = vqvae.Config.from_saved(saved)
-    assert vqvae.quantizer_options(loaded) == options
+    assert vqvae.quantizer_options(loaded) == vqvae.quantizer_options(config)
     assert (loaded.quick, loaded.seed, loaded.dataset) == (True, 4, "patches_embedded")
-    assert vqvae.Config.from_saved({**saved, "prior": "gated"}).prior == ("gated",)
+    assert vqvae.Config.from_saved({**saved, "prior": ["gated"]}).prior == ("gated",)
+
+
+def test_config_json_is_the_configs_record_plus_run_facts():
+    """Every setting that identifies the run is in config.json under its own name, and the
+    settings that may change on resume are not (the one list: `may_change_on_resume`)."""
+    config = lvae.Config(quick=True, latent_layers=2, iwae_samples=10, optimizer="adam")
+    record = common.run_record(config, "lvae", (32, 32, 1), free_bits=0.5)
+    assert configs.may_change_on_resume(lvae.Config) == (
+        "epochs", "learning_rate", "data_dir", "input", "steps_per_call", "no_progress",
+        "iwae_samples", "iwae_examples", "iwae_chunk")
+    assert set(record) == ({f.name for f in dataclasses.fields(lvae.Config)}
+                           - set(configs.may_change_on_resume(lvae.Config))
+                           | {"experiment", "example_shape"})
+    assert (record["latent_layers"], record["optimizer"], record["free_bits"]) == (2, "adam", 0.5)
+    assert record["example_shape"] == [32, 32, 1] and record["experiment"] == "lvae"
+    loaded = lvae.Config.from_saved({**record, "train": {"learning_rate": 1e-4, "seed": 0}})
+    assert loaded == config.replace(iwae_samples=0, free_bits=0.5, learning_rate=1e-4)
 
 
 def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
@@ -119,20 +134,19 @@ def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_event_files_read_back_through_tensorboard_bit_for_bit(tmp_path):
-    """lvm_jax.train.events against TensorBoard's reader: CRC-32C on its check value,
-    scalars as float32, images pixel for pixel."""
+    """lvm_jax's event files against TensorBoard's reader: scalars as float32 (a step past 32
+    bits), a figure pixel for pixel."""
     from PIL import Image
 
     from lvm_jax.train import events as event_files
 
-    assert event_files.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-    writer = event_files.EventFile(str(tmp_path))
-    pixels = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
-    writer.scalars({"train/loss": 1.25, "train/kl": -3e-8}, 3)
-    writer.scalars({"train/loss": 2 ** 40}, 2 ** 35)  # a step past 32 bits
-    writer.image("figures/noise", pixels, 3)
+    writer = event_files.Scalars(str(tmp_path / records.TENSORBOARD_DIR), 0)
+    writer.write([({"train/loss": 1.25, "train/kl": -3e-8}, 3), ({"train/loss": 2 ** 40}, 2 ** 35)])
     writer.close()
-    scalars, accumulated = read_scalars(str(tmp_path))
+    pixels = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "noise.png")
+    records.write_figures_to_tensorboard(str(tmp_path), [str(tmp_path / "noise.png")], 3)
+    scalars, accumulated = read_scalars(str(tmp_path / records.TENSORBOARD_DIR))
     assert scalars == {"train/loss": [(3, 1.25), (2 ** 35, 2.0 ** 40)],
                        "train/kl": [(3, np.float32(-3e-8))]}
     (image,) = accumulated.Images("figures/noise")

@@ -106,7 +106,7 @@ def test_batchnorm_vqvae_steps_on_eight_devices_match_one():
         from experiments.vqvae import vqvae_objective
         from lvm_jax.data import batching
         from lvm_jax.models import vqvae
-        from lvm_jax.train.loop import initial_state, make_train_chunk
+        from lvm_jax.train.steps import initial_state, make_train_chunk
         from lvm_jax.train import TrainConfig
 
         assert jax.device_count() == 8

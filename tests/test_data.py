@@ -134,6 +134,7 @@ def test_tfds_preparation_without_its_packages_says_what_to_do_in_one_line(missi
         data.load("mnist")
     message = str(err.value)
     assert "\n" not in message and f"(missing: {missing})" in message
+    assert "preparing it needs TensorFlow" in message  # the real missing piece, whatever failed
     assert message.startswith("the TFDS dataset 'mnist' is not prepared in TFDS's default data "
                               "directory ($TFDS_DATA_DIR or ~/tensorflow_datasets)")
     for advice in ('pip install -e ".[tfds_prepare]"', "downloads the data, so it needs the "

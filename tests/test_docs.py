@@ -154,7 +154,9 @@ def test_readme_python_examples_run_as_written(tmp_path, monkeypatch, capsys):
 
     reload_globals = {}
     exec(_readme_python("load_run"), reload_globals)
-    terms = reload_globals["terms"]
+    terms, images = reload_globals["terms"], reload_globals["images"]
+    assert images.shape == (16, 32, 32, 1) and images.dtype == np.uint8
+    assert reload_globals["z"].shape == (8, 16) and reload_globals["nll"].shape == (8,)
     assert terms["log_px_z"].shape == terms["kl"].shape == (8,)
     assert np.all(np.isfinite(terms["log_px_z"])) and np.all(terms["kl"] >= 0)
 

@@ -2,14 +2,17 @@
 
 import json
 import math
+import os
 
+import jax
 import matplotlib.image
 import numpy as np
 import pytest
 
-from experiments import common, evaluate, lvae, mlp_vae, vae, vae_2d, vlae, vqvae
+from experiments import common, evaluate, load_run, lvae, mlp_vae, vae, vae_2d, vlae, vqvae
 from lvm_jax import viz
 from lvm_jax.train.records import MetricsLog
+from tests.helpers import drawn_figures
 
 PARSERS = {"vae_2d": vae_2d.parser, "vae": vae.parser,
            "vlae": vlae.parser, "vqvae": vqvae.parser, "lvae": lvae.parser,
@@ -27,9 +30,10 @@ def assert_real_figure(path):
     assert image.shape[0] > 100 and image.std() > 0.05, f"{path} looks blank"
 
 
-def test_vae_2d_quick_run_and_rerun(tmp_path, capsys):
+def test_vae_2d_quick_run_and_rerun_and_its_loaded_run(tmp_path, capsys):
     args = ["--dataset", "2", "--quick", "--no_progress", "--workdir", str(tmp_path)]
-    vae_2d.main(args)
+    with drawn_figures() as drawn:
+        vae_2d.main(args)
     summary = read_summary(tmp_path)
     metrics = summary["test_metrics"]
     assert set(metrics) >= {"neg_elbo", "recon", "kl", "exact_nll", "gap_to_exact_nll"}
@@ -47,9 +51,22 @@ def test_vae_2d_quick_run_and_rerun(tmp_path, capsys):
     vae_2d.main(args)  # a finished run resumes, trains nothing, and changes nothing
     assert read_summary(tmp_path) == summary
 
+    # The loaded run draws the figure's points bit for bit, with the experiment's key.
+    run = load_run(str(tmp_path))
+    key = jax.random.key(summary["config"]["seed"] + 1)
+    scatter = drawn["samples.png"]
+    np.testing.assert_array_equal(run.sample(1000, key), scatter["samples with decoder noise"])
+    np.testing.assert_array_equal(run.sample(1000, key, noise=False),
+                                  scatter["decoder means (no noise)"])
+    points = run.dataset.test[:5]
+    z = run.encode(points)
+    assert z.shape == (5, 2) and run.decode(z).shape == (5, 2)
+    np.testing.assert_allclose(run.reconstruct(points), run.decode(z), rtol=1e-6, atol=1e-6)
 
-def test_vlae_quick_run_writes_metrics_in_every_unit_and_figures(tmp_path):
-    vlae.main(["--quick", "--no_progress", "--workdir", str(tmp_path)])
+
+def test_vlae_quick_run_writes_metrics_in_every_unit_and_figures_its_run_redraws(tmp_path):
+    with drawn_figures() as drawn:
+        vlae.main(["--quick", "--no_progress", "--workdir", str(tmp_path)])
     summary = read_summary(tmp_path)
     metrics = summary["test_metrics"]
     assert set(metrics) >= {"neg_elbo", "recon", "kl", "bits_per_dim", "recon_sse", "neg_elbo_sse"}
@@ -63,6 +80,18 @@ def test_vlae_quick_run_writes_metrics_in_every_unit_and_figures(tmp_path):
     for name in summary["figures"]:
         assert_real_figure(tmp_path / name)
     assert np.isfinite(list(metrics.values())).all()
+
+    # Every verb of the loaded run gives the figures' images bit for bit.
+    run = load_run(str(tmp_path))
+    test = run.dataset.test
+    np.testing.assert_array_equal(run.sample(100, jax.random.key(1)), drawn["samples.png"])
+    np.testing.assert_array_equal(run.reconstruct(test[:50]), drawn["reconstructions.png"][1::2])
+    # Two compiled calls against one: equal to a rounding of the last float bit.
+    np.testing.assert_allclose(run.decode(run.encode(test[:50])), run.reconstruct(test[:50]),
+                               atol=1)
+    np.testing.assert_array_equal(run.interpolations(test[50:60], test[60:70]),
+                                  drawn["interpolations.png"])
+    assert run.sample(3, jax.random.key(1)).dtype == np.uint8
 
 
 def test_help_and_bad_flags(capsys):
@@ -86,7 +115,8 @@ def test_missing_data_file_ends_with_one_clear_line(tmp_path, capsys):
     assert done.value.code == 1
     err = capsys.readouterr().err
     assert "error: deepul_cifar10: data file" in err and "cifar10.pkl not found" in err
-    assert "Traceback" not in err and not (tmp_path / "run").exists()
+    assert "Traceback" not in err
+    assert sorted(os.listdir(tmp_path / "run")) == [".lock", common.OWNER_FILE]  # the claim
 
 
 @pytest.mark.parametrize("name", sorted(PARSERS))

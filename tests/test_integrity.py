@@ -28,7 +28,7 @@ from lvm_jax import data
 from lvm_jax.data import toy2d
 from lvm_jax.errors import (CheckpointError, ConfigError, NonFiniteLossError, UserError,
                             WorkdirError)
-from lvm_jax.train import Checkpointer, TrainConfig, fit, initial_state, records
+from lvm_jax.train import Checkpointer, TrainConfig, checkpoint, fit, initial_state, records
 from lvm_jax.train.records import MetricsLog
 from tests.helpers import tiny_objective
 
@@ -109,7 +109,7 @@ def test_course_pickle_that_runs_code_is_refused_unrun(tmp_path, capsys):
                                              str(tmp_path), "--workdir", str(tmp_path / "run")])
     assert not marker.exists()  # the payload never ran
     assert f"{tmp_path / 'svhn.pkl'}" in line and f"{os.system.__module__}.system" in line
-    assert not (tmp_path / "run").exists()
+    assert sorted(os.listdir(tmp_path / "run")) == [".lock", common.OWNER_FILE]  # the claim
 
 
 @pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL, pickle.HIGHEST_PROTOCOL])
@@ -152,8 +152,8 @@ HOLDER = textwrap.dedent("""
                                     loss_fn=functools.partial(vae.loss_fn, model))
     config = TrainConfig(epochs=2, batch_size=64, steps_per_call=4, eval_batch_size=100,
                          progress=False)
-    with workdir.locked(sys.argv[1]):  # the run's whole life, figures included
-        fit(objective, toy2d.sample("1", 640, 0), toy2d.sample("1", 100, 1), config, sys.argv[1])
+    fit(objective, toy2d.sample("1", 640, 0), toy2d.sample("1", 100, 1), config, sys.argv[1])
+    with workdir.locked(sys.argv[1]):  # as an experiment writing its figures
         print("trained", flush=True)
         sys.stdin.readline()  # holds the workdir until told to go
 """)
@@ -178,6 +178,31 @@ def test_second_run_on_a_locked_workdir_is_refused_and_a_killed_run_frees_it(tmp
         holder.wait()
     again = fit(tiny_objective(), TRAIN, TEST, CONFIG, workdir)  # resumes the finished run
     assert again.summary["steps"] == 20
+
+
+def test_two_experiments_started_on_one_new_workdir_run_one_and_refuse_the_other(tmp_path):
+    """Started together on a new workdir, one experiment with its run at the top and one
+    with its variants in folders: the workdir is claimed under its lock before either
+    writes anything, so one runs and the other is refused in one line, writing nothing."""
+    workdir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    commands = {"vae_2d": [], "mlp_vae": ["--study", "depth"]}
+    procs = {name: subprocess.Popen([sys.executable, "-m", f"experiments.{name}", "--quick",
+                                     "--no_progress", "--workdir", str(workdir), *flags],
+                                    cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE) for name, flags in commands.items()}
+    done = {name: (*proc.communicate(timeout=600), proc.returncode)
+            for name, proc in procs.items()}
+    (winner,) = [name for name, (_, _, code) in done.items() if code == 0]
+    (loser,) = [name for name, (_, _, code) in done.items() if code == 1]
+    line = done[loser][1].strip()
+    assert "\n" not in line and (f"holds a run of {winner}, not of {loser}" in line
+                                 or "is in use by another run" in line), line
+    assert records.read_json(str(workdir / common.OWNER_FILE)) == {"experiment": winner}
+    summary = records.read_json(str(workdir / "summary.json"))
+    # The winner's summary alone, not merged with the other's (mlp_vae's has no "config").
+    assert ("studies" in summary, "config" in summary) == (winner == "mlp_vae",
+                                                           winner == "vae_2d")
 
 
 def _writable(directory) -> bool:
@@ -214,7 +239,7 @@ def test_batch_larger_than_the_data_ends_in_one_line(tmp_path, capsys):
     line = one_line_error(capsys, vae_2d.main, ["--quick", "--no_progress", "--batch_size", "1024",
                                                 "--workdir", str(tmp_path / "run")])
     assert f"batch_size 1024 exceeds the {common.QUICK_TRAIN} training examples" in line
-    assert not (tmp_path / "run").exists()
+    assert sorted(os.listdir(tmp_path / "run")) == [".lock", common.OWNER_FILE]  # the claim
 
 
 def test_batch_not_divisible_by_the_devices_ends_in_one_line(tmp_path):
@@ -251,7 +276,7 @@ def test_last_good_state_is_finite_and_a_lower_learning_rate_resumes(tmp_path, l
     objective = tiny_objective()
     with Checkpointer(workdir) as checkpointer:
         assert checkpointer.latest_step() == saved_step
-        state = checkpointer.restore(initial_state(objective, TRAIN[:1], bad))
+        state, _ = checkpointer.restore(initial_state(objective, TRAIN[:1], bad))
     for leaf in jax.tree.leaves(state):
         assert np.all(np.isfinite(leaf))
     loss, _ = objective.loss(state.params, state.model_state, jnp.asarray(TRAIN[:64]),
@@ -281,21 +306,35 @@ def test_overwritten_checkpoint_bytes_are_refused_and_nothing_changes(resumed_ru
         f.seek(os.path.getsize(largest) // 2)
         f.write(b"\xff" * 40)
     before = tree_digest(workdir)
-    with pytest.raises(CheckpointError, match=f"checkpoint {step_dir} is corrupted.*step\\(s\\) "
-                                              f"10 are intact.*delete {step_dir}"):
+    with pytest.raises(CheckpointError, match=f"checkpoint {step_dir} "):
         fit(tiny_objective(), TRAIN, TEST, TrainConfig(**{**RESUMED_CONFIG.__dict__, "epochs": 3}),
             str(workdir), RESUMED_RUN_CONFIG)
     assert tree_digest(workdir) == before
 
 
-def test_checkpoint_without_a_record_restores_with_a_warning(resumed_run, tmp_path, capsys):
+def test_a_healthy_checkpoint_is_never_called_corrupted(resumed_run, tmp_path):
+    """Restored through another model's target, a healthy checkpoint is named as another
+    model's, never as corrupted (whose advice, deleting it, would destroy it)."""
     workdir = copy_of(resumed_run, tmp_path)
-    os.remove(workdir / "checkpoints" / "20" / "record.json")  # as an older lvm_jax saved it
-    with Checkpointer(str(workdir)) as checkpointer:
-        state = checkpointer.restore(initial_state(tiny_objective(), TRAIN[:1], RESUMED_CONFIG))
-    assert "cannot be verified" in capsys.readouterr().err
+    like = initial_state(tiny_objective(), TRAIN[:1], RESUMED_CONFIG)
+    other = like.replace(params={"renamed": like.params})
+    with pytest.raises(CheckpointError) as caught:
+        checkpoint.restore_committed(str(workdir), other)
+    assert "does not match this model" in str(caught.value)
+    assert "corrupted" not in str(caught.value) and "\n" not in str(caught.value)
+    state, step, _ = checkpoint.restore_committed(str(workdir), like)
+    assert step == 20
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(resumed_run[2].state.params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_workdir_path_with_brackets_is_refused_in_one_line_before_any_write(tmp_path, capsys):
+    """orbax's reader takes brackets for a pattern: such a path is refused up front."""
+    workdir = tmp_path / "b[x]"
+    line = one_line_error(capsys, vae_2d.main, ["--quick", "--no_progress", "--workdir",
+                                                str(workdir)])
+    assert f"the workdir {workdir} has a bracket in its path" in line
+    assert not workdir.exists()
 
 
 # 11.5 ------------------------------------------------------------------------------------------
@@ -369,7 +408,7 @@ def test_infinite_and_nan_settings_round_trip_through_config_json(resumed_run):
 # 11.6 ------------------------------------------------------------------------------------------
 
 def test_outputs_get_the_umask_permissions(resumed_run):
-    for name in ("config.json", "metrics.csv", "summary.json", "checkpoints/20/record.json"):
+    for name in ("config.json", "metrics.csv", "summary.json", "checkpoints/20/record/record.json"):
         assert stat.S_IMODE(os.stat(resumed_run[0] / name).st_mode) == 0o640, name
 
 
@@ -386,7 +425,10 @@ def test_progress_off_a_terminal_is_a_plain_line_now_and_then(capsys):
     chatty = Progress(3, 0, "run", interval=0)
     for _ in range(3):
         chatty.update(1, epoch=1)
-    assert capsys.readouterr().out.splitlines() == [f"run: step {i}/3 epoch 1" for i in (1, 2, 3)]
+    first, *timed = capsys.readouterr().out.splitlines()
+    assert first == "run: step 1/3 (epoch 1)"  # the first call compiles: no rate yet
+    assert [line.split(",")[0] for line in timed] == ["run: step 2/3", "run: step 3/3"]
+    assert all(" steps/s, " in line and line.endswith(" left (epoch 1)") for line in timed)
 
 
 def test_silent_phases_say_what_they_do(tmp_path, capsys):

@@ -16,8 +16,7 @@ import time
 
 import pytest
 
-from lvm_jax.train import interrupt
-from lvm_jax.train.checkpoint import RECORD_FILE, file_digests
+from lvm_jax.train import checkpoint, interrupt
 from lvm_jax.train.records import MetricsLog, read_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,8 +119,7 @@ def assert_stopped_and_resumes_exactly(proc, signum, workdir, uninterrupted):
     assert match, line
     step, directory = int(match.group(1)), match.group(2)
     assert directory == os.path.join(workdir, "checkpoints", str(step))
-    record = read_json(os.path.join(directory, RECORD_FILE))
-    assert record["sha256"] == file_digests(directory)  # complete, and verified
+    assert checkpoint.read_record(directory, step)["step"] == step  # committed with its record
     rows = MetricsLog.read(os.path.join(workdir, "metrics.csv"))
     assert max(int(r["step"]) for r in rows) == step  # the log stops where the checkpoint does
 
@@ -229,26 +227,27 @@ def run_module(module: str, *flags) -> subprocess.Popen:
 
 
 def test_signals_while_writing_figures_and_evaluating_leave_whole_files(tmp_path):
-    """vae_2d signalled once fit has written summary.json (during the final evaluation and
-    figures), then experiments.evaluate signalled during its IWAE pass: one line each, every
-    figure whole, summary.json untouched by the stopped evaluation."""
+    """vae_2d signalled (SIGTERM) once fit has written summary.json: the last results are
+    always completed (docs/interruptions.md), every figure whole and named in the summary,
+    then one line saying so and 143; a rerun finds a finished run. Then experiments.evaluate
+    signalled during its IWAE pass: one line, summary.json untouched."""
     workdir = str(tmp_path / "run")
     proc = run_module("vae_2d", "--quick", "--no_progress", "--workdir", workdir)
-    # Not on the last epoch line: a signal there may stop fit before it writes the summary,
-    # and the rerun then writes it instead of finding a finished run.
+    # Not on the last epoch line: a signal there may stop fit before it writes the summary.
     wait_until(proc, lambda: os.path.exists(os.path.join(workdir, "summary.json")),
                "no summary.json")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
     code, out, err = finish(proc)
-    assert code == 130 and len(err.strip().splitlines()) == 1, err
-    assert err.startswith("python -m experiments.vae_2d: stopped by SIGINT: ")
-    code, out, err = finish(run_module("vae_2d", "--quick", "--no_progress", "--workdir", workdir))
-    assert code == 0, err
-    assert "holds a finished run (step 4 of 4)" in out
+    assert code == 143 and err.strip() == ("python -m experiments.vae_2d: stopped by SIGTERM: "
+                                           "the run finished, and its files are all written"), err
     summary = read_json(os.path.join(workdir, "summary.json"))
+    assert summary["figures"]
     for figure in summary["figures"]:  # whole PNGs
         with open(os.path.join(workdir, figure), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    code, out, err = finish(run_module("vae_2d", "--quick", "--no_progress", "--workdir", workdir))
+    assert code == 0, err
+    assert "holds a finished run (step 4 of 4)" in out
 
     with open(os.path.join(workdir, "summary.json"), "rb") as f:
         before = f.read()

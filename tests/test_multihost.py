@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from lvm_jax.data import batching, toy2d
-from lvm_jax.train import TrainConfig, loop
+from lvm_jax.train import TrainConfig
+from lvm_jax.train import steps as train_steps
 from lvm_jax.train.records import MetricsLog
 from tests.helpers import tiny_objective
 
@@ -124,12 +125,12 @@ def single_process_reference():
         for epoch in range(CONFIG.epochs)])
     mesh = batching.data_mesh(jax.devices()[:1])
     objective = tiny_objective()
-    _, train_key, eval_key = loop._keys(CONFIG.seed)  # fit's keys
-    state = batching.put_replicated(loop.initial_state(objective, TRAIN[:1], CONFIG), mesh)
-    state, metrics = loop.make_train_chunk(objective, mesh)(
+    _, train_key, eval_key = train_steps.keys(CONFIG.seed)  # fit's keys
+    state = batching.put_replicated(train_steps.initial_state(objective, TRAIN[:1], CONFIG), mesh)
+    state, metrics = train_steps.make_train_chunk(objective, mesh)(
         state, batching.put_host_shard(TRAIN, mesh), batching.put_host_indices(idx, mesh),
         train_key)
-    test_metrics = loop.make_evaluate(objective, mesh)(
+    test_metrics = train_steps.make_evaluate(objective, mesh)(
         state, batching.put_replicated(TEST, mesh), CONFIG.eval_batch_size, eval_key)
     return np.asarray(metrics["loss"]), jax.tree.leaves(jax.device_get(state.params)), test_metrics
 

@@ -21,8 +21,9 @@ def test_notebook_trains_restores_and_samples(tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     namespace = {}
     exec(compile(notebook_code(), str(NOTEBOOK), "exec"), namespace)
-    assert namespace["state"].step > 0  # restored, trained state
-    assert namespace["samples"].shape == (16, 32, 32, 1)
+    assert namespace["run"].step > 0  # restored, trained state
+    samples = namespace["samples"]
+    assert samples.shape == (16, 32, 32, 1) and samples.dtype == "uint8"
     assert set(namespace["vlae_summary"]["test_metrics"]) >= {"neg_elbo", "bits_per_dim"}
     assert "prior_nll" in namespace["vq_summary"]["test_metrics"]
     assert os.path.exists(tmp_path / "vqvae" / "mnist_embedded" / "samples_pixelcnn.png")

@@ -17,14 +17,14 @@ def vae_workdir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("vae")
     config = vae.Config(quick=True)
     dataset = common.load_dataset(config)
-    model = vae.build_model(dataset, config.prior, config.likelihood)
+    record = common.run_record(config, "vae", dataset.event_shape)
     loop = common.train_config(config)
-    with Checkpointer(str(workdir)) as checkpointer:
-        checkpointer.save(initial_state(vae.make_objective(model), dataset.train[:1], loop))
     train = {k: v for k, v in dataclasses.asdict(loop).items() if k not in TrainConfig.RESUMABLE}
-    records.write_json(str(workdir / "config.json"), {
-        **common.run_config(config, "vae", prior=config.prior, likelihood=config.likelihood,
-                            latent_dim=vae.LATENT_DIM), "train": train})
+    run_config = {**record, "train": train}
+    with Checkpointer(str(workdir)) as checkpointer:
+        checkpointer.save(initial_state(vae.build(config, record).objective, dataset.train[:1],
+                                        loop), run_config, {})
+    records.write_json(str(workdir / "config.json"), run_config)
     return str(workdir)
 
 
@@ -44,5 +44,5 @@ def test_raw_uint8_images_are_refused_in_one_line(vae_workdir):
         run.model.apply({"params": run.params}, run.dataset.test[:8], jax.random.key(0))
     assert str(err.value) == (
         "the VAE takes preprocessed floating-point inputs, not uint8: apply it to "
-        "run.preprocess(x) (experiments.evaluate.load_run) or its objective's preprocess(x), "
+        "run.preprocess(x) (experiments.load_run) or its objective's preprocess(x), "
         "e.g. uint8 images scaled to [-1, 1].")

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import time
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +15,9 @@ import pytest
 from lvm_jax.data import batching, toy2d
 from lvm_jax.models import likelihoods, vae
 from lvm_jax.train import (Checkpointer, CheckpointError, NonFiniteLossError, Objective,
-                           TrainConfig, evaluate_test_set, fit, initial_state, loop)
-from lvm_jax.train.checkpoint import RECORD_FILE, file_digests
+                           TrainConfig, checkpoint, evaluate_test_set, fit, initial_state, loop,
+                           steps)
+from lvm_jax.train.checkpoint import RECORD, RECORD_FILE, state_digest
 from lvm_jax.train.records import MetricsLog, read_json
 from tests.helpers import tiny_objective
 
@@ -85,51 +85,25 @@ def test_evaluate_test_set_repeats_fits_evaluation_and_counts_a_partial_batch(tm
                                                         (1500, 2000), (2000, 2500)]),
     (5, 64, [(0, 5)]), (100, 100, [(0, 100)]), (12, 10, [(0, 10), (10, 12)])])
 def test_evaluation_batches_cut_a_partial_last_batch_at_a_multiple_of_8(num, batch, expected):
-    assert loop.eval_batches(num, batch) == expected
+    assert steps.eval_batches(num, batch) == expected
 
 
-def test_asynchronous_saves_are_complete_and_recorded_before_anything_reads_them(tmp_path):
-    """save returns while orbax writes; the next save, a read of the steps and close each
-    wait for it and write its record, whose digests match the files."""
+def test_a_save_commits_the_state_and_its_record_as_one_step(tmp_path):
+    """save returns while orbax writes; the step appears whole, its record (step, config,
+    timing, digest of the state) inside it, and restores bit-identical."""
     state = fit(tiny_objective(), TRAIN, TEST, CONFIG, str(tmp_path / "run")).state
-
-    def at(step):
-        return state.replace(step=jnp.full_like(state.step, step))
-
-    checkpointer = Checkpointer(str(tmp_path / "async"))
-    checkpointer.save(at(1), {"elapsed_seconds": 1.0})
-    checkpointer.save(at(2), {"elapsed_seconds": 2.0})  # waits for step 1
-    record_1 = json.loads((tmp_path / "async" / "checkpoints" / "1" / RECORD_FILE).read_text())
-    assert record_1 == {"step": 1, "sha256": file_digests(checkpointer.step_directory(1)),
-                        "timing": {"elapsed_seconds": 1.0}}
-    assert checkpointer.all_steps() == [1, 2]
-    assert checkpointer.timing(2) == {"elapsed_seconds": 2.0}
-    checkpointer.save(at(3))
-    checkpointer.close()
-    assert os.path.exists(os.path.join(checkpointer.step_directory(3), RECORD_FILE))
-    with Checkpointer(str(tmp_path / "async")) as reopened:
-        restored = reopened.restore(state)
-    assert int(restored.step) == 3
-    for saved, back in zip(jax.tree.leaves(jax.device_get(state)),
-                           jax.tree.leaves(jax.device_get(restored.replace(step=state.step)))):
+    at_3 = state.replace(step=jnp.full_like(state.step, 3))
+    with Checkpointer(str(tmp_path / "saved")) as checkpointer:
+        checkpointer.save(at_3, {"model": "tiny"}, {"elapsed_seconds": 1.5})
+    record = read_json(os.path.join(checkpointer.step_directory(3), RECORD, RECORD_FILE))
+    assert record == {"step": 3, "config": {"model": "tiny"}, "timing": {"elapsed_seconds": 1.5},
+                      "digest": state_digest(at_3)}
+    with Checkpointer(str(tmp_path / "saved")) as reopened:
+        restored, restored_record = reopened.restore(state)
+    assert restored_record == record and int(restored.step) == 3
+    for saved, back in zip(jax.tree.leaves(jax.device_get(at_3)),
+                           jax.tree.leaves(jax.device_get(restored))):
         np.testing.assert_array_equal(saved, back)
-
-
-def test_a_finished_save_is_recorded_without_waiting_so_a_killed_run_stays_verifiable(tmp_path):
-    """The record follows the files in the background: a run killed after the save completed
-    but before anything else touched the checkpointer leaves a verifiable checkpoint."""
-    state = initial_state(tiny_objective(), TRAIN[:1], CONFIG)
-    checkpointer = Checkpointer(str(tmp_path / "run"))
-    checkpointer.save(state, {"elapsed_seconds": 1.5})
-    record = os.path.join(checkpointer.step_directory(0), RECORD_FILE)
-    deadline = time.monotonic() + 60
-    while not os.path.exists(record) and time.monotonic() < deadline:
-        time.sleep(0.05)  # nothing here calls the checkpointer, as in a run killed now
-    assert os.path.exists(record)
-    assert read_json(record) == {
-        "step": 0, "sha256": file_digests(checkpointer.step_directory(0)),
-        "timing": {"elapsed_seconds": 1.5}}
-    checkpointer.close()
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
@@ -171,9 +145,10 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_state(tmp_path):
     poisoned = next(i for i in dropped_in_epoch_1 if epoch_2.index(i) < 640)
     train[poisoned] = 1e7
     bad_step = 10 + epoch_2.index(poisoned) // 64 + 1
-    # The loss of step k is that of the state after k - 1 steps: the state after bad_step - 1
-    # steps gave the non-finite loss, the one before it is the last good state.
-    last_good = bad_step - 2
+    # The loss of step k is that of the state after k - 1 steps. No call is run again: the
+    # state that began the bad call is kept when its own loss (the call's first) was finite.
+    call_start = 10 + (bad_step - 11) // 4 * 4
+    last_good = call_start if call_start > 10 and bad_step > call_start + 1 else 10
     with pytest.raises(NonFiniteLossError,
                        match=f"at step {bad_step} \\(epoch 2\\).*\\(step {last_good}\\)"):
         fit(Objective(init=good.init, loss=poisoned_loss), train, TEST, CONFIG, str(tmp_path))
@@ -204,7 +179,7 @@ def test_corrupted_checkpoint_is_reported(tmp_path):
         for name in files:
             if not name.startswith("_") and name != "commit_success.txt":
                 (tmp_path / root / name).write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="10 is corrupted.*no earlier step is intact"):
+    with pytest.raises(CheckpointError, match="10 is corrupted"):
         fit(tiny_objective(), TRAIN, TEST, CONFIG, str(tmp_path))
 
 
@@ -268,10 +243,10 @@ def test_dispatch_bounded_waits_for_the_oldest_call_once_the_queue_is_full():
             waited.append(self.i)
             return self
 
-    results = [loop.dispatch_bounded(queued, Call, i) for i in range(20)]
+    results = [steps.dispatch_bounded(queued, Call, i) for i in range(20)]
     assert [r.i for r in results] == list(range(20))
-    assert waited == list(range(20 - loop.MAX_EVAL_CALLS_IN_FLIGHT))  # the oldest, in order
-    assert len(queued) == loop.MAX_EVAL_CALLS_IN_FLIGHT
+    assert waited == list(range(20 - steps.MAX_EVAL_CALLS_IN_FLIGHT))  # the oldest, in order
+    assert len(queued) == steps.MAX_EVAL_CALLS_IN_FLIGHT
 
 
 def test_epoch_lines_name_no_unit_and_the_units_line_names_each_once():
@@ -308,7 +283,7 @@ def test_optimizer_operations_are_named_in_the_compiled_step():
     config = TrainConfig(**{**CONFIG.__dict__, "ema_decay": 0.9})
     state = jax.device_put(initial_state(tiny_objective(), TRAIN[:1], config),
                            batching.replicated(mesh))
-    chunk = loop.make_train_chunk(tiny_objective(), mesh, config.ema_decay)
+    chunk = steps.make_train_chunk(tiny_objective(), mesh, config.ema_decay)
     idx = batching.put_host_indices(np.zeros((1, 64), np.int32), mesh)
     hlo = chunk.lower(state, batching.put_host_shard(TRAIN, mesh), idx,
                       jax.random.key(0)).compile().as_text()
@@ -317,3 +292,23 @@ def test_optimizer_operations_are_named_in_the_compiled_step():
     assert any(name.endswith("/sqrt") for name in in_scope)  # Adam's sqrt(v) + eps
     assert not any("jvp(" in name for name in in_scope)  # no forward or backward operation
     assert any("jvp(" in name for name in op_names)
+
+
+def test_a_checkpoint_of_flax_automatic_names_says_it_predates_named_submodules(tmp_path):
+    """A checkpoint whose tree differs from the model's is refused in one line naming the
+    first differing leaf; one holding Flax automatic names (Conv_0) the model lacks says it
+    predates lvm_jax's named submodules."""
+    state = initial_state(tiny_objective(), TRAIN[:1], CONFIG)
+    kernel = jax.tree.leaves(state.params)[0]
+    old = state.replace(params={"Conv_0": {"kernel": kernel}}, opt_state=(), ema_params=None)
+    new = state.replace(params={"encoder": {"kernel": kernel}}, opt_state=(), ema_params=None)
+    with Checkpointer(str(tmp_path)) as checkpointer:
+        checkpointer.save(old, {}, {})
+    with pytest.raises(CheckpointError) as raised:
+        checkpoint.restore_committed(str(tmp_path), new)
+    message = str(raised.value)
+    assert "\n" not in message and "params/Conv_0/kernel" in message
+    assert "predates lvm_jax's named submodules and must be retrained" in message
+    assert checkpoint.mismatch({"params": {"decoder": {"kernel": kernel}}},
+                               {"params": {"encoder": {"kernel": kernel}}}) == (
+        "it holds params/decoder/kernel, which this model lacks")

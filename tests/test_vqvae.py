@@ -12,10 +12,12 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import vqvae as vqvae_experiment
-from lvm_jax import data
+from experiments import load_run, sample, vqvae as vqvae_experiment
+from lvm_jax import data, viz
+from lvm_jax.errors import ConfigError
 from lvm_jax.models import vqvae
 from lvm_jax.nn.masked_conv import PixelCNN
+from tests.helpers import drawn_figures
 
 K, D = 16, 8
 IMAGE_SHAPE = (8, 8, 3)  # a 2x2 code grid
@@ -163,16 +165,10 @@ def test_projected_presets_decode_their_codes_in_the_full_model(preset):
                                model.apply(variables, x)["reconstruction"], rtol=1e-4, atol=1e-5)
 
 
-def test_plain_preset_is_the_course_quantizer_and_resumes_earlier_workdirs():
+def test_plain_preset_is_the_course_quantizer():
     assert vqvae.quantizer(K, D) == vqvae.quantizer(K, D, **vqvae.QUANTIZER_PRESETS["plain"])
     course = vqvae.quantizer(K, D)
     assert (course.commitment_cost, course.ema, course.lookup_dim) == (1.0, False, None)
-    model = vqvae.conv_vqvae(IMAGE_SHAPE, K, D)
-    # The run settings of the plain and EMA VQ-VAEs keep the keys of earlier versions.
-    assert vqvae_experiment.run_settings(model, {}) == dict(
-        num_codes=K, code_dim=D, ema_codebook=False, restart_dead_codes=None)
-    assert vqvae_experiment.run_settings(model, {"ema": True, "kmeans_iters": 3})["quantizer"] == {
-        "kmeans_iters": 3}
 
 
 def test_gradients_route_through_the_full_model(tiny):
@@ -265,9 +261,10 @@ def test_experiment_quick_smoke(tmp_path):
     """`python -m experiments.vqvae --quick`: both stages, figures and summary; a second run
     with another prior reuses the VQ-VAE and adds its prior to the summary (about 30 s)."""
     workdir = str(tmp_path / "run")
-    vqvae_experiment.main(["--quick", "--workdir", workdir, "--no_progress"])
-    summary = vqvae_experiment.main(["--quick", "--workdir", workdir, "--no_progress",
-                                     "--prior", "gated"])
+    with drawn_figures() as drawn:
+        vqvae_experiment.main(["--quick", "--workdir", workdir, "--no_progress"])
+        summary = vqvae_experiment.main(["--quick", "--workdir", workdir, "--no_progress",
+                                         "--prior", "gated"])
     with open(os.path.join(workdir, "summary.json")) as f:
         assert json.load(f) == summary
     metrics = summary["test_metrics"]
@@ -288,6 +285,28 @@ def test_experiment_quick_smoke(tmp_path):
         assert image.shape[0] > 100 and image.std() > 0.05, f"{name} looks blank"
     for stage in ("vqvae", "prior_pixelcnn", "prior_gated"):
         assert os.path.isdir(os.path.join(workdir, stage, "checkpoints")), stage
+
+    # The run loads from its root or any stage, with both priors, and redraws its figures.
+    run = load_run(workdir)
+    assert set(run.priors) == {"gated", "pixelcnn"}
+    assert load_run(os.path.join(workdir, "prior_gated")).stages.keys() == run.stages.keys()
+    key = jax.random.key(1)
+    for prior in ("pixelcnn", "gated"):
+        np.testing.assert_array_equal(run.sample(100, key, prior=prior),
+                                      drawn[f"samples_{prior}.png"])
+    np.testing.assert_array_equal(run.sample(4, key), run.sample(4, key, prior="pixelcnn"))
+    test = run.dataset.test
+    shown = viz.spread_by_contrast(test, vqvae_experiment.NUM_RECONSTRUCTIONS)
+    codes = run.encode(test[shown])
+    assert codes.shape == (len(shown), 8, 8) and codes.dtype == np.int32
+    np.testing.assert_array_equal(run.decode(codes), drawn["reconstructions.png"][1::2])
+    np.testing.assert_array_equal(run.reconstruct(test[shown]), run.decode(codes))
+    with pytest.raises(ConfigError, match="^this vqvae run has no importance-weighted bound: it "
+                                          "has sample, reconstruct, encode, decode.$"):
+        run.evaluate(test[:2], key)
+    grid = tmp_path / "gated.png"  # the command draws through the same verbs
+    sample.main(["--workdir", workdir, "--num", "100", "--prior", "gated", "--out", str(grid)])
+    np.testing.assert_array_equal(np.load(tmp_path / "gated.npy"), drawn["samples_gated.png"])
 
 
 @pytest.mark.parametrize("flags, message", [

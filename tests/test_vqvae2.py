@@ -11,10 +11,11 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from experiments import vqvae2 as vqvae2_experiment
-from lvm_jax import data
+from experiments import load_run, vqvae2 as vqvae2_experiment
+from lvm_jax import data, viz
 from lvm_jax.errors import ConfigError
 from lvm_jax.models import vqvae, vqvae2
+from tests.helpers import drawn_figures
 
 K, D, WIDTH = 16, 8, 16
 IMAGE_SHAPE = (16, 16, 3)  # bottom_factor 2: an 8x8 bottom and a 4x4 top grid
@@ -187,13 +188,16 @@ STAGES = ("vqvae2", "top_prior", "bottom_prior")
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """One uninterrupted `python -m experiments.vqvae2 --quick` (tiny) and its summary."""
+    """One uninterrupted `python -m experiments.vqvae2 --quick` (tiny), its summary and the
+    arrays its figures drew (`drawn_figures`)."""
     workdir = str(tmp_path_factory.mktemp("vqvae2") / "run")
-    return workdir, vqvae2_experiment.main([*QUICK, "--workdir", workdir])
+    with drawn_figures() as drawn:
+        summary = vqvae2_experiment.main([*QUICK, "--workdir", workdir])
+    return workdir, summary, drawn
 
 
 def test_experiment_quick_runs_three_stages_and_writes_figures_and_summary(quick_run):
-    workdir, summary = quick_run
+    workdir, summary, _ = quick_run
     with open(os.path.join(workdir, "summary.json")) as f:
         assert json.load(f) == summary
     metrics = summary["test_metrics"]
@@ -217,6 +221,25 @@ def test_experiment_quick_runs_three_stages_and_writes_figures_and_summary(quick
         assert os.path.exists(os.path.join(workdir, stage, "metrics.csv")), stage
 
 
+def test_the_loaded_run_redraws_the_experiments_figures_bit_for_bit(quick_run):
+    workdir, summary, drawn = quick_run
+    run = load_run(os.path.join(workdir, "top_prior"))  # any stage's folder loads the run
+    assert run.workdir == workdir and list(run.stages) == list(STAGES)
+    assert run.steps == {stage: summary["stages"][stage]["steps"] for stage in STAGES}
+    np.testing.assert_array_equal(run.sample(vqvae2_experiment.NUM_SAMPLES, jax.random.key(1)),
+                                  drawn["samples.png"])
+    test = run.dataset.test
+    shown = viz.spread_by_contrast(test, vqvae2_experiment.NUM_RECONSTRUCTIONS)
+    columns = drawn["reconstructions.png"].reshape(len(shown), 4, *test.shape[1:])
+    top, bottom = run.encode(test[shown])
+    assert (top.shape[1:], bottom.shape[1:]) == ((8, 8), (16, 16))
+    np.testing.assert_array_equal(run.reconstruct(test[shown]), columns[:, 1])
+    np.testing.assert_array_equal(run.decode((top, None)), columns[:, 2])
+    np.testing.assert_array_equal(run.decode((None, bottom)), columns[:, 3])
+    with pytest.raises(ConfigError, match="^this run has no trained prior 'none': it has top.$"):
+        run.sample(2, jax.random.key(0), prior="none")
+
+
 def _latest_checkpoint(stage_dir: str) -> str:
     directory = os.path.join(stage_dir, "checkpoints")
     return os.path.join(directory, str(max(int(d) for d in os.listdir(directory)
@@ -229,7 +252,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(quick_run, tmp_p
     """A copy of the finished run cut back to the state a kill would leave (the priors never
     started; or the top prior's last checkpoint lost and the bottom prior never started)
     resumes to the same test metrics, bit for bit."""
-    workdir, summary = quick_run
+    workdir, summary, _ = quick_run
     resumed = str(tmp_path / "resumed")
     shutil.copytree(workdir, resumed)
     os.remove(os.path.join(resumed, "summary.json"))

@@ -53,7 +53,8 @@ def _sources(name: str, data_dir: str | None):
     except ImportError as err:  # TensorFlow, or one of the packages preparing needs
         raise DataError(
             f"the TFDS dataset {tfds_name!r} is not prepared in {_where(data_dir)}, and preparing "
-            f"it needs the optional extra (missing: {err.name or err}): "
+            f"it needs TensorFlow, which the optional extra installs with the packages TFDS "
+            f"prepares with (missing: {err.name or err}): "
             f'pip install -e ".[tfds_prepare]" (preparing downloads the data, so it needs the '
             f"internet), or pass --data_dir where it is prepared, or {_EMBEDDED}.") from err
     except Exception as err:  # download or preparation failed: say what to do

@@ -53,7 +53,7 @@ class VAE(nn.Module):
         """q(z|x): (mean, log_var), each (batch, latent_dim) float32; `x` preprocessed (float)."""
         if not jnp.issubdtype(x.dtype, jnp.floating):  # checked once, when traced
             raise TypeError(f"the VAE takes preprocessed floating-point inputs, not {x.dtype}: "
-                            "apply it to run.preprocess(x) (experiments.evaluate.load_run) or "
+                            "apply it to run.preprocess(x) (experiments.load_run) or "
                             "its objective's preprocess(x), e.g. uint8 images scaled to [-1, 1].")
         return self.head(self.trunk(x))
 

@@ -12,14 +12,13 @@ feed's `read(data, rows[i])` inside the compiled call:
   pipeline (`stream.TrainBatches`); a thread stacks the local batches of the next
   calls and assembles them into global batches (n, batch, ...) on the devices with
   `jax.make_array_from_process_local_data` while the current call runs; rows are
-  those batches and `read` is the identity. Its grain iterator's state is saved in
-  every checkpoint (`Checkpointer.save(..., data_iterator=)`) and restored with it.
+  those batches and `read` is the identity. Its grain iterator's state at the loop's
+  step (`iterator_state`) is saved in every checkpoint and positions it on resume.
 
 Both visit the examples of `batching.epoch_order(seed, epoch, ...)`, so the two
 paths train on the same batches and give the same numbers.
 """
 
-import collections
 import json
 import queue
 import threading
@@ -54,9 +53,10 @@ class DeviceFeed:
         """Rows of a call of `n` steps, to trace the chunk with."""
         return self.put(np.zeros((n, self._local_batch), np.int32))
 
-    def start(self, step: int) -> None:
-        """Places the shard on the devices; any step's indices are computed when asked for."""
-        del step
+    def start(self, step: int, restored=None) -> None:
+        """Places the shard on the devices; any step's indices are computed when asked for (a
+        `restored` stream's iterator state is not needed)."""
+        del step, restored
         self.data = batching.put_host_shard(self._train_data[self._shard], self._mesh)
 
     def rows(self, step: int, n: int) -> np.ndarray:
@@ -74,29 +74,34 @@ class DeviceFeed:
     def iterator_state(self, step: int) -> None:
         """Nothing to save: the indices of a step follow from (seed, step)."""
         del step
+        return None
 
     def close(self) -> None:
         pass
 
 
-class _SavedState:
-    """A grain iterator's state at one step, in the shape grain's orbax handler saves."""
+class IteratorState:
+    """A grain iterator's state (a dict), in the protocol of grain's orbax handler (JSON)."""
 
-    def __init__(self, state: dict):
-        self._state = state
+    def __init__(self, state: dict | None = None):
+        self.state = state
 
     def get_state(self) -> bytes:
-        return json.dumps(self._state).encode()
+        return json.dumps(self.state).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.state = json.loads(state)
+
+    def start_prefetch(self) -> None:
+        """Called by grain's handler after `set_state`: `StreamFeed.start` starts reading."""
 
 
 class StreamFeed:
     """The stream path: batches read from `source` (`lvm_jax.data.stream`) by a grain
-    pipeline and placed on the devices ahead of the step that trains on them.
-
-    Also the object grain's orbax handler restores (`set_state`, `start_prefetch`):
-    a checkpoint's iterator state positions the pipeline, and `start` checks that it
-    names the step of the restored train state.
-    """
+    pipeline, stacked per compiled call and placed on the devices by a thread, up to
+    CALLS_AHEAD calls ahead of the one that trains on them. Each call's batches come
+    with the iterator's state after them, so the feed knows the state at the step the
+    loop has reached, and at the step before its last call."""
 
     def __init__(self, source, mesh, seed: int, steps_per_epoch: int, local_batch: int,
                  shard: slice, total_steps: int, steps_per_call: int):
@@ -109,17 +114,11 @@ class StreamFeed:
         self._dtype = source.dtype
         self._steps_per_epoch, self._total_steps = steps_per_epoch, total_steps
         self._steps_per_call = steps_per_call
-        self._restored: dict | None = None
         self._iterator = None
+        self._states: dict[int, dict] = {}  # step -> iterator state, of the last two calls
         self._thread: threading.Thread | None = None
         self._calls: queue.Queue = queue.Queue(maxsize=CALLS_AHEAD)
         self._stop = threading.Event()
-        # The iterator's state before each step read lately. The thread runs up to
-        # CALLS_AHEAD + 1 calls ahead of the loop, which may checkpoint a state up to 2 calls
-        # back (the last good state before a non-finite loss, see fit).
-        self._states: collections.OrderedDict[int, dict] = collections.OrderedDict()
-        self._states_kept = (CALLS_AHEAD + 3) * steps_per_call + 1
-        self._states_lock = threading.Lock()
 
     @staticmethod
     def read(data, rows):
@@ -129,51 +128,31 @@ class StreamFeed:
     def placeholder(self, n: int) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct((n, *self._batch_shape), self._dtype, sharding=self._sharding)
 
-    def set_state(self, state: bytes) -> None:
-        self._restored = json.loads(state)
-
-    def start_prefetch(self) -> None:
-        """Called by grain's orbax handler after `set_state`; `start` starts reading."""
-
-    def start(self, step: int) -> None:
-        """Starts reading at `step`, from the restored iterator state if any, which must
-        name `step` (the train state's)."""
-        self._iterator = self._batches.iterator(self._restored, step)
+    def start(self, step: int, restored: IteratorState | None = None) -> None:
+        """Starts reading at `step`: from the `restored` iterator state, which must name
+        `step` (the train state's), or positioned at `step` when there is none (a run begun
+        with --input memory)."""
+        self._iterator = self._batches.iterator(restored and restored.state, step)
         if stream.next_step(self._iterator) != step:
             raise CheckpointError(
                 f"the checkpoint's data iterator is at step {stream.next_step(self._iterator)}, "
                 f"its train state at step {step}: it was written by another program. Delete "
                 "that checkpoint step to resume from an earlier one, or use another --workdir.")
-        self._remember(step)  # before any read: a checkpoint of `step` may come first
+        self._states = {step: self._iterator.get_state()}
         self._thread = threading.Thread(target=self._read_ahead, args=(step,),
                                         name="stream-feed", daemon=True)
         self._thread.start()
 
-    def _call_sizes(self, step: int):
-        """(first step, steps) of each compiled call from `step`, as `fit` cuts them."""
-        while step < self._total_steps:
-            offset = step % self._steps_per_epoch
-            n = min(self._steps_per_call, self._steps_per_epoch - offset)
-            yield step, n
-            step += n
-
-    def _remember(self, step: int) -> None:
-        with self._states_lock:
-            self._states[step] = self._iterator.get_state()
-            while len(self._states) > self._states_kept:
-                self._states.popitem(last=False)
-
     def _read_ahead(self, step: int) -> None:
         """The thread: reads, stacks and places each call's batches, in order, until stopped."""
         try:
-            for first, n in self._call_sizes(step):
-                local = []
-                for k in range(first, first + n):
-                    local.append(next(self._iterator))
-                    self._remember(k + 1)
-                rows = jax.make_array_from_process_local_data(self._sharding, np.stack(local))
-                if not self._put((first, n, rows)):
+            while step < self._total_steps:
+                n = min(self._steps_per_call, self._steps_per_epoch - step % self._steps_per_epoch)
+                local = np.stack([next(self._iterator) for _ in range(n)])
+                rows = jax.make_array_from_process_local_data(self._sharding, local)
+                if not self._put((step, n, rows, self._iterator.get_state())):
                     return
+                step += n
         except BaseException as err:  # raised by `rows`, in the loop's thread
             self._put(err)
 
@@ -191,21 +170,21 @@ class StreamFeed:
         item = self._calls.get()
         if isinstance(item, BaseException):
             raise item
-        first, count, rows = item
+        first, count, rows, state_after = item
         if (first, count) != (step, n):
             raise RuntimeError(f"the stream feed read steps {first}..{first + count - 1}, the "
                                f"loop asked for {step}..{step + n - 1}")
+        self._states = {step: self._states[step], step + n: state_after}
         return rows
 
     @staticmethod
     def put(rows: jax.Array) -> jax.Array:
         return rows
 
-    def iterator_state(self, step: int) -> _SavedState:
-        """The grain iterator's state before it read `step`: what a checkpoint of the train
-        state at `step` saves beside it."""
-        with self._states_lock:
-            return _SavedState(self._states[step])
+    def iterator_state(self, step: int) -> IteratorState:
+        """The iterator's state before it read `step`, the loop's step or the one before its
+        last call: what a checkpoint of the train state at `step` saves beside it."""
+        return IteratorState(self._states[step])
 
     def close(self) -> None:
         """Stops the reading thread and grain's threads; returns promptly, also on Ctrl-C."""

@@ -1,14 +1,11 @@
 """One run per workdir: an exclusive OS lock held while a run writes there.
 
-The lock is `fcntl.flock` on <workdir>/.lock. The kernel releases it when the
-holding process exits in any way, SIGKILL included, so a dead run never
-leaves a stale lock; the file keeps the holder's process id for the message
-a refused run prints. In a multi-host run only the primary process (the one
-that writes the run's files) takes it, so the other hosts are never refused.
-A `.lock` that is a symbolic link is refused before anything is written
-(`links.open_no_follow`): it would truncate its target.
-Within one process the lock is re-entrant: an experiment may hold its workdir
-while `fit` locks the same directory.
+The lock is `fcntl.flock` on <workdir>/.lock, the first file a run writes. The
+kernel releases it when the holder exits in any way, SIGKILL included, so a dead
+run never leaves a stale lock; the file keeps the holder's process id for the
+message a refused run prints. In a multi-host run only the primary process (the
+one that writes the run's files) takes it. A path that orbax cannot read back
+(tensorstore reads brackets as a pattern) is refused before the lock is taken.
 """
 
 import contextlib
@@ -18,62 +15,55 @@ import os
 
 from lvm_jax.errors import WorkdirError
 from lvm_jax.train import records
-from lvm_jax.train.links import open_no_follow
 
 LOCK_FILE = ".lock"
 
-_held: dict[str, list] = {}  # real path -> [open lock file, nesting depth]
 
+def check_path(workdir: str) -> str:
+    """`workdir`, after checking that orbax can read back checkpoints written under it.
 
-def _open_locked(directory: str, shown: str):
-    try:
-        os.makedirs(directory, exist_ok=True)
-        lock_file = open_no_follow(os.path.join(directory, LOCK_FILE), "a+")
-    except WorkdirError:
-        raise
-    except OSError as err:
-        problem = {errno.EEXIST: "it exists and is not a directory",
-                   errno.ENOTDIR: "a part of its path is a file",
-                   errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-                   errno.EROFS: "the file system is read-only"}.get(err.errno, err.strerror)
-        raise WorkdirError(f"cannot write into the workdir {shown}: {problem}. Choose "
-                           "another --workdir.") from err
-    try:
-        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock_file.seek(0)
-        holder = lock_file.read().strip() or "unknown"
-        lock_file.close()
-        raise WorkdirError(f"the workdir {shown} is in use by another run (process id "
-                           f"{holder}). Wait for it to finish, or choose another --workdir."
-                           ) from None
-    lock_file.seek(0)
-    lock_file.truncate()
-    lock_file.write(f"{os.getpid()}\n")
-    lock_file.flush()
-    return lock_file
+    Raises:
+      WorkdirError: its absolute path holds a bracket.
+    """
+    if any(c in os.path.abspath(workdir) for c in "[]"):
+        raise WorkdirError(f"the workdir {workdir} has a bracket in its path, which orbax's "
+                           "checkpoint reader takes for a pattern: choose a path without [ or ].")
+    return workdir
 
 
 @contextlib.contextmanager
 def locked(workdir: str, create: bool = True):
-    """Holds the exclusive lock of `workdir` for the `with` block.
-
-    A missing `workdir` is created, or with `create=False` left absent and unlocked:
-    a command that only reads a run then fails on its own terms.
+    """Holds the exclusive lock of `workdir` for the `with` block; a missing `workdir` is
+    created, or with `create=False` left absent and unlocked (a command that only reads a
+    run then fails on its own terms).
 
     Raises:
-      WorkdirError: `workdir` is a file, cannot be written, or another process holds it.
+      WorkdirError: `workdir` is a file, cannot be written, holds a bracket, or another
+        process holds it.
     """
     if not records.is_primary() or not (create or os.path.isdir(workdir)):
         yield
         return
-    key = os.path.realpath(workdir)
-    if key not in _held:
-        _held[key] = [_open_locked(key, workdir), 0]
-    _held[key][1] += 1
     try:
-        yield
-    finally:
-        _held[key][1] -= 1
-        if _held[key][1] == 0:
-            _held.pop(key)[0].close()  # closing the file releases the lock
+        os.makedirs(check_path(workdir), exist_ok=True)
+        lock_file = records.open_no_follow(os.path.join(workdir, LOCK_FILE), "a+")
+    except WorkdirError:
+        raise
+    except OSError as err:
+        problem = {errno.EEXIST: "it exists and is not a directory",
+                   errno.ENOTDIR: "a part of its path is a file"}.get(
+                       err.errno, records.DISK_ERRORS.get(err.errno, err.strerror))
+        raise WorkdirError(f"cannot write into the workdir {workdir}: {problem}. Choose "
+                           "another --workdir.") from None
+    with lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            raise WorkdirError(f"the workdir {workdir} is in use by another run (process id "
+                               f"{lock_file.read().strip() or 'unknown'}). Wait for it to "
+                               "finish, or choose another --workdir.") from None
+        lock_file.truncate(0)
+        lock_file.write(f"{os.getpid()}\n")
+        lock_file.flush()
+        yield  # closing the file releases the lock
