@@ -343,12 +343,15 @@ def train_steps(loop: TrainConfig, num_train: int) -> int:
     return loop.epochs * (num_train // loop.batch_size)
 
 
-def run_record(config: Config, experiment: str, example_shape, **facts) -> dict:
+def run_record(config: Config, experiment: str, example_shape, data_identity=None,
+               **facts) -> dict:
     """What config.json holds beside the training loop's "train" settings (which `fit`
     adds): the experiment (or stage) that trains there, the settings of `config` that
     identify the run (`Config.record`), and the run facts no setting names: the shape of
-    one training example, and `facts` (e.g. the step of the codes a prior trained on).
-    A resumed run must match it; `load_run` rebuilds the run from it alone. A new run fact
-    is added here, for every experiment at once."""
+    one training example, the data's identity (`data_identity`, a `data.DataIdentity`:
+    a resume or an evaluation on other data is refused), and `facts` (e.g. the step of the
+    codes a prior trained on). A resumed run must match it; `load_run` rebuilds the run
+    from it alone. A new run fact is added here, for every experiment at once."""
+    identity = {"data": data_identity.to_json()} if data_identity is not None else {}
     return {"experiment": experiment, **config.record(),
-            "example_shape": list(example_shape), **facts}
+            "example_shape": list(example_shape), **identity, **facts}

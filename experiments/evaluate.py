@@ -29,7 +29,7 @@ import numpy as np
 from experiments import common, configs, runs
 from experiments.runs import load_run
 from lvm_jax import cpu_devices, evaluate
-from lvm_jax.errors import ConfigError, UserError
+from lvm_jax.errors import ConfigError, DataError, UserError
 from lvm_jax.models.priors import StandardNormalPrior
 from lvm_jax.train import CheckpointError, device_description, interrupt, records
 from lvm_jax.train import workdir as workdir_lock
@@ -112,6 +112,10 @@ class Config(configs.Config):
         configs.POSITIVE_INT)
     seed: int = configs.setting(0, "seeds the importance samples", configs.SEED)
     data_dir: str | None = configs.setting(None, common.DATA_DIR_HELP)
+    other_data: bool = configs.setting(
+        False, "evaluate on data other than the run trained on (e.g. another --data_dir): the "
+               "result is written apart, under summary.json's other_data and the data's name, "
+               "never beside the run's own metrics")
     no_progress: bool = configs.setting(False, "hide the progress bar")
 
     def __post_init__(self):
@@ -156,6 +160,10 @@ def _evaluate_run(config: Config, workdir: str) -> dict:
     _note(f"restoring the run in {workdir}")
     run = bounded_run(workdir, config.data_dir)
     dataset, model, params = run.dataset, run.model, run.params
+    other = run.other_data()
+    if other and not config.other_data:
+        raise DataError(f"{other} Evaluate the run on its own data, or pass --other_data to "
+                        "record this evaluation apart, under the data's name.")
     preprocess = run.objective.preprocess
     chunk = evaluate.resolve_chunk(config.num_samples, config.chunk)
 
@@ -185,7 +193,8 @@ def _evaluate_run(config: Config, workdir: str) -> dict:
                "iwae_nll_stderr": float(nll.std(ddof=1) / np.sqrt(len(nll))),
                "iwae_num_samples": config.num_samples, "iwae_num_examples": len(nll),
                "active_units": num_active}
-    if len(nll) < len(dataset.test):  # the -ELBO of the same examples, for a like comparison
+    # The -ELBO of the same examples, for a like comparison (the run's own is of its test set).
+    if other or len(nll) < len(dataset.test):
         metrics["neg_elbo_iwae_examples"] = float(iwae_nll(examples, 1).mean())
     units = {name: unit for name, unit in UNITS.items() if name in metrics}
     if dataset.kind == "image":
@@ -195,18 +204,23 @@ def _evaluate_run(config: Config, workdir: str) -> dict:
     total_seconds = time.perf_counter() - start
     interrupt.check("the evaluation stopped before writing its results (summary.json is as it "
                     "was); rerun the same command to evaluate")
-    summary = records.update_json(summary_path, {
+    results = {
         "test_metrics": metrics,
         "units": units,
         "latent_diagnostics": diagnostics,
         "iwae_evaluation": {
             "checkpoint_step": run.step, "iwae_seconds": seconds,
             "examples_x_samples_per_second": len(nll) * config.num_samples / seconds,
-            "wall_time_seconds": total_seconds, "device": device_description()}})
+            "wall_time_seconds": total_seconds, "device": device_description()}}
+    if other:  # apart from the run's own metrics, which are of other data
+        name = dataset.identity.describe()
+        results = {"other_data": {name: {**results, "data": dataset.identity.to_json()}}}
+    summary = records.update_json(summary_path, results)
 
     bits = metrics.get("iwae_bits_per_dim")
     elbo = metrics.get("neg_elbo_iwae_examples", summary["test_metrics"].get("neg_elbo"))
-    print(f"{run.experiment} on {dataset.name}: IWAE NLL (k={config.num_samples}) "
+    data_name = dataset.identity.describe() if other else dataset.name
+    print(f"{run.experiment} on {data_name}: IWAE NLL (k={config.num_samples}) "
           f"{metrics['iwae_nll']:.3f} ± {metrics['iwae_nll_stderr']:.3f} nats"
           + (f" ({bits:.4f} bits/dim)" if bits is not None else "")
           + (f", -ELBO {elbo:.3f}" if elbo is not None else "")

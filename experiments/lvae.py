@@ -224,8 +224,8 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     dataset = common.load_dataset(config)
     likelihood = config.likelihood or default_likelihood(dataset)
     free_bits = default_free_bits(config.latent_layers) if config.free_bits is None else config.free_bits
-    record = common.run_record(config, "lvae", dataset.event_shape, likelihood=likelihood,
-                               free_bits=free_bits)
+    record = common.run_record(config, "lvae", dataset.event_shape, dataset.identity,
+                               likelihood=likelihood, free_bits=free_bits)
     run = build(config.replace(likelihood=likelihood, free_bits=free_bits), record)
     data.require_images(dataset, "lvae", multiple_of=run.model.size_multiple)
     workdir = common.workdir(config, "lvae", workdir)

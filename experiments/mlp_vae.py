@@ -90,8 +90,9 @@ def build(config, record: dict) -> Run:
 def train_variant(config, dataset, workdir, likelihood, hidden,
                   num_samples) -> tuple[Run, FitResult]:
     """Trains (or resumes) one variant in `workdir`: its run and its FitResult."""
-    record = common.run_record(config, EXPERIMENT, dataset.event_shape, likelihood=likelihood,
-                               hidden=list(hidden), num_samples=num_samples)
+    record = common.run_record(config, EXPERIMENT, dataset.event_shape, dataset.identity,
+                               likelihood=likelihood, hidden=list(hidden),
+                               num_samples=num_samples)
     run = build(config, record)
     result = fit(run.objective, dataset.train, dataset.test, common.train_config(config),
                  workdir, record)

@@ -35,6 +35,7 @@ import optax
 
 from experiments import common
 from lvm_jax import data, evaluate
+from lvm_jax.data import identity
 from lvm_jax.errors import CheckpointError, ConfigError, RecordError
 from lvm_jax.train import Objective, initial_state, records
 from lvm_jax.train.checkpoint import restore_committed
@@ -88,6 +89,7 @@ class Run:
     stages: dict[str, Stage]
     workdir: str | None = None
     data_dir: str | None = None
+    recorded_data: dict | None = None
     variables: dict[str, dict] = dataclasses.field(default_factory=dict)
     steps: dict[str, int] = dataclasses.field(default_factory=dict)
 
@@ -137,6 +139,14 @@ class Run:
         from `data_dir` where `load_run` was given one."""
         return common.load_dataset(self.config.replace(data_dir=self.data_dir, input="memory"),
                                    self.dataset_name())
+
+    def other_data(self) -> str | None:
+        """Why `dataset` holds other data than the run trained on, in one line naming both
+        (`lvm_jax.data.identity.mismatch`), or None; None too for a run that recorded no
+        data identity."""
+        if self.recorded_data is None or self.dataset.identity is None:
+            return None
+        return identity.mismatch(self.recorded_data, self.dataset.identity)
 
     def preprocess(self, examples) -> jax.Array:
         """`examples` as stored (e.g. uint8 images) -> the model's input, as the training step
@@ -268,7 +278,7 @@ def load_run(workdir: str, data_dir: str | None = None) -> Run:
                           "the run was written by an lvm_jax older than load_run, which cannot "
                           "rebuild it from its records.")
     run = module.build(_config(module, record, main_path), record)
-    run.workdir, run.data_dir = root, data_dir
+    run.workdir, run.data_dir, run.recorded_data = root, data_dir, record.get("data")
     if staged:
         run.stages.update(_other_stages(module, root, run))
     for folder, stage in run.stages.items():
@@ -382,13 +392,14 @@ def _restore(run: Run, folder: str, stage: Stage) -> int | None:
 
 
 def _differences(config: dict, saved: dict | None) -> list[str]:
-    """"dataset: config.json 'a', checkpoint 'b'" for every setting but the loop's ("train")
-    and the "changes" that differ between config.json and a checkpoint's record (none for a
-    record that keeps no config)."""
+    """"dataset: config.json 'a', checkpoint 'b'" for every setting but the loop's ("train"),
+    the "changes" and the "data" (the same data may have moved since the checkpoint: a
+    resume compares its identity) that differ between config.json and a checkpoint's record
+    (none for a record that keeps no config)."""
     if saved is None:
         return []
     return [f"{key}: config.json {config.get(key)!r}, checkpoint {saved.get(key)!r}"
-            for key in sorted((set(config) | set(saved)) - {"train", "changes"})
+            for key in sorted((set(config) | set(saved)) - {"train", "changes", "data"})
             if records.to_json(config.get(key)) != records.to_json(saved.get(key))]
 
 

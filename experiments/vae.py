@@ -129,7 +129,11 @@ def train_and_evaluate(config: Config, workdir: str | None = None, experiment: s
     dataset = common.load_dataset(config)
     data.require_images(dataset, experiment, size=vae.CONV_IMAGE_SIZE)
     workdir = common.workdir(config, experiment, workdir)
-    record = common.run_record(config, experiment, dataset.event_shape)
+    record = common.run_record(config, experiment, dataset.event_shape, dataset.identity)
+    run = build(config, record)
+    result = fit(run.objective, dataset.train, dataset.test, common.train_config(config),
+                 workdir, record)
+    run.trained("", result.state)
     metrics = summary_metrics(result.test_metrics, dataset.num_dims, config.likelihood)
     step = run.step
     title = common.figure_title(f"{experiment.upper()} on {dataset.name}", config, step)

@@ -90,7 +90,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     runs/vae_2d/<dataset>), writes its figures and summary.json, and returns the summary."""
     workdir = common.workdir(config, EXPERIMENT, workdir)
     dataset = common.load_dataset(config, f"toy2d_{config.dataset}")
-    record = common.run_record(config, EXPERIMENT, dataset.train.shape[1:])
+    record = common.run_record(config, EXPERIMENT, dataset.train.shape[1:], dataset.identity)
     run = build(config, record)
     train_config = common.train_config(config)
     result = fit(run.objective, dataset.train, dataset.test, train_config, workdir, record)

@@ -270,7 +270,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     dataset = common.load_dataset(config)
     data.require_images(dataset, "vqvae", multiple_of=vqvae.SIZE_MULTIPLE)
     workdir = common.workdir(config, "vqvae", workdir)
-    record = common.run_record(config, "vqvae", dataset.event_shape)
+    record = common.run_record(config, "vqvae", dataset.event_shape, dataset.identity)
     run = build(config, record)
     model = run.model
 
@@ -308,7 +308,8 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
             stage2 = fit(run.stages[folder].objective, train_codes, test_codes, prior_loop,
                          os.path.join(workdir, folder),
                          common.run_record(config, "vqvae_prior", dataset.event_shape,
-                                           prior=[prior_name], vqvae_step=run.step))
+                                           dataset.identity, prior=[prior_name],
+                                           vqvae_step=run.step))
             run.trained(folder, stage2.state)
             samples = run.sample(NUM_SAMPLES, jax.random.key(config.seed + 1), prior=prior_name)
             prior_figures = save_prior_figures(workdir, title, prior_name, samples)

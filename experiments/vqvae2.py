@@ -318,7 +318,7 @@ def train_stages(config: Config, workdir: str | None = None) -> Stages:
     `workdir` (default runs/vqvae2/<dataset>)."""
     dataset = common.load_dataset(config)
     data.require_images(dataset, "vqvae2", multiple_of=vqvae2.SIZE_MULTIPLE)
-    record = common.run_record(config, "vqvae2", dataset.event_shape)
+    record = common.run_record(config, "vqvae2", dataset.event_shape, dataset.identity)
     run = build(config, record)
     workdir = common.workdir(config, "vqvae2", workdir)
 
@@ -347,7 +347,8 @@ def train_stages(config: Config, workdir: str | None = None) -> Stages:
             results[folder] = fit(stage.objective, prior_data[folder]["train"],
                                   prior_data[folder]["test"], prior_loop,
                                   os.path.join(workdir, folder),
-                                  common.run_record(config, stage.experiment, dataset.event_shape,
+                                  common.run_record(config, stage.experiment,
+                                                    dataset.event_shape, dataset.identity,
                                                     **facts))
             run.trained(folder, results[folder].state)
     return Stages(workdir, dataset, run, codes, stage1, results["top_prior"], results[bottom])

@@ -29,7 +29,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from lvm_jax.errors import CheckpointError, RecordError
+from lvm_jax.data import identity
+from lvm_jax.errors import CheckpointError, DataError, RecordError
 from lvm_jax.train import records
 
 STATE, RECORD, DATA = "state", "record", "data"
@@ -228,7 +229,8 @@ def resumed_config(workdir: str, config: dict, step: int, may_change=(),
     history = saved.pop("changes", [])
     if not isinstance(history, list):
         raise RecordError(f"{path} is malformed: its 'changes' is no list.")
-    flat_saved, flat_now = _flatten(saved), _flatten(config)
+    _refuse_other_data(workdir, saved, config)
+    flat_saved, flat_now = _flatten(_without_data(saved)), _flatten(_without_data(config))
     differ = sorted(k for k in set(flat_saved) | set(flat_now)
                     if records.to_json(flat_saved.get(k)) != records.to_json(flat_now.get(k)))
     fixed = [k for k in differ if k not in may_change]
@@ -243,6 +245,22 @@ def resumed_config(workdir: str, config: dict, step: int, may_change=(),
     history += [{"step": step, "setting": k, "saved": flat_saved.get(k), "now": flat_now.get(k)}
                 for k in differ]
     return {**config, "changes": history} if history else config
+
+
+def _without_data(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != "data"}
+
+
+def _refuse_other_data(workdir: str, saved: dict, config: dict) -> None:
+    """Refuses a resume on data other than the run's: their recorded identities
+    (`lvm_jax.data.identity`) must hold the same data, wherever it now lies. A run that
+    recorded none (built in Python) is not compared."""
+    if "data" not in saved or "data" not in config:
+        return
+    reason = identity.mismatch(saved["data"], identity.DataIdentity.from_json(config["data"]))
+    if reason:
+        raise DataError(f"the workdir {workdir} holds a run of other data: {reason} Resume it "
+                        "with its own data, or use another --workdir.")
 
 
 class Checkpointer:
