@@ -1,9 +1,11 @@
 """Settings, command lines, data loading and reporting shared by the experiment entry points."""
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import difflib
+import gc
 import glob
 import logging
 import os
@@ -177,6 +179,9 @@ def run(parser: argparse.ArgumentParser, config: type[Config], train_and_evaluat
     is 128 + the signal's number (130, 143). A second signal ends the process at once.
     """
     compilation_cache.enable()
+    # The interpreter's last garbage collections walk every object JAX, Flax and orbax made:
+    # frozen at exit, they are freed by reference counting alone (0.45 s of a 6 s 2D run).
+    atexit.register(gc.freeze)
     flags = parser.parse_args(argv)
     try:
         settings = configs.from_flags(config, flags)

@@ -254,7 +254,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     step = run.step
     title = common.figure_title(f"LVAE ({layers}) on {dataset.name}", config, step)
     figures = save_figures(run, dataset.test[:50], workdir, title)
-    records.write_figures_to_tensorboard(workdir, figures, step)
+    viz.write_figures_to_tensorboard(workdir, figures, step)
     kl_per_layer = [metrics[f"kl_layer_{i}"] for i in range(1, config.latent_layers + 1)]
     summary = records.update_json(os.path.join(workdir, "summary.json"), {
         "test_metrics": metrics, "units": units, "dataset": dataset.describe(),

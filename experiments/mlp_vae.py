@@ -119,7 +119,7 @@ def decoder_study(config, dataset, root) -> dict:
                                 + ", then ".join(DECODERS.values()), config, int(result.state.step))
     figure = viz.save_image_grid(np.concatenate(panels), os.path.join(root, "decoders.png"), ncols=8,
                                  title=title)
-    records.write_figures_to_tensorboard(root, [figure], int(result.state.step))
+    viz.write_figures_to_tensorboard(root, [figure], int(result.state.step))
     return {"metrics": rows, "figure": os.path.basename(figure)}
 
 
@@ -179,7 +179,7 @@ def depth_study(config, dataset, root) -> dict:
                                title=f"{title}: KL per latent dimension ({len(digits)} test digits)"),
             save_gif(limiting_chain(model, params, rng), os.path.join(root, f"{name}_chain.gif")),
         ]
-        records.write_figures_to_tensorboard(root, figures, int(result.state.step))
+        viz.write_figures_to_tensorboard(root, figures, int(result.state.step))
         rows[name] = {**result.test_metrics, "parameters": count_parameters(params),
                       "collapsed_dims": int(np.sum(kl_dims < COLLAPSE_NATS)),
                       "figures": [os.path.basename(f) for f in figures]}
@@ -189,7 +189,7 @@ def depth_study(config, dataset, root) -> dict:
                                        title=common.figure_title(
                                            "test -ELBO: baseline vs deep MLP VAE", config,
                                            int(result.state.step)))
-    records.write_figures_to_tensorboard(root, [figure], int(result.state.step))
+    viz.write_figures_to_tensorboard(root, [figure], int(result.state.step))
     return {"metrics": rows, "figure": os.path.basename(figure)}
 
 

@@ -138,7 +138,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None, experiment: s
     step = run.step
     title = common.figure_title(f"{experiment.upper()} on {dataset.name}", config, step)
     figures = save_figures(run, dataset, workdir, title)
-    records.write_figures_to_tensorboard(workdir, figures, step)
+    viz.write_figures_to_tensorboard(workdir, figures, step)
     summary = records.update_json(os.path.join(workdir, "summary.json"), {
         "test_metrics": metrics, "dataset": dataset.describe(),
         "units": {**UNITS, "bits_per_dim": evaluate.bits_per_dim_unit(run.model.likelihood)},

@@ -113,7 +113,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
         viz.save_curves(os.path.join(workdir, "metrics.csv"), os.path.join(workdir, "curves.png"),
                         title=title),
     ]
-    records.write_figures_to_tensorboard(workdir, figures, step)
+    viz.write_figures_to_tensorboard(workdir, figures, step)
     summary = records.update_json(os.path.join(workdir, "summary.json"), {
         "test_metrics": metrics, "units": UNITS, "dataset": dataset.describe(),
         "z_samples_per_test_point": {"test_metrics": EVAL_SAMPLES,

@@ -295,7 +295,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
         shown = viz.spread_by_contrast(dataset.test, NUM_RECONSTRUCTIONS)
         figures = save_stage1_figures(workdir, title, dataset.test[shown],
                                       run.decode(test_codes[shown]))
-        records.write_figures_to_tensorboard(workdir, figures, run.step)
+        viz.write_figures_to_tensorboard(workdir, figures, run.step)
 
         # Priors trained earlier in this workdir on the same codes stay in the summary.
         summary_path = os.path.join(workdir, "summary.json")
@@ -313,7 +313,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
             run.trained(folder, stage2.state)
             samples = run.sample(NUM_SAMPLES, jax.random.key(config.seed + 1), prior=prior_name)
             prior_figures = save_prior_figures(workdir, title, prior_name, samples)
-            records.write_figures_to_tensorboard(workdir, prior_figures, int(stage2.state.step))
+            viz.write_figures_to_tensorboard(workdir, prior_figures, int(stage2.state.step))
             priors[prior_name] = {"prior_nll": stage2.test_metrics["prior_nll"],
                                   "vqvae_step": run.step,
                                   "config": stage2.summary["config"],

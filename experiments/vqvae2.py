@@ -386,7 +386,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
                           unit=PRIOR_UNITS["prior_nll"], title=f"{title}: {stage}")
           for stage in ("top_prior", bottom_stage(config))),
     ]
-    records.write_figures_to_tensorboard(workdir, figures, step)
+    viz.write_figures_to_tensorboard(workdir, figures, step)
 
     metrics = {**stages.vqvae2.test_metrics}
     for level, grid in zip(vqvae2.LEVELS, codes["test"]):

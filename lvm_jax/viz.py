@@ -1,11 +1,15 @@
 """Figures: image grids, 2D scatter plots and training curves, saved as PNG.
 
-Each `save_*` returns the path it wrote; in a multi-host run only process 0
+Each `save_*` returns the path it wrote, and `write_figures_to_tensorboard` adds the
+figures to the run's TensorBoard events; in a multi-host run only process 0
 writes (`records.primary_only`), the others return the path alone.
 """
 
+import hashlib
 import io
 import math
+import os
+import socket
 
 import matplotlib
 
@@ -15,6 +19,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from lvm_jax.data.dataset import unscale_images  # noqa: E402
+from lvm_jax.train import records  # noqa: E402
 from lvm_jax.train.records import MetricsLog, primary_only, write_atomic  # noqa: E402
 
 
@@ -194,8 +199,39 @@ def save_code_usage(counts: dict[str, np.ndarray], path: str, title: str) -> str
 
 def _save(fig, path: str) -> str:
     """Writes `fig` as a PNG, whole or not at all, and leaves a file that already holds
-    the same image untouched (`records.write_atomic`)."""
+    the same image untouched (`records.write_atomic`). A figure without a layout engine is
+    cropped to its contents; a constrained layout already fits them, and cropping would
+    draw the figure twice (0.1 s for a 2D run's scatter plot, measured)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=100,
+                bbox_inches=None if fig.get_layout_engine() else "tight")
     plt.close(fig)
     return write_atomic(path, buffer.getvalue())
+
+
+def write_figures_to_tensorboard(workdir: str, figures, step: int) -> None:
+    """Adds each figure file of `figures` to <workdir>/tensorboard/ as an image at training
+    step `step`, tagged figures/<file name without extension>, in an event file of their
+    own, written whole or not at all. Figures already written under that name (a finished
+    run, rerun) are not written again. Primary process only."""
+    if not records.is_primary():
+        return
+    from lvm_jax.train import events
+
+    tags = [f"figures/{os.path.splitext(os.path.basename(path))[0]}" for path in figures]
+    digest = hashlib.sha256("\n".join(tags).encode()).hexdigest()[:12]
+    # "figures" sorts after the time-stamped files of training, as it is written after them.
+    name = f"events.out.tfevents.figures.{step:012d}.{digest}.{socket.gethostname()}"
+    path = os.path.join(workdir, records.TENSORBOARD_DIR, name)
+    if os.path.exists(path):
+        return
+    partial = os.path.join(workdir, records.TENSORBOARD_DIR, f".tmp_{name}.{os.getpid()}")
+    writer = events.open_event_file(partial)
+    try:
+        for tag, figure in zip(tags, figures):
+            writer.write(events.image_event(tag, figure, step))
+        writer.close()
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)

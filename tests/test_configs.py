@@ -11,7 +11,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from experiments import common, configs, evaluate, lvae, mlp_vae, vae, vae_2d, vlae, vqvae
-from lvm_jax import errors
+from lvm_jax import errors, viz
 from lvm_jax.train import records
 
 MODULES = {"vae": vae, "vlae": vlae, "vae_2d": vae_2d, "vqvae": vqvae, "lvae": lvae,
@@ -145,7 +145,7 @@ def test_event_files_read_back_through_tensorboard_bit_for_bit(tmp_path):
     writer.close()
     pixels = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "noise.png")
-    records.write_figures_to_tensorboard(str(tmp_path), [str(tmp_path / "noise.png")], 3)
+    viz.write_figures_to_tensorboard(str(tmp_path), [str(tmp_path / "noise.png")], 3)
     scalars, accumulated = read_scalars(str(tmp_path / records.TENSORBOARD_DIR))
     assert scalars == {"train/loss": [(3, 1.25), (2 ** 35, 2.0 ** 40)],
                        "train/kl": [(3, np.float32(-3e-8))]}
@@ -205,5 +205,5 @@ def test_a_resumed_log_replaces_the_scalars_it_redoes_and_only_the_primary_write
     monkeypatch.setattr(records, "is_primary", lambda: False)
     other = tmp_path / "other"
     records.MetricsLog(str(other / "metrics.csv"), ["loss"], None).append(rows)
-    records.write_figures_to_tensorboard(str(other), [], 4)
+    viz.write_figures_to_tensorboard(str(other), [], 4)
     assert not other.exists()

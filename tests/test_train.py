@@ -255,8 +255,9 @@ def test_epoch_lines_name_no_unit_and_the_units_line_names_each_once():
     metrics = {"kl": 1.5, "loss": 2.25, "bits_per_dim": 3.0, "count": 4.0}
     assert loop.metrics_line("test ", metrics) == ("test kl 1.5000, loss 2.2500, bits_per_dim 3.0000, "
                                                    "count 4.0000")
-    assert loop.units_line(metrics, units) == ("units: kl, loss in nats per example; bits_per_dim "
-                                               "in bits per dimension (8-bit scale)")
+    assert loop.units_line(metrics, units) == (
+        "units: kl in nats per example; loss in nats per example, the training objective; "
+        "bits_per_dim in bits per dimension (8-bit scale)")  # each unit whole (issue 34 item 6)
     assert loop.units_line({"count": 1.0}, units) is None
 
 
@@ -273,7 +274,7 @@ def test_vqvae_epoch_lines_stay_under_160_characters():
     assert lines[1] == "    recon_mse 1234.5678, vq_loss 1234.5678" and lines[0].endswith(",")
     header = loop.units_line(metrics, vqvae.UNITS).splitlines()
     assert header[0] == "units:" and all(len(line) < 160 for line in header)
-    assert "  recon_mse: mean squared error per element" in header
+    assert f"  recon_mse: {vqvae.UNITS['recon_mse']}" in header
 
 
 def test_optimizer_operations_are_named_in_the_compiled_step():

@@ -13,13 +13,13 @@ local batch (local batch, ...) of training step k, read from the source in the
 order of `batching.epoch_order(seed, epoch, ...)`, the memory path's order, so
 that both paths train on the same batches and give the same numbers. A grain
 iterator over it reads ahead on `num_threads` threads; its state, the index of
-the next step, is what a checkpoint saves (`lvm_jax.train.feeds`).
+the next step, is what a checkpoint saves (`lvm_jax.train.feeds`). grain is imported
+where a pipeline is made (0.2 s), so that a run of data in memory never pays for it.
 """
 
 import functools
 from collections.abc import Callable, Sequence
 
-import grain
 import numpy as np
 
 from lvm_jax.data import batching
@@ -144,6 +144,8 @@ class TrainBatches:
     def __init__(self, source, seed: int, steps_per_epoch: int, local_batch: int,
                  shard: slice, total_steps: int, num_threads: int = NUM_THREADS,
                  prefetch_steps: int = PREFETCH_STEPS):
+        import grain
+
         self.dataset = grain.MapDataset.source(
             _StepBatches(source, seed, steps_per_epoch, local_batch, shard, total_steps))
         self.read_options = grain.ReadOptions(num_threads=num_threads,
@@ -152,6 +154,8 @@ class TrainBatches:
     def iterator(self, state: dict | None = None, step: int = 0):
         """A grain iterator of the batches from `state` (a saved `get_state()`), else from
         `step`; its `get_state()` names the next step it returns."""
+        import grain
+
         iterator = self.dataset.to_iter_dataset(self.read_options).__iter__()
         if state is not None:
             iterator.set_state(state)
@@ -162,4 +166,6 @@ class TrainBatches:
 
 def next_step(iterator) -> int:
     """The step of the batch a `TrainBatches.iterator` returns next."""
+    import grain
+
     return grain.experimental.get_next_index(iterator)

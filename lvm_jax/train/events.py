@@ -20,9 +20,6 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 
 from lvm_jax.errors import WorkdirError
 
-# Where a run's TensorBoard events go, inside its workdir: `tensorboard --logdir runs/`.
-TENSORBOARD_DIR = "tensorboard"
-
 
 def open_event_file(path: str) -> RecordWriter:
     """A record writer on a new file at `path` (O_EXCL: never an existing file or link, in a

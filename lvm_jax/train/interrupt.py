@@ -1,26 +1,11 @@
 """Interruptions that save: SIGINT and SIGTERM stop a run at its next step boundary.
 
-Inside `handled()`, the first SIGINT (Ctrl-C) or SIGTERM (what SLURM, Kubernetes
-and preemptible cloud VMs send before they take a machine away) only notes the
-signal; `fit` asks `requested()` between compiled calls and after each test
-evaluation, checkpoints the current step and raises `Interrupted`, which
-`experiments.common.run` reports in one line with exit status 128 + the signal
-number (130 for SIGINT, 143 for SIGTERM). On the command line
-(`handled(second_ends_process=True)`) the first signal also restores both signals'
-default actions, so a second one ends the process at once (a user who will not
-wait for the save). Called from Python, as in a notebook, the first signal restores
-the handlers that were there before, so a second Ctrl-C is the caller's own
-KeyboardInterrupt and the kernel survives.
-
-A compiled call cannot be stopped halfway: a signal during compilation or a
-long evaluation is acted on when that call returns, and each file is written
-whole or not at all (`records.write_atomic`), so nothing is left half-written.
-
-Multi-host: each host may get the signal at a different step, or not at all.
-`requested()` takes the maximum of the hosts' flags (an all-gather across the
-processes), so every process stops at the same step and saves its part of the
-same checkpoint; it must then be called at the same points on every process,
-as `fit` does.
+Inside `handled()` the first signal only sets the flag `requested()` reads; `fit` reads it
+between compiled calls, checkpoints the current step and raises `Interrupted`, which
+`experiments.common.run` reports in one line with exit status 128 + the signal number. A
+second signal ends the process (command line) or meets the caller's own handlers (a
+notebook). Multi-host: `requested()` is a collective, so every host stops at the same
+step. The whole behaviour: docs/interruptions.md.
 """
 
 import contextlib

@@ -1,18 +1,12 @@
 """`fit`: the one training loop, for every model.
 
-`fit` reads top to bottom: lock the workdir, restore the newest checkpoint or
-initialise, then run compiled calls of `steps_per_call` steps (`steps`), logging
-each call's rows, evaluating and checkpointing at the end of every epoch, and
-stopping on a signal (after saving the current step) or at the first compiled
-call whose loss or state is not finite. The helpers are functions of their
-arguments; what stays fixed while a run trains is one frozen `Run`.
-
-Training data given as a source (`lvm_jax.data.stream`) is streamed: read by
-grain, the same batches in the same order (`feeds`). Multi-host: every process
-(one per host, after `jax.distributed.initialize()`) calls `fit` with the same
-arguments; each keeps its shard of the training set (`batching.host_shard`) and
-computes the same metrics and parameters; orbax coordinates the checkpoints, and
-only process 0 writes metrics, config and summary.
+`fit` reads top to bottom: lock the workdir, restore the newest checkpoint or initialise,
+then run compiled calls of `steps_per_call` steps, logging each call's rows, evaluating and
+checkpointing at the end of every epoch, and stopping on a signal (after saving the current
+step) or at the first compiled call whose loss or state is not finite. The helpers are
+functions of their arguments; what stays fixed while a run trains is one frozen `Run`.
+Multi-host: every process calls `fit` with the same arguments and trains on its shard
+(`batching.host_shard`); only process 0 writes metrics, config and summary.
 """
 
 import contextlib
@@ -165,11 +159,12 @@ def fit(objective: Objective, train_data, test_data: np.ndarray, config: TrainCo
         with contextlib.ExitStack() as stack:
             stack.enter_context(interrupt.handled())
             stack.enter_context(workdir_lock.locked(workdir))
-            checkpointer = stack.enter_context(checkpoint.Checkpointer(workdir))
             feed = feeds.feed_for(train_data, mesh, config.seed, sizes.steps_per_epoch,
                                   sizes.local_batch, sizes.shard, sizes.total_steps,
                                   sizes.steps_per_call)
             stack.callback(feed.close)
+            checkpointer = stack.enter_context(checkpoint.Checkpointer(
+                workdir, streamed=isinstance(feed, feeds.StreamFeed)))
             run, state, timing = _restore_or_initialise(
                 stack, objective, config, sizes, workdir, run_config, checkpointer, feed,
                 test_data, tx, mesh)
@@ -211,7 +206,8 @@ def _restore_or_initialise(stack, objective, config, sizes, workdir, run_config,
     start_step = int(jax.device_get(state.step))
     feed.start(start_step, iterator)
     keys = steps.keys(config.seed)
-    train_chunk = steps.make_train_chunk(objective, mesh, config.ema_decay, feed.read)
+    train_chunk = steps.checked(steps.make_train_chunk(objective, mesh, config.ema_decay,
+                                                      feed.read))
     # Traced with the rows of a whole call, so that the first call reuses this trace.
     names = jax.eval_shape(train_chunk, state, feed.data, feed.placeholder(sizes.steps_per_call),
                            keys[1])[1].keys()
@@ -266,8 +262,9 @@ def _call(run: Run, state: TrainState, step: int, n: int, timing: dict, timed: b
     """
     rows = run.feed.rows(step, n)
     tic = time.perf_counter()
-    new_state, metrics = run.train_chunk(state, run.feed.data, run.feed.put(rows), run.keys[1])
-    metrics = jax.device_get(metrics)
+    new_state, metrics, finite = run.train_chunk(state, run.feed.data, run.feed.put(rows),
+                                                 run.keys[1])
+    metrics, finite = jax.device_get((metrics, finite))
     if timed:
         timing = {**timing, "timed_seconds": timing["timed_seconds"] + time.perf_counter() - tic,
                   "timed_steps": timing["timed_steps"] + n}
@@ -276,7 +273,7 @@ def _call(run: Run, state: TrainState, step: int, n: int, timing: dict, timed: b
     epoch = step // run.plan.steps_per_epoch + 1
     run.log.append([{"split": "train", "epoch": epoch, "step": step + 1 + i, "time": run.elapsed(),
                      **{k: float(v[i]) for k, v in metrics.items()}} for i in range(bad or n)])
-    if bad is not None or not steps.all_finite(new_state):
+    if bad is not None or not finite:
         raise _non_finite(run, state, new_state, timing, metrics["loss"], bad)
     run.progress.update(n, epoch=epoch, loss=f"{float(np.mean(metrics['loss'])):.4g}")
     return new_state, timing
@@ -417,13 +414,13 @@ def metrics_line(prefix: str, metrics: dict[str, float]) -> str:
 
 
 def units_line(names, units: Mapping[str, str]) -> str | None:
-    """"units: kl, recon in nats per example; ...": the metrics `names` grouped by unit (the
-    first clause of each in `units`), printed once before the epoch lines; when one line would
-    not be shorter than LINE_WIDTH, "units:" then a line "  kl, recon: nats per example" per
-    unit. None when no metric has a unit."""
+    """"units: kl, recon in nats per example; ...": the metrics `names` grouped by their whole
+    unit in `units` (never cut: its qualifiers say what the number is), printed once before
+    the epoch lines; when one line would not be shorter than LINE_WIDTH, "units:" then a
+    line "  kl, recon: nats per example" per unit. None when no metric has a unit."""
     groups = {}
     for name in names:
-        unit = units.get(name, "").split(",")[0]
+        unit = units.get(name)
         if unit:
             groups.setdefault(unit, []).append(name)
     if not groups:

@@ -13,21 +13,20 @@ process 0 writes (`is_primary`). JSON keeps non-finite floats as `NaN` and
 import csv
 import errno
 import functools
-import hashlib
 import inspect
 import io
 import json
 import os
 import re
-import socket
 import tempfile
 
 import jax
 
 from lvm_jax.errors import RecordError, UserError, WorkdirError
-from lvm_jax.train import events
-from lvm_jax.train.events import TENSORBOARD_DIR
 
+# Where a run's TensorBoard events go, inside its workdir: `tensorboard --logdir runs/`. The
+# writer (`events`, 0.1 s to import with tensorboard) is imported once a run writes there.
+TENSORBOARD_DIR = "tensorboard"
 # The errors of a write that the user fixes outside the program; the run then resumes.
 DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
@@ -201,32 +200,6 @@ def update_json(path: str, updates: dict, replace=()) -> dict:
     return obj
 
 
-def write_figures_to_tensorboard(workdir: str, figures, step: int) -> None:
-    """Adds each figure file of `figures` to <workdir>/tensorboard/ as an image at training
-    step `step`, tagged figures/<file name without extension>, in an event file of their
-    own, written whole or not at all. Figures already written under that name (a finished
-    run, rerun) are not written again. Primary process only."""
-    if not is_primary():
-        return
-    tags = [f"figures/{os.path.splitext(os.path.basename(path))[0]}" for path in figures]
-    digest = hashlib.sha256("\n".join(tags).encode()).hexdigest()[:12]
-    # "figures" sorts after the time-stamped files of training, as it is written after them.
-    name = f"events.out.tfevents.figures.{step:012d}.{digest}.{socket.gethostname()}"
-    path = os.path.join(workdir, events.TENSORBOARD_DIR, name)
-    if os.path.exists(path):
-        return
-    partial = os.path.join(workdir, events.TENSORBOARD_DIR, f".tmp_{name}.{os.getpid()}")
-    writer = events.open_event_file(partial)
-    try:
-        for tag, figure in zip(tags, figures):
-            writer.write(events.image_event(tag, figure, step))
-        writer.close()
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
-
-
 class MetricsLog:
     """metrics.csv: one row per training step and one per test evaluation, and the same
     values as TensorBoard scalars <split>/<metric> (`events.Scalars`).
@@ -239,6 +212,8 @@ class MetricsLog:
 
     def __init__(self, path: str, metric_names, resume_step: int | None):
         self.path = path
+        from lvm_jax.train import events
+
         self.columns = ["split", "epoch", "step", "time", *sorted(metric_names)]
         self._scalars = events.Scalars(os.path.join(os.path.dirname(path), TENSORBOARD_DIR),
                                        0 if resume_step is None else resume_step + 1)

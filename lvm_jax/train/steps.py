@@ -161,6 +161,19 @@ def evaluate_test_set(objective: Objective, state: TrainState, test_data: np.nda
                                           config.eval_batch_size, keys(config.seed)[2])
 
 
+def checked(chunk):
+    """jit((state, *args) -> (state, metrics, finite)): `chunk` (`make_train_chunk`), and
+    whether every floating-point leaf of the state it returns is finite (a replicated bool),
+    computed in the same compiled call so that one fetch per call brings it with the metrics."""
+
+    @jax.jit
+    def call(state, *args):
+        state, metrics = chunk(state, *args)
+        return state, metrics, all_finite(state)
+
+    return call
+
+
 @jax.jit
 def all_finite(tree) -> jax.Array:
     """Whether every floating-point leaf of `tree` is finite (a replicated bool)."""
