@@ -1,13 +1,8 @@
 """The files a run writes beside its checkpoints: config.json, summary.json, metrics.csv.
 
-Every JSON file is replaced atomically (a temporary file renamed over it), so an
-interrupted run never leaves one half-written; it gets the permissions of a
-plain `open` under the process umask. metrics.csv is appended to through an
-O_NOFOLLOW open: nothing is ever written through a symbolic link. A record read
-back is checked before it is trusted (`read_record`); a full or read-only disk
-is reported as one line naming the path (`disk_error`). In a multi-host run only
-process 0 writes (`is_primary`). JSON keeps non-finite floats as `NaN` and
-`Infinity`, which Python's json reads back.
+JSON files are replaced atomically, metrics.csv is appended to through an O_NOFOLLOW open,
+a record read back is checked before it is trusted, a full or read-only disk is one line
+naming the path, and only process 0 writes: docs/records.md.
 """
 
 import csv
