@@ -141,11 +141,11 @@ def test_bfloat16_cached_sampling(name):
     assert sampled.min() >= 0 and sampled.max() < K
 
 
-def test_row_blocks_cover_the_grid_in_at_most_max_row_blocks():
-    assert row_blocks(32, attends=False) == [(0, 32)]
-    assert row_blocks(32, attends=True) == [(0, 8), (8, 16), (16, 24), (24, 32)]
-    assert row_blocks(5, attends=True) == [(0, 2), (2, 4), (4, 5)]
-    assert row_blocks(3, attends=True) == [(0, 1), (1, 2), (2, 3)]
+def test_row_blocks_cover_the_grid_in_at_most_the_blocks_asked():
+    assert row_blocks(32, 1) == [(0, 32)]
+    assert row_blocks(32, 4) == [(0, 8), (8, 16), (16, 24), (24, 32)]
+    assert row_blocks(5, 4) == [(0, 2), (2, 4), (4, 5)]
+    assert row_blocks(3, 4) == [(0, 1), (1, 2), (2, 3)]
 
 
 def test_cached_attention_reads_only_the_filled_rows_of_its_cache():
