@@ -100,6 +100,10 @@ class MaskedConv(nn.Module):
         c = self.kernel_size // 2
         self.put_variable("cache", "rows",
                           row_cache.zeros(num, c + 1, width, (c, c), channels, self.dtype))
+        # Masked and cut once, not at every step.
+        self.put_variable("cache", "matrix", row_cache.conv_matrix(
+            self.variables["params"]["conv"], self.dtype,
+            conv_mask(self.kernel_size, self.mask_type), rows=c + 1))
 
     def step(self, x: jax.Array, j) -> jax.Array:
         """The output (num, features) at column j of the current row.
@@ -115,9 +119,8 @@ class MaskedConv(nn.Module):
         else:
             rows = row_cache.write(rows, j + c, x)
         self.put_variable("cache", "rows", rows)
-        return row_cache.conv_at(self.variables["params"]["conv"],
-                                 row_cache.window(rows, j, self.kernel_size), self.dtype,
-                                 conv_mask(self.kernel_size, self.mask_type), rows=c + 1)
+        return row_cache.apply_matrix(self.get_variable("cache", "matrix"),
+                                      row_cache.window(rows, j, self.kernel_size))
 
     def end_row(self, row: jax.Array | None = None) -> None:
         """Completes the current row with `row` (num, width, C_in), if given (type A: its
@@ -325,8 +328,8 @@ class GatedLayer(nn.Module):
         h_out = self.out(self.dropout(gate(h_pre), deterministic=not train))
         return gate(v_pre), h_out if self.first else h + h_out
 
-    def _conv_at(self, conv: nn.Conv, x: jax.Array, mask: np.ndarray | None = None):
-        return row_cache.conv_at(conv.variables["params"], x, self.dtype, mask)
+    def _conv_at(self, conv: nn.Conv, x: jax.Array):
+        return row_cache.conv_at(conv.variables["params"], x, self.dtype)
 
     def init_cache(self, num: int, width: int, condition: jax.Array | None = None) -> None:
         """Empty caches for `num` grids of `width` columns; the conditioning terms of
@@ -339,6 +342,10 @@ class GatedLayer(nn.Module):
         # Row 0's link sees the zero row that the down-shift brings in.
         zeros = jnp.zeros((num, width, 2 * self.dim), self.dtype)
         self.put_variable("cache", "link", self._conv_at(self.link, zeros))
+        # Masked once, not at every step.
+        self.put_variable("cache", "horizontal", row_cache.conv_matrix(
+            self.horizontal.variables["params"], self.dtype,
+            horizontal_mask(self.kernel_size, self.first)))
         if self.conditioned:
             self.put_variable("cache", "condition_vertical",
                               self._conv_at(self.condition_vertical, condition))
@@ -360,8 +367,8 @@ class GatedLayer(nn.Module):
             rows = row_cache.write(rows, j + c, h)
         self.put_variable("cache", "h_rows", rows)
         link = self.get_variable("cache", "link")
-        h_pre = (self._conv_at(self.horizontal, row_cache.window(rows, j, c + 1),
-                               horizontal_mask(self.kernel_size, self.first))
+        h_pre = (row_cache.apply_matrix(self.get_variable("cache", "horizontal"),
+                                        row_cache.window(rows, j, c + 1))
                  + jax.lax.dynamic_index_in_dim(link, j, 1, keepdims=False))
         if self.conditioned:
             h_pre = h_pre + self.get_variable("cache", "condition_horizontal")[:, i, j]

@@ -58,26 +58,37 @@ def row_windows(buffer: jax.Array, size: int) -> jax.Array:
     return windows.transpose(0, 2, 1, 3, 4).reshape(num, width, rows * size * channels)
 
 
-def conv_at(params: dict, x: jax.Array, dtype: DTypeLike, mask: np.ndarray | None = None,
-            rows: int | None = None) -> jax.Array:
-    """A convolution's (or dense layer's) output at the positions whose windows x holds.
+def conv_matrix(params: dict, dtype: DTypeLike, mask: np.ndarray | None = None,
+                rows: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """A convolution's (or dense layer's) parameters as (kernel matrix, bias) acting on
+    flattened windows (`window`, `row_windows`).
 
     Args:
       params: the `nn.Conv`'s {"kernel": (kh, kw, C_in, F), "bias": (F,)} (or an
         `nn.Dense`'s, kernel (C_in, F)).
-      x: (..., rows * kw * C_in) flattened windows (`window`, `row_windows`).
       dtype: the layer's computation dtype.
       mask: the conv's (kh, kw) spatial mask, applied as flax applies a conv's mask
         (in float32, before the cast to `dtype`).
       rows: keep the kernel's first `rows` rows (those of a window that a
         raster-order mask reads: above the centre and the centre's); all if None.
     Returns:
-      (..., F), as the layer computes it at those positions, up to the order of sums.
+      kernel (rows * kw * C_in, F) and bias (F,) in `dtype`.
     """
     kernel = params["kernel"]
     if mask is not None:
         kernel = kernel * mask[:, :, None, None]
     kernel = kernel[:rows]
-    kernel, bias = promote_dtype(kernel.reshape(-1, kernel.shape[-1]), params["bias"],
-                                 dtype=dtype)
+    return promote_dtype(kernel.reshape(-1, kernel.shape[-1]), params["bias"], dtype=dtype)
+
+
+def apply_matrix(matrix: tuple[jax.Array, jax.Array], x: jax.Array) -> jax.Array:
+    """x (..., rows * kw * C_in) windows -> (..., F): the layer's output at their positions,
+    as it computes them up to the order of sums; `matrix` from `conv_matrix`."""
+    kernel, bias = matrix
     return x.astype(kernel.dtype) @ kernel + bias
+
+
+def conv_at(params: dict, x: jax.Array, dtype: DTypeLike) -> jax.Array:
+    """An unmasked convolution's (or dense layer's) output at the positions whose windows x
+    holds: `apply_matrix` of `conv_matrix(params, dtype)`."""
+    return apply_matrix(conv_matrix(params, dtype), x)
