@@ -86,8 +86,8 @@ def test_batch_norm_statistics_change_in_training_only(tiny):
     # PyTorch's momentum: running mean <- 0.9 running mean + 0.1 batch mean (initially 0).
     _, inter = model.apply(variables, x, True, mutable=["batch_stats", "intermediates"],
                            capture_intermediates=lambda m, _: isinstance(m, nn.Conv))
-    first_conv = inter["intermediates"]["encoder"]["Conv_0"]["__call__"][0]
-    np.testing.assert_allclose(trained["batch_stats"]["encoder"]["BatchNorm_0"]["mean"],
+    first_conv = inter["intermediates"]["encoder"]["down_0"]["__call__"][0]
+    np.testing.assert_allclose(trained["batch_stats"]["encoder"]["norm"]["mean"],
                                0.1 * first_conv.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
 
     _, (_, evaluated) = loss_fn(model, params, state, x, rng, False)
