@@ -153,7 +153,8 @@ def code_row(codes: jax.Array, i) -> jax.Array:
 
 
 class OutputHead(nn.Module):
-    """ReLU, 1x1 conv to `hidden`, ReLU, 1x1 conv to the float32 logits of `num_classes`."""
+    """ReLU, 1x1 conv to `hidden`, ReLU, 1x1 conv to the logits of `num_classes`, in `dtype`
+    (the priors cast them to float32)."""
 
     hidden: int
     num_classes: int
@@ -165,13 +166,12 @@ class OutputHead(nn.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(batch, H, W, C) -> (batch, H, W, num_classes)."""
-        return to_float32(self.to_logits(nn.relu(self.to_hidden(nn.relu(x)))))
+        return self.to_logits(nn.relu(self.to_hidden(nn.relu(x))))
 
     def at(self, x: jax.Array) -> jax.Array:
         """The logits (num, num_classes) of one position's features x (num, C)."""
         x = row_cache.conv_at(self.to_hidden.variables["params"], nn.relu(x), self.dtype)
-        return to_float32(row_cache.conv_at(self.to_logits.variables["params"], nn.relu(x),
-                                            self.dtype))
+        return row_cache.conv_at(self.to_logits.variables["params"], nn.relu(x), self.dtype)
 
 
 class ResidualBlock(nn.Module):
@@ -236,7 +236,7 @@ class PixelCNN(nn.Module):
         h = self.input_conv(x)
         for block in self.blocks:
             h = block(h)
-        return self.head(h)
+        return to_float32(self.head(h))
 
     def init_cache(self, codes: jax.Array) -> None:
         """Empty caches for grids shaped like codes (num, H, W)."""
@@ -251,7 +251,7 @@ class PixelCNN(nn.Module):
         x = self.input_conv.step(self.embed(previous_code(codes, i, j)), j)
         for block in self.blocks:
             x = block.step(x, j)
-        return self.head.at(x)
+        return to_float32(self.head.at(x))
 
     def end_row(self, codes: jax.Array, i) -> None:
         """Row i of codes is complete: its last code enters the input conv, and the next row
@@ -401,7 +401,7 @@ class GatedSteps:
         h = self.embed(previous_code(codes, i, j))
         for layer in self.layers:
             h = layer.step(h, i, j)
-        return self.head.at(h)
+        return to_float32(self.head.at(h))
 
     def end_row(self, codes: jax.Array, i) -> None:
         """Row i of codes (num, H, W) is complete: every layer runs its vertical stack over it,
@@ -458,7 +458,7 @@ def _gated_logits(layers, head, x: jax.Array, condition: jax.Array | None = None
     v = h = x
     for layer in layers:
         v, h = layer(v, h, condition)
-    return head(h)
+    return to_float32(head(h))
 
 
 def upsampling_factors(shape: tuple[int, ...], condition_shape: tuple[int, ...],

@@ -28,6 +28,7 @@ from jax.typing import DTypeLike
 
 from lvm_jax.nn.masked_conv import (GatedLayer, GatedSteps, OutputHead, check_codes,
                                      check_kernel_size, gate, previous_code)
+from lvm_jax.nn.precision import to_float32
 
 
 def coordinates(i, j, height: int, width: int) -> jax.Array:
@@ -220,7 +221,7 @@ class PixelSNAIL(GatedSteps, nn.Module):
             v, h = layer(v, h, train=train)
             if (index + 1) % self.layers_per_block == 0:
                 h = self.attentions[index // self.layers_per_block](h, x, train)
-        return self.head(h)
+        return to_float32(self.head(h))
 
     def init_cache(self, codes: jax.Array) -> None:
         """Empty caches for grids shaped like codes (num, H, W)."""
@@ -242,4 +243,4 @@ class PixelSNAIL(GatedSteps, nn.Module):
             if (index + 1) % self.layers_per_block == 0:
                 h = self.attentions[index // self.layers_per_block].step(
                     h, previous, i, j, grid, grid[0] if stop is None else stop)
-        return self.head.at(h)
+        return to_float32(self.head.at(h))
