@@ -2,6 +2,7 @@
 loop, for PixelCNN, Gated PixelCNN, PixelSNAIL (attention) and the conditioned Gated PixelCNN."""
 
 import functools
+import inspect
 import re
 
 import jax
@@ -14,6 +15,7 @@ from flax import linen as nn
 from lvm_jax.nn import ConditionalGatedPixelCNN, GatedPixelCNN, PixelCNN, PixelSNAIL, sample_codes
 from lvm_jax.nn.masked_conv import MaskedConv, code_row, previous_code
 from lvm_jax.nn.pixelsnail import CausalAttentionBlock
+from lvm_jax.nn import sampling
 from lvm_jax.nn.sampling import cached_logits, raster_sample, row_blocks
 
 K, TOP_K = 5, 3
@@ -415,3 +417,11 @@ def test_a_new_prior_with_the_step_api_samples_exactly_without_touching_the_samp
     assert len(np.unique(np.asarray(cached))) == K
     np.testing.assert_array_equal(cached, sample_codes(model, variables, jax.random.key(7), 8,
                                                        5, 7, method="raster"))
+
+
+def test_the_sampler_knows_no_model():
+    """sampling.py imports no prior, tests no type and indexes no parameter: a loop over the
+    step API in at most 200 lines."""
+    source = inspect.getsource(sampling)
+    assert len(source.splitlines()) <= 200
+    assert not re.search(r"masked_conv|pixelsnail|isinstance|\[\"(params|kernel)|Conv_", source)

@@ -25,12 +25,10 @@ The step API, each method applied with `mutable=["cache"]`:
     step may read no later position. `stop` (a static int) bounds the rows
     drawn so far: those of the current block of rows (below).
   * `end_row(codes, i)`: row i is complete (work that waits for a whole row).
-  * optional, a class attribute `row_blocks` (default 1): the rows are looped
-    over in at most this many blocks, each its own compiled loop whose `stop`
-    is its last row + 1 (an attention step then reads a static prefix of its
-    key/value cache, `row_blocks`).
-  * optional, `check_context(shape, *context, name=...)`: refuses bad context
-    in one line, before anything is compiled.
+  * optional: a class attribute `row_blocks` (default 1), the most blocks of
+    rows to loop over, each its own compiled loop whose `stop` is its last row
+    + 1 (`row_blocks`); `check_context(shape, *context, name=...)`, refusing
+    bad context in one line before anything is compiled.
 
 The cached sampler is exact when the step applies the model's own parameters to
 the inputs the full pass gives each position: only the order of the
