@@ -223,7 +223,7 @@ def conv_vae(channels: int, prior: str = "standard", latent_dim: int = 16) -> VA
                latent_dim=latent_dim, learned_variance=False)
 
 
-def _linear(layer: nn.Linear, dense: dict, in_perm=None, out_perm=None):
+def copy_linear(layer: nn.Linear, dense: dict, in_perm=None, out_perm=None):
     """flax Dense {kernel (in, out), bias} -> nn.Linear, optionally permuting the
     input or output units (to map NHWC-flattened features to NCHW-flattened)."""
     kernel, bias = np.asarray(dense["kernel"]), np.asarray(dense["bias"])
@@ -235,7 +235,7 @@ def _linear(layer: nn.Linear, dense: dict, in_perm=None, out_perm=None):
     layer.bias.copy_(torch.from_numpy(bias.copy()))
 
 
-def _conv(layer: nn.Module, conv: dict, transposed: bool):
+def copy_conv(layer: nn.Module, conv: dict, transposed: bool):
     """flax (kh, kw, Cin, Cout) kernel -> Conv2d (Cout, Cin, kh, kw) or ConvTranspose2d
     (Cin, Cout, kh, kw); lvm_jax's SubPixelConvTranspose stores PyTorch's kernel layout."""
     kernel = np.asarray(conv["kernel"]).transpose((2, 3, 0, 1) if transposed else (3, 2, 0, 1))
@@ -254,13 +254,14 @@ def copy_flax_params(model: VAE, params: dict) -> VAE:
     """Loads lvm_jax's image VAE/VLAE parameters (`conv_vae`) into `model`, in place."""
     convs = [m for m in model.trunk if isinstance(m, nn.Conv2d)]
     for i, layer in enumerate(convs):
-        _conv(layer, params["trunk"][f"Conv_{i}"], transposed=False)
-    _linear(model.head, params["head"]["Dense_0"], in_perm=_nchw_order(4, 4, 256))
-    _linear(model.decoder[0], params["decoder"]["Dense_0"], out_perm=_nchw_order(4, 4, 128))
+        copy_conv(layer, params["trunk"]["conv_in" if i == 0 else f"down_{i - 1}"],
+                  transposed=False)
+    copy_linear(model.head, params["head"]["dense"], in_perm=_nchw_order(4, 4, 256))
+    copy_linear(model.decoder[0], params["decoder"]["project"], out_perm=_nchw_order(4, 4, 128))
     ups = [m for m in model.decoder if isinstance(m, nn.ConvTranspose2d)]
     for i, layer in enumerate(ups):
-        _conv(layer, params["decoder"][f"SubPixelConvTranspose_{i}"], transposed=True)
-    _conv(model.decoder[-1], params["decoder"]["Conv_0"], transposed=False)
+        copy_conv(layer, params["decoder"][f"up_{i}"], transposed=True)
+    copy_conv(model.decoder[-1], params["decoder"]["conv_out"], transposed=False)
     if isinstance(model.prior, MADEFlowPrior):
         copy_flax_made_params(model.prior.made, params["prior"]["made"])
     return model
@@ -270,8 +271,8 @@ def copy_flax_params(model: VAE, params: dict) -> VAE:
 def copy_flax_made_params(made: MADE, params: dict) -> MADE:
     """Loads lvm_jax's MADE parameters (hidden_0, hidden_1, ..., out) into `made`, in place."""
     for i, layer in enumerate(made.hidden):
-        _linear(layer, params[f"hidden_{i}"])
-    _linear(made.out, params["out"])
+        copy_linear(layer, params[f"hidden_{i}"])
+    copy_linear(made.out, params["out"])
     return made
 
 
@@ -524,10 +525,10 @@ def _batch_norm(layer: nn.BatchNorm2d, params: dict, stats: dict | None):
 
 def _vq_residual_block(block: VQResidualBlock, params: dict, stats: dict | None):
     bn0, _, conv0, bn1, _, conv1 = block.net
-    _batch_norm(bn0, params["BatchNorm_0"], _sub(stats, "BatchNorm_0"))
-    _batch_norm(bn1, params["BatchNorm_1"], _sub(stats, "BatchNorm_1"))
-    _conv(conv0, params["Conv_0"], transposed=False)
-    _conv(conv1, params["Conv_1"], transposed=False)
+    _batch_norm(bn0, params["norm_in"], _sub(stats, "norm_in"))
+    _batch_norm(bn1, params["norm_mid"], _sub(stats, "norm_mid"))
+    copy_conv(conv0, params["conv_3x3"], transposed=False)
+    copy_conv(conv1, params["conv_1x1"], transposed=False)
 
 
 @torch.no_grad()
@@ -538,54 +539,56 @@ def copy_flax_vqvae_params(model: VQVAE, params: dict, batch_stats: dict | None 
     enc_stats = _sub(batch_stats, "encoder")
     dec_stats = _sub(batch_stats, "decoder")
     conv0, bn, _, conv1, res0, res1 = model.encoder
-    _conv(conv0, enc["Conv_0"], transposed=False)
-    _batch_norm(bn, enc["BatchNorm_0"], _sub(enc_stats, "BatchNorm_0"))
-    _conv(conv1, enc["Conv_1"], transposed=False)
+    copy_conv(conv0, enc["down_0"], transposed=False)
+    _batch_norm(bn, enc["norm"], _sub(enc_stats, "norm"))
+    copy_conv(conv1, enc["down_1"], transposed=False)
     for i, block in enumerate((res0, res1)):
-        _vq_residual_block(block, enc[f"ResidualBlock_{i}"],
-                           _sub(enc_stats, f"ResidualBlock_{i}"))
+        _vq_residual_block(block, enc[f"residual_{i}"], _sub(enc_stats, f"residual_{i}"))
     model.quantizer.embedding.weight.copy_(
         torch.from_numpy(np.asarray(params["quantizer"]["embeddings"]).copy()))
     res0, res1, bn0, _, up0, bn1, _, up1, _ = model.decoder
     for i, block in enumerate((res0, res1)):
-        _vq_residual_block(block, dec[f"ResidualBlock_{i}"],
-                           _sub(dec_stats, f"ResidualBlock_{i}"))
+        _vq_residual_block(block, dec[f"residual_{i}"], _sub(dec_stats, f"residual_{i}"))
     for i, (norm, up) in enumerate(((bn0, up0), (bn1, up1))):
-        _batch_norm(norm, dec[f"BatchNorm_{i}"], _sub(dec_stats, f"BatchNorm_{i}"))
-        _conv(up, dec[f"SubPixelConvTranspose_{i}"], transposed=True)
+        _batch_norm(norm, dec[f"norm_{i}"], _sub(dec_stats, f"norm_{i}"))
+        copy_conv(up, dec[f"up_{i}"], transposed=True)
     return model
 
 
-def _embedding(layer: nn.Embedding, params: dict):
+def copy_embedding(layer: nn.Embedding, params: dict):
     layer.weight.copy_(torch.from_numpy(np.asarray(params["embedding"]).copy()))
 
 
-def _output_head(head: OutputHead, params: dict):
-    _conv(head[1], params["Conv_0"], transposed=False)
-    _conv(head[3], params["Conv_1"], transposed=False)
+def copy_output_head(head: OutputHead, params: dict):
+    copy_conv(head[1], params["to_hidden"], transposed=False)
+    copy_conv(head[3], params["to_logits"], transposed=False)
 
 
 @torch.no_grad()
 def copy_flax_pixelcnn_params(prior: PixelCNN, params: dict) -> PixelCNN:
     """Loads lvm_jax's PixelCNN parameters (embed, input_conv, blocks_i, head) into `prior`."""
-    _embedding(prior.embed, params["embed"])
-    _conv(prior.input_conv, params["input_conv"]["Conv_0"], transposed=False)
+    copy_embedding(prior.embed, params["embed"])
+    copy_conv(prior.input_conv, params["input_conv"]["conv"], transposed=False)
     for i, block in enumerate(prior.blocks):
         p = params[f"blocks_{i}"]
-        _conv(block.conv_in, p["Conv_0"], transposed=False)
-        _conv(block.masked, p["MaskedConv_0"]["Conv_0"], transposed=False)
-        _conv(block.conv_out, p["Conv_1"], transposed=False)
-    _output_head(prior.head, params["head"])
+        copy_conv(block.conv_in, p["conv_in"], transposed=False)
+        copy_conv(block.masked, p["masked"]["conv"], transposed=False)
+        copy_conv(block.conv_out, p["conv_out"], transposed=False)
+    copy_output_head(prior.head, params["head"])
     return prior
+
+
+def copy_gated_layer(layer: GatedLayer, params: dict):
+    """lvm_jax's GatedLayer convs, named as the twin's: vertical, horizontal, link, out."""
+    for name in ("vertical", "horizontal", "link", "out"):
+        copy_conv(getattr(layer, name), params[name], transposed=False)
 
 
 @torch.no_grad()
 def copy_flax_gated_pixelcnn_params(prior: GatedPixelCNN, params: dict) -> GatedPixelCNN:
     """Loads lvm_jax's GatedPixelCNN parameters (embed, layers_i, head) into `prior`."""
-    _embedding(prior.embed, params["embed"])
+    copy_embedding(prior.embed, params["embed"])
     for i, layer in enumerate(prior.layers):
-        p = params[f"layers_{i}"]
-        for j, conv in enumerate((layer.vertical, layer.horizontal, layer.link, layer.out)):
-            _conv(conv, p[f"Conv_{j}"], transposed=False)
-    _output_head(prior.head, params["head"])
+        copy_gated_layer(layer, params[f"layers_{i}"])
+    copy_output_head(prior.head, params["head"])
     return prior

@@ -17,10 +17,11 @@ from benchmarks.torch_models import (
     AutoregressivePrior,
     GatedLayer,
     OutputHead,
-    _conv,
-    _embedding,
-    _linear,
-    _output_head,
+    copy_conv,
+    copy_embedding,
+    copy_linear,
+    copy_gated_layer,
+    copy_output_head,
 )
 
 
@@ -39,7 +40,7 @@ def coordinates(height: int, width: int) -> torch.Tensor:
 
 class CausalAttentionBlock(nn.Module):
     """features + mix_out(gate(mix_features(features) + mix_attention(attention))), the
-    attention at t over the positions s < t; like pixelsnail._CausalAttentionBlock."""
+    attention at t over the positions s < t; like pixelsnail.CausalAttentionBlock."""
 
     def __init__(self, dim: int, num_heads: int, key_dim: int, value_dim: int):
         super().__init__()
@@ -131,21 +132,16 @@ class ConditionalGatedPixelCNN(AutoregressivePrior):
         return self.head(h)
 
 
-def _gated_layer(layer: GatedLayer, params: dict):
-    for j, conv in enumerate((layer.vertical, layer.horizontal, layer.link, layer.out)):
-        _conv(conv, params[f"Conv_{j}"], transposed=False)
-
-
 @torch.no_grad()
 def copy_flax_pixelsnail_params(prior: PixelSNAIL, params: dict) -> PixelSNAIL:
     """Loads lvm_jax's PixelSNAIL parameters (embed, layers_i, attentions_b, head)."""
-    _embedding(prior.embed, params["embed"])
+    copy_embedding(prior.embed, params["embed"])
     for i, layer in enumerate(prior.layers):
-        _gated_layer(layer, params[f"layers_{i}"])
+        copy_gated_layer(layer, params[f"layers_{i}"])
     for b, attention in enumerate(prior.attentions):
         for name in ("query", "key", "value", "mix_features", "mix_attention", "mix_out"):
-            _linear(getattr(attention, name), params[f"attentions_{b}"][name])
-    _output_head(prior.head, params["head"])
+            copy_linear(getattr(attention, name), params[f"attentions_{b}"][name])
+    copy_output_head(prior.head, params["head"])
     return prior
 
 
@@ -154,18 +150,18 @@ def copy_flax_conditional_params(prior: ConditionalGatedPixelCNN,
                                  params: dict) -> ConditionalGatedPixelCNN:
     """Loads lvm_jax's ConditionalGatedPixelCNN parameters (embed, condition_stack, layers_i
     with their condition convs, head)."""
-    _embedding(prior.embed, params["embed"])
+    copy_embedding(prior.embed, params["embed"])
     stack = params["condition_stack"]
-    _embedding(prior.condition_embed, stack["Embed_0"])
+    copy_embedding(prior.condition_embed, stack["embed"])
     for b, (conv3, conv1) in enumerate(prior.condition_blocks):
-        _conv(conv3, stack[f"Conv_{2 * b}"], transposed=False)
-        _conv(conv1, stack[f"Conv_{2 * b + 1}"], transposed=False)
+        copy_conv(conv3, stack[f"convs_3x3_{b}"], transposed=False)
+        copy_conv(conv1, stack[f"convs_1x1_{b}"], transposed=False)
     for i, layer in enumerate(prior.layers):
         p = params[f"layers_{i}"]
-        _gated_layer(layer, p)
-        _conv(layer.condition_vertical, p["condition_vertical"], transposed=False)
-        _conv(layer.condition_horizontal, p["condition_horizontal"], transposed=False)
-    _output_head(prior.head, params["head"])
+        copy_gated_layer(layer, p)
+        copy_conv(layer.condition_vertical, p["condition_vertical"], transposed=False)
+        copy_conv(layer.condition_horizontal, p["condition_horizontal"], transposed=False)
+    copy_output_head(prior.head, params["head"])
     return prior
 
 

@@ -4,12 +4,14 @@ Exact causality and the receptive field on random weights, the conditioning, err
 sampling: test_sampling.py.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lvm_jax.nn import ConditionalGatedPixelCNN, GatedPixelCNN, PixelSNAIL
+from lvm_jax.nn import ConditionalGatedPixelCNN, GatedPixelCNN, PixelCNN, PixelSNAIL
 from lvm_jax.nn.pixelsnail import attend
 
 K, TOP_K = 6, 4
@@ -149,9 +151,27 @@ def test_gated_layer_without_condition_keeps_gated_pixelcnn_parameters():
     plain = GatedPixelCNN(K, dim=8, num_layers=2, hidden=16).init(jax.random.key(0), codes)
     conditioned = CONDITIONAL.clone(num_layers=2).init(jax.random.key(0), codes,
                                                        jnp.zeros((1, 1, 1), jnp.int32))
-    assert sorted(plain["params"]["layers_1"]) == ["Conv_0", "Conv_1", "Conv_2", "Conv_3"]
+    assert sorted(plain["params"]["layers_1"]) == ["horizontal", "link", "out", "vertical"]
     assert sorted(conditioned["params"]["layers_1"]) == [
-        "Conv_0", "Conv_1", "Conv_2", "Conv_3", "condition_horizontal", "condition_vertical"]
+        "condition_horizontal", "condition_vertical", "horizontal", "link", "out", "vertical"]
+
+
+@pytest.mark.parametrize("model", [
+    PixelCNN(K, embed_dim=8, num_residual_blocks=2, hidden=16),
+    GatedPixelCNN(K, dim=8, num_layers=2, hidden=16),
+    PixelSNAIL(K, dim=8, num_blocks=2, layers_per_block=1, num_heads=2, key_dim=4,
+               value_dim=4, hidden=16),
+    CONDITIONAL], ids=lambda model: type(model).__name__)
+def test_every_submodule_has_an_explicit_name(model):
+    """No flax automatic name (Conv_0, Dense_1, ...) in a prior's parameters: the step API and
+    the PyTorch twins address each by its name, which adding a layer cannot re-index."""
+    grid = jnp.zeros((1, 2, 2), jnp.int32)
+    inputs = (grid, grid[:, :1, :1]) if model is CONDITIONAL else (grid,)
+    params = model.init(jax.random.key(0), *inputs)["params"]
+    names = {str(getattr(key, "key", key)) for path, _ in
+             jax.tree_util.tree_flatten_with_path(params)[0] for key in path}
+    assert {"embed", "head"} <= names
+    assert not [name for name in names if re.fullmatch(r"[A-Z]\w*_\d+", name)]
 
 
 def test_bad_input_is_rejected():

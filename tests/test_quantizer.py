@@ -15,7 +15,8 @@ import pytest
 
 from lvm_jax.models import vqvae
 from lvm_jax.nn.fsq import FiniteScalarQuantizer
-from lvm_jax.nn.quantizer import VectorQuantizer, kmeans_plus_plus, rotation_trick
+from lvm_jax.nn.quantizer import (VectorQuantizer, VectorQuantizerEMA, kmeans_plus_plus,
+                                  rotation_trick)
 
 K, D = 16, 8
 
@@ -106,7 +107,7 @@ def test_gradients_follow_the_paper():
 
 def test_ema_updates_match_numpy():
     gamma, eps, beta = 0.9, 1e-5, 0.25
-    vq = VectorQuantizer(K, D, commitment_cost=beta, ema=True, decay=gamma, epsilon=eps)
+    vq = VectorQuantizerEMA(K, D, commitment_cost=beta, decay=gamma, epsilon=eps)
     batches = [_batch(5, (6, 4, D)), _batch(6, (6, 4, D))]
     variables = vq.init(jax.random.key(0), batches[0])
     assert "params" not in variables
@@ -131,7 +132,7 @@ def test_ema_updates_match_numpy():
 
     total = n_ref.sum()
     e_ref = m_ref / ((n_ref + eps) / (total + K * eps) * total)[:, None]
-    e = vq.apply(variables, method=VectorQuantizer.codebook)
+    e = vq.apply(variables, method="codebook")
     np.testing.assert_allclose(e, e_ref, rtol=1e-5, atol=1e-6)
 
     _, unchanged = vq.apply(variables, batches[0], train=False, mutable=["vq_stats"])
@@ -140,7 +141,7 @@ def test_ema_updates_match_numpy():
 
 def test_dead_codes_restart_onto_batch_outputs():
     gamma = 0.99
-    vq = VectorQuantizer(K, D, ema=True, decay=gamma, restart_after=2)
+    vq = VectorQuantizerEMA(K, D, decay=gamma, restart_after=2)
     z_e = _batch(7, (3, D))  # 3 outputs choose at most 3 of the 16 codes
     variables = vq.init(jax.random.key(0), z_e)
 
@@ -177,9 +178,11 @@ def test_bad_input_is_rejected():
     with pytest.raises(TypeError, match="floating"):
         vq.apply(params, jnp.zeros((4, D), jnp.int32))
     with pytest.raises(ValueError, match="restart_after needs ema=True"):
-        VectorQuantizer(K, D, restart_after=10)
+        vqvae.quantizer(K, D, restart_after=10)
     with pytest.raises(ValueError, match="kmeans_iters needs ema=True"):
-        VectorQuantizer(K, D, kmeans_iters=3)
+        vqvae.quantizer(K, D, kmeans_iters=3)
+    with pytest.raises(ValueError, match="kmeans_iters must be >= 0"):
+        VectorQuantizerEMA(K, D, kmeans_iters=-1)
     with pytest.raises(ValueError, match="lookup_dim=9 must be between 1 and code_dim=8"):
         VectorQuantizer(K, D, lookup_dim=D + 1)
     with pytest.raises(ValueError, match=r"levels \(8, 4, 3\) give 96 codes, not num_codes=128"):
@@ -191,7 +194,7 @@ def test_bad_input_is_rejected():
         name = next(iter(option))
         with pytest.raises(ValueError, match=f"fsq_levels has no learned codebook: {name}"):
             vqvae.quantizer(128, D, fsq_levels=(8, 4, 4), **option)
-    ema = VectorQuantizer(K, D, ema=True, restart_after=10)
+    ema = VectorQuantizerEMA(K, D, restart_after=10)
     variables = ema.init(jax.random.key(0), _batch(1))
     with pytest.raises(ValueError, match="rng"):
         ema.apply(variables, _batch(1), train=True, mutable=["vq_stats"])
@@ -228,7 +231,7 @@ def test_kmeans_initialises_the_codebook_once():
     same k-means++ seeds), under jit; a second step with another batch keeps it (decay = 1
     freezes the moving averages, so only a re-initialisation could change the codebook)."""
     iterations = 4
-    vq = VectorQuantizer(K, D, ema=True, decay=1.0, kmeans_iters=iterations)
+    vq = VectorQuantizerEMA(K, D, decay=1.0, kmeans_iters=iterations)
     batches = [_batch(8, (6, 5, D)), 3.0 + _batch(9, (6, 5, D))]
     variables = vq.init(jax.random.key(0), batches[0])
     assert not variables["vq_stats"]["initialized"]
@@ -240,14 +243,14 @@ def test_kmeans_initialises_the_codebook_once():
     z = np.asarray(batches[0]).reshape(-1, D)
     seeds = np.asarray(kmeans_plus_plus(jax.random.fold_in(rng, 1), jnp.asarray(z), K))
     expected = _np_lloyd(z, z[seeds], iterations)
-    codebook = vq.apply(variables, method=VectorQuantizer.codebook)
+    codebook = vq.apply(variables, method="codebook")
     np.testing.assert_allclose(codebook, expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(out["indices"]).ravel(), _np_nearest(z, expected))
     assert variables["vq_stats"]["initialized"]
 
     _, updates = step(variables, batches[1], jax.random.key(2))
     np.testing.assert_array_equal(
-        vq.apply({**variables, **updates}, method=VectorQuantizer.codebook), codebook)
+        vq.apply({**variables, **updates}, method="codebook"), codebook)
 
 
 def test_cosine_codes_with_a_low_dimensional_lookup_match_numpy():
@@ -381,9 +384,9 @@ MESH_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from lvm_jax.data import batching
-    from lvm_jax.nn.quantizer import VectorQuantizer
+    from lvm_jax.nn.quantizer import VectorQuantizerEMA
 
-    vq = VectorQuantizer(16, 8, ema=True, restart_after=2, kmeans_iters=3)
+    vq = VectorQuantizerEMA(16, 8, restart_after=2, kmeans_iters=3)
     z = jax.random.normal(jax.random.key(0), (16, 4, 8))
     variables = vq.init(jax.random.key(1), z)
     step = jax.jit(lambda v, z: vq.apply(v, z, True, jax.random.key(2), mutable=["vq_stats"])[1])
@@ -405,3 +408,54 @@ def test_kmeans_initialisation_on_a_mesh_matches_one_device():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["devices"] == 8 and out["max_diff"] < 1e-5
+
+
+def _preset_trajectory(preset: str) -> tuple[str, float, float, float]:
+    """A (16 codes, 40 dims) quantizer of `preset` trained 3 calls (EMA statistics, restarts,
+    k-means) on fixed data: its final indices as hex digits, the sums of its final loss and
+    quantized output, and the sum of the last call's gradient of a loss on z_e."""
+    vq = vqvae.quantizer(16, 40, **vqvae.QUANTIZER_PRESETS[preset])
+    z = jax.random.normal(jax.random.key(1), (6, 3, 3, 40))
+    variables = vq.init(jax.random.key(0), z)
+
+    def objective(z_t, rng):
+        out, state = vq.apply(variables, z_t, True, rng, mutable=["vq_stats"])
+        return out["loss"].sum() + (out["quantized"] ** 2).sum(), state
+
+    for step in range(3):
+        grad, state = jax.grad(objective, has_aux=True)(z + 0.1 * step,
+                                                        jax.random.key(10 + step))
+        variables = {**variables, **state}
+    out = vq.apply(variables, z)
+    return ("".join(f"{k:x}" for k in np.asarray(out["indices"]).ravel()),
+            float(np.asarray(out["loss"], np.float64).sum()),
+            float(np.asarray(out["quantized"], np.float64).sum()),
+            float(np.asarray(grad, np.float64).sum()))
+
+
+# Recorded from main before the EMA quantizer became its own class (issue 33): the presets give
+# the same codes and values (a bitwise comparison of every output: the issue's closing note).
+PRESET_TRAJECTORIES = {
+    "plain": ("99486f72fbdf2e3aeb724d28e065b41174299328929bc952da2ff4",
+             4266.851623535156, 2.8150941990315914, 793.8193823248148),
+    "ema": ("99486f72fbdf2e3aeb724d28e065b41174299328929bc952da2ff4",
+           499.0900115966797, 20.466851378791034, 206.98895440017805),
+    "ema_restart": ("99486f72fbdf2e3aeb724d28e065b41174299328929bc952da2ff4",
+                   499.0900115966797, 20.466851378791034, 206.98895440017805),
+    "kmeans": ("ebb87738f3bbba1188b8c861d373d885796bf9c2895cb8ebbbc0d4",
+              320.94762802124023, -3.8392889716196805, 162.42000493779778),
+    "cosine": ("d5472c59c1abb4f2bbcb49bfb0134b9bcfdbf9759f421fd718f22b",
+              153.30875778198242, -6.452514522708952, 1.9969220089260489),
+    "rotation": ("99486f72fbdf2e3aeb724d28e065b41174299328929bc952da2ff4",
+                4266.851623535156, 2.815094639570816, 776.8434108213405),
+    "ema_cosine_rotation": ("04280728f37cba1acd3818c9d37358a5996b18c2a952b8e71b90d4",
+                           7.8622050285339355, -11.416317785624415, 6.057861203094944),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_TRAJECTORIES))
+def test_quantizer_presets_reproduce_their_recorded_results(preset):
+    indices, loss, quantized, grad = _preset_trajectory(preset)
+    expected = PRESET_TRAJECTORIES[preset]
+    assert indices == expected[0]
+    np.testing.assert_allclose((loss, quantized, grad), expected[1:], rtol=1e-6)

@@ -2,6 +2,7 @@
 loop, for PixelCNN, Gated PixelCNN, PixelSNAIL (attention) and the conditioned Gated PixelCNN."""
 
 import functools
+import inspect
 import re
 
 import jax
@@ -9,8 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 
 from lvm_jax.nn import ConditionalGatedPixelCNN, GatedPixelCNN, PixelCNN, PixelSNAIL, sample_codes
+from lvm_jax.nn.masked_conv import MaskedConv, code_row, previous_code
+from lvm_jax.nn.pixelsnail import CausalAttentionBlock
+from lvm_jax.nn import sampling
 from lvm_jax.nn.sampling import cached_logits, raster_sample, row_blocks
 
 K, TOP_K = 5, 3
@@ -141,11 +146,11 @@ def test_bfloat16_cached_sampling(name):
     assert sampled.min() >= 0 and sampled.max() < K
 
 
-def test_row_blocks_cover_the_grid_in_at_most_max_row_blocks():
-    assert row_blocks(32, attends=False) == [(0, 32)]
-    assert row_blocks(32, attends=True) == [(0, 8), (8, 16), (16, 24), (24, 32)]
-    assert row_blocks(5, attends=True) == [(0, 2), (2, 4), (4, 5)]
-    assert row_blocks(3, attends=True) == [(0, 1), (1, 2), (2, 3)]
+def test_row_blocks_cover_the_grid_in_at_most_the_blocks_asked():
+    assert row_blocks(32, 1) == [(0, 32)]
+    assert row_blocks(32, 4) == [(0, 8), (8, 16), (16, 24), (24, 32)]
+    assert row_blocks(5, 4) == [(0, 2), (2, 4), (4, 5)]
+    assert row_blocks(3, 4) == [(0, 1), (1, 2), (2, 3)]
 
 
 def test_cached_attention_reads_only_the_filled_rows_of_its_cache():
@@ -279,15 +284,17 @@ def test_bad_arguments_are_rejected():
         sample_codes(model, variables, key, 2, 3, 3, method="beam")
     with pytest.raises(ValueError, match="height must be a positive int"):
         sample_codes(model, variables, key, 2, 0, 3)
-    with pytest.raises(TypeError, match="PixelCNN, GatedPixelCNN, PixelSNAIL or"):
+    with pytest.raises(TypeError, match="model must be a flax Module"):
         sample_codes(object(), variables, key, 2, 3, 3)
+    with pytest.raises(TypeError, match="a Dense has no step API .* draw with method='raster'"):
+        sample_codes(nn.Dense(3), variables, key, 2, 3, 3)
     for bad in (variables["params"], {"batch_stats": {}}, [variables]):
         with pytest.raises(ValueError, match=r"variables must be \{'params': params\}") as error:
             sample_codes(model, bad, key, 2, 3, 3)
         assert "\n" not in str(error.value)
     other = _variables("pixelcnn_k5_3blocks")  # 5x5 kernels and a third block
     with pytest.raises(ValueError, match=r"variables\['params'\] do not fit this PixelCNN: "
-                                         r"blocks_0/MaskedConv_0/Conv_0/kernel has shape "
+                                         r"blocks_0/masked/conv/kernel has shape "
                                          r"\(5, 5, 8, 8\), expected \(3, 3, 8, 8\); ") as error:
         sample_codes(model, other, key, 2, 3, 3)
     assert str(error.value).endswith("unexpected blocks_2")
@@ -296,15 +303,125 @@ def test_bad_arguments_are_rejected():
                                          "layers_0/condition_vertical; ...$"):
         sample_codes(PRIORS["conditional_k3_3layers"], _variables("gated_k3_3layers"), key, 2, 4,
                      6, condition=jnp.zeros((2, 2, 3), jnp.int32))
-    with pytest.raises(ValueError, match="condition is for a ConditionalGatedPixelCNN"):
+    with pytest.raises(ValueError, match="condition is for a prior that takes an input after "
+                                         "the codes; a PixelCNN takes none"):
         sample_codes(model, variables, key, 2, 4, 6, condition=jnp.zeros((2, 2, 3), jnp.int32))
     name = "conditional_k3_3layers"
     model, variables = PRIORS[name], _variables(name)
-    with pytest.raises(ValueError, match="needs condition="):
+    with pytest.raises(ValueError, match="a ConditionalGatedPixelCNN needs condition= its "
+                                         "condition_codes"):
         sample_codes(model, variables, key, 2, 4, 6)
     with pytest.raises(ValueError, match="divides theirs by an integer"):
         sample_codes(model, variables, key, 2, 4, 6, condition=jnp.zeros((2, 3, 3), jnp.int32))
     with pytest.raises(TypeError, match="condition must be an integer array"):
         sample_codes(model, variables, key, 2, 4, 6, condition=jnp.zeros((2, 2, 3)))
-    with pytest.raises(ValueError, match="divides theirs by an integer"):
+    with pytest.raises(ValueError, match="condition .* divides theirs by an integer"):
         cached_logits(model, variables, _codes((4, 6)), jnp.zeros((1, 2, 3), jnp.int32))
+
+
+def _one_line_error(error_type, match, *args, **kwargs):
+    with pytest.raises(error_type, match=match) as error:
+        sample_codes(*args, **kwargs)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("bad", [999, TOP_K, -1])
+def test_condition_codes_out_of_range_are_refused(bad):
+    """Out-of-range top codes would index the conditioning embedding out of bounds (flax
+    clamps or zeroes them silently): refused, naming the range."""
+    name = "conditional_k3_3layers"
+    condition = jnp.zeros((2, 2, 3), jnp.int32).at[1, 0, 2].set(bad)
+    low, high = min(bad, 0), max(bad, 0)
+    _one_line_error(ValueError, rf"condition must lie in \[0, {TOP_K}\) \(num_condition_"
+                                rf"classes\), got values in \[{low}, {high}\]",
+                    PRIORS[name], _variables(name), jax.random.key(0), 2, 4, 6,
+                    condition=condition)
+
+
+def test_malformed_conditions_and_sizes_are_refused_in_one_line():
+    key = jax.random.key(0)
+    model, variables = PRIORS["conditional_k3_3layers"], _variables("conditional_k3_3layers")
+    _one_line_error(ValueError, r"condition \(2, 0, 0\) must have the batch of codes .* a "
+                                r"non-empty grid", model, variables, key, 2, 4, 6,
+                    condition=jnp.zeros((2, 0, 0), jnp.int32))
+    _one_line_error(TypeError, "condition must be an array, got list", model, variables, key,
+                    2, 4, 6, condition=[[[0, 1, 2], [0, 1, 2]]] * 2)
+    model, variables = PRIORS["snail_k3_2blocks"], _variables("snail_k3_2blocks")
+    _one_line_error(ValueError, "num must be a positive int, got True", model, variables, key,
+                    True, 4, 6)
+    for height, width in ((50000, 50000), (2**31, 1)):
+        _one_line_error(ValueError, r"height \* width must be at most 2\*\*31 - 1 positions",
+                        model, variables, key, 1, height, width)
+
+
+@pytest.mark.parametrize("method", ["cached", "raster"])
+def test_sizes_beyond_memory_are_refused_before_compiling(method):
+    """A million 1000x1000 grids hold 4e12 bytes of codes alone: a MemoryError naming the
+    bytes, not an abort inside XLA."""
+    name = "gated_k3_3layers"
+    _one_line_error(MemoryError, r"num, height and width ask for at least [\d,]+ bytes of "
+                                 r"arrays, more than the [\d,]+ bytes",
+                    PRIORS[name], _variables(name), jax.random.key(0), 10**6, 1000, 1000,
+                    method=method)
+
+
+class _ConvAttentionPrior(nn.Module):
+    """A prior that sampling.py has never seen: two 5x5 masked convolutions (type A, then B)
+    and a causal attention block, each layer's own step composed into the prior's step."""
+
+    num_classes: int
+    dim: int = 8
+
+    row_blocks = 2  # the attention reads the key/value cache in 2 blocks of rows
+
+    def setup(self):
+        self.embed = nn.Embed(self.num_classes, self.dim)
+        self.conv_a = MaskedConv(self.dim, 5, "A")
+        self.conv_b = MaskedConv(self.dim, 5, "B")
+        self.attention = CausalAttentionBlock(self.dim, num_heads=2, key_dim=4, value_dim=6,
+                                              dropout_rate=0.0, dtype=jnp.float32)
+        self.head = nn.Dense(self.num_classes)
+
+    def __call__(self, codes):
+        x = self.embed(codes)
+        return self.head(self.attention(self.conv_b(nn.relu(self.conv_a(x))), x))
+
+    def init_cache(self, codes):
+        num, height, width = codes.shape
+        self.conv_a.init_cache(num, width, self.dim)
+        self.conv_b.init_cache(num, width, self.dim)
+        self.attention.init_cache(num, height, width)
+
+    def step(self, codes, i, j, stop):
+        previous = self.embed(previous_code(codes, i, j))
+        h = self.conv_b.step(nn.relu(self.conv_a.step(previous, j)), j)
+        return self.head(self.attention.step(h, previous, i, j, codes.shape[1:], stop))
+
+    def end_row(self, codes, i):
+        self.conv_a.end_row(self.embed(code_row(codes, i)))
+        self.conv_b.end_row()
+
+
+def test_a_new_prior_with_the_step_api_samples_exactly_without_touching_the_sampler():
+    model = _ConvAttentionPrior(K)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 5, 7), jnp.int32))
+    leaves, treedef = jax.tree.flatten(variables)
+    variables = jax.tree.unflatten(treedef, [x + 0.3 * jax.random.normal(jax.random.key(n),
+                                                                         x.shape)
+                                             for n, x in enumerate(leaves)])
+    codes = _codes()
+    expected = model.apply(variables, codes)
+    assert np.ptp(np.asarray(expected)) > 0.2
+    _assert_close(cached_logits(model, variables, codes), expected, rtol=1e-5)
+    cached = sample_codes(model, variables, jax.random.key(7), 8, 5, 7)
+    assert len(np.unique(np.asarray(cached))) == K
+    np.testing.assert_array_equal(cached, sample_codes(model, variables, jax.random.key(7), 8,
+                                                       5, 7, method="raster"))
+
+
+def test_the_sampler_knows_no_model():
+    """sampling.py imports no prior, tests no type and indexes no parameter: a loop over the
+    step API in at most 200 lines."""
+    source = inspect.getsource(sampling)
+    assert len(source.splitlines()) <= 200
+    assert not re.search(r"masked_conv|pixelsnail|isinstance|\[\"(params|kernel)|Conv_", source)

@@ -27,7 +27,7 @@ from lvm_jax.nn.conv import VQDecoder, VQEncoder
 from lvm_jax.nn.fsq import FiniteScalarQuantizer
 from lvm_jax.nn.masked_conv import GatedPixelCNN, PixelCNN
 from lvm_jax.nn.precision import to_float32
-from lvm_jax.nn.quantizer import VectorQuantizer
+from lvm_jax.nn.quantizer import VectorQuantizer, VectorQuantizerEMA
 from lvm_jax.nn.sampling import sample_codes
 
 NUM_CODES, CODE_DIM = 128, 256
@@ -117,9 +117,16 @@ def quantizer(num_codes: int = NUM_CODES, code_dim: int = CODE_DIM, *, ema: bool
             raise ValueError(f"fsq_levels has no learned codebook: {', '.join(given)} cannot "
                              "apply to it; drop them or fsq_levels.")
         return FiniteScalarQuantizer(num_codes, code_dim, tuple(fsq_levels))
-    return VectorQuantizer(num_codes, code_dim, commitment_cost=0.25 if ema else 1.0, ema=ema,
-                           restart_after=restart_after, kmeans_iters=kmeans_iters, cosine=cosine,
-                           lookup_dim=lookup_dim, rotation_trick=rotation_trick)
+    shared = dict(cosine=cosine, lookup_dim=lookup_dim, rotation_trick=rotation_trick)
+    if ema:
+        return VectorQuantizerEMA(num_codes, code_dim, restart_after=restart_after,
+                                  kmeans_iters=kmeans_iters, **shared)
+    for name, value in (("restart_after", restart_after), ("kmeans_iters", kmeans_iters)):
+        if value:
+            raise ValueError(f"{name} needs ema=True: the gradient-trained codebook is a "
+                             f"parameter owned by the optimizer, which the quantizer cannot "
+                             f"overwrite.")
+    return VectorQuantizer(num_codes, code_dim, **shared)
 
 
 # The encoder downsamples by 4: image height and width must be multiples of it.

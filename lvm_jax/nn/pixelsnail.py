@@ -1,7 +1,7 @@
 """PixelSNAIL (Chen et al. 2018): gated masked convolutions plus causal self-attention.
 
 VQ-VAE-2's top prior (Razavi et al. 2019). The convolutions are the Gated
-PixelCNN's layers (`masked_conv._GatedLayer`: a vertical and a horizontal
+PixelCNN's layers (`masked_conv.GatedLayer`: a vertical and a horizontal
 stack, exactly causal in raster order, no blind spot within their reach);
 after every `layers_per_block` of them, multi-head self-attention over the
 raster order lets each position see every earlier one, however far:
@@ -13,15 +13,21 @@ as in the official PixelSNAIL and rosinality's VQ-VAE-2. Position t attends
 to the positions s < t strictly: the key at s holds the code at s, which t
 may see; position 0 has nothing to attend to and its attention output is 0.
 Every module computes in `dtype` with float32 parameters; the attention
-softmax and the logits are float32.
+softmax and the logits are float32. One position at a time (`init_cache`,
+`step`, `end_row`, as masked_conv's priors), each attention block keeps the
+keys and values of the positions drawn so far.
 """
+
+from typing import ClassVar
+
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from lvm_jax.nn.masked_conv import _GatedLayer, _OutputHead, _check_codes, check_kernel_size, gate
+from lvm_jax.nn.masked_conv import (GatedLayer, GatedSteps, OutputHead, check_codes,
+                                     check_kernel_size, gate, previous_code)
 from lvm_jax.nn.precision import to_float32
 
 
@@ -61,44 +67,97 @@ def attend(query: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Ar
     return out.reshape(*out.shape[:-2], -1)
 
 
-class _CausalAttentionBlock(nn.Module):
+class CausalAttentionBlock(nn.Module):
     """Causal self-attention over the raster order, added to the features by a gated residual.
 
     features (batch, H, W, dim), inputs (batch, H, W, dim) the code embeddings
     -> features + 1x1(gate(1x1(features) + 1x1(attention))), where the
     attention at position t reads the positions s < t (`attend`).
+
+    One position at a time, it caches keys (num, H*W, key_dim) and values
+    (num, H*W, value_dim), slot s written once the code at s is known, and its
+    input features at the latest position (the key and value at s read them).
     """
 
+    dim: int
     num_heads: int
     key_dim: int
     value_dim: int
     dropout_rate: float
     dtype: DTypeLike
 
-    @nn.compact
+    def setup(self):
+        self.query = nn.Dense(self.key_dim, dtype=self.dtype)
+        self.key = nn.Dense(self.key_dim, dtype=self.dtype)
+        self.value = nn.Dense(self.value_dim, dtype=self.dtype)
+        self.dropout = nn.Dropout(self.dropout_rate)
+        self.mix_features = nn.Dense(2 * self.dim, dtype=self.dtype)
+        self.mix_attention = nn.Dense(2 * self.dim, dtype=self.dtype)
+        self.mix_out = nn.Dense(self.dim, dtype=self.dtype)
+
     def __call__(self, features: jax.Array, inputs: jax.Array, train: bool = False) -> jax.Array:
-        batch, height, width, dim = features.shape
+        batch, height, width, _ = features.shape
         rows, cols = jnp.meshgrid(jnp.arange(height), jnp.arange(width), indexing="ij")
         coords = jnp.broadcast_to(coordinates(rows, cols, height, width),
                                   (batch, height, width, 2)).astype(self.dtype)
-        query_in = jnp.concatenate([features, coords], axis=-1)
         key_in = jnp.concatenate([inputs, features, coords], axis=-1)
-        query = nn.Dense(self.key_dim, dtype=self.dtype, name="query")(query_in)
-        key = nn.Dense(self.key_dim, dtype=self.dtype, name="key")(key_in)
-        value = nn.Dense(self.value_dim, dtype=self.dtype, name="value")(key_in)
+        query = self.query(jnp.concatenate([features, coords], axis=-1))
+        key, value = self.key(key_in), self.value(key_in)
 
         positions = height * width
         visible = jnp.tril(jnp.ones((positions, positions), bool), k=-1)  # s < t strictly
         query, key, value = (x.reshape(batch, positions, x.shape[-1]) for x in (query, key, value))
         attended = attend(query, key, value, visible, self.num_heads)
-        attended = nn.Dropout(self.dropout_rate, deterministic=not train)(attended)
-        attended = attended.reshape(batch, height, width, self.value_dim)
-        pre = (nn.Dense(2 * dim, dtype=self.dtype, name="mix_features")(features)
-               + nn.Dense(2 * dim, dtype=self.dtype, name="mix_attention")(attended))
-        return features + nn.Dense(dim, dtype=self.dtype, name="mix_out")(gate(pre))
+        attended = self.dropout(attended, deterministic=not train)
+        return self._mix(features, attended.reshape(batch, height, width, self.value_dim))
+
+    def _mix(self, features: jax.Array, attended: jax.Array) -> jax.Array:
+        pre = self.mix_features(features) + self.mix_attention(attended)
+        return features + self.mix_out(gate(pre))
+
+    def init_cache(self, num: int, height: int, width: int) -> None:
+        """Empty key and value slots for `num` grids of height x width positions."""
+        positions = height * width
+        self.put_variable("cache", "keys", jnp.zeros((num, positions, self.key_dim), self.dtype))
+        self.put_variable("cache", "values",
+                          jnp.zeros((num, positions, self.value_dim), self.dtype))
+        self.put_variable("cache", "features", jnp.zeros((num, self.dim), self.dtype))
+
+    def step(self, features: jax.Array, previous: jax.Array, i, j, grid: tuple[int, int],
+             stop: int) -> jax.Array:
+        """The block's output (num, dim) at (i, j) of a `grid` (H, W).
+
+        Writes the key and value of the position before (i, j), from the embedding
+        `previous` (num, dim) of its code, then attends from the features (num, dim)
+        at (i, j) to the slots before it. It reads the first stop * W slots only
+        (`stop`, static: no code beyond row stop - 1 is drawn yet).
+        """
+        height, width = grid
+        t = i * width + j
+        s = jnp.maximum(t - 1, 0)  # at t = 0 slot 0 gets a key that t = 0 cannot see
+
+        def coords(t):
+            return jnp.broadcast_to(coordinates(t // width, t % width, height, width).astype(
+                self.dtype), (features.shape[0], 2))
+
+        key_in = jnp.concatenate([previous, self.get_variable("cache", "features"), coords(s)],
+                                 -1)
+        slots = {}
+        for name, dense in (("keys", self.key), ("values", self.value)):
+            slots[name] = jax.lax.dynamic_update_slice(
+                self.get_variable("cache", name), dense(key_in)[:, None], (0, s, 0))
+            self.put_variable("cache", name, slots[name])
+        self.put_variable("cache", "features", features)
+
+        filled = stop * width
+        visible = jnp.arange(filled)[None] < t  # (1, filled): s < t
+        query = self.query(jnp.concatenate([features, coords(t)], -1))
+        attended = attend(query[:, None], slots["keys"][:, :filled], slots["values"][:, :filled],
+                          visible, self.num_heads)[:, 0]
+        return self._mix(features, attended)
 
 
-class PixelSNAIL(nn.Module):
+class PixelSNAIL(GatedSteps, nn.Module):
     """PixelSNAIL prior: codes (batch, H, W) int -> logits (batch, H, W, num_classes).
 
     Learned embedding to `dim` channels feeding both stacks; num_blocks blocks,
@@ -109,6 +168,10 @@ class PixelSNAIL(nn.Module):
     The logits at (i, j) see every earlier code (the attention), and only
     those. Logits are in nats: log_softmax gives log p(c_ij | c_<ij).
     """
+
+    # The cached sampler loops over the rows in at most this many blocks, each a compiled loop
+    # whose attention reads a static prefix of the key/value cache (sampling.row_blocks).
+    row_blocks: ClassVar[int] = 4
 
     num_classes: int
     dim: int = 64
@@ -137,18 +200,18 @@ class PixelSNAIL(nn.Module):
 
     def setup(self):
         self.embed = nn.Embed(self.num_classes, self.dim, dtype=self.dtype)
-        self.layers = [_GatedLayer(self.dim, self.kernel_size, first=(i == 0), dtype=self.dtype,
-                                   dropout_rate=self.dropout_rate)
+        self.layers = [GatedLayer(self.dim, self.kernel_size, first=(i == 0), dtype=self.dtype,
+                                  dropout_rate=self.dropout_rate)
                        for i in range(self.num_blocks * self.layers_per_block)]
-        self.attentions = [_CausalAttentionBlock(self.num_heads, self.key_dim, self.value_dim,
-                                                 self.dropout_rate, self.dtype)
+        self.attentions = [CausalAttentionBlock(self.dim, self.num_heads, self.key_dim,
+                                                self.value_dim, self.dropout_rate, self.dtype)
                            for _ in range(self.num_blocks)]
-        self.head = _OutputHead(self.hidden, self.num_classes, self.dtype)
+        self.head = OutputHead(self.hidden, self.num_classes, self.dtype)
 
     def __call__(self, codes: jax.Array, train: bool = False) -> jax.Array:
         """Logits (batch, H, W, num_classes) float32; train=True applies dropout (rngs
         {"dropout": key})."""
-        _check_codes(codes)
+        check_codes(codes)
         return self.logits(self.embed(codes), train)
 
     def logits(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -159,3 +222,25 @@ class PixelSNAIL(nn.Module):
             if (index + 1) % self.layers_per_block == 0:
                 h = self.attentions[index // self.layers_per_block](h, x, train)
         return to_float32(self.head(h))
+
+    def init_cache(self, codes: jax.Array) -> None:
+        """Empty caches for grids shaped like codes (num, H, W)."""
+        num, height, width = codes.shape
+        for layer in self.layers:
+            layer.init_cache(num, width)
+        for attention in self.attentions:
+            attention.init_cache(num, height, width)
+
+    def step(self, codes: jax.Array, i, j, stop: int | None = None) -> jax.Array:
+        """float32 logits (num, num_classes) at (i, j), given codes (num, H, W) drawn before
+        (i, j) in raster order; the attention reads the cache of rows < `stop` (static, all
+        if None)."""
+        grid = codes.shape[1:]
+        previous = self.embed(previous_code(codes, i, j))
+        h = previous
+        for index, layer in enumerate(self.layers):
+            h = layer.step(h, i, j)
+            if (index + 1) % self.layers_per_block == 0:
+                h = self.attentions[index // self.layers_per_block].step(
+                    h, previous, i, j, grid, grid[0] if stop is None else stop)
+        return to_float32(self.head.at(h))

@@ -9,6 +9,7 @@ that is training pick a step: docs/records.md.
 import hashlib
 import os
 import re
+import time
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +115,17 @@ def mismatch(saved, target) -> str | None:
     return None
 
 
+def _vanishing(step_directory: str, wait_seconds: float = 1.0) -> bool:
+    """Whether a step whose read failed is gone or going: orbax deletes an old step in place,
+    file by file (`rmtree`), so a read it cuts short may find the folder for a moment more."""
+    deadline = time.monotonic() + wait_seconds
+    while os.path.isdir(step_directory):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def read_step(step_directory: str, step: int, like, data_iterator=None) -> tuple:
     """(state, record) of the checkpoint of `step`, restored with the structure and sharding
     of `like`, after the checks of the module docstring; `data_iterator` (grain's
@@ -143,7 +155,7 @@ def read_step(step_directory: str, step: int, like, data_iterator=None) -> tuple
                               ) as checkpointer:
             state = checkpointer.restore(step_directory, args=ocp.args.Composite(**items))[STATE]
     except Exception as err:  # orbax and tensorstore raise bare Exceptions as well
-        if not os.path.isdir(step_directory):
+        if _vanishing(step_directory):
             raise FileNotFoundError(step_directory) from err
         if isinstance(err, CheckpointError):
             raise
