@@ -45,12 +45,10 @@ TORCH_PADDING = ((2, 2), (2, 2))  # k - 1 - p for kernel 4, padding 1
 _TAPS = ((3, 1, -1), (-1, 2, 0))
 
 
-def flax_conv_transpose(features: int, dtype=jnp.float32, name: str | None = None
-                        ) -> nn.ConvTranspose:
+def flax_conv_transpose(features: int, dtype=jnp.float32) -> nn.ConvTranspose:
     """flax's transposed convolution with PyTorch's ConvTranspose2d(k=4, s=2, p=1) geometry
-    (on the spatially flipped kernel), computing in `dtype`, named `name`."""
-    return nn.ConvTranspose(features, (4, 4), strides=(2, 2), padding=TORCH_PADDING, dtype=dtype,
-                            name=name)
+    (on the spatially flipped kernel), computing in `dtype`."""
+    return nn.ConvTranspose(features, (4, 4), strides=(2, 2), padding=TORCH_PADDING, dtype=dtype)
 
 
 def _subpixel_3x3_kernel(kernel: jax.Array) -> jax.Array:

@@ -254,14 +254,13 @@ def copy_flax_params(model: VAE, params: dict) -> VAE:
     """Loads lvm_jax's image VAE/VLAE parameters (`conv_vae`) into `model`, in place."""
     convs = [m for m in model.trunk if isinstance(m, nn.Conv2d)]
     for i, layer in enumerate(convs):
-        copy_conv(layer, params["trunk"]["conv_in" if i == 0 else f"down_{i - 1}"],
-                  transposed=False)
-    copy_linear(model.head, params["head"]["dense"], in_perm=_nchw_order(4, 4, 256))
-    copy_linear(model.decoder[0], params["decoder"]["project"], out_perm=_nchw_order(4, 4, 128))
+        copy_conv(layer, params["trunk"][f"Conv_{i}"], transposed=False)
+    copy_linear(model.head, params["head"]["Dense_0"], in_perm=_nchw_order(4, 4, 256))
+    copy_linear(model.decoder[0], params["decoder"]["Dense_0"], out_perm=_nchw_order(4, 4, 128))
     ups = [m for m in model.decoder if isinstance(m, nn.ConvTranspose2d)]
     for i, layer in enumerate(ups):
-        copy_conv(layer, params["decoder"][f"up_{i}"], transposed=True)
-    copy_conv(model.decoder[-1], params["decoder"]["conv_out"], transposed=False)
+        copy_conv(layer, params["decoder"][f"SubPixelConvTranspose_{i}"], transposed=True)
+    copy_conv(model.decoder[-1], params["decoder"]["Conv_0"], transposed=False)
     if isinstance(model.prior, MADEFlowPrior):
         copy_flax_made_params(model.prior.made, params["prior"]["made"])
     return model
@@ -525,10 +524,10 @@ def _batch_norm(layer: nn.BatchNorm2d, params: dict, stats: dict | None):
 
 def _vq_residual_block(block: VQResidualBlock, params: dict, stats: dict | None):
     bn0, _, conv0, bn1, _, conv1 = block.net
-    _batch_norm(bn0, params["norm_in"], _sub(stats, "norm_in"))
-    _batch_norm(bn1, params["norm_mid"], _sub(stats, "norm_mid"))
-    copy_conv(conv0, params["conv_3x3"], transposed=False)
-    copy_conv(conv1, params["conv_1x1"], transposed=False)
+    _batch_norm(bn0, params["BatchNorm_0"], _sub(stats, "BatchNorm_0"))
+    _batch_norm(bn1, params["BatchNorm_1"], _sub(stats, "BatchNorm_1"))
+    copy_conv(conv0, params["Conv_0"], transposed=False)
+    copy_conv(conv1, params["Conv_1"], transposed=False)
 
 
 @torch.no_grad()
@@ -539,19 +538,21 @@ def copy_flax_vqvae_params(model: VQVAE, params: dict, batch_stats: dict | None 
     enc_stats = _sub(batch_stats, "encoder")
     dec_stats = _sub(batch_stats, "decoder")
     conv0, bn, _, conv1, res0, res1 = model.encoder
-    copy_conv(conv0, enc["down_0"], transposed=False)
-    _batch_norm(bn, enc["norm"], _sub(enc_stats, "norm"))
-    copy_conv(conv1, enc["down_1"], transposed=False)
+    copy_conv(conv0, enc["Conv_0"], transposed=False)
+    _batch_norm(bn, enc["BatchNorm_0"], _sub(enc_stats, "BatchNorm_0"))
+    copy_conv(conv1, enc["Conv_1"], transposed=False)
     for i, block in enumerate((res0, res1)):
-        _vq_residual_block(block, enc[f"residual_{i}"], _sub(enc_stats, f"residual_{i}"))
+        _vq_residual_block(block, enc[f"ResidualBlock_{i}"],
+                           _sub(enc_stats, f"ResidualBlock_{i}"))
     model.quantizer.embedding.weight.copy_(
         torch.from_numpy(np.asarray(params["quantizer"]["embeddings"]).copy()))
     res0, res1, bn0, _, up0, bn1, _, up1, _ = model.decoder
     for i, block in enumerate((res0, res1)):
-        _vq_residual_block(block, dec[f"residual_{i}"], _sub(dec_stats, f"residual_{i}"))
+        _vq_residual_block(block, dec[f"ResidualBlock_{i}"],
+                           _sub(dec_stats, f"ResidualBlock_{i}"))
     for i, (norm, up) in enumerate(((bn0, up0), (bn1, up1))):
-        _batch_norm(norm, dec[f"norm_{i}"], _sub(dec_stats, f"norm_{i}"))
-        copy_conv(up, dec[f"up_{i}"], transposed=True)
+        _batch_norm(norm, dec[f"BatchNorm_{i}"], _sub(dec_stats, f"BatchNorm_{i}"))
+        copy_conv(up, dec[f"SubPixelConvTranspose_{i}"], transposed=True)
     return model
 
 

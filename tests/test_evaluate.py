@@ -80,7 +80,7 @@ def linear_gaussian_vae(x: np.ndarray, q: int):
     head_bias = np.concatenate([-(w / m_diag).T @ mu, log_var])
     params = {"decoder": {"kernel": decoder_kernel.reshape(q, 2 * d),
                           "bias": decoder_bias.reshape(-1)},
-              "head": {"dense": {"kernel": head_kernel, "bias": head_bias}}}
+              "head": {"Dense_0": {"kernel": head_kernel, "bias": head_bias}}}
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
     key = jax.random.key(0)
     init = jax.eval_shape(model.init, key, x[:1].astype(np.float32), key)
@@ -198,11 +198,11 @@ def test_a_dimension_forced_to_the_prior_counts_as_collapsed():
     model = vae.mlp_vae(6, 4, (16,), likelihoods.get("gaussian"))
     x = np.random.default_rng(0).normal(size=(300, 6)).astype(np.float32)
     params = jax.jit(model.init)(jax.random.key(0), x[:1], jax.random.key(0))["params"]
-    head = params["head"]["dense"]
+    head = params["head"]["Dense_0"]
     kernel = 0.5 * np.random.default_rng(1).normal(size=head["kernel"].shape).astype(np.float32)
     # Dimension 2's mean and log-variance columns at zero: q(z_2 | x) = N(0, 1) for every x.
     kernel[:, [2, 4 + 2]] = 0.0
-    params = {**params, "head": {"dense": {**head, "kernel": kernel}}}
+    params = {**params, "head": {"Dense_0": {**head, "kernel": kernel}}}
 
     num_active, activity = evaluate.active_units(model, params, x, batch_size=128)
     kl = evaluate.per_dim_kl(model, params, x, batch_size=128)

@@ -189,8 +189,8 @@ def test_one_layer_without_skip_is_a_vae():
     model = vae.VAE(trunk=_Fn(trunk), decoder=_Fn(decoder), prior=StandardNormalPrior(latent_dim),
                     likelihood=lv.likelihood, event_shape=IMAGE, latent_dim=latent_dim)
     posterior = lv_vars["params"]["top_down_layers_0"]["posterior"]
-    vae_params = {"head": {"dense": {"kernel": posterior["kernel"][1, 1],
-                                     "bias": posterior["bias"]}}}
+    vae_params = {"head": {"Dense_0": {"kernel": posterior["kernel"][1, 1],
+                                       "bias": posterior["bias"]}}}
     assert jax.tree.structure(vae_params) == jax.tree.structure(
         jax.eval_shape(model.init, jax.random.key(0), x, jax.random.key(0))["params"])
 

@@ -98,10 +98,10 @@ def test_layers_compute_in_bfloat16_and_parameters_and_loss_terms_stay_float32(f
     captured = state["intermediates"]
     assert float_dtypes(out) == {F32}  # every ELBO term; the VQ outputs and x_hat
     if family is conv_vlae:
-        layers = [("trunk", "conv_in"), ("trunk",), ("decoder",), ("prior", "made", "hidden_0")]
+        layers = [("trunk", "Conv_0"), ("trunk",), ("decoder",), ("prior", "made", "hidden_0")]
         float32_heads = [("head",), ("prior", "made")]  # q(z|x); the flow's shift and log-scale
     elif family is tiny_vqvae:
-        layers = [("encoder",), ("decoder", "residual_0", "norm_in"), ("decoder",)]
+        layers = [("encoder",), ("decoder", "ResidualBlock_0", "BatchNorm_0"), ("decoder",)]
         float32_heads = [("quantizer",)]  # codebook distances and VQ losses
     else:
         layers = [("stem",), ("top_down_layers_0", "merge_block"), ("output_head",)]

@@ -116,6 +116,6 @@ def test_mlp_encoder_applies_relu_before_the_gaussian_head():
     x = jnp.ones((1, 2))
     params = model.init(jax.random.key(0), x, jax.random.key(1))["params"]
     params["trunk"]["Dense_0"]["kernel"] = -jnp.ones((2, 4))
-    params["head"]["dense"]["kernel"] = jnp.ones((4, 4))
+    params["head"]["Dense_0"]["kernel"] = jnp.ones((4, 4))
     mean, _ = model.apply({"params": params}, x, method=vae.VAE.encode)
     np.testing.assert_allclose(mean, 0.0)

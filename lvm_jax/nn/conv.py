@@ -107,10 +107,9 @@ class ConvEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.relu(nn.Conv(32, (3, 3), padding=PAD1, dtype=self.dtype, name="conv_in")(x))
-        for i, width in enumerate((64, 128, 256)):
-            x = nn.relu(nn.Conv(width, (3, 3), strides=(2, 2), padding=PAD1, dtype=self.dtype,
-                                name=f"down_{i}")(x))
+        x = nn.relu(nn.Conv(32, (3, 3), padding=PAD1, dtype=self.dtype)(x))
+        for width in (64, 128, 256):
+            x = nn.relu(nn.Conv(width, (3, 3), strides=(2, 2), padding=PAD1, dtype=self.dtype)(x))
         return x.reshape(x.shape[0], -1)
 
 
@@ -118,8 +117,8 @@ class ConvDecoder(nn.Module):
     """Latents (batch, L) -> (batch, 32, 32, out_channels) in `dtype`, the decoder of
     REFERENCE.md §2.
 
-    `upsample(features, dtype=dtype, name=name)` builds each ConvTranspose(4x4, stride 2,
-    padding 1) layer (up_0, up_1, up_2); the benchmarks swap in other forms of it to compare.
+    `upsample(features, dtype=dtype)` builds each ConvTranspose(4x4, stride 2,
+    padding 1) layer; the benchmarks swap in other forms of it to compare.
     """
 
     out_channels: int
@@ -128,15 +127,13 @@ class ConvDecoder(nn.Module):
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
-        h = nn.relu(nn.Dense(4 * 4 * 128, dtype=self.dtype, name="project")(z))
-        h = h.reshape(z.shape[0], 4, 4, 128)
-        for i, width in enumerate((128, 64, 32)):
-            h = nn.relu(self.upsample(width, dtype=self.dtype, name=f"up_{i}")(h))
-        return nn.Conv(self.out_channels, (3, 3), padding=PAD1, dtype=self.dtype,
-                       name="conv_out")(h)
+        h = nn.relu(nn.Dense(4 * 4 * 128, dtype=self.dtype)(z)).reshape(z.shape[0], 4, 4, 128)
+        for width in (128, 64, 32):
+            h = nn.relu(self.upsample(width, dtype=self.dtype)(h))
+        return nn.Conv(self.out_channels, (3, 3), padding=PAD1, dtype=self.dtype)(h)
 
 
-def _batch_norm(train: bool, dtype: DTypeLike, name: str) -> nn.BatchNorm:
+def _batch_norm(train: bool, dtype: DTypeLike) -> nn.BatchNorm:
     """BatchNorm over (batch, H, W) per channel; batch statistics in training, running ones after.
 
     Momentum 0.9 is PyTorch's BatchNorm2d default (its 0.1 weights the new
@@ -145,8 +142,7 @@ def _batch_norm(train: bool, dtype: DTypeLike, name: str) -> nn.BatchNorm:
     uses them. Flax computes the statistics in float32 and keeps the running
     ones float32 whatever `dtype`, the dtype of the normalised output.
     """
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                        name=name)
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype)
 
 
 class ResidualBlock(nn.Module):
@@ -165,10 +161,9 @@ class ResidualBlock(nn.Module):
         # otherwise promote the whole residual stream to float32.
         x = jnp.asarray(x, self.dtype)
         features = x.shape[-1]
-        h = nn.Conv(features, (3, 3), padding=PAD1, dtype=self.dtype, name="conv_3x3")(
-            nn.relu(_batch_norm(train, self.dtype, "norm_in")(x)))
-        h = nn.Conv(features, (1, 1), dtype=self.dtype, name="conv_1x1")(
-            nn.relu(_batch_norm(train, self.dtype, "norm_mid")(h)))
+        h = nn.Conv(features, (3, 3), padding=PAD1, dtype=self.dtype)(
+            nn.relu(_batch_norm(train, self.dtype)(x)))
+        h = nn.Conv(features, (1, 1), dtype=self.dtype)(nn.relu(_batch_norm(train, self.dtype)(h)))
         return x + h
 
 
@@ -181,12 +176,11 @@ class VQEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = nn.Conv(self.features, (4, 4), strides=(2, 2), padding=PAD1, dtype=self.dtype,
-                    name="down_0")(x)
-        x = nn.Conv(self.features, (4, 4), strides=(2, 2), padding=PAD1, dtype=self.dtype,
-                    name="down_1")(nn.relu(_batch_norm(train, self.dtype, "norm")(x)))
-        for i in range(2):
-            x = ResidualBlock(dtype=self.dtype, name=f"residual_{i}")(x, train)
+        x = nn.Conv(self.features, (4, 4), strides=(2, 2), padding=PAD1, dtype=self.dtype)(x)
+        x = nn.Conv(self.features, (4, 4), strides=(2, 2), padding=PAD1, dtype=self.dtype)(
+            nn.relu(_batch_norm(train, self.dtype)(x)))
+        for _ in range(2):
+            x = ResidualBlock(dtype=self.dtype)(x, train)
         return x
 
 
@@ -195,7 +189,7 @@ class VQDecoder(nn.Module):
     the VQ-VAE decoder of REFERENCE.md §4: two ResidualBlocks, BN, ReLU, ConvTranspose
     4x4 s2 to `features`, BN, ReLU, ConvTranspose 4x4 s2 to out_channels, tanh.
 
-    `upsample(features, dtype=dtype, name=name)` builds each ConvTranspose, as in ConvDecoder.
+    `upsample(features, dtype=dtype)` builds each ConvTranspose, as in ConvDecoder.
     """
 
     features: int = 256
@@ -205,12 +199,12 @@ class VQDecoder(nn.Module):
 
     @nn.compact
     def __call__(self, z: jax.Array, train: bool) -> jax.Array:
-        for i in range(2):
-            z = ResidualBlock(dtype=self.dtype, name=f"residual_{i}")(z, train)
-        h = self.upsample(self.features, dtype=self.dtype, name="up_0")(
-            nn.relu(_batch_norm(train, self.dtype, "norm_0")(z)))
-        h = self.upsample(self.out_channels, dtype=self.dtype, name="up_1")(
-            nn.relu(_batch_norm(train, self.dtype, "norm_1")(h)))
+        for _ in range(2):
+            z = ResidualBlock(dtype=self.dtype)(z, train)
+        h = self.upsample(self.features, dtype=self.dtype)(
+            nn.relu(_batch_norm(train, self.dtype)(z)))
+        h = self.upsample(self.out_channels, dtype=self.dtype)(
+            nn.relu(_batch_norm(train, self.dtype)(h)))
         return jnp.tanh(h)
 
 
@@ -244,7 +238,7 @@ class StridedEncoder(nn.Module):
         x = nn.Conv(self.features, (3, 3), padding=PAD1, dtype=self.dtype)(x)
         for _ in range(self.num_residual_blocks):
             x = ResidualBlock(dtype=self.dtype)(x, train)
-        x = nn.relu(_batch_norm(train, self.dtype, "norm")(x))
+        x = nn.relu(_batch_norm(train, self.dtype)(x))
         if self.out_features is not None:
             x = nn.Conv(self.out_features, (1, 1), dtype=self.dtype)(x)
         return x
@@ -273,5 +267,5 @@ class StridedDecoder(nn.Module):
         for i in range(doublings):
             width = self.out_channels if i == doublings - 1 else self.features // 2
             h = SubPixelConvTranspose(width, dtype=self.dtype)(
-                nn.relu(_batch_norm(train, self.dtype, f"norm_{i}")(h)))
+                nn.relu(_batch_norm(train, self.dtype)(h)))
         return jnp.tanh(h) if self.tanh else h

@@ -64,7 +64,6 @@ class GaussianHead(nn.Module):
 
     @nn.compact
     def __call__(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
-        out = nn.Dense(2 * self.dim, kernel_init=nn.initializers.zeros, dtype=self.dtype,
-                       name="dense")(h)
+        out = nn.Dense(2 * self.dim, kernel_init=nn.initializers.zeros, dtype=self.dtype)(h)
         mean, log_var = jnp.split(to_float32(out), 2, axis=-1)
         return mean, soft_clamp(log_var, self.log_var_bound)
