@@ -313,3 +313,7 @@ def test_a_checkpoint_of_flax_automatic_names_says_it_predates_named_submodules(
     assert checkpoint.mismatch({"params": {"decoder": {"kernel": kernel}}},
                                {"params": {"encoder": {"kernel": kernel}}}) == (
         "it holds params/decoder/kernel, which this model lacks")
+    # A model that itself uses Flax's names (the VAEs) gets the plain mismatch.
+    assert checkpoint.mismatch({"params": {"Conv_0": {"kernel": kernel}}},
+                               {"params": {"Conv_1": {"kernel": kernel}}}) == (
+        "it holds params/Conv_0/kernel, which this model lacks")

@@ -98,13 +98,26 @@ def _leaf_shapes(tree) -> dict[str, tuple]:
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _predates_names(path: str, target: dict[str, tuple]) -> bool:
+    """Whether `path` holds a Flax automatic name where the model's tree `target` names every
+    submodule at that level explicitly: a checkpoint from before the submodules were named.
+    (Models that still use Flax's names, such as the VAEs, get the plain mismatch.)"""
+    parts = path.split("/")
+    for depth, part in enumerate(parts):
+        if AUTOMATIC_NAME.fullmatch(part):
+            siblings = {p.split("/")[depth] for p in target
+                        if p.split("/")[:depth] == parts[:depth] and len(p.split("/")) > depth}
+            return bool(siblings) and not any(AUTOMATIC_NAME.fullmatch(n) for n in siblings)
+    return False
+
+
 def mismatch(saved, target) -> str | None:
     """Why a checkpoint's tree `saved` (orbax's metadata) cannot restore into `target`, naming
     the first differing leaf path, or None when they match."""
     saved, target = _leaf_shapes(saved), _leaf_shapes(target)
     for path in sorted(set(saved) | set(target)):
         if path not in target:
-            if any(AUTOMATIC_NAME.fullmatch(part) for part in path.split("/")):
+            if _predates_names(path, target):
                 return (f"it holds {path}, a Flax automatic name this model lacks: the checkpoint "
                         "predates lvm_jax's named submodules and must be retrained")
             return f"it holds {path}, which this model lacks"
