@@ -350,13 +350,13 @@ def train_steps(loop: TrainConfig, num_train: int) -> int:
 
 def run_record(config: Config, experiment: str, example_shape, data_identity=None,
                **facts) -> dict:
-    """What config.json holds beside the training loop's "train" settings (which `fit`
-    adds): the experiment (or stage) that trains there, the settings of `config` that
-    identify the run (`Config.record`), and the run facts no setting names: the shape of
-    one training example, the data's identity (`data_identity`, a `data.DataIdentity`:
-    a resume or an evaluation on other data is refused), and `facts` (e.g. the step of the
-    codes a prior trained on). A resumed run must match it; `load_run` rebuilds the run
-    from it alone. A new run fact is added here, for every experiment at once."""
+    """What config.json holds: the experiment (or stage) that trains there, every setting of
+    `config` (`Config.record`), and the run facts no setting names: the shape of one
+    training example, the data's identity (`data_identity`, a `data.DataIdentity`: a resume
+    or an evaluation on other data is refused), and `facts` (e.g. the step of the codes a
+    prior trained on). A resumed run must match it but `config.may_change_on_resume()`;
+    `load_run` rebuilds the run from it alone. A new run fact is added here, for every
+    experiment at once."""
     identity = {"data": data_identity.to_json()} if data_identity is not None else {}
     return {"experiment": experiment, **config.record(),
             "example_shape": list(example_shape), **identity, **facts}

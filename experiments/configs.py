@@ -10,8 +10,9 @@ more values, `X | None` may be left unset. From these:
 * `add_flags` declares one argparse flag per field, with the field's name (underscores
   kept), help, default and checks, so that a bad value on the command line is refused by
   argparse itself (exit status 2) before any compute;
-* `Config.record` is what config.json keeps of it: every setting but those marked
-  `may_change_on_resume` (the one list of what a resumed run may change), and
+* `Config.record` is what config.json keeps of it, every setting; those declared
+  `may_change_on_resume` (the one list of what a resumed run may change, read by
+  `Config.may_change_on_resume`) are the ones a resume does not refuse to change, and
   `Config.from_json` rebuilds the config of a run from its config.json.
 
 A small helper over argparse rather than a library such as tyro: the flags stay exactly
@@ -29,6 +30,7 @@ from typing import Any, Literal
 
 from lvm_jax import errors
 from lvm_jax.train import records
+from lvm_jax.train.state import MAY_CHANGE_ON_RESUME, may_change_on_resume
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,22 +91,17 @@ def setting(default, help: str, range: Range | None = None, metavar: str | None 
     """A config field: its default, its one-line help (shown by --help with the default),
     the range a number must lie in, the flag's metavar, and whether a resumed run may change
     it (a setting of how long or how the process runs, or of what is done after training,
-    rather than of what is trained): such a setting is not in config.json's record of the
-    run (`Config.record`), so a resume does not compare it."""
+    rather than of what is trained): a resume records a change of such a setting in
+    config.json's "changes", and refuses a change of any other."""
     return dataclasses.field(default=default,
                              metadata={"help": help, "range": range, "metavar": metavar,
-                                       "may_change_on_resume": may_change_on_resume})
+                                       **(MAY_CHANGE_ON_RESUME if may_change_on_resume else {})})
 
 
 def redefault(config: type, name: str, default):
     """Field `name` of `config` with another default (all else kept), for a subclass that
     changes a default: `ema_decay: float | None = redefault(Base, "ema_decay", 0.99)`."""
     return dataclasses.field(default=default, metadata=config.__dataclass_fields__[name].metadata)
-
-
-def may_change_on_resume(config: type) -> tuple[str, ...]:
-    """The fields of `config` that a resumed run may change (declared by `setting`)."""
-    return tuple(f.name for f in dataclasses.fields(config) if f.metadata["may_change_on_resume"])
 
 
 def _unset_allowed(annotation) -> tuple[Any, bool]:
@@ -169,32 +166,29 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     def record(self) -> dict:
-        """The settings that identify the run, as config.json keeps them: every field but
-        those that may change on resume (`may_change_on_resume`)."""
-        changeable = may_change_on_resume(type(self))
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in changeable}
+        """The settings as config.json keeps them: every field, by its name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def may_change_on_resume(cls) -> tuple[str, ...]:
+        """The settings a resumed run may change (declared by `setting`)."""
+        return may_change_on_resume(cls)
 
     @classmethod
     def from_saved(cls, saved: dict):
-        """The config of a run from its saved settings (config.json's contents, `record`
-        plus run facts and the training loop's "train" settings): each field named at the
-        top level; a field that may change on resume is read from "train" when the loop
-        keeps it under the same name (the learning rate now in use); keys that name no
-        field (the experiment, run facts) are left out, missing fields take their defaults.
+        """The config of a run from its saved settings (config.json's contents: `record`
+        plus run facts): keys that name no field (the experiment, run facts, "changes")
+        are left out, missing fields take their defaults.
 
         Raises:
-          ConfigError: `saved` or its "train" is no dict, or a value is out of its field's
-            range or of the wrong type.
+          ConfigError: `saved` is no dict, or a value is out of its field's range or of
+            the wrong type.
         """
-        if not isinstance(saved, dict) or not isinstance(saved.get("train", {}), dict):
+        if not isinstance(saved, dict):
             raise errors.ConfigError(f"{cls.__module__}.{cls.__qualname__}: saved settings "
-                                     "must be a JSON object with a \"train\" object.")
+                                     "must be a JSON object.")
         names = {field.name for field in dataclasses.fields(cls)}
-        train = saved.get("train", {})
-        values = {name: train[name] for name in may_change_on_resume(cls) if name in train}
-        values.update({name: saved[name] for name in names if name in saved})
-        return cls(**values)
+        return cls(**{name: saved[name] for name in names if name in saved})
 
     @classmethod
     def from_json(cls, path: str):

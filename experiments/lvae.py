@@ -233,7 +233,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     objective = make_objective(run.model, free_bits,
                                dataset.train[:INIT_EXAMPLES] if config.data_init else None)
     result = fit(objective, dataset.train, dataset.test, common.train_config(config), workdir,
-                 record, tx=stage.tx)
+                 record, config.may_change_on_resume(), tx=stage.tx)
     run.trained("", result.state)
     model, params = run.model, run.params
     metrics = dict(result.test_metrics)

@@ -95,7 +95,7 @@ def train_variant(config, dataset, workdir, likelihood, hidden,
                                num_samples=num_samples)
     run = build(config, record)
     result = fit(run.objective, dataset.train, dataset.test, common.train_config(config),
-                 workdir, record)
+                 workdir, record, config.may_change_on_resume())
     return run.trained("", result.state), result
 
 

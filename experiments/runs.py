@@ -379,7 +379,7 @@ def _restore(run: Run, folder: str, stage: Stage) -> int | None:
         return None
 
     def same_run(saved: dict, step: int) -> None:
-        differ = _differences(record, saved.get("config"))
+        differ = _differences(record, saved.get("config"), run.config.may_change_on_resume())
         if differ:
             raise RecordError(
                 f"{config_path} does not match the checkpoint of step {step} ({differ[0]}): "
@@ -391,15 +391,16 @@ def _restore(run: Run, folder: str, stage: Stage) -> int | None:
     return step
 
 
-def _differences(config: dict, saved: dict | None) -> list[str]:
-    """"dataset: config.json 'a', checkpoint 'b'" for every setting but the loop's ("train"),
-    the "changes" and the "data" (the same data may have moved since the checkpoint: a
-    resume compares its identity) that differ between config.json and a checkpoint's record
-    (none for a record that keeps no config)."""
+def _differences(config: dict, saved: dict | None, may_change) -> list[str]:
+    """"dataset: config.json 'a', checkpoint 'b'" for every setting that differs between
+    config.json and a checkpoint's record (none for a record that keeps no config), but those
+    a resumed run may change (`may_change`), the "changes" and the "data" (the same data may
+    have moved since the checkpoint: a resume compares its identity)."""
     if saved is None:
         return []
+    ignored = {*may_change, "changes", "data"}
     return [f"{key}: config.json {config.get(key)!r}, checkpoint {saved.get(key)!r}"
-            for key in sorted((set(config) | set(saved)) - {"train", "changes", "data"})
+            for key in sorted((set(config) | set(saved)) - ignored)
             if records.to_json(config.get(key)) != records.to_json(saved.get(key))]
 
 

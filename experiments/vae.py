@@ -132,7 +132,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None, experiment: s
     record = common.run_record(config, experiment, dataset.event_shape, dataset.identity)
     run = build(config, record)
     result = fit(run.objective, dataset.train, dataset.test, common.train_config(config),
-                 workdir, record)
+                 workdir, record, config.may_change_on_resume())
     run.trained("", result.state)
     metrics = summary_metrics(result.test_metrics, dataset.num_dims, config.likelihood)
     step = run.step

@@ -93,7 +93,8 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     record = common.run_record(config, EXPERIMENT, dataset.train.shape[1:], dataset.identity)
     run = build(config, record)
     train_config = common.train_config(config)
-    result = fit(run.objective, dataset.train, dataset.test, train_config, workdir, record)
+    result = fit(run.objective, dataset.train, dataset.test, train_config, workdir, record,
+                 config.may_change_on_resume())
     run.trained("", result.state)
     # The final figure, once: the same batches and noise as fit's evaluations, 100 samples.
     final = evaluate_test_set(make_objective(run.model, EVAL_SAMPLES), result.state, dataset.test,

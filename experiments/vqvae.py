@@ -282,7 +282,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
                for name in config.prior}}
     with progress.planned(plan):
         stage1 = fit(run.objective, dataset.train, dataset.test, loop,
-                     os.path.join(workdir, "vqvae"), record)
+                     os.path.join(workdir, "vqvae"), record, config.may_change_on_resume())
         run.trained("vqvae", stage1.state)
         train_codes, test_codes = (
             vqvae.encode_dataset(model, run.variables["vqvae"], images, loop.eval_batch_size,
@@ -309,7 +309,8 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
                          os.path.join(workdir, folder),
                          common.run_record(config, "vqvae_prior", dataset.event_shape,
                                            dataset.identity, prior=[prior_name],
-                                           vqvae_step=run.step))
+                                           vqvae_step=run.step),
+                         config.may_change_on_resume())
             run.trained(folder, stage2.state)
             samples = run.sample(NUM_SAMPLES, jax.random.key(config.seed + 1), prior=prior_name)
             prior_figures = save_prior_figures(workdir, title, prior_name, samples)

@@ -329,7 +329,7 @@ def train_stages(config: Config, workdir: str | None = None) -> Stages:
                                        len(dataset.train)) for folder in run.stages}
     with progress.planned(plan):
         stage1 = fit(run.objective, dataset.train, dataset.test, loop,
-                     os.path.join(workdir, "vqvae2"), record)
+                     os.path.join(workdir, "vqvae2"), record, config.may_change_on_resume())
         run.trained("vqvae2", stage1.state)
         codes = {split: vqvae.encode_dataset(run.model, run.variables["vqvae2"], images,
                                              loop.eval_batch_size, data.scale_images)
@@ -349,7 +349,8 @@ def train_stages(config: Config, workdir: str | None = None) -> Stages:
                                   os.path.join(workdir, folder),
                                   common.run_record(config, stage.experiment,
                                                     dataset.event_shape, dataset.identity,
-                                                    **facts))
+                                                    **facts),
+                                  config.may_change_on_resume())
             run.trained(folder, results[folder].state)
     return Stages(workdir, dataset, run, codes, stage1, results["top_prior"], results[bottom])
 

@@ -5,6 +5,7 @@ that runs code, two runs in one workdir, a NaN "last good state", a silently
 corrupted checkpoint, a resume that rewrote history, files others cannot read.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ from lvm_jax.errors import (CheckpointError, ConfigError, NonFiniteLossError, Us
                             WorkdirError)
 from lvm_jax.train import Checkpointer, TrainConfig, checkpoint, fit, initial_state, records
 from lvm_jax.train.records import MetricsLog
+from lvm_jax.train.state import may_change_on_resume
 from tests.helpers import tiny_objective
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +47,12 @@ def with_config(**changes) -> TrainConfig:
 # The run most tests below read or copy: one epoch, then resumed to two, with a clip of inf
 # and a setting of NaN in its config (both must round-trip), under umask 027.
 RESUMED_CONFIG = with_config(grad_clip_norm=float("inf"))
-RESUMED_RUN_CONFIG = {"free_bits": float("nan")}
+MAY_CHANGE = may_change_on_resume(TrainConfig)
+
+
+def resumed_run_config(config: TrainConfig) -> dict:
+    """What the resumed run's config.json holds: the loop's settings and a NaN setting."""
+    return {**dataclasses.asdict(config), "free_bits": float("nan")}
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +63,9 @@ def resumed_run(tmp_path_factory):
     try:
         first = fit(tiny_objective(), TRAIN, TEST, TrainConfig(**{**RESUMED_CONFIG.__dict__,
                                                                     "epochs": 1}),
-                    str(workdir), RESUMED_RUN_CONFIG)
+                    str(workdir), resumed_run_config(RESUMED_CONFIG), MAY_CHANGE)
         result = fit(tiny_objective(), TRAIN, TEST, RESUMED_CONFIG, str(workdir),
-                     RESUMED_RUN_CONFIG)
+                     resumed_run_config(RESUMED_CONFIG), MAY_CHANGE)
     finally:
         os.umask(old_umask)
     return workdir, first.summary, result
@@ -286,9 +293,9 @@ def test_last_good_state_is_finite_and_a_lower_learning_rate_resumes(tmp_path, l
     resumed = fit(tiny_objective(), TRAIN, TEST, with_config(learning_rate=1e-3), workdir)
     assert all(np.isfinite(v) for v in resumed.test_metrics.values())
     saved = records.read_json(os.path.join(workdir, "config.json"))
-    assert saved["train"]["learning_rate"] == 1e-3
-    change, = saved["changes"]
-    assert change["step"] == saved_step and change["setting"] == "train.learning_rate"
+    assert saved["learning_rate"] == 1e-3
+    change, = [change for change in saved["changes"] if change["setting"] == "learning_rate"]
+    assert change["step"] == saved_step
     assert change["now"] == 1e-3 and (np.isnan(change["saved"]) or change["saved"] == 1e9)
     rows = MetricsLog.read(os.path.join(workdir, "metrics.csv"))
     keys = [(r["split"], r["step"]) for r in rows]
@@ -307,8 +314,9 @@ def test_overwritten_checkpoint_bytes_are_refused_and_nothing_changes(resumed_ru
         f.write(b"\xff" * 40)
     before = tree_digest(workdir)
     with pytest.raises(CheckpointError, match=f"checkpoint {step_dir} "):
-        fit(tiny_objective(), TRAIN, TEST, TrainConfig(**{**RESUMED_CONFIG.__dict__, "epochs": 3}),
-            str(workdir), RESUMED_RUN_CONFIG)
+        longer = TrainConfig(**{**RESUMED_CONFIG.__dict__, "epochs": 3})
+        fit(tiny_objective(), TRAIN, TEST, longer, str(workdir), resumed_run_config(longer),
+            MAY_CHANGE)
     assert tree_digest(workdir) == before
 
 
@@ -383,8 +391,9 @@ def test_fewer_epochs_than_the_checkpoint_are_refused(resumed_run, tmp_path):
     before = tree_digest(workdir)
     with pytest.raises(ConfigError, match="trained for 20 steps, more than the 1 epochs \\(10 "
                                           "steps\\).*--epochs 2 or more"):
-        fit(tiny_objective(), TRAIN, TEST, TrainConfig(**{**RESUMED_CONFIG.__dict__, "epochs": 1}),
-            str(workdir), RESUMED_RUN_CONFIG)
+        shorter = TrainConfig(**{**RESUMED_CONFIG.__dict__, "epochs": 1})
+        fit(tiny_objective(), TRAIN, TEST, shorter, str(workdir), resumed_run_config(shorter),
+            MAY_CHANGE)
     assert tree_digest(workdir) == before
 
 
@@ -395,13 +404,14 @@ def test_a_different_run_is_named_before_its_epoch_count(resumed_run, tmp_path):
     before = tree_digest(workdir)
     changed = TrainConfig(**{**RESUMED_CONFIG.__dict__, "epochs": 1, "batch_size": 128})
     with pytest.raises(CheckpointError, match="different run.*batch_size: saved 64, now 128"):
-        fit(tiny_objective(), TRAIN, TEST, changed, str(workdir), RESUMED_RUN_CONFIG)
+        fit(tiny_objective(), TRAIN, TEST, changed, str(workdir), resumed_run_config(changed),
+            MAY_CHANGE)
     assert tree_digest(workdir) == before
 
 
 def test_infinite_and_nan_settings_round_trip_through_config_json(resumed_run):
     saved = records.read_json(str(resumed_run[0] / "config.json"))  # and the resume accepted them
-    assert saved["train"]["grad_clip_norm"] == float("inf") and np.isnan(saved["free_bits"])
+    assert saved["grad_clip_norm"] == float("inf") and np.isnan(saved["free_bits"])
     assert "changes" not in saved
 
 

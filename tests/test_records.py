@@ -150,7 +150,7 @@ def test_the_summary_names_the_committed_checkpoint_it_describes(finished, tmp_p
     summary = json.loads((finished / "summary.json").read_text())
     record = json.loads((finished / "checkpoints" / "20" / RECORD / RECORD_FILE).read_text())
     assert summary["checkpoint_step"] == record["step"] == 20
-    assert record["config"] == {"experiment": "tiny", "train": summary["config"]["train"]}
+    assert record["config"] == summary["config"] == {"experiment": "tiny"}
     # A summary that describes another step (written before its checkpoint committed, by a
     # run killed between the two) is rewritten by the rerun; one that matches is kept.
     run = copy_of(finished, tmp_path)
@@ -303,8 +303,7 @@ def test_a_malformed_summary_of_a_finished_run_is_one_line(finished, tmp_path, t
     ("{\"hidden\": " + "[" * 900 + "]" * 900 + "}", "nests too deep"),
     ("{\"seed\": " + "1" * 5000 + "}", "4300 digits"),
     ("{\"seed\": " + "1" * 50 + "}", "is not at most 4294967295"),
-    ("{\"train\": {\"learning_rate\": " + "1" * 400 + "}}", "(400 characters) is not a finite"),
-    ("{\"train\": []}", "with a \"train\" object"),
+    ("{\"learning_rate\": " + "1" * 400 + "}", "(400 characters) is not a finite"),
     ("{\"beta\": \"1\"}", "beta='1' is not"),
     ("{\"prior\": {\"made\": 1}}", "is not one of"),
     ("[1]", "JSON list, not an object"),

@@ -104,9 +104,10 @@ def test_a_run_may_switch_input_on_resume_bit_identical(tmp_path, before, after)
     inputs = {"memory": TRAIN, "stream": stream.ArraySource(TRAIN, "toy")}
     full = fit(tiny_objective(), TRAIN, TEST, CONFIG, str(tmp_path / "full"))
     first = TrainConfig(**{**CONFIG.__dict__, "epochs": 1})
-    fit(tiny_objective(), inputs[before], TEST, first, str(tmp_path / "run"), {"input": before})
+    fit(tiny_objective(), inputs[before], TEST, first, str(tmp_path / "run"), {"input": before},
+        ["input"])
     resumed = fit(tiny_objective(), inputs[after], TEST, CONFIG, str(tmp_path / "run"),
-                  {"input": after})
+                  {"input": after}, ["input"])
     assert resumed.summary["resumed_from_step"] == 10
     for a, b in zip(params_of(full), params_of(resumed)):
         np.testing.assert_array_equal(a, b)

@@ -235,7 +235,7 @@ def resumed_config(workdir: str, config: dict, step: int, may_change=(),
     """The config a run resumed from `step` saves in config.json, after refusing one whose
     settings differ from the saved config.json's, whatever keys it holds, before any compute.
 
-    Settings named in `may_change` (dotted paths, "train.learning_rate") may differ: each
+    Settings named in `may_change` (keys of `config`, "learning_rate") may differ: each
     change is appended to the config's "changes" list as {"step", "setting", "saved", "now"};
     with `record_changes=False` (a finished run, which trains no more) the saved config is
     returned unchanged.

@@ -15,7 +15,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import jax
 import numpy as np
@@ -25,14 +25,11 @@ from lvm_jax.data import batching
 from lvm_jax.errors import ConfigError, NonFiniteLossError
 from lvm_jax.train import checkpoint, feeds, interrupt, records, steps, workdir as workdir_lock
 from lvm_jax.train.progress import Progress
-from lvm_jax.train.state import Objective, TrainConfig, TrainState
+from lvm_jax.train.state import Objective, TrainConfig, TrainState, may_change_on_resume
 
 # The units of the metrics.csv columns `fit` adds to an objective's metrics.
 LOG_UNITS = {"time": "seconds since the run started (over resumed segments)",
              "grad_norm": "global L2 norm of the gradient of the loss, before clipping"}
-# Settings a resumed run may change; config.json records the step of each change. Both
-# inputs train on the same batches, so a run may switch between them.
-CHANGEABLE_ON_RESUME = ("train.learning_rate", "input")
 
 
 @dataclasses.dataclass
@@ -112,7 +109,7 @@ class Run:
 
 
 def fit(objective: Objective, train_data, test_data: np.ndarray, config: TrainConfig,
-        workdir: str, run_config: dict | None = None,
+        workdir: str, run_config: dict | None = None, may_change: Collection[str] = (),
         tx: optax.GradientTransformation | None = None, mesh=None) -> FitResult:
     """Trains `objective` on `train_data`, evaluating on `test_data`, in `workdir`.
 
@@ -121,8 +118,8 @@ def fit(objective: Objective, train_data, test_data: np.ndarray, config: TrainCo
     workdir's newest checkpoint, and writes summary.json naming the checkpoint it
     describes. A resumed run ends bit-identical to an uninterrupted one: data order
     and noise derive from (seed, step). The workdir is locked for the whole call. A
-    finished run, rerun, changes none of its files. The learning rate and the input
-    may change on resume (config.json records the step); every other setting must match.
+    finished run, rerun, changes none of its files. A resumed run's settings must match
+    config.json's but those in `may_change`, whose changes config.json records with the step.
 
     SIGINT and SIGTERM (inside `interrupt.handled()`, as the experiments run) stop the
     run at the next call boundary after checkpointing the current step, and raise
@@ -137,8 +134,10 @@ def fit(objective: Objective, train_data, test_data: np.ndarray, config: TrainCo
         (`lvm_jax.data.stream`, `--input stream`), read while training.
       config: loop hyperparameters.
       workdir: output directory.
-      run_config: the experiment's settings, saved in config.json; a resumed run must
-        have the same (but CHANGEABLE_ON_RESUME).
+      run_config: the run's settings (every one that decides what is trained, `config`'s
+        included) and facts, saved as config.json; default `config`'s fields.
+      may_change: the keys of `run_config` a resumed run may change (default, with no
+        `run_config`: TrainConfig's `may_change_on_resume`).
       tx: optimizer, default Adam(config.learning_rate) (see `steps.initial_state`).
       mesh: a Mesh with a "data" axis; default all devices of every host.
     Raises:
@@ -152,9 +151,8 @@ def fit(objective: Objective, train_data, test_data: np.ndarray, config: TrainCo
     """
     mesh = mesh or batching.data_mesh()
     sizes = plan(config, len(train_data), len(test_data), mesh)
-    loop_settings = {k: v for k, v in dataclasses.asdict(config).items()
-                     if k not in TrainConfig.RESUMABLE}
-    run_config = {**dict(run_config or {}), "train": loop_settings}
+    if run_config is None:
+        run_config, may_change = dataclasses.asdict(config), may_change_on_resume(TrainConfig)
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(interrupt.handled())
@@ -166,8 +164,8 @@ def fit(objective: Objective, train_data, test_data: np.ndarray, config: TrainCo
             checkpointer = stack.enter_context(checkpoint.Checkpointer(
                 workdir, streamed=isinstance(feed, feeds.StreamFeed)))
             run, state, timing = _restore_or_initialise(
-                stack, objective, config, sizes, workdir, run_config, checkpointer, feed,
-                test_data, tx, mesh)
+                stack, objective, config, sizes, workdir, run_config, may_change, checkpointer,
+                feed, test_data, tx, mesh)
             return _train(run, state, timing)
     except Exception as err:
         # A full disk or a refused write met anywhere (orbax's threads wrap it): the
@@ -178,7 +176,7 @@ def fit(objective: Objective, train_data, test_data: np.ndarray, config: TrainCo
         raise disk_error from None
 
 
-def _restore_or_initialise(stack, objective, config, sizes, workdir, run_config,
+def _restore_or_initialise(stack, objective, config, sizes, workdir, run_config, may_change,
                            checkpointer, feed, test_data, tx, mesh) -> tuple:
     """(Run, state, timing) of the run in `workdir`: restored from its newest checkpoint,
     after checking its config, or initialised; config.json and metrics.csv made current."""
@@ -186,8 +184,7 @@ def _restore_or_initialise(stack, objective, config, sizes, workdir, run_config,
     if resume_step is not None:
         # A different run first: its steps count in other epochs, so "pass --epochs N" would
         # send the user the wrong way.
-        run_config = checkpoint.resumed_config(workdir, run_config, resume_step,
-                                               CHANGEABLE_ON_RESUME,
+        run_config = checkpoint.resumed_config(workdir, run_config, resume_step, may_change,
                                                record_changes=resume_step < sizes.total_steps)
         if resume_step > sizes.total_steps:
             raise ConfigError(

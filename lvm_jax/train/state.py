@@ -71,6 +71,19 @@ class Objective:
         return cls(init=init, loss=loss, **kwargs)
 
 
+# The field metadata of a setting that a resumed run may change: how long or how the
+# process runs (epochs, the progress bar), or the learning rate from here on, rather than
+# what has been trained. A resume compares every other setting with config.json's.
+MAY_CHANGE_ON_RESUME = {"may_change_on_resume": True}
+
+
+def may_change_on_resume(config: type) -> tuple[str, ...]:
+    """The fields of the dataclass type `config` that a resumed run may change (declared
+    with `MAY_CHANGE_ON_RESUME` in their metadata)."""
+    return tuple(f.name for f in dataclasses.fields(config)
+                 if f.metadata.get("may_change_on_resume"))
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Hyperparameters of the training loop (the model's live in the objective).
@@ -95,15 +108,12 @@ class TrainConfig:
       progress: show a tqdm progress bar.
     """
 
-    epochs: int = 10
+    epochs: int = dataclasses.field(default=10, metadata=MAY_CHANGE_ON_RESUME)
     batch_size: int = 128
-    learning_rate: float = 1e-3
+    learning_rate: float = dataclasses.field(default=1e-3, metadata=MAY_CHANGE_ON_RESUME)
     seed: int = 0
-    steps_per_call: int = 100
-    eval_batch_size: int = 500
+    steps_per_call: int = dataclasses.field(default=100, metadata=MAY_CHANGE_ON_RESUME)
+    eval_batch_size: int = dataclasses.field(default=500, metadata=MAY_CHANGE_ON_RESUME)
     grad_clip_norm: float | None = None
     ema_decay: float | None = None
-    progress: bool = True
-
-    # Changing these between a run and its resumption keeps the result identical.
-    RESUMABLE = ("epochs", "steps_per_call", "eval_batch_size", "progress")
+    progress: bool = dataclasses.field(default=True, metadata=MAY_CHANGE_ON_RESUME)
