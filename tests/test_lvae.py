@@ -248,7 +248,7 @@ def test_experiment_quick_run(tmp_path, capsys, monkeypatch):
     assert built == [3e-4], "fit trains with the configured optimizer"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["config"]["optimizer"] == "adamax"
-    assert summary["config"]["train"]["batch_size"] == 64
+    assert summary["config"]["batch_size"] == 64
     metrics = summary["test_metrics"]
     assert metrics["neg_elbo"] == pytest.approx(metrics["recon"] + metrics["kl"], rel=1e-5)
     assert summary["kl_per_layer"] == [metrics["kl_layer_1"], metrics["kl_layer_2"]]
