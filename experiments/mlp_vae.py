@@ -159,17 +159,13 @@ def depth_study(config, dataset, root) -> dict:
         workdir = os.path.join(root, "depth", name)
         run, result = train_variant(config, dataset, workdir, "unit_gaussian", hidden, 1)
         model, params = run.model, run.params
-        variables = {"params": params}
         title = common.figure_title(name, config, int(result.state.step))
         digits = dataset.test[:256]  # fewer with --quick
-        x = run.preprocess(digits)
-        mean, log_var = model.apply(variables, x, method=vae.VAE.encode)
-        z = mean + jnp.exp(0.5 * log_var) * jax.random.normal(rng, mean.shape)
-        recon = model.likelihood.mean(model.apply(variables, z, method=vae.VAE.decode))
         kl_dims = np.asarray(evaluate.per_dim_kl(model, params, digits,
                                                  preprocess=run.objective.preprocess))
         figures = [
-            viz.save_image_grid(viz.interleave_pairs(to_images(x[:16]), to_images(recon[:16])),
+            viz.save_image_grid(viz.interleave_pairs(run.outputs(run.preprocess(digits[:16])),
+                                                     run.reconstruct(digits, rng)[:16]),
                                 os.path.join(root, f"{name}_reconstructions.png"), ncols=8,
                                 title=f"{title}: test digits | reconstructions (z ~ q)"),
             viz.save_image_grid(run.sample(64, rng), os.path.join(root, f"{name}_samples.png"),

@@ -207,10 +207,11 @@ class VAERun(BoundRun):
         return self.outputs(compiled(self.model, self.variables[self.main], key,
                                      num=check_count(num), noise=noise, method="sample"))
 
-    def reconstruct(self, x) -> np.ndarray:
-        """The decoder mean at the encoder mean of each stored example of `x`."""
+    def reconstruct(self, x, key: jax.Array | None = None) -> np.ndarray:
+        """The decoder mean at the encoder mean of each stored example of `x`, or with `key`
+        at z ~ q(z|x)."""
         return self.outputs(compiled(self.model, self.variables[self.main], self.preprocess(x),
-                                     method="reconstruct"))
+                                     key, method="reconstruct"))
 
     def encode(self, x) -> np.ndarray:
         """The posterior means E[z | x] of stored examples `x`, (N, latent_dim) float32."""

@@ -79,6 +79,11 @@ def test_an_mlp_vae_study_loads_by_variant(tmp_path):
         assert run.sample(64, jax.random.key(1)).shape == (64, 28, 28, 1)
         np.testing.assert_array_equal(run.sample(64, jax.random.key(1)),
                                       drawn[f"{variant}_samples.png"])
+        digits = run.dataset.test[:256]  # the study's z ~ q(z|x), drawn for 256 digits at once
+        reconstructions = run.reconstruct(digits, jax.random.key(1))[:16]
+        np.testing.assert_array_equal(reconstructions,
+                                      drawn[f"{variant}_reconstructions.png"][1::2])
+        assert not np.array_equal(reconstructions, run.reconstruct(digits[:16]))  # z ~ q, not E[z]
     with pytest.raises(CheckpointError) as refused:
         load_run(str(root))
     assert str(refused.value) == (

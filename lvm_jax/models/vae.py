@@ -88,9 +88,12 @@ class VAE(nn.Module):
         out = self.decode(self.prior.sample(prior_rng, num))
         return self.likelihood.sample(noise_rng, out) if noise else self.likelihood.mean(out)
 
-    def reconstruct(self, x: jax.Array) -> jax.Array:
-        """Decoder mean at the encoder mean, (batch, *event_shape)."""
-        return self.likelihood.mean(self.decode(self.encode(x)[0]))
+    def reconstruct(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """Decoder mean at the encoder mean, or with `rng` at z ~ q(z|x), (batch, *event_shape)."""
+        mean, log_var = self.encode(x)
+        if rng is not None:
+            mean = mean + jnp.exp(0.5 * log_var) * jax.random.normal(rng, mean.shape)
+        return self.likelihood.mean(self.decode(mean))
 
 
 def loss_fn(model: VAE, params, x: jax.Array, rng: jax.Array, num_samples: int = 1,
