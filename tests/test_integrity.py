@@ -276,7 +276,7 @@ def test_last_good_state_is_finite_and_a_lower_learning_rate_resumes(tmp_path, l
     objective = tiny_objective()
     with Checkpointer(workdir) as checkpointer:
         assert checkpointer.latest_step() == saved_step
-        state, _ = checkpointer.restore(initial_state(objective, TRAIN[:1], bad))
+        state, _, _ = checkpointer.restore(initial_state(objective, TRAIN[:1], bad))
     for leaf in jax.tree.leaves(state):
         assert np.all(np.isfinite(leaf))
     loss, _ = objective.loss(state.params, state.model_state, jnp.asarray(TRAIN[:64]),
