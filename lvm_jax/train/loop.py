@@ -1,12 +1,10 @@
 """`fit`: the one training loop, for every model.
 
-`fit` reads top to bottom: lock the workdir, restore the newest checkpoint or initialise,
-then run compiled calls of `steps_per_call` steps, logging each call's rows, evaluating and
-checkpointing at the end of every epoch, and stopping on a signal (after saving the current
-step) or at the first compiled call whose loss or state is not finite. The helpers are
-functions of their arguments; what stays fixed while a run trains is one frozen `Run`.
-Multi-host: every process calls `fit` with the same arguments and trains on its shard
-(`batching.host_shard`); only process 0 writes metrics, config and summary.
+`fit` locks the workdir, restores the newest checkpoint or initialises, then runs compiled
+calls of `steps_per_call` steps, logging each call's rows, evaluating and checkpointing at
+the end of every epoch, and stopping on a signal or at the first non-finite call. What stays
+fixed while a run trains is one frozen `Run`. Multi-host: every process calls `fit` with the
+same arguments and trains on its shard; only process 0 writes files.
 """
 
 import contextlib
@@ -322,6 +320,7 @@ def _non_finite(run: Run, state: TrainState, new_state: TrainState, timing: dict
 
 
 def _resume_advice(run: Run, step: int | None) -> str:
+    """What the user may do after a non-finite call, given the newest checkpoint `step`."""
     if step is None:
         return ("No state was saved: check the data and the model's initialisation, or lower "
                 "--learning_rate.")

@@ -101,7 +101,8 @@ def naming(path: str):
     try:
         yield
     except OSError as err:
-        err.filename = err.filename or path
+        if err.errno is not None and err.filename is None:  # not a WorkdirError's own line
+            err.filename = path
         raise
 
 
