@@ -21,7 +21,7 @@ from lvm_jax.train.records import MetricsLog, read_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A tiny experiment run through `common.run`, as the real ones are: 8 epochs of 10 steps of
+# A tiny experiment run through `common.run`, as the real ones are: 4 epochs of 10 steps of
 # the 2-d MLP VAE, one step per compiled call; it prints the SHA-256 of its parameters last.
 TINY = textwrap.dedent("""
     import dataclasses, hashlib, sys
@@ -43,7 +43,7 @@ TINY = textwrap.dedent("""
     common.run(common.parser(common.Config, "tiny", "tiny"), common.Config, train_and_evaluate,
                sys.argv[1:])
 """)
-EPOCHS, STEPS = 8, 80
+EPOCHS, STEPS = 4, 40
 
 
 def start(workdir, *flags) -> subprocess.Popen:
@@ -97,18 +97,15 @@ def without_time(rows: list[dict]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """(parameters' digest, metrics.csv rows without their times, workdir) of the run
-    uninterrupted."""
+    """(parameters' digest, metrics.csv rows without their times) of the run uninterrupted."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
     code, out, err = finish(start(workdir))
     assert code == 0, err
-    return (params_digest(out), without_time(MetricsLog.read(str(workdir / "metrics.csv"))),
-            workdir)
+    return params_digest(out), without_time(MetricsLog.read(str(workdir / "metrics.csv")))
 
 
-def assert_stopped_and_resumes_exactly(proc, signum, workdir, uninterrupted):
-    """The stopped run's one line, status and verified checkpoint; then the same command
-    resumes, says so, and ends with the uninterrupted run's parameters and metrics."""
+def assert_stopped(proc, signum, workdir) -> int:
+    """The stopped run's one line, status and verified checkpoint; returns its step."""
     code, out, err = finish(proc)
     assert code == 128 + signum, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -122,42 +119,37 @@ def assert_stopped_and_resumes_exactly(proc, signum, workdir, uninterrupted):
     assert checkpoint.read_record(directory, step)["step"] == step  # committed with its record
     rows = MetricsLog.read(os.path.join(workdir, "metrics.csv"))
     assert max(int(r["step"]) for r in rows) == step  # the log stops where the checkpoint does
-
-    code, out, err = finish(start(workdir))
-    assert code == 0, err
-    if step:
-        assert f"resuming from step {step} of {STEPS}" in out
-    assert params_digest(out) == uninterrupted[0]
-    assert without_time(MetricsLog.read(os.path.join(workdir, "metrics.csv"))) == uninterrupted[1]
     return step
 
 
-def test_sigterm_mid_training_saves_the_step_and_resumes_bit_identical(tmp_path, uninterrupted):
-    proc = start(tmp_path)
-    wait_for_train_rows(proc, tmp_path, 15)
-    proc.send_signal(signal.SIGTERM)
-    step = assert_stopped_and_resumes_exactly(proc, signal.SIGTERM, str(tmp_path), uninterrupted)
-    assert 15 <= step < STEPS
-
-
-def test_sigint_during_compilation_saves_and_resumes_bit_identical(tmp_path, uninterrupted):
-    proc = start(tmp_path)
-    wait_for_line(proc, "compiling the training step")
-    proc.send_signal(signal.SIGINT)
-    step = assert_stopped_and_resumes_exactly(proc, signal.SIGINT, str(tmp_path), uninterrupted)
-    assert step < STEPS
-
-
-def test_sigint_during_the_first_evaluation_saves_and_resumes_bit_identical(tmp_path,
-                                                                             uninterrupted):
-    proc = start(tmp_path)
+def test_signals_at_every_phase_save_and_the_run_resumes_bit_identical(tmp_path, uninterrupted):
+    """One run stopped three times, each stop resumed by the same command: SIGINT during the
+    first evaluation, SIGINT during the compilation of the training step, SIGTERM mid
+    training; it ends with the uninterrupted run's parameters and metrics, and a rerun
+    finds it finished."""
+    workdir = str(tmp_path)
+    proc = start(workdir)
     wait_for_line(proc, "evaluating the initial model")
     proc.send_signal(signal.SIGINT)
-    assert_stopped_and_resumes_exactly(proc, signal.SIGINT, str(tmp_path), uninterrupted)
+    assert assert_stopped(proc, signal.SIGINT, workdir) == 0
 
+    proc = start(workdir)
+    wait_for_line(proc, "compiling the training step")
+    proc.send_signal(signal.SIGINT)
+    step = assert_stopped(proc, signal.SIGINT, workdir)
+    assert 0 < step < 15
 
-def test_a_finished_run_says_so(uninterrupted):
-    code, out, _ = finish(start(uninterrupted[2]))
+    proc = start(workdir)
+    assert f"resuming from step {step} of {STEPS}" in "".join(wait_for_line(proc, "resuming"))
+    wait_for_train_rows(proc, workdir, 15)
+    proc.send_signal(signal.SIGTERM)
+    assert 15 <= assert_stopped(proc, signal.SIGTERM, workdir) < STEPS
+
+    code, out, err = finish(start(workdir))
+    assert code == 0, err
+    assert params_digest(out) == uninterrupted[0]
+    assert without_time(MetricsLog.read(os.path.join(workdir, "metrics.csv"))) == uninterrupted[1]
+    code, out, _ = finish(start(workdir))
     assert code == 0 and f"holds a finished run (step {STEPS} of {STEPS}): nothing to train" in out
 
 

@@ -66,19 +66,22 @@ def test_each_host_permutes_its_own_shard():
     assert len(np.unique(global_orders)) == HOSTS * steps * local_batch
 
 
+# Both hosts, in one pair of processes (one start and one compilation for every test of this
+# module): a run on each input, trained one epoch and resumed for the second, then a run that
+# host 1 alone is told to stop (SIGTERM, as by a preemption notice), resumed.
 CHILD = textwrap.dedent("""
-    import json, os, sys
+    import json, os, signal, sys, time
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    process, port, workdir, streamed = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-    # The resumed run compiles what the first compiled: take it from the disk cache.
+    process, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    # Each fit compiles what the one before compiled: take it from the disk cache.
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, f"jit_cache{process}"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process)
     import numpy as np
     from lvm_jax import viz
     from lvm_jax.data import stream
-    from lvm_jax.train import TrainConfig, fit, records
+    from lvm_jax.train import TrainConfig, fit, interrupt, records
     from tests.helpers import tiny_objective
     from tests.test_multihost import CONFIG, TEST, TRAIN
 
@@ -89,21 +92,39 @@ CHILD = textwrap.dedent("""
             self.read.update(int(i) for i in indices)
             return super().read_batch(indices)
 
+    def params(result):
+        return [np.asarray(p).tolist() for p in jax.tree.leaves(result.state.params)]
+
     assert jax.device_count() == 4 and jax.local_device_count() == 2, jax.devices()
-    train = Recorded(TRAIN, "toy") if streamed == "stream" else TRAIN
-    first = TrainConfig(**{**CONFIG.__dict__, "epochs": 1})
-    fit(tiny_objective(), train, TEST, first, workdir, {"model": "tiny"})
-    result = fit(tiny_objective(), train, TEST, CONFIG, workdir, {"model": "tiny"})
-    own = os.path.join(workdir, f"process{process}")
-    written = [records.write_atomic(os.path.join(own, "a.txt"), "a"),
-               viz.save_curves(os.path.join(workdir, "metrics.csv"), os.path.join(own, "b.png"))]
-    json.dump({"params": [np.asarray(p).tolist() for p in jax.tree.leaves(result.state.params)],
-               "test_metrics": result.test_metrics,
-               "resumed_from_step": result.summary["resumed_from_step"],
-               "device": result.summary["device"],
-               "wrote": sorted(os.listdir(own)) if os.path.exists(own) else [],
-               "returned": [os.path.basename(p) for p in written],
-               "read": sorted(Recorded.read)}, sys.stdout)
+    outs = {}
+    for input in ("memory", "stream"):
+        run = os.path.join(workdir, input)
+        train = Recorded(TRAIN, "toy") if input == "stream" else TRAIN
+        fit(tiny_objective(), train, TEST, TrainConfig(**{**CONFIG.__dict__, "epochs": 1}), run,
+            {"model": "tiny"})
+        result = fit(tiny_objective(), train, TEST, CONFIG, run, {"model": "tiny"})
+        own = os.path.join(run, f"process{process}")
+        written = [records.write_atomic(os.path.join(own, "a.txt"), "a"),
+                   viz.save_curves(os.path.join(run, "metrics.csv"), os.path.join(own, "b.png"))]
+        outs[input] = {"params": params(result), "test_metrics": result.test_metrics,
+                       "resumed_from_step": result.summary["resumed_from_step"],
+                       "device": result.summary["device"],
+                       "wrote": sorted(os.listdir(own)) if os.path.exists(own) else [],
+                       "returned": [os.path.basename(p) for p in written],
+                       "read": sorted(Recorded.read)}
+    run = os.path.join(workdir, "stopped")
+    with interrupt.handled():
+        if process == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+        try:
+            fit(tiny_objective(), TRAIN, TEST, CONFIG, run, {"model": "tiny"})
+            stopped = None
+        except interrupt.Interrupted as stop:
+            stopped = [str(stop), stop.exit_status]
+    result = fit(tiny_objective(), TRAIN, TEST, CONFIG, run, {"model": "tiny"})  # resumes
+    outs["stopped"] = {"stopped": stopped, "params": params(result)}
+    json.dump(outs, sys.stdout)
 """)
 
 
@@ -163,11 +184,18 @@ def run_hosts(script: str, *args, meanwhile=lambda: None):
             proc.kill()  # a host left waiting for a failed one; nothing once they have exited
 
 
-@pytest.mark.parametrize("input", ["memory", "stream"])
-def test_two_processes_train_like_one_on_the_same_global_batches(tmp_path, input):
-    outs, (losses, params, test_metrics) = run_hosts(CHILD, tmp_path, input,
-                                                     meanwhile=single_process_reference)
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    """(each host's JSON, the single-process reference, the workdir) of CHILD's runs."""
+    workdir = tmp_path_factory.mktemp("hosts")
+    outs, reference = run_hosts(CHILD, workdir, meanwhile=single_process_reference)
+    return outs, reference, workdir
 
+
+@pytest.mark.parametrize("input", ["memory", "stream"])
+def test_two_processes_train_like_one_on_the_same_global_batches(hosts, input):
+    outs, (losses, params, test_metrics), workdir = hosts
+    outs, run = [out[input] for out in outs], workdir / input
     for out in outs:  # every host holds the same result, restored from the checkpoint of epoch 1
         assert out["resumed_from_step"] == 4 and out["device"] == "4 x cpu (cpu) on 2 hosts"
         for a, b in zip(params, out["params"]):
@@ -177,12 +205,12 @@ def test_two_processes_train_like_one_on_the_same_global_batches(tmp_path, input
     assert outs[0]["params"] == outs[1]["params"]
     assert outs[0]["test_metrics"] == outs[1]["test_metrics"]
 
-    rows = MetricsLog.read(str(tmp_path / "metrics.csv"))  # written once, by process 0
+    rows = MetricsLog.read(str(run / "metrics.csv"))  # written once, by process 0
     np.testing.assert_allclose([float(r["loss"]) for r in rows if r["split"] == "train"], losses,
                                rtol=1e-5)
     assert [int(r["step"]) for r in rows if r["split"] == "test"] == [0, 4, 8]
-    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 8
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 8
+    assert sorted(os.listdir(run / "checkpoints")) == ["4", "8"]
     assert outs[0]["wrote"] == ["a.txt", "b.png"] and outs[1]["wrote"] == []
     assert outs[0]["returned"] == outs[1]["returned"] == ["a.txt", "b.png"]
     if input == "stream":  # each host read its own shard: all of it, nothing else (the
@@ -192,40 +220,14 @@ def test_two_processes_train_like_one_on_the_same_global_batches(tmp_path, input
             assert set(out["read"]) - {0} == set(range(shard.start, shard.stop)) - {0}
 
 
-STOPPED_CHILD = textwrap.dedent("""
-    import json, os, signal, sys, time
-    import jax
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    process, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process)
-    import numpy as np
-    from lvm_jax.train import fit, interrupt
-    from tests.helpers import tiny_objective
-    from tests.test_multihost import CONFIG, TEST, TRAIN
-
-    with interrupt.handled():
-        if process == 1:  # only host 1 is told to stop, as by a preemption notice
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.1)
-        try:
-            fit(tiny_objective(), TRAIN, TEST, CONFIG, workdir, {"model": "tiny"})
-            stopped = None
-        except interrupt.Interrupted as stop:
-            stopped = [str(stop), stop.exit_status]
-    result = fit(tiny_objective(), TRAIN, TEST, CONFIG, workdir, {"model": "tiny"})  # resumes
-    json.dump({"stopped": stopped, "resumed_from_step": result.summary["resumed_from_step"],
-               "params": [np.asarray(p).tolist() for p in jax.tree.leaves(result.state.params)]},
-              sys.stdout)
-""")
-
-
-def test_a_signal_on_one_host_stops_every_host_at_the_same_saved_step(tmp_path):
+def test_a_signal_on_one_host_stops_every_host_at_the_same_saved_step(hosts):
     """Host 1 alone gets SIGTERM; the hosts agree on the flag (an all-gather at each step
     boundary), so both save their parts of the same checkpoint, stop, and resume alike."""
-    outs, _ = run_hosts(STOPPED_CHILD, tmp_path)
-    saved = os.path.join(tmp_path, "checkpoints", "0")
+    outs, _, workdir = hosts
+    outs, run = [out["stopped"] for out in outs], workdir / "stopped"
+    saved = os.path.join(run, "checkpoints", "0")
     for out in outs:
         assert out["stopped"] == [f"stopped by SIGTERM: step 0 of 8 is saved in {saved}; rerun "
                                   "the same command to resume from it", 143]
     assert outs[0]["params"] == outs[1]["params"]
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]  # step 0 kept 2 newest
+    assert sorted(os.listdir(run / "checkpoints")) == ["4", "8"]  # step 0 kept 2 newest

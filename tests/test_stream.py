@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 from lvm_jax import data
 from lvm_jax.data import batching, shards, stream, toy2d
 from lvm_jax.errors import CheckpointError, DataError
-from lvm_jax.train import NonFiniteLossError, Objective, TrainConfig, feeds, fit
+from lvm_jax.train import NonFiniteLossError, Objective, TrainConfig, feeds, fit, loop
 from lvm_jax.train.records import MetricsLog
 from tests.helpers import tiny_objective
 
@@ -158,7 +158,7 @@ KILLED_CHILD = textwrap.dedent("""
             time.sleep(float(sys.argv[3]))
             return super().read_batch(indices)
 
-    config = TrainConfig(**{**CONFIG.__dict__, "epochs": 3, "steps_per_call": 1})
+    config = TrainConfig(**{**CONFIG.__dict__, "steps_per_call": 1})
     fit(tiny_objective(), Slow(sys.argv[1]), TEST, config, sys.argv[2], {"input": "stream"})
 """)
 
@@ -189,12 +189,12 @@ def run_until(script: str, args, workdir, rows: int, sig=signal.SIGKILL,
     return proc
 
 
-def test_a_stream_killed_at_three_points_resumes_bit_for_bit(tmp_path):
+def test_a_stream_killed_at_two_points_resumes_bit_for_bit(tmp_path):
     folder = write_folder(tmp_path / "d")
     full = start_child(KILLED_CHILD, folder, tmp_path / "full", 0)
     killed = tmp_path / "killed"
-    # Before the first checkpoint, mid epoch 2, mid epoch 3 (30 steps, checkpoints at 10, 20).
-    for rows in (3, 14, 26):
+    # Before the first checkpoint, then mid epoch 2 (20 steps, checkpoints at 10 and 20).
+    for rows in (3, 14):
         proc = run_until(KILLED_CHILD, (folder, killed, 0.2), killed, rows)
         proc.communicate(timeout=120)
         assert proc.returncode == -signal.SIGKILL
@@ -203,7 +203,7 @@ def test_a_stream_killed_at_three_points_resumes_bit_for_bit(tmp_path):
         assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
     assert rows_without_time(killed) == rows_without_time(tmp_path / "full")
     assert [int(r["step"]) for r in rows_without_time(killed) if r["split"] == "train"] == list(
-        range(1, 31))
+        range(1, 21))
     saved = json.loads((killed / "summary.json").read_text())
     assert saved["test_metrics"] == json.loads((tmp_path / "full" / "summary.json").read_text())[
         "test_metrics"]
@@ -307,11 +307,11 @@ def test_a_record_of_the_wrong_shape_in_a_record_source_is_named():
 
 
 def reading_threads_end(timeout: float = 5.0) -> bool:
-    """Whether the feed's and grain's reading threads have ended within `timeout` seconds
+    """Whether grain's reading threads have ended within `timeout` seconds
     (grain shuts its pool down without waiting for it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not [t for t in threading.enumerate() if t.name.startswith(("grain", "stream-feed"))]:
+        if not [t for t in threading.enumerate() if t.name.startswith("grain")]:
             return True
         time.sleep(0.05)
     return False
@@ -347,16 +347,16 @@ def test_an_experiment_reports_bad_data_in_one_line(tmp_path):
         "differs from the checksum file's)."]
 
 
-def test_a_feed_knows_its_start_state_at_once_and_closing_stops_its_threads():
+def test_a_stream_feed_reads_the_memory_paths_batches_and_closing_stops_its_threads():
     mesh = batching.data_mesh(jax.devices()[:1])
-    feed = feeds.StreamFeed(stream.ArraySource(TRAIN, "toy"), mesh, 0, 10, 64,
-                            slice(0, len(TRAIN)), 20, 1)
-    feed.start(0)
-    assert json.loads(feed.iterator_state(0).get_state()) == {"next_index": 0}  # at once
-    rows = feed.rows(0, 1)  # placed on the devices by the feed's thread, split over the mesh
+    plan = loop.Plan(10, 1, 20, 64, slice(0, len(TRAIN)))
+    feed = feeds.StreamFeed(stream.ArraySource(TRAIN, "toy"), mesh, 0, plan)
+    feed.start(3, restored=False)
+    assert json.loads(feeds.iterator_state(feed, 3).get_state()) == {"next_index": 3}
+    rows = feeds.put(feed, feed.rows(3, 1))  # split over the mesh like the memory path's
     assert rows.sharding == NamedSharding(mesh, P(None, "data"))
     np.testing.assert_array_equal(
-        np.asarray(rows)[0], TRAIN[batching.epoch_order(0, 0, len(TRAIN), 10, 64)[0]])
+        np.asarray(rows)[0], TRAIN[batching.epoch_order(0, 0, len(TRAIN), 10, 64)[3]])
     feed.close()
     assert reading_threads_end()
 

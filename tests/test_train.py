@@ -99,7 +99,7 @@ def test_a_save_commits_the_state_and_its_record_as_one_step(tmp_path):
     assert record == {"step": 3, "config": {"model": "tiny"}, "timing": {"elapsed_seconds": 1.5},
                       "digest": state_digest(at_3)}
     with Checkpointer(str(tmp_path / "saved")) as reopened:
-        restored, restored_record = reopened.restore(state)
+        restored, restored_record, _ = reopened.restore(state)
     assert restored_record == record and int(restored.step) == 3
     for saved, back in zip(jax.tree.leaves(jax.device_get(at_3)),
                            jax.tree.leaves(jax.device_get(restored))):

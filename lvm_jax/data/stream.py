@@ -160,8 +160,15 @@ class TrainBatches:
         if state is not None:
             iterator.set_state(state)
         else:
-            grain.experimental.set_next_index(iterator, step)
+            set_next_step(iterator, step)
         return iterator
+
+
+def set_next_step(iterator, step: int) -> None:
+    """Positions a `TrainBatches.iterator` to return the batch of `step` next."""
+    import grain
+
+    grain.experimental.set_next_index(iterator, step)
 
 
 def next_step(iterator) -> int:

@@ -44,19 +44,16 @@ def state_digest(state) -> str:
     """SHA-256 of every leaf of `state` (its path, dtype, shape and bytes), in tree order; a
     Python scalar counts as the JAX array it restores as (a new TrainState's step)."""
     digest = hashlib.sha256()
-    leaves = jax.device_get(jax.tree.map(jnp.asarray, state))
-    for path, leaf in jax.tree_util.tree_flatten_with_path(leaves)[0]:
-        leaf = np.asarray(leaf)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]:
+        leaf = np.asarray(leaf if hasattr(leaf, "dtype") else jnp.asarray(leaf))
         digest.update(f"{jax.tree_util.keystr(path)} {leaf.dtype} {leaf.shape}".encode())
         digest.update(leaf.tobytes())
     return digest.hexdigest()
 
 
-def finalized_steps(directory: str) -> list[int]:
-    """The steps orbax has committed in `directory`, oldest first: a step is written into a
-    temporary folder and renamed to its number when complete."""
-    names = os.listdir(directory) if os.path.isdir(directory) else []
-    return sorted(int(name) for name in names if name.isdigit())
+def _corrupted(step_directory: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {step_directory} is corrupted: {problem}. Delete that "
+                           "step's folder to resume from an earlier one, or use another --workdir.")
 
 
 def read_record(step_directory: str, step: int) -> dict:
@@ -75,7 +72,7 @@ def read_record(step_directory: str, step: int) -> dict:
         raise CheckpointError(f"checkpoint {step_directory} is corrupted: {err}") from None
     problems = [f"it lacks {key!r}" for key in RECORD_KEYS if key not in record]
     problems += [f"{key!r} is no {kind.__name__}" for key, kind in RECORD_KEYS.items()
-                 if key in record and (type(record[key]) is not kind)]
+                 if key in record and type(record[key]) is not kind]
     problems += [f"it holds the unknown key {key!r}" for key in record if key not in RECORD_KEYS]
     if not problems and not all(type(v) in (int, float) for v in record["timing"].values()):
         problems.append("its 'timing' holds a value that is no number")
@@ -83,18 +80,13 @@ def read_record(step_directory: str, step: int) -> dict:
         problems.append(f"it records step {record['step']} in the folder of step {step} "
                         "(step folders renamed or swapped)")
     if problems:
-        raise CheckpointError(f"checkpoint {step_directory} is corrupted: its {RECORD_FILE} is "
-                              f"malformed ({problems[0]}). Delete that step's folder to resume "
-                              "from an earlier one, or use another --workdir.")
+        raise _corrupted(step_directory, f"its {RECORD_FILE} is malformed ({problems[0]})")
     return record
 
 
 def _leaf_shapes(tree) -> dict[str, tuple]:
     """{"params/Dense_0/kernel": shape} of every leaf of a state, or of orbax's metadata."""
-    def name(entry):
-        return str(getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry))))
-
-    return {"/".join(map(name, path)): tuple(getattr(leaf, "shape", ()))
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(getattr(leaf, "shape", ()))
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -116,10 +108,10 @@ def mismatch(saved, target) -> str | None:
     the first differing leaf path, or None when they match."""
     saved, target = _leaf_shapes(saved), _leaf_shapes(target)
     for path in sorted(set(saved) | set(target)):
+        if path not in target and _predates_names(path, target):
+            return (f"it holds {path}, a Flax automatic name this model lacks: the checkpoint "
+                    "predates lvm_jax's named submodules and must be retrained")
         if path not in target:
-            if _predates_names(path, target):
-                return (f"it holds {path}, a Flax automatic name this model lacks: the checkpoint "
-                        "predates lvm_jax's named submodules and must be retrained")
             return f"it holds {path}, which this model lacks"
         if path not in saved:
             return f"it lacks {path}"
@@ -130,19 +122,17 @@ def mismatch(saved, target) -> str | None:
 
 def _vanishing(step_directory: str, wait_seconds: float = 1.0) -> bool:
     """Whether a step whose read failed is gone or going: orbax deletes an old step in place,
-    file by file (`rmtree`), so a read it cuts short may find the folder for a moment more."""
+    file by file, so a read it cuts short may find the folder for a moment more."""
     deadline = time.monotonic() + wait_seconds
-    while os.path.isdir(step_directory):
-        if time.monotonic() > deadline:
-            return False
+    while os.path.isdir(step_directory) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return True
+    return not os.path.isdir(step_directory)
 
 
 def read_step(step_directory: str, step: int, like, data_iterator=None) -> tuple:
-    """(state, record) of the checkpoint of `step`, restored with the structure and sharding
-    of `like`, after the checks of the module docstring; `data_iterator` (grain's
-    `set_state` protocol), when given and the step holds one, gets the saved iterator state.
+    """(state, record, restored) of the checkpoint of `step`, restored with the structure and sharding
+    of `like`, after the checks of docs/records.md, and whether `data_iterator` (a grain
+    iterator), when given and the step holds one, was set to the saved iterator state.
 
     Raises:
       CheckpointError: the checkpoint is malformed, another model's, or changed since saved.
@@ -153,8 +143,8 @@ def read_step(step_directory: str, step: int, like, data_iterator=None) -> tuple
         # jnp.asarray: a Python scalar (a new TrainState's step) restores as the int32 it was.
         target = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else
                               ocp.utils.to_shape_dtype_struct(jnp.asarray(x)), like)
-        handler = ocp.StandardCheckpointHandler()
-        differs = mismatch(handler.metadata(epath.Path(step_directory) / STATE), target)
+        differs = mismatch(ocp.StandardCheckpointHandler().metadata(
+            epath.Path(step_directory) / STATE), target)
         if differs:
             raise CheckpointError(f"checkpoint {step_directory} does not match this model "
                                   f"({differs}): use another --workdir for another model.")
@@ -164,9 +154,8 @@ def read_step(step_directory: str, step: int, like, data_iterator=None) -> tuple
             import grain
 
             items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_handlers(streamed))
-                              ) as checkpointer:
-            state = checkpointer.restore(step_directory, args=ocp.args.Composite(**items))[STATE]
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_handlers(streamed))) as reader:
+            state = reader.restore(step_directory, args=ocp.args.Composite(**items))[STATE]
     except Exception as err:  # orbax and tensorstore raise bare Exceptions as well
         if _vanishing(step_directory):
             raise FileNotFoundError(step_directory) from err
@@ -175,50 +164,37 @@ def read_step(step_directory: str, step: int, like, data_iterator=None) -> tuple
         raise CheckpointError(f"cannot restore checkpoint {step_directory} ({type(err).__name__}"
                               f": {' '.join(str(err).split())[:300]}).") from err
     held = int(jax.device_get(state.step))
-    if held != step or state_digest(state) != record["digest"]:
-        problem = (f"it holds the state of step {held}, not {step}" if held != step else
-                   "its state differs from the digest saved with it")
-        raise CheckpointError(f"checkpoint {step_directory} is corrupted: {problem}. Delete that "
-                              "step's folder to resume from an earlier one, or use another "
-                              "--workdir.")
-    return state, record
+    if held != step:
+        raise _corrupted(step_directory, f"it holds the state of step {held}, not {step}")
+    if state_digest(state) != record["digest"]:
+        raise _corrupted(step_directory, "its state differs from the digest saved with it")
+    return state, record, streamed
 
 
 def restore_committed(workdir: str, like, check=None) -> tuple:
     """(state, step, record) of the newest finalized checkpoint of the run in `workdir`, with
-    the structure of `like`: safe while that run trains, saves and deletes old steps (a
-    step that vanishes gives way to the next newest, and a listing whose every step
-    vanished is read again). `check(record, step)`, if given, may
-    refuse a step by its record before its state is read.
+    the structure of `like`: safe while that run trains, saves and deletes old steps (orbax
+    renames a step to its number once complete; a step that vanishes gives way to the next
+    newest, and a listing whose every step vanished is read again). `check(record, step)`,
+    if given, may refuse a step by its record before its state is read.
 
     Raises:
       CheckpointError: no checkpoint, or the newest is unusable (see `read_step`).
     """
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    for _ in range(3):  # a listing whose every step vanished is read again
-        for step in reversed(finalized_steps(directory)):
+    for _ in range(3):
+        names = os.listdir(directory) if os.path.isdir(directory) else []
+        for step in sorted((int(name) for name in names if name.isdigit()), reverse=True):
             step_directory = os.path.join(directory, str(step))
             try:
                 if check is not None:
                     check(read_record(step_directory, step), step)
-                state, record = read_step(step_directory, step, like)
+                state, record, _ = read_step(step_directory, step, like)
                 return state, step, record
             except FileNotFoundError:
                 continue
     raise CheckpointError(f"{directory} holds no checkpoint: train the run first, or retry "
                           "once it has saved one.")
-
-
-def newest_record(workdir: str) -> tuple[int, dict] | None:
-    """(step, record) of the newest finalized checkpoint of `workdir` (its record checked, not
-    its state), or None: what a reader compares a run's config with before building on it."""
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    for step in reversed(finalized_steps(directory)):
-        try:
-            return step, read_record(os.path.join(directory, str(step)), step)
-        except FileNotFoundError:
-            continue
-    return None
 
 
 def _flatten(config: dict, prefix: str = "") -> dict:
@@ -288,17 +264,16 @@ class Checkpointer:
     """Saves a run's TrainState with its record under <workdir>/checkpoints/<step>, keeping the
     newest `keep` steps, and a `streamed` run's data iterator beside each. A save returns once
     the state is copied to host memory; orbax writes it in the background and commits the
-    step whole. Use it as a context manager, so that the last save is committed before the
-    interpreter shuts down."""
+    step whole. Use it as a context manager, so that the last save is committed."""
 
     def __init__(self, workdir: str, keep: int = 2, streamed: bool = False):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         for name in ["", *(os.listdir(self.directory) if os.path.isdir(self.directory) else [])]:
             records.refuse_link(os.path.join(self.directory, name).rstrip("/"))  # orbax deletes
-        self._manager = ocp.CheckpointManager(
+        self.manager = ocp.CheckpointManager(
             self.directory, item_handlers=_handlers(streamed),
             # An old step is deleted on orbax's thread: in the foreground, the next save waited
-            # for it (40 ms a step, measured; a kill mid-delete leaves an old step, as before).
+            # for it (40 ms a step, measured).
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                  enable_background_delete=True))
 
@@ -306,19 +281,19 @@ class Checkpointer:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        self.manager.close()
 
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        return self.manager.latest_step()
 
     def step_directory(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
     def save(self, state, config: dict, timing: dict, data_iterator=None) -> None:
-        """Starts saving `state` at its step with its record ({"step", "config", "timing",
-        "digest"}), and `data_iterator`'s `get_state()` (grain's protocol) when given."""
+        """Starts saving `state` at its step, unless saved, with its record ({"step", "config",
+        "timing", "digest"}) and `data_iterator`'s state (grain's protocol) when given."""
         step = int(jax.device_get(state.step))
-        if step in self._manager.all_steps():
+        if step in self.manager.all_steps():
             return
         record = {"step": step, "config": config, "timing": timing,
                   "digest": state_digest(state)}
@@ -327,16 +302,14 @@ class Checkpointer:
             import grain
 
             items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-        self._manager.save(step, args=ocp.args.Composite(**items))
+        self.manager.save(step, args=ocp.args.Composite(**items))
 
     def wait(self) -> None:
         """Blocks until the save in flight, if any, is committed."""
-        self._manager.wait_until_finished()
-
-    def close(self) -> None:
-        self._manager.close()
+        self.manager.wait_until_finished()
 
     def restore(self, like, data_iterator=None) -> tuple:
-        """(state, record) of the newest checkpoint (see `read_step`)."""
+        """(state, record, whether `data_iterator` was restored) of the newest checkpoint
+        (see `read_step`)."""
         step = self.latest_step()
         return read_step(self.step_directory(step), step, like, data_iterator)

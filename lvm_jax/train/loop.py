@@ -1,12 +1,10 @@
 """`fit`: the one training loop, for every model.
 
-`fit` reads top to bottom: lock the workdir, restore the newest checkpoint or initialise,
-then run compiled calls of `steps_per_call` steps, logging each call's rows, evaluating and
-checkpointing at the end of every epoch, and stopping on a signal (after saving the current
-step) or at the first compiled call whose loss or state is not finite. The helpers are
-functions of their arguments; what stays fixed while a run trains is one frozen `Run`.
-Multi-host: every process calls `fit` with the same arguments and trains on its shard
-(`batching.host_shard`); only process 0 writes metrics, config and summary.
+`fit` locks the workdir, restores the newest checkpoint or initialises, then runs compiled
+calls of `steps_per_call` steps, logging each call's rows, evaluating and checkpointing at
+the end of every epoch, and stopping on a signal or at the first non-finite call. What stays
+fixed while a run trains is one frozen `Run`. Multi-host: every process calls `fit` with the
+same arguments and trains on its shard; only process 0 writes files.
 """
 
 import contextlib
@@ -102,52 +100,33 @@ class Run:
         """Seconds of training wall time, over resumed segments."""
         return self.elapsed_before + time.perf_counter() - self.started
 
-    @property
-    def record_config(self) -> dict:
-        """The config each checkpoint's record keeps: config.json without its "changes"."""
-        return {k: v for k, v in self.config_json.items() if k != "changes"}
-
 
 def fit(objective: Objective, train_data, test_data: np.ndarray, config: TrainConfig,
         workdir: str, run_config: dict | None = None, may_change: Collection[str] = (),
         tx: optax.GradientTransformation | None = None, mesh=None) -> FitResult:
     """Trains `objective` on `train_data`, evaluating on `test_data`, in `workdir`.
 
-    Evaluates on the test set before training and after every epoch, appends to
-    metrics.csv (and TensorBoard), checkpoints every epoch, resumes from the
-    workdir's newest checkpoint, and writes summary.json naming the checkpoint it
-    describes. A resumed run ends bit-identical to an uninterrupted one: data order
-    and noise derive from (seed, step). The workdir is locked for the whole call. A
-    finished run, rerun, changes none of its files. A resumed run's settings must match
-    config.json's but those in `may_change`, whose changes config.json records with the step.
-
-    SIGINT and SIGTERM (inside `interrupt.handled()`, as the experiments run) stop the
-    run at the next call boundary after checkpointing the current step, and raise
-    `interrupt.Interrupted`. A compiled call whose loss or state is not finite stops the
-    run: the state before that call is checkpointed when its own loss was finite and it
-    is newer than the newest checkpoint, which otherwise stays the one to resume from.
+    Evaluates before training and after every epoch, logs every step to metrics.csv and
+    TensorBoard, checkpoints every epoch, resumes from the workdir's newest checkpoint
+    bit-identical to an uninterrupted run, and writes summary.json naming the checkpoint it
+    describes; a finished run, rerun, changes none of its files. A resumed run's settings
+    must match config.json's but those in `may_change`, whose changes config.json records.
+    Inside `interrupt.handled()`, SIGINT and SIGTERM stop the run at the next call boundary,
+    its step saved (`interrupt.Interrupted`); a compiled call whose loss or state is not
+    finite stops it (`NonFiniteLossError`), keeping a finite checkpoint. docs/records.md.
 
     Args:
       objective: the model's init and loss (the loop knows nothing else of it).
-      train_data, test_data: whole arrays (N, ...) as stored, e.g. uint8 images; in a
-        multi-host run every process passes the same ones. train_data may be a source
-        (`lvm_jax.data.stream`, `--input stream`), read while training.
+      train_data, test_data: whole arrays (N, ...) as stored, e.g. uint8 images, the same on
+        every process; train_data may be a source (`lvm_jax.data.stream`, `--input stream`).
       config: loop hyperparameters.
-      workdir: output directory.
+      workdir: output directory, locked for the whole call.
       run_config: the run's settings (every one that decides what is trained, `config`'s
         included) and facts, saved as config.json; default `config`'s fields.
       may_change: the keys of `run_config` a resumed run may change (default, with no
         `run_config`: TrainConfig's `may_change_on_resume`).
       tx: optimizer, default Adam(config.learning_rate) (see `steps.initial_state`).
       mesh: a Mesh with a "data" axis; default all devices of every host.
-    Raises:
-      ConfigError: bad sizes, or fewer epochs than the workdir's checkpoint has trained.
-      WorkdirError: the workdir is unusable or locked, a file of the run is a symbolic
-        link, or the disk filled up or refused a write (fix it and rerun to resume).
-      CheckpointError: the workdir holds a corrupted checkpoint or a different run.
-      RecordError: config.json or metrics.csv is malformed or disagrees with the checkpoint.
-      NonFiniteLossError: the loss or the state became NaN or infinite.
-      interrupt.Interrupted: a signal stopped the run (the current step is saved).
     """
     mesh = mesh or batching.data_mesh()
     sizes = plan(config, len(train_data), len(test_data), mesh)
@@ -157,16 +136,38 @@ def fit(objective: Objective, train_data, test_data: np.ndarray, config: TrainCo
         with contextlib.ExitStack() as stack:
             stack.enter_context(interrupt.handled())
             stack.enter_context(workdir_lock.locked(workdir))
-            feed = feeds.feed_for(train_data, mesh, config.seed, sizes.steps_per_epoch,
-                                  sizes.local_batch, sizes.shard, sizes.total_steps,
-                                  sizes.steps_per_call)
+            feed = feeds.feed_for(train_data, mesh, config.seed, sizes)
             stack.callback(feed.close)
             checkpointer = stack.enter_context(checkpoint.Checkpointer(
-                workdir, streamed=isinstance(feed, feeds.StreamFeed)))
+                workdir, streamed=feed.iterator is not None))
             run, state, timing = _restore_or_initialise(
                 stack, objective, config, sizes, workdir, run_config, may_change, checkpointer,
                 feed, test_data, tx, mesh)
-            return _train(run, state, timing)
+            step = start_step = int(jax.device_get(state.step))
+            _stop_if_requested(run, state, timing)  # a signal while loading, or in a stage before
+            initial_metrics = run.log.test_metrics(0)
+            if start_step == 0 and initial_metrics is None:
+                run.progress.note("evaluating the initial model on the test set (compiling the "
+                                  "evaluation)")
+                initial_metrics = _evaluate(run, state)
+                _stop_if_requested(run, state, timing)
+            test_metrics = run.log.test_metrics(start_step)
+            if step < sizes.total_steps:
+                run.progress.note(f"compiling the training step ({sizes.steps_per_call} step(s) "
+                                  "per call); the first call waits for it")
+            compiled = frozenset()  # the call sizes compiled so far: steps/s leaves their first out
+            while step < sizes.total_steps:
+                n = sizes.call_size(step)
+                state, timing = _call(run, state, step, n, timing, n in compiled)
+                step, compiled = step + n, compiled | {n}
+                if step % sizes.steps_per_epoch == 0:
+                    test_metrics = _end_epoch(run, state, timing,
+                                              first=step - start_step <= sizes.steps_per_epoch)
+                _stop_if_requested(run, state, timing)
+            run.progress.close()
+            if test_metrics is None:  # a finished run whose log lost its last evaluation
+                test_metrics = _evaluate(run, state)
+            return _finish(run, state, start_step, timing, initial_metrics, test_metrics)
     except Exception as err:
         # A full disk or a refused write met anywhere (orbax's threads wrap it): the
         # checkpointer has closed, waiting for the save in flight, so name the cause alone.
@@ -195,60 +196,28 @@ def _restore_or_initialise(stack, objective, config, sizes, workdir, run_config,
     state = batching.put_replicated(steps.initial_state(objective, feed.example, config, tx),
                                     mesh)
     timing = {"elapsed_seconds": 0.0, "timed_steps": 0, "timed_seconds": 0.0}
-    iterator = feeds.IteratorState()
+    restored = False
     if resume_step is not None:
-        state, record = checkpointer.restore(state, iterator)
+        state, record, restored = checkpointer.restore(state, feed.iterator)
         timing.update(record["timing"])
     records.write_json(os.path.join(workdir, "config.json"), run_config)
     start_step = int(jax.device_get(state.step))
-    feed.start(start_step, iterator)
+    feed.start(start_step, restored)
     keys = steps.keys(config.seed)
     train_chunk = steps.checked(steps.make_train_chunk(objective, mesh, config.ema_decay,
                                                       feed.read))
-    # Traced with the rows of a whole call, so that the first call reuses this trace.
-    names = jax.eval_shape(train_chunk, state, feed.data, feed.placeholder(sizes.steps_per_call),
-                           keys[1])[1].keys()
+    names = jax.eval_shape(train_chunk, state, feed.data, feed.spec, keys[1])[1].keys()
     log = stack.enter_context(contextlib.closing(
         records.MetricsLog(os.path.join(workdir, "metrics.csv"), names, resume_step)))
     progress = Progress(sizes.total_steps, start_step, os.path.basename(os.path.normpath(
         workdir)), bar=config.progress, enabled=records.is_primary())
     stack.callback(progress.close)
+    if 0 < start_step < sizes.total_steps:
+        progress.note(f"resuming from step {start_step} of {sizes.total_steps}")
     run = Run(objective, config, sizes, run_config, checkpointer, feed, train_chunk,
               steps.make_evaluate(objective, mesh), keys, batching.put_replicated(test_data, mesh),
               log, progress, timing["elapsed_seconds"])
     return run, state, timing
-
-
-def _train(run: Run, state: TrainState, timing: dict) -> FitResult:
-    """Trains from `state` to the run's last step, then writes the summary."""
-    step = start_step = int(jax.device_get(state.step))
-    total = run.plan.total_steps
-    if 0 < start_step < total:
-        run.progress.note(f"resuming from step {start_step} of {total}")
-    _stop_if_requested(run, state, timing)  # a signal while loading, or in an earlier stage
-    initial_metrics = run.log.test_metrics(0)
-    if start_step == 0 and initial_metrics is None:
-        run.progress.note("evaluating the initial model on the test set (compiling the "
-                          "evaluation)")
-        initial_metrics = _evaluate(run, state)
-        _stop_if_requested(run, state, timing)
-    test_metrics = run.log.test_metrics(start_step)
-    if step < total:
-        run.progress.note(f"compiling the training step ({run.plan.steps_per_call} step(s) per "
-                          "call); the first call waits for it")
-    compiled = frozenset()  # the call sizes compiled so far: steps/s leaves their first out
-    while step < total:
-        n = run.plan.call_size(step)
-        state, timing = _call(run, state, step, n, timing, n in compiled)
-        step, compiled = step + n, compiled | {n}
-        if step % run.plan.steps_per_epoch == 0:
-            test_metrics = _end_epoch(run, state, timing,
-                                      first=step - start_step <= run.plan.steps_per_epoch)
-        _stop_if_requested(run, state, timing)
-    run.progress.close()
-    if test_metrics is None:  # a finished run whose log lost its last evaluation
-        test_metrics = _evaluate(run, state)
-    return _finish(run, state, start_step, timing, initial_metrics, test_metrics)
 
 
 def _call(run: Run, state: TrainState, step: int, n: int, timing: dict, timed: bool) -> tuple:
@@ -257,10 +226,9 @@ def _call(run: Run, state: TrainState, step: int, n: int, timing: dict, timed: b
     Raises:
       NonFiniteLossError: its loss or its resulting state is not finite (`_non_finite`).
     """
-    rows = run.feed.rows(step, n)
+    rows = feeds.put(run.feed, run.feed.rows(step, n))
     tic = time.perf_counter()
-    new_state, metrics, finite = run.train_chunk(state, run.feed.data, run.feed.put(rows),
-                                                 run.keys[1])
+    new_state, metrics, finite = run.train_chunk(state, run.feed.data, rows, run.keys[1])
     metrics, finite = jax.device_get((metrics, finite))
     if timed:
         timing = {**timing, "timed_seconds": timing["timed_seconds"] + time.perf_counter() - tic,
@@ -302,9 +270,11 @@ def _end_epoch(run: Run, state: TrainState, timing: dict, first: bool) -> dict[s
 
 
 def _save(run: Run, state: TrainState, timing: dict) -> None:
-    """Starts checkpointing `state` with its record and the feed's iterator state."""
-    run.checkpointer.save(state, run.record_config, {**timing, "elapsed_seconds": run.elapsed()},
-                          run.feed.iterator_state(int(jax.device_get(state.step))))
+    """Starts checkpointing `state` with its record (config.json without its "changes") and
+    the feed's iterator state."""
+    config = {k: v for k, v in run.config_json.items() if k != "changes"}
+    run.checkpointer.save(state, config, {**timing, "elapsed_seconds": run.elapsed()},
+                          feeds.iterator_state(run.feed, int(jax.device_get(state.step))))
 
 
 def _stop_if_requested(run: Run, state: TrainState, timing: dict) -> None:
@@ -348,6 +318,7 @@ def _non_finite(run: Run, state: TrainState, new_state: TrainState, timing: dict
 
 
 def _resume_advice(run: Run, step: int | None) -> str:
+    """What the user may do after a non-finite call, given the newest checkpoint `step`."""
     if step is None:
         return ("No state was saved: check the data and the model's initialisation, or lower "
                 "--learning_rate.")

@@ -5,6 +5,7 @@ a record read back is checked before it is trusted, a full or read-only disk is 
 naming the path, and only process 0 writes: docs/records.md.
 """
 
+import contextlib
 import csv
 import errno
 import functools
@@ -13,14 +14,12 @@ import io
 import json
 import os
 import re
-import tempfile
 
 import jax
 
 from lvm_jax.errors import RecordError, UserError, WorkdirError
 
-# Where a run's TensorBoard events go, inside its workdir: `tensorboard --logdir runs/`. The
-# writer (`events`, 0.1 s to import with tensorboard) is imported once a run writes there.
+# Where a run's TensorBoard events go, inside its workdir: `tensorboard --logdir runs/`.
 TENSORBOARD_DIR = "tensorboard"
 # The errors of a write that the user fixes outside the program; the run then resumes.
 DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
@@ -28,8 +27,7 @@ DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk 
                errno.EPERM: "permission denied"}
 # How tensorstore (orbax's writer) reports an OSError: in the text of a ValueError.
 TENSORSTORE_OS_ERROR = re.compile(r"\[os_error_code='(\d+)'\]")
-_QUOTED_PATH = re.compile(r'"(/[^"]+)"')
-# The deepest nesting of lists and objects a record may hold: records nest a few levels.
+# Records nest a few levels; a deeper one is refused before anything recurses into it.
 MAX_RECORD_DEPTH = 64
 
 
@@ -62,8 +60,8 @@ def disk_error(err: BaseException) -> WorkdirError | None:
         found = TENSORSTORE_OS_ERROR.search(str(err))
         code = err.errno if isinstance(err, OSError) else found and int(found.group(1))
         if code in DISK_ERRORS:
-            path = err.filename if isinstance(err, OSError) else _QUOTED_PATH.search(str(err))
-            path = path.group(1) if isinstance(path, re.Match) else path
+            quoted = re.search(r'"(/[^"]+)"', str(err))
+            path = err.filename if isinstance(err, OSError) else quoted and quoted.group(1)
             return WorkdirError(f"cannot write {path or 'into the workdir'}: {DISK_ERRORS[code]}"
                                 f" ({os.strerror(code)}). Fix it and rerun the same command: "
                                 "the run resumes from its last checkpoint.")
@@ -71,37 +69,41 @@ def disk_error(err: BaseException) -> WorkdirError | None:
     return None
 
 
-def refuse_link(path: str) -> str:
-    """`path`, after checking that it is no symbolic link (a workdir may be one: the user chose
-    it; the files a run makes inside it may not).
+def link_error(path: str) -> WorkdirError:
+    return WorkdirError(f"{path} is a symbolic link (to {os.readlink(path)}): lvm_jax writes "
+                        "nothing through a link. Remove it, or use another --workdir.")
 
-    Raises:
-      WorkdirError: it is a link; nothing is written through it.
-    """
+
+def refuse_link(path: str) -> str:
+    """`path`, after checking that it is no symbolic link (a workdir may be one: the user
+    chose it; the files a run makes inside it may not)."""
     if os.path.islink(path):
-        raise WorkdirError(f"{path} is a symbolic link (to {os.readlink(path)}): lvm_jax writes "
-                           "nothing through a link. Remove it, or use another --workdir.")
+        raise link_error(path)
     return path
 
 
-def open_no_follow(path: str, mode: str = "a"):
-    """open(`path`, `mode`) for appending, refusing a symbolic link at `path` in the open
-    itself (O_NOFOLLOW), so that a link put there at any time is never followed."""
-    flags = os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+def open_no_follow(path: str, mode: str = "a", flags: int = os.O_APPEND):
+    """open(`path`, `mode`) with O_CREAT | `flags`, refusing a symbolic link at `path` in the
+    open itself (O_NOFOLLOW), so that a link put there at any time is never followed."""
+    flags |= os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     flags |= os.O_RDWR if "+" in mode else os.O_WRONLY
     try:
-        fd = os.open(path, flags, 0o666)
+        fd = os.open(path, flags, 0o666)  # the umask applies, as to any file the user makes
     except OSError as err:
-        if err.errno == errno.ELOOP:
-            refuse_link(path)
-        raise
+        raise link_error(path) if err.errno == errno.ELOOP else err from None
     return os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""}))
 
 
-def _umask() -> int:
-    """The process umask, read without changing it (os.umask would, for every thread)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+@contextlib.contextmanager
+def naming(path: str):
+    """Names `path` in an OSError of the block raised without a file name (a write, a flush),
+    so that `disk_error` can say which file could not be written."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno is not None and err.filename is None:  # not a WorkdirError's own line
+            err.filename = path
+        raise
 
 
 @primary_only
@@ -114,16 +116,15 @@ def write_atomic(path: str, content: str | bytes) -> str:
         with open(path, "rb") as f:
             if f.read() == data:
                 return path
-    directory = os.path.dirname(os.path.abspath(path))
+    directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_")
+    tmp = os.path.join(directory, f".tmp_{name}.{os.getpid()}")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600
-        with os.fdopen(fd, "wb") as f:
+        with naming(path), open_no_follow(tmp, "wb", os.O_TRUNC) as f:
             f.write(data)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
     return path
 
@@ -154,34 +155,31 @@ def read_record(path: str, error: type[Exception] = RecordError) -> dict:
     except (OSError, UnicodeDecodeError) as err:
         raise error(f"cannot read {path}: {getattr(err, 'strerror', None) or err}.") from None
     except RecursionError:
-        raise error(f"{path} is malformed: it nests too deep to be a record.") from None
+        obj = None
     except ValueError as err:  # JSONDecodeError, or an integer of over 4300 digits
         raise error(f"{path} is malformed: {str(err)[:160]}.") from None
+    if obj is None or _too_deep(obj):
+        raise error(f"{path} is malformed: it nests too deep to be a record.")
     if not isinstance(obj, dict):
         raise error(f"{path} is malformed: it holds a JSON {type(obj).__name__}, not an object.")
-    if _depth(obj) > MAX_RECORD_DEPTH:
-        raise error(f"{path} is malformed: it nests too deep to be a record.")
     return obj
 
 
-def _depth(obj) -> int:
-    """How deep lists and dicts nest in `obj` (0 for a scalar), without recursion."""
-    deepest, stack = 0, [(obj, 0)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, (dict, list)) and depth < MAX_RECORD_DEPTH + 1:
-            deepest = max(deepest, depth + 1)
-            stack.extend((v, depth + 1) for v in
-                         (value.values() if isinstance(value, dict) else value))
-    return deepest
+def _too_deep(obj) -> bool:
+    """Whether lists and dicts nest deeper than MAX_RECORD_DEPTH in `obj`."""
+    level = [obj]
+    for _ in range(MAX_RECORD_DEPTH):
+        level = [v for x in level if isinstance(x, (dict, list))
+                 for v in (x.values() if isinstance(x, dict) else x)]
+    return any(isinstance(x, (dict, list)) for x in level)
 
 
 def merged(base: dict, updates: dict) -> dict:
     """`base` with `updates` merged in, recursively into the dicts both hold."""
     out = dict(base)
     for key, value in updates.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(
-            out.get(key), dict) else value
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merged(out[key], value) if both else value
     return out
 
 
@@ -195,32 +193,44 @@ def update_json(path: str, updates: dict, replace=()) -> dict:
     return obj
 
 
-class MetricsLog:
-    """metrics.csv: one row per training step and one per test evaluation, and the same
-    values as TensorBoard scalars <split>/<metric> (`events.Scalars`).
+def _read_text(path: str) -> str:
+    try:
+        with open(path, newline="") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecordError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}."
+                          ) from None
 
-    Columns: split ("train" or "test"), epoch, step (optimizer steps taken), time
-    (seconds of training wall time), then the metrics in alphabetical order. A run
-    that resumes from step S checks the rows against it (`check_rows`) and drops the
-    rows beyond S, which it redoes; TensorBoard drops its points beyond S itself.
+
+def _complete_lines(text: str) -> str:
+    """`text` up to its last newline: a last line without one is the row a killed run was
+    writing, beyond any checkpoint."""
+    return text[:text.rfind("\n") + 1]
+
+
+class MetricsLog:
+    """metrics.csv, and the same values as TensorBoard scalars <split>/<metric>.
+
+    Columns: split ("train" or "test"), epoch, step (optimizer steps taken), time (seconds
+    of training wall time), then the metrics in alphabetical order; a row per training
+    step and per test evaluation. A run resumed from step S keeps the rows up to S, after
+    `check_rows`; TensorBoard drops its points beyond S itself (`events.Scalars`).
     """
 
     def __init__(self, path: str, metric_names, resume_step: int | None):
-        self.path = path
-        from lvm_jax.train import events
+        from lvm_jax.train import events  # tensorboard: imported once a run writes
 
+        self.path = path
         self.columns = ["split", "epoch", "step", "time", *sorted(metric_names)]
         self._scalars = events.Scalars(os.path.join(os.path.dirname(path), TENSORBOARD_DIR),
                                        0 if resume_step is None else resume_step + 1)
         if resume_step is not None and not os.path.exists(path):
-            raise RecordError(f"{path} is missing: it must log every step up to the checkpoint "
-                              f"at step {resume_step} that this run resumes from. Restore the "
-                              "file, or use another --workdir to start over.")
-        text = _read_text(path) if resume_step is not None else ""
-        logged = [] if resume_step is None else check_rows(path, _complete_lines(text),
-                                                           self.columns, resume_step)
+            raise _unusable(path, "is missing", resume_step)
+        text = "" if resume_step is None else _read_text(path)
+        logged = [] if resume_step is None else check_rows(
+            path, _complete_lines(text), self.columns, resume_step)
         self.rows = [row for row in logged if int(row["step"]) <= resume_step]
-        if resume_step is None or len(self.rows) < len(logged) or _complete_lines(text) != text:
+        if resume_step is None or self.rows != logged or _complete_lines(text) != text:
             buffer = io.StringIO()
             writer = csv.DictWriter(buffer, self.columns)
             writer.writeheader()
@@ -236,13 +246,12 @@ class MetricsLog:
     @staticmethod
     def read(path: str) -> list[dict]:
         """The rows of metrics.csv at `path`, as {column: text}."""
-        header, *rows = list(csv.reader(io.StringIO(_complete_lines(_read_text(path))))) or [[]]
-        return [dict(zip(header, fields)) for fields in rows]
+        return list(csv.DictReader(io.StringIO(_complete_lines(_read_text(path)))))
 
     def append(self, rows: list[dict]) -> None:
         if not is_primary():
             return
-        with open_no_follow(self.path) as f:
+        with naming(self.path), open_no_follow(self.path) as f:
             csv.DictWriter(f, self.columns, extrasaction="ignore").writerows(rows)
         self._scalars.write([({f"{row['split']}/{name}": float(row[name])
                                for name in self.columns[4:] if name in row}, int(row["step"]))
@@ -252,41 +261,24 @@ class MetricsLog:
         self._scalars.close()
 
 
-def _complete_lines(text: str) -> str:
-    """`text` up to its last newline: a last line without one is the row a killed run was
-    writing, beyond any checkpoint."""
-    return text[:text.rfind("\n") + 1]
-
-
-def _read_text(path: str) -> str:
-    """The text of the file at `path`.
-
-    Raises:
-      RecordError: it cannot be read or is no UTF-8.
-    """
-    try:
-        with open(path, newline="") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as err:
-        raise RecordError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}."
-                          ) from None
-    return text
+def _unusable(path: str, what: str, resume_step: int) -> RecordError:
+    return RecordError(f"{path} {what}: it must log every step up to the checkpoint at step "
+                       f"{resume_step} that this run resumes from. Restore the file, or use "
+                       "another --workdir to start over.")
 
 
 def check_rows(path: str, text: str, columns: list[str], resume_step: int) -> list[dict]:
-    """The rows of metrics.csv (its complete lines, `text`) as dicts, after checking them
-    against the checkpoint at `resume_step` that a run resumes from: the header names
-    `columns`; every row has a field per column, split "train" or "test", integer epoch and
-    step, numbers elsewhere (a metric may be empty); no (split, step) twice; and a train row
-    for every step from 1 to `resume_step`.
+    """The rows of metrics.csv at `path` (its complete lines, `text`), after checking them against the
+    checkpoint at `resume_step` that a run resumes from: the header names `columns`; every
+    row has a field per column, split "train" or "test", integer epoch and step, numbers
+    elsewhere (a metric may be empty); no (split, step) twice; a train row for every step
+    from 1 to `resume_step`.
 
     Raises:
       RecordError: in one line naming `path` and the first problem found.
     """
     def refuse(problem: str):
-        raise RecordError(f"{path} is malformed: {problem}. It must log every step up to the "
-                          f"checkpoint at step {resume_step} that this run resumes from: "
-                          "restore the file, or use another --workdir to start over.")
+        raise _unusable(path, f"is malformed ({problem})", resume_step)
 
     try:
         header, *rows = list(csv.reader(io.StringIO(text))) or [None]
@@ -295,23 +287,22 @@ def check_rows(path: str, text: str, columns: list[str], resume_step: int) -> li
     if header != columns:
         refuse(f"its header is {','.join(header) if header else 'missing (the file is empty)'}"
                f", not {','.join(columns)}")
-    seen, out = set(), []
+    seen = set()
     for line, fields in enumerate(rows, start=2):
         if len(fields) != len(columns):
             refuse(f"line {line} has {len(fields)} fields, not {len(columns)}")
-        row = dict(zip(columns, fields))
+        split, epoch, step, *numbers = fields
         try:
-            key = (row["split"], int(row["step"]), int(row["epoch"]))
-            [float(row[name]) for name in columns[3:] if row[name] != "" or name == "time"]
+            key = (split, int(step), int(epoch))
+            [float(x) for i, x in enumerate(numbers) if x != "" or i == 0]  # time is never empty
         except ValueError:
             refuse(f"line {line} holds a field that is not a number")
-        if key[0] not in ("train", "test") or min(key[1:]) < 0:
+        if split not in ("train", "test") or min(key[1:]) < 0:
             refuse(f"line {line} is no train or test row of a step and epoch")
         if key[:2] in seen:
-            refuse(f"line {line} logs {key[0]} step {key[1]} a second time")
+            refuse(f"line {line} logs {split} step {key[1]} a second time")
         seen.add(key[:2])
-        out.append(row)
     missing = [step for step in range(1, resume_step + 1) if ("train", step) not in seen]
     if missing:
         refuse(f"it lacks the train rows of {len(missing)} step(s) from step {missing[0]}")
-    return out
+    return [dict(zip(columns, fields)) for fields in rows]

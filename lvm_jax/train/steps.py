@@ -1,10 +1,8 @@
 """The compiled pieces of training: the initial state, the training chunk, the evaluation.
 
-The dataset lives whole on the devices; each compiled call runs `steps_per_call`
-optimizer steps as one `lax.scan` over batches gathered on the device from
-permuted indices (or streamed, `lvm_jax.train.feeds`), so no step waits on the
-host. Batches are split over the `data` axis of the mesh and parameters
-replicated; XLA inserts the gradient all-reduce (DESIGN.md §4).
+Each compiled call runs `steps_per_call` optimizer steps as one `lax.scan` over batches
+read on the device (`lvm_jax.train.feeds`). Batches are split over the `data` axis of the
+mesh and parameters replicated; XLA inserts the gradient all-reduce (DESIGN.md §4).
 """
 
 import collections
@@ -119,13 +117,9 @@ def dispatch_bounded(queued: collections.deque, call, *args):
 def make_evaluate(objective: Objective, mesh):
     """Returns evaluate(state, data, batch_size, key) -> test-set means of the loss metrics.
 
-    One compiled program per batch size, called once per batch of `eval_batches`
-    (convolutions run many times slower inside compiled loops on CPU,
-    jax-ml/jax#12868); the calls are dispatched ahead of the one read of their
-    means, at most MAX_EVAL_CALLS_IN_FLIGHT queued at once (`dispatch_bounded`), so
-    the host rarely waits between batches. Each batch counts with its size, so every
-    example counts exactly once. Batch j draws its noise from fold_in(key, j), the same at every
-    evaluation.
+    A compiled call per batch of `eval_batches` (not a compiled loop: jax-ml/jax#12868),
+    dispatched ahead of the one read of their means (`dispatch_bounded`); each batch counts
+    with its size, and batch j draws its noise from fold_in(key, j) at every evaluation.
     """
 
     @jax.jit
@@ -164,31 +158,21 @@ def evaluate_test_set(objective: Objective, state: TrainState, test_data: np.nda
 def checked(chunk):
     """jit((state, *args) -> (state, metrics, finite)): `chunk` (`make_train_chunk`), and
     whether every floating-point leaf of the state it returns is finite (a replicated bool),
-    computed in the same compiled call so that one fetch per call brings it with the metrics."""
+    computed in the same compiled call so that one fetch brings it with the metrics."""
 
     @jax.jit
     def call(state, *args):
         state, metrics = chunk(state, *args)
-        return state, metrics, all_finite(state)
+        finite = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(state)
+                  if jnp.issubdtype(x.dtype, jnp.inexact)]
+        return state, metrics, jnp.all(jnp.stack(finite)) if finite else jnp.bool_(True)
 
     return call
-
-
-@jax.jit
-def all_finite(tree) -> jax.Array:
-    """Whether every floating-point leaf of `tree` is finite (a replicated bool)."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def non_finite_leaves(tree) -> list[str]:
     """The paths ("opt_state/0/nu/Dense_0/kernel") of the floating-point leaves of `tree`
     that hold a NaN or an infinity."""
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    inexact = [(path, leaf) for path, leaf in flat
-               if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
-    finite = jax.device_get(jax.jit(lambda leaves: [jnp.all(jnp.isfinite(x)) for x in leaves])(
-        [leaf for _, leaf in inexact]))
     return [jax.tree_util.keystr(path, simple=True, separator="/")
-            for (path, _), ok in zip(inexact, finite) if not ok]
+            for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+            if np.issubdtype(np.result_type(leaf), np.inexact) and not np.all(np.isfinite(leaf))]

@@ -1,11 +1,9 @@
 """One run per workdir: an exclusive OS lock held while a run writes there.
 
-The lock is `fcntl.flock` on <workdir>/.lock, the first file a run writes. The
-kernel releases it when the holder exits in any way, SIGKILL included, so a dead
-run never leaves a stale lock; the file keeps the holder's process id for the
-message a refused run prints. In a multi-host run only the primary process (the
-one that writes the run's files) takes it. A path that orbax cannot read back
-(tensorstore reads brackets as a pattern) is refused before the lock is taken.
+The lock is `fcntl.flock` on <workdir>/.lock, the first file a run writes; the kernel
+releases it when the holder exits in any way, SIGKILL included, and the file keeps the
+holder's process id for the message a refused run prints. In a multi-host run only the
+primary process (the one that writes the run's files) takes it.
 """
 
 import contextlib
@@ -20,11 +18,8 @@ LOCK_FILE = ".lock"
 
 
 def check_path(workdir: str) -> str:
-    """`workdir`, after checking that orbax can read back checkpoints written under it.
-
-    Raises:
-      WorkdirError: its absolute path holds a bracket.
-    """
+    """`workdir`, refused when its absolute path holds a bracket: orbax's checkpoint reader
+    (tensorstore) takes it for a pattern and could not read the checkpoints back."""
     if any(c in os.path.abspath(workdir) for c in "[]"):
         raise WorkdirError(f"the workdir {workdir} has a bracket in its path, which orbax's "
                            "checkpoint reader takes for a pattern: choose a path without [ or ].")
@@ -47,7 +42,7 @@ def locked(workdir: str, create: bool = True):
     try:
         os.makedirs(check_path(workdir), exist_ok=True)
         lock_file = records.open_no_follow(os.path.join(workdir, LOCK_FILE), "a+")
-    except WorkdirError:
+    except WorkdirError:  # an OSError too
         raise
     except OSError as err:
         problem = {errno.EEXIST: "it exists and is not a directory",
@@ -55,7 +50,7 @@ def locked(workdir: str, create: bool = True):
                        err.errno, records.DISK_ERRORS.get(err.errno, err.strerror))
         raise WorkdirError(f"cannot write into the workdir {workdir}: {problem}. Choose "
                            "another --workdir.") from None
-    with lock_file:
+    with lock_file:  # closing the file releases the lock
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -66,4 +61,4 @@ def locked(workdir: str, create: bool = True):
         lock_file.truncate(0)
         lock_file.write(f"{os.getpid()}\n")
         lock_file.flush()
-        yield  # closing the file releases the lock
+        yield
