@@ -8,14 +8,32 @@ prior and over the grid positions to sample the PixelCNNs. `copy_flax_params`
 tree into these modules, so the benchmarks can check that both sides compute
 the same function before timing them.
 
+The VAEs' layers keep Flax's automatic names (`Conv_0`: renaming them would
+change their initial values, which Flax derives from each module's path), so
+their copies never write those names out: `flax_layers` lists lvm_jax's layers
+in the order the lvm_jax module calls them, and `copy_layers` copies them into
+the twin's layers in its forward order, checking kinds and shapes. The priors
+name every submodule, and their copies address them by name.
+
 All log-densities are per example, summed over the event dimensions, in nats.
 """
 
 import math
+from typing import NamedTuple
 
+import flax.linen
+import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 from torch import nn
+
+from lvm_jax.nn.conv import ConvDecoder as FlaxConvDecoder
+from lvm_jax.nn.conv import ConvEncoder as FlaxConvEncoder
+from lvm_jax.nn.conv import SubPixelConvTranspose
+from lvm_jax.nn.conv import VQDecoder as FlaxVQDecoder
+from lvm_jax.nn.conv import VQEncoder as FlaxVQEncoder
+from lvm_jax.nn.dense import GaussianHead
 
 LOG_2PI = math.log(2.0 * math.pi)
 LOG_VAR_BOUND = 10.0  # lvm_jax bounds every Gaussian log-variance to (-10, 10)
@@ -223,6 +241,12 @@ def conv_vae(channels: int, prior: str = "standard", latent_dim: int = 16) -> VA
                latent_dim=latent_dim, learned_variance=False)
 
 
+def _check_shape(layer: nn.Module, weight: np.ndarray):
+    assert weight.shape == tuple(layer.weight.shape), (
+        f"lvm_jax's weight {weight.shape} does not fit the twin's {layer} "
+        f"{tuple(layer.weight.shape)}")
+
+
 def copy_linear(layer: nn.Linear, dense: dict, in_perm=None, out_perm=None):
     """flax Dense {kernel (in, out), bias} -> nn.Linear, optionally permuting the
     input or output units (to map NHWC-flattened features to NCHW-flattened)."""
@@ -231,6 +255,7 @@ def copy_linear(layer: nn.Linear, dense: dict, in_perm=None, out_perm=None):
         kernel = kernel[in_perm]
     if out_perm is not None:
         kernel, bias = kernel[:, out_perm], bias[out_perm]
+    _check_shape(layer, kernel.T)
     layer.weight.copy_(torch.from_numpy(kernel.T.copy()))
     layer.bias.copy_(torch.from_numpy(bias.copy()))
 
@@ -239,8 +264,83 @@ def copy_conv(layer: nn.Module, conv: dict, transposed: bool):
     """flax (kh, kw, Cin, Cout) kernel -> Conv2d (Cout, Cin, kh, kw) or ConvTranspose2d
     (Cin, Cout, kh, kw); lvm_jax's SubPixelConvTranspose stores PyTorch's kernel layout."""
     kernel = np.asarray(conv["kernel"]).transpose((2, 3, 0, 1) if transposed else (3, 2, 0, 1))
+    _check_shape(layer, kernel)
     layer.weight.copy_(torch.from_numpy(kernel.copy()))
     layer.bias.copy_(torch.from_numpy(np.asarray(conv["bias"]).copy()))
+
+
+def _batch_norm(layer: nn.BatchNorm2d, params: dict, stats: dict | None):
+    """flax BatchNorm {scale, bias} and, if given, {mean, var} -> nn.BatchNorm2d."""
+    layer.weight.copy_(torch.from_numpy(np.asarray(params["scale"]).copy()))
+    layer.bias.copy_(torch.from_numpy(np.asarray(params["bias"]).copy()))
+    if stats is not None:
+        layer.running_mean.copy_(torch.from_numpy(np.asarray(stats["mean"]).copy()))
+        layer.running_var.copy_(torch.from_numpy(np.asarray(stats["var"]).copy()))
+
+
+class FlaxLayer(NamedTuple):
+    """One layer of an lvm_jax module: its class, its parameters (or their gradients) and its
+    BatchNorm statistics (None where it has none or none were given)."""
+
+    kind: type
+    params: dict
+    stats: dict | None
+
+
+# Each lvm_jax layer kind a twin mirrors, and the PyTorch layer that mirrors it.
+TWIN_LAYERS = {flax.linen.Conv: nn.Conv2d, SubPixelConvTranspose: nn.ConvTranspose2d,
+               flax.linen.Dense: nn.Linear, flax.linen.BatchNorm: nn.BatchNorm2d}
+
+
+def flax_layers(module: flax.linen.Module, inputs: tuple, params: dict,
+                batch_stats: dict | None = None) -> list[FlaxLayer]:
+    """Every layer (a `TWIN_LAYERS` kind) that `module` calls on `inputs`, in call order,
+    with its subtrees of `params` and `batch_stats` (trees of `module`'s variables).
+
+    The calls are recorded by `flax.linen.intercept_methods` while `module.init` is traced
+    (`jax.eval_shape`: nothing is computed); each layer's subtrees are found by the path
+    Flax gives it, so its automatic name is never written out.
+    """
+    paths = []
+
+    def record(call, args, kwargs, context):
+        if context.method_name == "__call__" and isinstance(context.module,
+                                                            tuple(TWIN_LAYERS)):
+            paths.append((type(context.module), context.module.path))
+        return call(*args, **kwargs)
+
+    with flax.linen.intercept_methods(record):
+        jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))
+
+    def at(tree, path):
+        for name in path:
+            tree = None if tree is None else tree.get(name)
+        return tree
+
+    return [FlaxLayer(kind, at(params, path), at(batch_stats, path)) for kind, path in paths]
+
+
+def twin_layers(twin: nn.Module) -> list[nn.Module]:
+    """The twin's layers of the `TWIN_LAYERS` kinds in the order `twin.modules()` lists them:
+    the order the twins build them in, their forward order."""
+    return [m for m in twin.modules() if isinstance(m, tuple(TWIN_LAYERS.values()))]
+
+
+def copy_layers(targets: list[nn.Module], layers: list[FlaxLayer]):
+    """Copies lvm_jax's `layers` (`flax_layers`) one for one into the twin's `targets`
+    (`twin_layers`); raises AssertionError unless both are the same kinds of layers, in the
+    same order, of the same shapes."""
+    kinds = [type(m).__name__ for m in targets]
+    assert [TWIN_LAYERS[layer.kind].__name__ for layer in layers] == kinds, (
+        f"lvm_jax's layers {[layer.kind.__name__ for layer in layers]} do not match the "
+        f"twin's {kinds}")
+    for target, layer in zip(targets, layers):
+        if isinstance(target, nn.BatchNorm2d):
+            _batch_norm(target, layer.params, layer.stats)
+        elif isinstance(target, nn.Linear):
+            copy_linear(target, layer.params)
+        else:
+            copy_conv(target, layer.params, transposed=isinstance(target, nn.ConvTranspose2d))
 
 
 def _nchw_order(height: int, width: int, channels: int) -> np.ndarray:
@@ -251,16 +351,22 @@ def _nchw_order(height: int, width: int, channels: int) -> np.ndarray:
 
 @torch.no_grad()
 def copy_flax_params(model: VAE, params: dict) -> VAE:
-    """Loads lvm_jax's image VAE/VLAE parameters (`conv_vae`) into `model`, in place."""
-    convs = [m for m in model.trunk if isinstance(m, nn.Conv2d)]
-    for i, layer in enumerate(convs):
-        copy_conv(layer, params["trunk"][f"Conv_{i}"], transposed=False)
-    copy_linear(model.head, params["head"]["Dense_0"], in_perm=_nchw_order(4, 4, 256))
-    copy_linear(model.decoder[0], params["decoder"]["Dense_0"], out_perm=_nchw_order(4, 4, 128))
-    ups = [m for m in model.decoder if isinstance(m, nn.ConvTranspose2d)]
-    for i, layer in enumerate(ups):
-        copy_conv(layer, params["decoder"][f"SubPixelConvTranspose_{i}"], transposed=True)
-    copy_conv(model.decoder[-1], params["decoder"]["Conv_0"], transposed=False)
+    """Loads lvm_jax's image VAE/VLAE parameters (`conv_vae`) into `model`, in place.
+
+    The two dense layers between NHWC feature maps and flat vectors get their units
+    permuted to PyTorch's NCHW flattening.
+    """
+    channels, latent_dim = model.trunk[0].in_channels, model.latent_dim
+    copy_layers(twin_layers(model.trunk), flax_layers(
+        FlaxConvEncoder(), (jnp.zeros((1, 32, 32, channels)),), params["trunk"]))
+    (head,) = flax_layers(GaussianHead(latent_dim), (jnp.zeros((1, model.head.in_features)),),
+                          params["head"])
+    copy_linear(model.head, head.params, in_perm=_nchw_order(4, 4, 256))
+    dense, *upsampling = flax_layers(FlaxConvDecoder(channels),
+                                     (jnp.zeros((1, latent_dim)),), params["decoder"])
+    linear, *twin_upsampling = twin_layers(model.decoder)
+    copy_linear(linear, dense.params, out_perm=_nchw_order(4, 4, 128))
+    copy_layers(twin_upsampling, upsampling)
     if isinstance(model.prior, MADEFlowPrior):
         copy_flax_made_params(model.prior.made, params["prior"]["made"])
     return model
@@ -513,46 +619,18 @@ def _sub(tree: dict | None, key: str) -> dict | None:
     return None if tree is None else tree[key]
 
 
-def _batch_norm(layer: nn.BatchNorm2d, params: dict, stats: dict | None):
-    """flax BatchNorm {scale, bias} and {mean, var} -> nn.BatchNorm2d."""
-    layer.weight.copy_(torch.from_numpy(np.asarray(params["scale"]).copy()))
-    layer.bias.copy_(torch.from_numpy(np.asarray(params["bias"]).copy()))
-    if stats is not None:
-        layer.running_mean.copy_(torch.from_numpy(np.asarray(stats["mean"]).copy()))
-        layer.running_var.copy_(torch.from_numpy(np.asarray(stats["var"]).copy()))
-
-
-def _vq_residual_block(block: VQResidualBlock, params: dict, stats: dict | None):
-    bn0, _, conv0, bn1, _, conv1 = block.net
-    _batch_norm(bn0, params["BatchNorm_0"], _sub(stats, "BatchNorm_0"))
-    _batch_norm(bn1, params["BatchNorm_1"], _sub(stats, "BatchNorm_1"))
-    copy_conv(conv0, params["Conv_0"], transposed=False)
-    copy_conv(conv1, params["Conv_1"], transposed=False)
-
-
 @torch.no_grad()
 def copy_flax_vqvae_params(model: VQVAE, params: dict, batch_stats: dict | None = None) -> VQVAE:
     """Loads lvm_jax's VQ-VAE (`conv_vqvae`, gradient-trained codebook) parameters and, if
     given, its BatchNorm running statistics into `model`, in place."""
-    enc, dec = params["encoder"], params["decoder"]
-    enc_stats = _sub(batch_stats, "encoder")
-    dec_stats = _sub(batch_stats, "decoder")
-    conv0, bn, _, conv1, res0, res1 = model.encoder
-    copy_conv(conv0, enc["Conv_0"], transposed=False)
-    _batch_norm(bn, enc["BatchNorm_0"], _sub(enc_stats, "BatchNorm_0"))
-    copy_conv(conv1, enc["Conv_1"], transposed=False)
-    for i, block in enumerate((res0, res1)):
-        _vq_residual_block(block, enc[f"ResidualBlock_{i}"],
-                           _sub(enc_stats, f"ResidualBlock_{i}"))
+    channels, dim = model.encoder[0].in_channels, model.quantizer.embedding.embedding_dim
+    for name, flax_module, x in (
+            ("encoder", FlaxVQEncoder(dim), jnp.zeros((1, 4, 4, channels))),
+            ("decoder", FlaxVQDecoder(dim, channels), jnp.zeros((1, 1, 1, dim)))):
+        copy_layers(twin_layers(getattr(model, name)), flax_layers(
+            flax_module, (x, False), params[name], _sub(batch_stats, name)))
     model.quantizer.embedding.weight.copy_(
         torch.from_numpy(np.asarray(params["quantizer"]["embeddings"]).copy()))
-    res0, res1, bn0, _, up0, bn1, _, up1, _ = model.decoder
-    for i, block in enumerate((res0, res1)):
-        _vq_residual_block(block, dec[f"ResidualBlock_{i}"],
-                           _sub(dec_stats, f"ResidualBlock_{i}"))
-    for i, (norm, up) in enumerate(((bn0, up0), (bn1, up1))):
-        _batch_norm(norm, dec[f"BatchNorm_{i}"], _sub(dec_stats, f"BatchNorm_{i}"))
-        copy_conv(up, dec[f"SubPixelConvTranspose_{i}"], transposed=True)
     return model
 
 

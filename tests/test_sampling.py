@@ -13,7 +13,7 @@ import pytest
 from flax import linen as nn
 
 from lvm_jax.nn import ConditionalGatedPixelCNN, GatedPixelCNN, PixelCNN, PixelSNAIL, sample_codes
-from lvm_jax.nn.masked_conv import MaskedConv, code_row, previous_code
+from lvm_jax.nn.masked_conv import MaskedConv, code_at
 from lvm_jax.nn.pixelsnail import CausalAttentionBlock
 from lvm_jax.nn import sampling
 from lvm_jax.nn.sampling import cached_logits, raster_sample, row_blocks
@@ -393,12 +393,16 @@ class _ConvAttentionPrior(nn.Module):
         self.attention.init_cache(num, height, width)
 
     def step(self, codes, i, j, stop):
-        previous = self.embed(previous_code(codes, i, j))
-        h = self.conv_b.step(nn.relu(self.conv_a.step(previous, j)), j)
-        return self.head(self.attention.step(h, previous, i, j, codes.shape[1:], stop))
+        h = self.conv_b.step(nn.relu(self.conv_a.step(None, j)), j)
+        return self.head(self.attention.step(h, i, j, codes.shape[1:], stop))
+
+    def end_position(self, codes, i, j):
+        embedded = self.embed(code_at(codes, i, j))
+        self.conv_a.write(embedded, j)
+        self.attention.write(embedded, i, j, codes.shape[1:])
 
     def end_row(self, codes, i):
-        self.conv_a.end_row(self.embed(code_row(codes, i)))
+        self.conv_a.end_row()
         self.conv_b.end_row()
 
 

@@ -22,8 +22,9 @@ Each prior and each layer also computes itself one position at a time, for
 the cached sampler (lvm_jax.nn.sampling): `init_cache` makes the "cache"
 collection (the input rows of every masked convolution, the vertical stack's
 link into the next row, the conditioning terms), `step` computes the outputs
-at (i, j) and `end_row` the work that waits for a whole row (the vertical
-stack). All three are applied with mutable=["cache"].
+at (i, j), `end_position` writes the code drawn there into the type-A layer's
+input rows and `end_row` does the work that waits for a whole row (the
+vertical stack). All four are applied with mutable=["cache"].
 
 Every module computes in its `dtype` attribute with float32 parameters; the
 logits of both priors come out float32 (lvm_jax.nn.precision).
@@ -74,8 +75,8 @@ class MaskedConv(nn.Module):
     """kernel_size x kernel_size 'SAME' convolution whose kernel is multiplied by `conv_mask`.
 
     (batch, H, W, C_in) -> (batch, H, W, features) in `dtype`. One position at a
-    time (`init_cache`, `step`, `end_row`), it caches the last k//2 + 1 rows of
-    its input: the rows its mask reads.
+    time (`init_cache`, `write`, `step`, `end_row`), it caches the last k//2 + 1
+    rows of its input: the rows its mask reads.
     """
 
     features: int
@@ -105,30 +106,28 @@ class MaskedConv(nn.Module):
             self.variables["params"]["conv"], self.dtype,
             conv_mask(self.kernel_size, self.mask_type), rows=c + 1))
 
-    def step(self, x: jax.Array, j) -> jax.Array:
+    def write(self, x: jax.Array, j) -> None:
+        """Writes the input x (num, C_in) at column j of the current row."""
+        c = self.kernel_size // 2
+        self.put_variable("cache", "rows",
+                          row_cache.write(self.get_variable("cache", "rows"), j + c, x))
+
+    def step(self, x: jax.Array | None, j) -> jax.Array:
         """The output (num, features) at column j of the current row.
 
-        x (num, C_in) is the input at column j for type B; for type A, whose output
-        at j does not read column j, the input at column j - 1 (unused at j = 0).
+        x (num, C_in) is the input at column j, written first, for type B; None for
+        type A, whose output at j reads the columns before j only, which `write`
+        put there.
         """
-        c = self.kernel_size // 2
-        rows = self.get_variable("cache", "rows")
-        if self.mask_type == "A":
-            # At j = 0 this zeroes column 0 of the new row, which is zero and unread anyway.
-            rows = row_cache.write(rows, jnp.maximum(j - 1, 0) + c, jnp.where(j > 0, x, 0))
-        else:
-            rows = row_cache.write(rows, j + c, x)
-        self.put_variable("cache", "rows", rows)
-        return row_cache.apply_matrix(self.get_variable("cache", "matrix"),
-                                      row_cache.window(rows, j, self.kernel_size))
+        if self.mask_type == "B":
+            self.write(x, j)
+        return row_cache.apply_matrix(
+            self.get_variable("cache", "matrix"),
+            row_cache.window(self.get_variable("cache", "rows"), j, self.kernel_size))
 
-    def end_row(self, row: jax.Array | None = None) -> None:
-        """Completes the current row with `row` (num, width, C_in), if given (type A: its
-        last column never came through `step`), and starts the next."""
-        rows = self.get_variable("cache", "rows")
-        if row is not None:
-            rows = row_cache.write_row(rows, row, self.kernel_size // 2)
-        self.put_variable("cache", "rows", row_cache.push_row(rows))
+    def end_row(self) -> None:
+        """The current row is complete: starts the next."""
+        self.put_variable("cache", "rows", row_cache.push_row(self.get_variable("cache", "rows")))
 
 
 def check_codes(codes: jax.Array, name: str = "codes") -> None:
@@ -139,12 +138,9 @@ def check_codes(codes: jax.Array, name: str = "codes") -> None:
         raise ValueError(f"{name} must have shape (batch, H, W), got {codes.shape}")
 
 
-def previous_code(codes: jax.Array, i, j) -> jax.Array:
-    """(num,) the code before (i, j) in raster order, from codes (num, H, W) (any code at
-    (0, 0), which has none): what a step at (i, j) feeds its type-A layers."""
-    flat = codes.reshape(codes.shape[0], -1)
-    t = i * codes.shape[2] + j
-    return jax.lax.dynamic_index_in_dim(flat, jnp.maximum(t - 1, 0), 1, keepdims=False)
+def code_at(codes: jax.Array, i, j) -> jax.Array:
+    """(num,): the codes at (i, j) of codes (num, H, W)."""
+    return jax.lax.dynamic_index_in_dim(code_row(codes, i), j, 1, keepdims=False)
 
 
 def code_row(codes: jax.Array, i) -> jax.Array:
@@ -246,17 +242,21 @@ class PixelCNN(nn.Module):
             block.init_cache(num, width)
 
     def step(self, codes: jax.Array, i, j, stop: int | None = None) -> jax.Array:
-        """float32 logits (num, num_classes) at (i, j), given codes (num, H, W) drawn before
-        (i, j) in raster order (`stop`, the attention's bound, is unused)."""
-        x = self.input_conv.step(self.embed(previous_code(codes, i, j)), j)
+        """float32 logits (num, num_classes) at (i, j), the codes before it written by
+        `end_position` (`codes` and `stop`, the attention's bound, are unused)."""
+        x = self.input_conv.step(None, j)
         for block in self.blocks:
             x = block.step(x, j)
         return to_float32(self.head.at(x))
 
+    def end_position(self, codes: jax.Array, i, j) -> None:
+        """The code at (i, j) of codes (num, H, W) is drawn: its embedding enters the input
+        conv's rows."""
+        self.input_conv.write(self.embed(code_at(codes, i, j)), j)
+
     def end_row(self, codes: jax.Array, i) -> None:
-        """Row i of codes is complete: its last code enters the input conv, and the next row
-        starts."""
-        self.input_conv.end_row(self.embed(code_row(codes, i)))
+        """Row i is complete: every masked conv starts the next."""
+        self.input_conv.end_row()
         for block in self.blocks:
             block.end_row()
 
@@ -352,23 +352,26 @@ class GatedLayer(nn.Module):
             self.put_variable("cache", "condition_horizontal",
                               self._conv_at(self.condition_horizontal, condition))
 
-    def step(self, h: jax.Array, i, j) -> jax.Array:
+    def write(self, h: jax.Array, j) -> None:
+        """Writes the horizontal input h (num, dim) at column j of the current row."""
+        c = self.kernel_size // 2
+        self.put_variable("cache", "h_rows",
+                          row_cache.write(self.get_variable("cache", "h_rows"), j + c, h))
+
+    def step(self, h: jax.Array | None, i, j) -> jax.Array:
         """The horizontal stack's output (num, dim) at (i, j) of the current row i.
 
-        h (num, dim) is the horizontal input at (i, j); in the first layer (type A),
-        the input at (i, j - 1) (unused at j = 0).
+        h (num, dim) is the horizontal input at (i, j), written first; None in the
+        first layer (type A), which reads the columns before j only, which `write`
+        put there.
         """
         c = self.kernel_size // 2
-        rows = self.get_variable("cache", "h_rows")
-        if self.first:
-            # At j = 0 this zeroes column 0 of the new row, which is zero and unread anyway.
-            rows = row_cache.write(rows, jnp.maximum(j - 1, 0) + c, jnp.where(j > 0, h, 0))
-        else:
-            rows = row_cache.write(rows, j + c, h)
-        self.put_variable("cache", "h_rows", rows)
+        if not self.first:
+            self.write(h, j)
         link = self.get_variable("cache", "link")
         h_pre = (row_cache.apply_matrix(self.get_variable("cache", "horizontal"),
-                                        row_cache.window(rows, j, c + 1))
+                                        row_cache.window(self.get_variable("cache", "h_rows"),
+                                                         j, c + 1))
                  + jax.lax.dynamic_index_in_dim(link, j, 1, keepdims=False))
         if self.conditioned:
             h_pre = h_pre + self.get_variable("cache", "condition_horizontal")[:, i, j]
@@ -392,16 +395,22 @@ class GatedLayer(nn.Module):
 
 
 class GatedSteps:
-    """`step` and `end_row` of a prior made of gated layers: a module with an `embed`
-    (nn.Embed), a list of `layers` (GatedLayer, the first type A) and a `head` (OutputHead)."""
+    """`step`, `end_position` and `end_row` of a prior made of gated layers: a module with an
+    `embed` (nn.Embed), a list of `layers` (GatedLayer, the first type A) and a `head`
+    (OutputHead)."""
 
     def step(self, codes: jax.Array, i, j, stop: int | None = None) -> jax.Array:
-        """float32 logits (num, num_classes) at (i, j), given codes (num, H, W) drawn before
-        (i, j) in raster order (`stop`, the attention's bound, is unused)."""
-        h = self.embed(previous_code(codes, i, j))
+        """float32 logits (num, num_classes) at (i, j), the codes before it written by
+        `end_position` (`codes` and `stop`, the attention's bound, are unused)."""
+        h = None
         for layer in self.layers:
             h = layer.step(h, i, j)
         return to_float32(self.head.at(h))
+
+    def end_position(self, codes: jax.Array, i, j) -> None:
+        """The code at (i, j) of codes (num, H, W) is drawn: its embedding enters the first
+        layer's horizontal row."""
+        self.layers[0].write(self.embed(code_at(codes, i, j)), j)
 
     def end_row(self, codes: jax.Array, i) -> None:
         """Row i of codes (num, H, W) is complete: every layer runs its vertical stack over it,

@@ -14,8 +14,8 @@ to the positions s < t strictly: the key at s holds the code at s, which t
 may see; position 0 has nothing to attend to and its attention output is 0.
 Every module computes in `dtype` with float32 parameters; the attention
 softmax and the logits are float32. One position at a time (`init_cache`,
-`step`, `end_row`, as masked_conv's priors), each attention block keeps the
-keys and values of the positions drawn so far.
+`step`, `end_position`, `end_row`, as masked_conv's priors), each attention
+block keeps the keys and values of the positions drawn so far.
 """
 
 from typing import ClassVar
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from lvm_jax.nn.masked_conv import (GatedLayer, GatedSteps, OutputHead, check_codes,
-                                     check_kernel_size, gate, previous_code)
+                                     check_kernel_size, code_at, gate)
 from lvm_jax.nn.precision import to_float32
 
 
@@ -75,8 +75,9 @@ class CausalAttentionBlock(nn.Module):
     attention at position t reads the positions s < t (`attend`).
 
     One position at a time, it caches keys (num, H*W, key_dim) and values
-    (num, H*W, value_dim), slot s written once the code at s is known, and its
-    input features at the latest position (the key and value at s read them).
+    (num, H*W, value_dim), slot s written once the code at s is drawn (`write`),
+    and its input features at the latest position (`step`), which the key and
+    value at s read.
     """
 
     dim: int
@@ -123,38 +124,37 @@ class CausalAttentionBlock(nn.Module):
                           jnp.zeros((num, positions, self.value_dim), self.dtype))
         self.put_variable("cache", "features", jnp.zeros((num, self.dim), self.dtype))
 
-    def step(self, features: jax.Array, previous: jax.Array, i, j, grid: tuple[int, int],
-             stop: int) -> jax.Array:
-        """The block's output (num, dim) at (i, j) of a `grid` (H, W).
-
-        Writes the key and value of the position before (i, j), from the embedding
-        `previous` (num, dim) of its code, then attends from the features (num, dim)
-        at (i, j) to the slots before it. It reads the first stop * W slots only
-        (`stop`, static: no code beyond row stop - 1 is drawn yet).
-        """
+    def _coordinates(self, t, grid: tuple[int, int], num: int) -> jax.Array:
+        """(num, 2) in `dtype`: the coordinates of raster position t of a `grid` (H, W)."""
         height, width = grid
+        return jnp.broadcast_to(coordinates(t // width, t % width, height, width).astype(
+            self.dtype), (num, 2))
+
+    def step(self, features: jax.Array, i, j, grid: tuple[int, int], stop: int) -> jax.Array:
+        """The block's output (num, dim) at (i, j) of a `grid` (H, W), from its input
+        features (num, dim) there: attends to the slots before (i, j), reading the first
+        stop * W only (`stop`, static: no code beyond row stop - 1 is drawn yet)."""
+        width = grid[1]
         t = i * width + j
-        s = jnp.maximum(t - 1, 0)  # at t = 0 slot 0 gets a key that t = 0 cannot see
-
-        def coords(t):
-            return jnp.broadcast_to(coordinates(t // width, t % width, height, width).astype(
-                self.dtype), (features.shape[0], 2))
-
-        key_in = jnp.concatenate([previous, self.get_variable("cache", "features"), coords(s)],
-                                 -1)
-        slots = {}
-        for name, dense in (("keys", self.key), ("values", self.value)):
-            slots[name] = jax.lax.dynamic_update_slice(
-                self.get_variable("cache", name), dense(key_in)[:, None], (0, s, 0))
-            self.put_variable("cache", name, slots[name])
         self.put_variable("cache", "features", features)
-
         filled = stop * width
         visible = jnp.arange(filled)[None] < t  # (1, filled): s < t
-        query = self.query(jnp.concatenate([features, coords(t)], -1))
-        attended = attend(query[:, None], slots["keys"][:, :filled], slots["values"][:, :filled],
-                          visible, self.num_heads)[:, 0]
+        query = self.query(jnp.concatenate(
+            [features, self._coordinates(t, grid, features.shape[0])], -1))
+        attended = attend(query[:, None], self.get_variable("cache", "keys")[:, :filled],
+                          self.get_variable("cache", "values")[:, :filled], visible,
+                          self.num_heads)[:, 0]
         return self._mix(features, attended)
+
+    def write(self, embedded: jax.Array, i, j, grid: tuple[int, int]) -> None:
+        """The code at (i, j) is drawn: its slot gets the key and value of [its embedding
+        `embedded` (num, dim), the features of the step at (i, j), coordinates]."""
+        t = i * grid[1] + j
+        key_in = jnp.concatenate([embedded, self.get_variable("cache", "features"),
+                                  self._coordinates(t, grid, embedded.shape[0])], -1)
+        for name, dense in (("keys", self.key), ("values", self.value)):
+            self.put_variable("cache", name, jax.lax.dynamic_update_slice(
+                self.get_variable("cache", name), dense(key_in)[:, None], (0, t, 0)))
 
 
 class PixelSNAIL(GatedSteps, nn.Module):
@@ -232,15 +232,22 @@ class PixelSNAIL(GatedSteps, nn.Module):
             attention.init_cache(num, height, width)
 
     def step(self, codes: jax.Array, i, j, stop: int | None = None) -> jax.Array:
-        """float32 logits (num, num_classes) at (i, j), given codes (num, H, W) drawn before
-        (i, j) in raster order; the attention reads the cache of rows < `stop` (static, all
-        if None)."""
+        """float32 logits (num, num_classes) at (i, j), the codes before it written by
+        `end_position`; the attention reads the cache of rows < `stop` (static, all if
+        None)."""
         grid = codes.shape[1:]
-        previous = self.embed(previous_code(codes, i, j))
-        h = previous
+        h = None
         for index, layer in enumerate(self.layers):
             h = layer.step(h, i, j)
             if (index + 1) % self.layers_per_block == 0:
                 h = self.attentions[index // self.layers_per_block].step(
-                    h, previous, i, j, grid, grid[0] if stop is None else stop)
+                    h, i, j, grid, grid[0] if stop is None else stop)
         return to_float32(self.head.at(h))
+
+    def end_position(self, codes: jax.Array, i, j) -> None:
+        """The code at (i, j) of codes (num, H, W) is drawn: its embedding enters the first
+        layer's horizontal row and every attention block's keys and values."""
+        embedded = self.embed(code_at(codes, i, j))
+        self.layers[0].write(embedded, j)
+        for attention in self.attentions:
+            attention.write(embedded, i, j, codes.shape[1:])

@@ -11,9 +11,8 @@ key: position t = i * width + j is drawn with
     Convolutional Autoregressive Models") calls the prior's own incremental
     step, which computes only the activations that the newly drawn code
     changes, keeping what later positions need in flax's "cache" collection
-    (as the decoders of flax's examples/wmt do). It knows no model: any prior
-    with the step API below is drawn from, PixelCNN, GatedPixelCNN, PixelSNAIL
-    and ConditionalGatedPixelCNN included.
+    (as the decoders of flax's examples/wmt do). It knows no model: it draws
+    from any prior with the step API below, the four of lvm_jax.nn included.
 
 The step API, each method applied with `mutable=["cache"]`:
 
@@ -24,6 +23,9 @@ The step API, each method applied with `mutable=["cache"]`:
     (num, H, W) whose positions before (i, j) in raster order are drawn; the
     step may read no later position. `stop` (a static int) bounds the rows
     drawn so far: those of the current block of rows (below).
+  * `end_position(codes, i, j)`: the code at (i, j) is drawn: its share of the
+    cache (a type-A layer's input, an attention's key and value), written now
+    so that the next step starts from one chain of work (docs/design-notes.md).
   * `end_row(codes, i)`: row i is complete (work that waits for a whole row).
   * optional: a class attribute `row_blocks` (default 1), the most blocks of
     rows to loop over, each its own compiled loop whose `stop` is its last row
@@ -96,9 +98,8 @@ def sample_codes(model, variables, rng: jax.Array, num: int, height: int, width:
     Returns:
       (num, height, width) int32 codes in [0, K).
 
-    Every argument is checked before anything is compiled: a one-line error
-    names the one it cannot draw with, including sizes whose arrays would not
-    fit in the device's memory.
+    Every argument is checked before anything is compiled, sizes against the
+    device's memory too: a one-line error names the one it cannot draw with.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -116,9 +117,8 @@ def _sample_codes(model, variables, rng, num, height, width, method, context):
     def draw(i, j, logits, codes, out):
         return codes.at[:, i, j].set(_draw(rng, i * width + j, logits)), out
 
-    codes, _ = _cached_loop(model, variables, context, jnp.zeros((num, height, width),
-                                                                  jnp.int32), draw, None)
-    return codes
+    zeros = jnp.zeros((num, height, width), jnp.int32)
+    return _cached_loop(model, variables, context, zeros, draw, None)[0]
 
 
 def cached_logits(model, variables, codes: jax.Array,
@@ -134,8 +134,7 @@ def cached_logits(model, variables, codes: jax.Array,
     Returns:
       (num, height, width, K) float32 logits.
     """
-    if not hasattr(codes, "dtype") or not jnp.issubdtype(codes.dtype, jnp.integer) or \
-            codes.ndim != 3:
+    if getattr(codes, "ndim", None) != 3 or not jnp.issubdtype(codes.dtype, jnp.integer):
         raise ValueError(f"codes must be an integer array (num, H, W), got {codes!r:.60}")
     context = check_arguments(model, variables, tuple(codes.shape), condition, "cached")
     return _cached_logits(model, variables, codes, context)
@@ -191,7 +190,8 @@ def _cached_loop(model, variables, context, codes, record, out):
             def column(j, carry):
                 cache, codes, out = carry
                 logits, state = apply(cache, "step", codes, i, j, stop)
-                return state["cache"], *record(i, j, logits, codes, out)
+                codes, out = record(i, j, logits, codes, out)
+                return apply(state["cache"], "end_position", codes, i, j)[1]["cache"], codes, out
 
             cache, codes, out = jax.lax.fori_loop(0, width, column, carry)
             return apply(cache, "end_row", codes, i)[1]["cache"], codes, out

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-STEP_API = ("init_cache", "step", "end_row")
+STEP_API = ("init_cache", "step", "end_position", "end_row")
 MAX_POSITIONS = 2**31 - 1  # positions are int32 on the device
 
 
