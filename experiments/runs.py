@@ -209,9 +209,10 @@ class VAERun(BoundRun):
 
     def reconstruct(self, x, key: jax.Array | None = None) -> np.ndarray:
         """The decoder mean at the encoder mean of each stored example of `x`, or with `key`
-        at z ~ q(z|x)."""
+        at z ~ q(z|x) (a model whose `reconstruct` takes a key)."""
+        keys = () if key is None else (key,)
         return self.outputs(compiled(self.model, self.variables[self.main], self.preprocess(x),
-                                     key, method="reconstruct"))
+                                     *keys, method="reconstruct"))
 
     def encode(self, x) -> np.ndarray:
         """The posterior means E[z | x] of stored examples `x`, (N, latent_dim) float32."""
