@@ -41,12 +41,12 @@ def seconds(tree: str, argv: list[str]) -> float:
     return elapsed
 
 
-def interleaved(trees: dict[str, str], argv: list[str], repeats: int) -> dict[str, list]:
-    """{name: [seconds] * repeats}, the trees alternating, each pair's order alternating."""
+def interleaved(trees: dict[str, str], measure, repeats: int) -> dict[str, list]:
+    """{name: [measure(tree)] * repeats}, the trees alternating, each pair's order alternating."""
     times = {name: [] for name in trees}
     for i in range(repeats):
         for name in (list(trees) if i % 2 == 0 else list(trees)[::-1]):
-            times[name].append(seconds(trees[name], argv))
+            times[name].append(measure(trees[name]))
     return times
 
 
@@ -68,8 +68,10 @@ def main(argv=None) -> dict:
     for tree in trees.values():  # warm the compilation cache, not counted
         seconds(tree, VAE_2D)
     results = {"trees": trees, "load_average_before": load_before,
-               "vae_2d_dataset_1": summary(interleaved(trees, VAE_2D, args.repeats)),
-               "import_experiments_vae_2d": summary(interleaved(trees, IMPORT, args.repeats)),
+               "vae_2d_dataset_1": summary(interleaved(
+                   trees, lambda tree: seconds(tree, VAE_2D), args.repeats)),
+               "import_experiments_vae_2d": summary(interleaved(
+                   trees, lambda tree: seconds(tree, IMPORT), args.repeats)),
                "load_average_after": os.getloadavg()}
     lines = [f"# This tree ({THIS}) against {trees['other']}, {args.repeats} interleaved runs each",
              "", f"load average before {load_before}, after {results['load_average_after']}", "",

@@ -11,7 +11,7 @@ experiments.vqvae trains them.
 Each case (prior, grids per call, side) runs in a fresh process per tree: its
 `sample_codes(method="cached")` compiled ahead of time (the compile time is reported), one
 warm-up call, then the median wall and CPU time of `CALLS` calls. The trees alternate and
-which goes first alternates each round, so that a change of the machine's load falls on
+which goes first alternates each round (`core_timing.interleaved`), so that a change of the machine's load falls on
 both; the CPU time shows what a shared machine does to the wall time. Prints and writes
 the medians over rounds, the ratio this/other and the load average to
 benchmarks/results/sampler_timing.{json,md}.
@@ -86,14 +86,14 @@ def main(argv=None):
         prior, num, side = args.child
         print(json.dumps(child(prior, int(num), int(side))))
         return
+    # Here, not at the top: a child runs this file in the other tree, which may lack core_timing.
+    from benchmarks.core_timing import interleaved
+
     trees = {"this": THIS, "other": os.path.abspath(args.other)}
     load_before = os.getloadavg()
     rows = []
     for case in CASES:
-        times = {name: [] for name in trees}
-        for i in range(args.rounds):
-            for name in (list(trees) if i % 2 == 0 else list(trees)[::-1]):
-                times[name].append(measure(trees[name], case))
+        times = interleaved(trees, lambda tree: measure(tree, case), args.rounds)
         row = {"prior": case[0], "grids": case[1], "side": case[2]}
         for name, runs in times.items():
             for key in ("compile_s", "wall_ms", "cpu_ms"):

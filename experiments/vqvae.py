@@ -266,7 +266,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     """Trains (or resumes) the VQ-VAE, then each prior, that `config` describes in `workdir`
     (default runs/vqvae/<dataset>), writes their figures and summary.json, and returns the
     summary."""
-    options = quantizer_options(config)
+    quantizer_options(config)  # contradictory options are refused before any compute
     dataset = common.load_dataset(config)
     data.require_images(dataset, "vqvae", multiple_of=vqvae.SIZE_MULTIPLE)
     workdir = common.workdir(config, "vqvae", workdir)

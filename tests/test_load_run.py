@@ -95,7 +95,7 @@ def test_a_workdir_without_a_trained_step_says_what_it_holds(lvae_run, tmp_path)
     with pytest.raises(CheckpointError, match=f"^{tmp_path / 'none'} is no run's workdir: it "
                                               "does not exist.$"):
         load_run(str(tmp_path / "none"))
-    with pytest.raises(CheckpointError, match=f"holds no config.json, so no run: it is empty.$"):
+    with pytest.raises(CheckpointError, match="holds no config.json, so no run: it is empty.$"):
         load_run(str(tmp_path))
     untrained = tmp_path / "untrained"
     (untrained / "checkpoints").mkdir(parents=True)

@@ -232,7 +232,6 @@ def test_gradient_clipping_bounds_the_first_update(tmp_path):
 
 
 def test_dispatch_bounded_waits_for_the_oldest_call_once_the_queue_is_full():
-    from lvm_jax.train import loop
     waited, queued = [], collections.deque()
 
     class Call:

@@ -154,8 +154,6 @@ class TrainBatches:
     def iterator(self, state: dict | None = None, step: int = 0):
         """A grain iterator of the batches from `state` (a saved `get_state()`), else from
         `step`; its `get_state()` names the next step it returns."""
-        import grain
-
         iterator = self.dataset.to_iter_dataset(self.read_options).__iter__()
         if state is not None:
             iterator.set_state(state)
