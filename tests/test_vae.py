@@ -59,10 +59,18 @@ def test_more_samples_reduce_the_variance_of_the_loss():
 def test_image_vae_sample_reconstruct_and_shape_checks():
     model = vae.conv_vae((32, 32, 1), 16, likelihoods.get("unit_gaussian"))
     x = jnp.zeros((2, 32, 32, 1))
-    params = model.init(jax.random.key(0), x, jax.random.key(1))
-    assert model.apply(params, jax.random.key(0), 7, method=vae.VAE.sample).shape == (7, 32, 32, 1)
-    assert model.apply(params, jax.random.key(0), 3, True, method=vae.VAE.sample).shape == (3, 32, 32, 1)
-    assert model.apply(params, x, method=vae.VAE.reconstruct).shape == (2, 32, 32, 1)
+
+    @jax.jit  # one compiled call: op by op, every primitive would compile alone
+    def outputs(x, key):
+        params = model.init(key, x, key)
+        return (model.apply(params, key, 7, method=vae.VAE.sample),
+                model.apply(params, key, 3, True, method=vae.VAE.sample),
+                model.apply(params, x, method=vae.VAE.reconstruct))
+
+    # Initialisers drawn with the 'rbg' generator: threefry's compile several times slower.
+    samples, noisy_samples, reconstructions = outputs(x, jax.random.key(0, impl="rbg"))
+    assert samples.shape == (7, 32, 32, 1) and noisy_samples.shape == (3, 32, 32, 1)
+    assert reconstructions.shape == (2, 32, 32, 1)
     with pytest.raises(ValueError, match="32x32"):
         vae.conv_vae((28, 28, 1), 16, likelihoods.get("unit_gaussian"))
     with pytest.raises(ValueError, match="unknown likelihood"):
@@ -89,22 +97,29 @@ def test_beta_and_free_bits_change_the_objective_not_the_reported_elbo():
     model = small_mlp_vae()
     x = jnp.asarray(np.random.default_rng(1).normal(size=(6, 3)), jnp.float32)
     params = model.init(jax.random.key(0), x, jax.random.key(1))["params"]
-    params = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(jax.random.key(5), p.shape), params)
+    noise = np.random.default_rng(5)  # numpy's: threefry would compile a program per shape
+    params = jax.tree.map(lambda p: p + 0.2 * noise.standard_normal(p.shape, np.float32), params)
     rng = jax.random.key(2)
-    base, metrics = vae.loss_fn(model, params, x, rng)
-    mean, log_var = model.apply({"params": params}, x, method=vae.VAE.encode)
+    # One compiled objective, beta and free_bits its arguments: op by op, every primitive
+    # would compile alone.
+    objective = jax.jit(functools.partial(vae.loss_fn, model), static_argnums=3)
+    loss = lambda beta=1.0, free_bits=0.0: objective(params, x, rng, 1, beta, free_bits)  # noqa: E731
+    base, metrics = loss()
+    mean, log_var = jax.jit(functools.partial(model.apply, method=vae.VAE.encode))(
+        {"params": params}, x)
     kl_dims = np.asarray(losses.kl_std_normal_per_dim(mean, log_var)).mean(0)
-    beta, beta_metrics = vae.loss_fn(model, params, x, rng, beta=3.0)
+    beta, beta_metrics = loss(beta=3.0)
     np.testing.assert_allclose(beta, metrics["recon"] + 3.0 * metrics["kl"], rtol=1e-5)
     floor = float(np.sort(kl_dims)[0] + np.sort(kl_dims)[1]) / 2  # between the two dims' KLs
-    free, free_metrics = vae.loss_fn(model, params, x, rng, free_bits=floor)
+    free, free_metrics = loss(free_bits=floor)
     np.testing.assert_allclose(free, metrics["recon"] + np.maximum(floor, kl_dims).sum(), rtol=1e-5)
     assert float(free) > float(base)
     for m in (beta_metrics, free_metrics):
         assert m == metrics
     # With every group under the floor the KL passes no gradient: only reconstruction trains.
-    grad = jax.grad(lambda p: vae.loss_fn(model, p, x, rng, free_bits=1e3)[0])(params)
-    recon_grad = jax.grad(lambda p: vae.loss_fn(model, p, x, rng)[1]["recon"])(params)
+    grad, recon_grad = jax.jit(lambda p: (
+        jax.grad(lambda p: vae.loss_fn(model, p, x, rng, free_bits=1e3)[0])(p),
+        jax.grad(lambda p: vae.loss_fn(model, p, x, rng)[1]["recon"])(p)))(params)
     for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(recon_grad)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
