@@ -474,11 +474,13 @@ def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_once_there_is_spac
 
 # 5. Readers while a run trains -----------------------------------------------------------------
 
+# Loads until it has read `sys.argv[3]` steps (each new one means the trainer deleted an
+# older one meanwhile: it keeps the newest two), or for `sys.argv[2]` seconds at most.
 READER = textwrap.dedent("""
     import sys, time
     from experiments import evaluate
     workdir, steps, deadline = sys.argv[1], set(), time.monotonic() + float(sys.argv[2])
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and len(steps) < int(sys.argv[3]):
         steps.add(evaluate.load_run(workdir).step)
     print(sorted(steps))
 """)
@@ -508,8 +510,8 @@ def test_load_run_reads_a_committed_checkpoint_while_the_run_trains(tmp_path):
         deadline = time.monotonic() + 120
         while not (run / "checkpoints" / "20").is_dir() and time.monotonic() < deadline:
             time.sleep(0.2)
-        reader = subprocess.run([sys.executable, "-c", READER, str(run), "20"], cwd=ROOT, env=env,
-                                capture_output=True, text=True, timeout=300)
+        reader = subprocess.run([sys.executable, "-c", READER, str(run), "20", "8"], cwd=ROOT,
+                                env=env, capture_output=True, text=True, timeout=300)
         assert trainer.poll() is None, trainer.stderr.read()[-3000:]  # still training
     finally:
         trainer.send_signal(signal.SIGKILL)
