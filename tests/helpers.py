@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -22,6 +24,24 @@ def tiny_objective() -> Objective:
     return Objective.stateless(init=lambda rng, x: model.init(rng, x, rng),
                                loss_fn=functools.partial(vae.loss_fn, model),
                                units={"neg_elbo": "nats per example"})
+
+
+def random_variables(model, *inputs, bias_scale: float = 0.0, seed: int = 0):
+    """Variables of flax `model` in the shapes its init gives for `inputs`, drawn by numpy at
+    the scales of flax's default initialisers (kernels LeCun normal, embeddings normal of
+    variance 1 / features), biases N(0, bias_scale^2). Nothing is compiled: flax's own init
+    compiles a program per parameter shape op by op (threefry and erf_inv), seconds per
+    model, where a test needs only random weights."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path[-1:])
+        fan_in = leaf.shape[-1] if "embedding" in name else int(np.prod(leaf.shape[:-1]))
+        scale = bias_scale if leaf.ndim == 1 else 1 / np.sqrt(fan_in)
+        return jnp.asarray(scale * rng.standard_normal(leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(
+        draw, jax.eval_shape(model.init, jax.random.key(0), *inputs))
 
 
 def run_python(script: str, **env) -> dict:

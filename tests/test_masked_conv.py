@@ -12,6 +12,15 @@ from lvm_jax.nn.masked_conv import (
     conv_mask,
     horizontal_mask,
 )
+from tests.helpers import random_variables
+
+
+def _normal(shape, seed):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def _integers(high, shape, seed):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, high, shape), jnp.int32)
 
 
 @pytest.mark.parametrize(
@@ -38,9 +47,9 @@ def test_horizontal_mask(kernel_size, first, expected):
 @pytest.mark.parametrize("mask_type", ["A", "B"])
 def test_masked_conv_sees_exactly_its_mask(mask_type):
     conv = MaskedConv(features=3, kernel_size=5, mask_type=mask_type)
-    x = jax.random.normal(jax.random.key(0), (1, 7, 7, 2))
-    params = conv.init(jax.random.key(1), x)
-    jac = jax.jacrev(lambda x: conv.apply(params, x)[0, 3, 3])(x)  # (3, 1, 7, 7, 2)
+    x = _normal((1, 7, 7, 2), 0)
+    params = random_variables(conv, x)  # random weights drawn by numpy: nothing to compile
+    jac = jax.jit(jax.jacrev(lambda x: conv.apply(params, x)[0, 3, 3]))(x)  # (3, 1, 7, 7, 2)
     seen = np.abs(jac).sum(axis=(0, 1, 4))[1:6, 1:6] > 0
     np.testing.assert_array_equal(seen, conv_mask(5, mask_type).astype(bool))
 
@@ -48,18 +57,18 @@ def test_masked_conv_sees_exactly_its_mask(mask_type):
 def _dependence(model, params, x):
     """(H*W, H*W) bool: logits at raster position p depend on the input at q."""
     _, height, width, _ = x.shape
-    jac = jax.jacrev(lambda x: model.apply(params, x, method=model.logits)[0])(x)
+    jac = jax.jit(jax.jacrev(lambda x: model.apply(params, x, method=model.logits)[0]))(x)
     return (np.abs(jac).sum(axis=(2, 3, 6)) > 0).reshape(height * width, height * width)
 
 
 def test_pixelcnn_is_causal_and_has_a_blind_spot():
     model = PixelCNN(num_classes=4, embed_dim=8, num_residual_blocks=2, hidden=16)
-    codes = jax.random.randint(jax.random.key(0), (1, 8, 8), 0, 4)
-    params = model.init(jax.random.key(1), codes)
-    logits = model.apply(params, codes)
+    codes = _integers(4, (1, 8, 8), 0)
+    params = random_variables(model, codes)  # random weights drawn by numpy: nothing to compile
+    logits = jax.jit(model.apply)(params, codes)
     assert logits.shape == (1, 8, 8, 4)
 
-    x = jax.random.normal(jax.random.key(2), (1, 8, 8, 8))
+    x = _normal((1, 8, 8, 8), 2)
     dep = _dependence(model, params, x)
     assert not np.any(np.triu(dep)), "logits see the current or a later position"
 
@@ -74,11 +83,11 @@ def test_pixelcnn_is_causal_and_has_a_blind_spot():
 def test_gated_pixelcnn_sees_every_earlier_position():
     # 5x5 kernels, 3 layers: rows i - 7 .. i and columns j - 6 .. j + 6, the whole 6x6 past.
     model = GatedPixelCNN(num_classes=4, dim=8, num_layers=3, kernel_size=5, hidden=16)
-    codes = jax.random.randint(jax.random.key(0), (1, 6, 6), 0, 4)
-    params = model.init(jax.random.key(1), codes)
-    assert model.apply(params, codes).shape == (1, 6, 6, 4)
+    codes = _integers(4, (1, 6, 6), 0)
+    params = random_variables(model, codes)  # random weights drawn by numpy: nothing to compile
+    assert jax.jit(model.apply)(params, codes).shape == (1, 6, 6, 4)
 
-    x = jax.random.normal(jax.random.key(2), (1, 6, 6, 8))
+    x = _normal((1, 6, 6, 8), 2)
     dep = _dependence(model, params, x)
     np.testing.assert_array_equal(dep, np.tril(np.ones((36, 36), bool), k=-1))
 

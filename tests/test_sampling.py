@@ -17,6 +17,7 @@ from lvm_jax.nn.masked_conv import MaskedConv, code_at
 from lvm_jax.nn.pixelsnail import CausalAttentionBlock
 from lvm_jax.nn import sampling
 from lvm_jax.nn.sampling import cached_logits, raster_sample, row_blocks
+from tests.helpers import random_variables
 
 K, TOP_K = 5, 3
 # Tiny priors over K codes: kernel sizes 1, 3 and 5; 1 to 4 layers or blocks; 1 or 2 attention
@@ -43,32 +44,15 @@ PRIORS = {
 }
 
 
-def _drawn(model, *inputs, bias_scale=0.0, seed=0):
-    """Variables of `model` in the shapes its init gives, drawn by numpy at the scales of
-    flax's initialisers (kernels LeCun normal, embeddings normal with variance 1 / features)
-    and biases N(0, bias_scale^2). Nothing is compiled: flax's own init compiles a program
-    of seconds for every prior (an erf_inv per parameter), and what these tests need is
-    random weights."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = jax.tree_util.keystr(path[-1:])
-        fan_in = leaf.shape[-1] if "embedding" in name else int(np.prod(leaf.shape[:-1]))
-        scale = bias_scale if leaf.ndim == 1 else 1 / np.sqrt(fan_in)
-        return jnp.asarray(scale * rng.standard_normal(leaf.shape), leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(
-        draw, jax.eval_shape(model.init, jax.random.key(0), *inputs))
-
-
 @functools.cache
 def _variables(name: str):
     """Variables of PRIORS[name], with biases drawn too (flax starts them at zero, which would
     hide a bias applied at the wrong place)."""
     grid = jnp.zeros((1, 1, 1), jnp.int32)
     model = PRIORS[name]
-    return _drawn(model, *((grid, grid) if _conditioned(model) else (grid,)), bias_scale=0.3,
-                  seed=1)
+    # Drawn by numpy in init's shapes (`random_variables`): nothing to compile.
+    return random_variables(model, *((grid, grid) if _conditioned(model) else (grid,)),
+                            bias_scale=0.3, seed=1)
 
 
 def _conditioned(model) -> bool:
@@ -232,7 +216,7 @@ def _checkerboards():
 def _train(model, *inputs, steps=300):
     """Parameters after `steps` of Adam on the mean NLL (nats per code) of inputs[0] given the
     rest, and the last loss."""
-    params = _drawn(model, *inputs)
+    params = random_variables(model, *inputs)
     optimizer = optax.adam(3e-3)
 
     @jax.jit
@@ -424,7 +408,7 @@ class _ConvAttentionPrior(nn.Module):
 
 def test_a_new_prior_with_the_step_api_samples_exactly_without_touching_the_sampler():
     model = _ConvAttentionPrior(K)
-    variables = _drawn(model, jnp.zeros((1, 5, 7), jnp.int32), bias_scale=0.3)
+    variables = random_variables(model, jnp.zeros((1, 5, 7), jnp.int32), bias_scale=0.3)
     codes = _codes()
     expected = _apply(model, variables, codes, None)
     assert np.ptp(np.asarray(expected)) > 0.2
