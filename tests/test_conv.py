@@ -9,6 +9,7 @@ import pytest
 
 from lvm_jax.nn.conv import (ConvDecoder, ConvEncoder, SubPixelConvTranspose, conv_transpose_4x4_s2,
                              depth_to_space)
+from tests.helpers import random_variables
 
 
 def conv_transpose_reference(x, kernel, bias):
@@ -105,14 +106,16 @@ def test_depth_to_space_places_channels_as_row_and_column_phases():
 
 
 def test_encoder_and_decoder_shapes_follow_the_reference_architecture():
+    # Random weights in init's shapes (nothing compiled: init op by op compiled a program
+    # per parameter shape), run by one compiled call each.
     x = np.zeros((3, 32, 32, 3), np.float32)
-    params = ConvEncoder().init(jax.random.key(0), x)
-    assert ConvEncoder().apply(params, x).shape == (3, 4 * 4 * 256)
+    params = random_variables(ConvEncoder(), x)
+    assert jax.jit(ConvEncoder().apply)(params, x).shape == (3, 4 * 4 * 256)
     kernels = [p.shape for p in jax.tree.leaves(params) if p.ndim == 4]
     assert kernels == [(3, 3, 3, 32), (3, 3, 32, 64), (3, 3, 64, 128), (3, 3, 128, 256)]
     decoder = ConvDecoder(out_channels=3)
-    dparams = decoder.init(jax.random.key(0), np.zeros((3, 16), np.float32))
-    assert decoder.apply(dparams, np.zeros((3, 16), np.float32)).shape == (3, 32, 32, 3)
+    dparams = random_variables(decoder, np.zeros((3, 16), np.float32))
+    assert jax.jit(decoder.apply)(dparams, np.zeros((3, 16), np.float32)).shape == (3, 32, 32, 3)
     kernels = [p.shape for p in jax.tree.leaves(dparams) if p.ndim == 4]
     assert sorted(kernels) == sorted([(4, 4, 128, 128), (4, 4, 128, 64), (4, 4, 64, 32),
                                       (3, 3, 32, 3)])
