@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent("""
     from lvm_jax.train import Objective, TrainConfig, fit
 
     assert jax.device_count() == 8, jax.devices()
-    model = vae.mlp_vae(2, 2, (32, 32), likelihoods.get("gaussian"))
+    model = vae.mlp_vae(2, 2, (16,), likelihoods.get("gaussian"))
     objective = Objective.stateless(lambda rng, x: model.init(rng, x, rng),
                                     functools.partial(vae.loss_fn, model))
     train, test = toy2d.sample("2", 512, 0), toy2d.sample("2", 100, 1)
