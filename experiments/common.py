@@ -131,8 +131,8 @@ class Config(configs.Config):
     no_progress: bool = configs.setting(False, "hide the progress bar", may_change_on_resume=True)
     checkpoint_interval: float = configs.setting(
         60.0, "seconds at least between the checkpoints of epoch ends (0: every epoch); the "
-              "last epoch, a signal and a non-finite stop always save", configs.NON_NEGATIVE_FLOAT,
-        may_change_on_resume=True)
+              "last epoch, a signal and a stop on a NaN or infinite loss always save",
+        configs.NON_NEGATIVE_FLOAT, may_change_on_resume=True)
     dtype: Literal["float32", "bfloat16"] = configs.setting(
         "float32", "dtype of the model's activations: bfloat16 runs the convolutions and matrix "
                    "multiplies at bfloat16 speed on GPUs and TPUs, while parameters, optimizer "
