@@ -17,11 +17,13 @@ from tests.helpers import drawn_figures
 
 @pytest.fixture(scope="module")
 def lvae_run(tmp_path_factory):
-    """A tiny LVAE --quick run with its importance-weighted NLL, and the figures it drew."""
+    """A tiny LVAE --quick run with its importance-weighted NLL, and the figures it drew: the
+    model of test_lvae.py's quick run (whose compiled steps the compilation cache may hold),
+    without the data-dependent initialisation (a compilation of seconds, tested there)."""
     workdir = str(tmp_path_factory.mktemp("lvae") / "run")
     with drawn_figures() as drawn:
-        summary = lvae.main(["--quick", "--no_progress", "--latent_layers", "2", "--hidden", "16",
-                             "--latent_channels", "8", "--blocks_per_layer", "1",
+        summary = lvae.main(["--quick", "--no_progress", "--latent_layers", "2", "--hidden", "8",
+                             "--latent_channels", "4", "--blocks_per_layer", "1", "--no-data_init",
                              "--iwae_samples", "4", "--iwae_examples", "6", "--workdir", workdir])
     return workdir, summary, drawn
 

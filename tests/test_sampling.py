@@ -43,17 +43,32 @@ PRIORS = {
 }
 
 
+def _drawn(model, *inputs, bias_scale=0.0, seed=0):
+    """Variables of `model` in the shapes its init gives, drawn by numpy at the scales of
+    flax's initialisers (kernels LeCun normal, embeddings normal with variance 1 / features)
+    and biases N(0, bias_scale^2). Nothing is compiled: flax's own init compiles a program
+    of seconds for every prior (an erf_inv per parameter), and what these tests need is
+    random weights."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path[-1:])
+        fan_in = leaf.shape[-1] if "embedding" in name else int(np.prod(leaf.shape[:-1]))
+        scale = bias_scale if leaf.ndim == 1 else 1 / np.sqrt(fan_in)
+        return jnp.asarray(scale * rng.standard_normal(leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(
+        draw, jax.eval_shape(model.init, jax.random.key(0), *inputs))
+
+
 @functools.cache
 def _variables(name: str):
     """Variables of PRIORS[name], with biases drawn too (flax starts them at zero, which would
     hide a bias applied at the wrong place)."""
     grid = jnp.zeros((1, 1, 1), jnp.int32)
     model = PRIORS[name]
-    variables = model.init(jax.random.key(0), *((grid, grid) if _conditioned(model) else (grid,)))
-    leaves, treedef = jax.tree.flatten(variables)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    return jax.tree.unflatten(treedef, [x if x.ndim > 1 else 0.3 * jax.random.normal(key, x.shape)
-                                        for x, key in zip(leaves, keys)])
+    return _drawn(model, *((grid, grid) if _conditioned(model) else (grid,)), bias_scale=0.3,
+                  seed=1)
 
 
 def _conditioned(model) -> bool:
@@ -62,7 +77,7 @@ def _conditioned(model) -> bool:
 
 def _codes(grid=(5, 7), num=3):
     """Random codes (num, *grid) in [0, K)."""
-    return jax.random.randint(jax.random.key(2), (num, *grid), 0, K)
+    return jnp.asarray(np.random.default_rng(2).integers(0, K, (num, *grid)), jnp.int32)
 
 
 def _condition(model, grid=(5, 7), num=3):
@@ -71,9 +86,10 @@ def _condition(model, grid=(5, 7), num=3):
     if not _conditioned(model):
         return None
     top_grid = tuple(size // 2 if size % 2 == 0 else size for size in grid)
-    return jax.random.randint(jax.random.key(5), (num, *top_grid), 0, TOP_K)
+    return jnp.asarray(np.random.default_rng(5).integers(0, TOP_K, (num, *top_grid)), jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnums=0)  # op by op, every primitive would compile alone
 def _apply(model, variables, codes, condition):
     return model.apply(variables, codes, *(() if condition is None else (condition,)))
 
@@ -216,7 +232,7 @@ def _checkerboards():
 def _train(model, *inputs, steps=300):
     """Parameters after `steps` of Adam on the mean NLL (nats per code) of inputs[0] given the
     rest, and the last loss."""
-    params = model.init(jax.random.key(0), *inputs)
+    params = _drawn(model, *inputs)
     optimizer = optax.adam(3e-3)
 
     @jax.jit
@@ -408,13 +424,9 @@ class _ConvAttentionPrior(nn.Module):
 
 def test_a_new_prior_with_the_step_api_samples_exactly_without_touching_the_sampler():
     model = _ConvAttentionPrior(K)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 5, 7), jnp.int32))
-    leaves, treedef = jax.tree.flatten(variables)
-    variables = jax.tree.unflatten(treedef, [x + 0.3 * jax.random.normal(jax.random.key(n),
-                                                                         x.shape)
-                                             for n, x in enumerate(leaves)])
+    variables = _drawn(model, jnp.zeros((1, 5, 7), jnp.int32), bias_scale=0.3)
     codes = _codes()
-    expected = model.apply(variables, codes)
+    expected = _apply(model, variables, codes, None)
     assert np.ptp(np.asarray(expected)) > 0.2
     _assert_close(cached_logits(model, variables, codes), expected, rtol=1e-5)
     cached = sample_codes(model, variables, jax.random.key(7), 8, 5, 7)

@@ -23,12 +23,16 @@ loss_fn = jax.jit(vqvae2.loss_fn, static_argnums=(0, 5))
 INIT_KEY = jax.random.key(1, impl="rbg")  # compiles faster than threefry (see test_vqvae.py)
 
 
-def tiny_model(**options):
-    return vqvae2.conv_vqvae2(IMAGE_SHAPE, K, D, WIDTH, bottom_factor=2, **options)
+def tiny_model(num_residual_blocks=1, num_codes=K, code_dim=D, **options):
+    """conv_vqvae2's layout at WIDTH channels, with `num_residual_blocks` per encoder and
+    decoder instead of 2: each block adds compile time (seconds per model), not behaviour."""
+    return vqvae2.conv_vqvae2(IMAGE_SHAPE, num_codes, code_dim, WIDTH, bottom_factor=2,
+                              **options).clone(num_residual_blocks=num_residual_blocks)
 
 
 def images(n=4, shape=IMAGE_SHAPE):
-    return jax.random.uniform(jax.random.key(0), (n, *shape), minval=-1.0, maxval=1.0)
+    """Images in [-1, 1] (numpy's generator: JAX's would compile a threefry program)."""
+    return jnp.asarray(np.random.default_rng(0).uniform(-1.0, 1.0, (n, *shape)), jnp.float32)
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +97,10 @@ def test_loss_is_mse_plus_each_levels_codebook_and_commitment_terms():
     params = variables.pop("params")
     loss, (metrics, _) = loss_fn(model, params, variables, x, jax.random.key(2), False)
     full = {"params": params, **variables}
-    out = model.apply(full, x)
-    z_top, z_bottom = (np.asarray(z) for z in model.apply(full, x, method=_latents))
+    # One compiled call: op by op, the two passes would compile every primitive alone.
+    out, latents = jax.jit(lambda v, x: (model.apply(v, x), model.apply(v, x, method=_latents))
+                           )(full, x)
+    z_top, z_bottom = (np.asarray(z) for z in latents)
     top_sq = np.mean((z_top - np.asarray(out["top"]["codes"])) ** 2)
     bottom_sq = np.mean((z_bottom - np.asarray(out["bottom"]["codes"])) ** 2)
     mse = np.mean((np.asarray(out["reconstruction"]) - np.asarray(x)) ** 2)
@@ -111,36 +117,44 @@ def test_gradients_reach_both_codebooks_encoders_and_decoders(tiny):
     model, variables, x = tiny
     params, state = variables["params"], {"batch_stats": variables["batch_stats"]}
 
-    def loss(p):
-        return vqvae2.loss_fn(model, p, state, x, None, True)[0]
+    def term(name):  # a term of the objective (the loss itself for None), as a function
+        return lambda p: (lambda out: out[0] if name is None else out[1][0][name])(
+            vqvae2.loss_fn(model, p, state, x, None, True))
 
-    grads = jax.jit(jax.grad(loss))(params)
+    # The gradient of the loss and of each level's codebook term, in one compiled call.
+    grads, codebook_terms = jax.jit(lambda p: (jax.grad(term(None))(p), {
+        level: jax.grad(term(f"{level}_codebook_loss"))(p) for level in vqvae2.LEVELS}))(params)
     assert set(grads) == {"bottom_encoder", "top_encoder", "top_quantizer", "top_decoder",
                           "bottom_projection", "bottom_quantizer", "upsample_top", "decoder"}
     for name, grad in grads.items():
         assert all(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(grad)), name
     # Straight-through: reconstruction and commitment terms give the codebooks no gradient,
     # so each codebook moves by its own codebook term alone.
-    for level in vqvae2.LEVELS:
-        term = jax.jit(jax.grad(lambda p, name=f"{level}_codebook_loss": vqvae2.loss_fn(
-            model, p, state, x, None, True)[1][0][name]))(params)
+    for level, grad in codebook_terms.items():
         np.testing.assert_allclose(grads[f"{level}_quantizer"]["embeddings"],
-                                   term[f"{level}_quantizer"]["embeddings"], rtol=1e-5,
+                                   grad[f"{level}_quantizer"]["embeddings"], rtol=1e-5,
                                    atol=1e-9)
 
 
 def test_codes_decode_to_the_reconstruction_and_a_missing_level_to_its_mean_code(tiny):
     model, variables, x = tiny
-    top, bottom = model.apply(variables, x, method=vqvae2.VQVAE2.encode)
+
+    @jax.jit  # one compiled call: op by op, every primitive would compile alone
+    def outputs(variables, x):
+        top, bottom = model.apply(variables, x, method=vqvae2.VQVAE2.encode)
+        # Top only, by hand: the bottom level's K code vectors averaged, at every position.
+        mean_bottom = variables["params"]["bottom_quantizer"]["embeddings"].mean(axis=0)
+        by_hand = model.apply(variables, method=lambda m: m._decode(
+            m.top_quantizer.lookup(top), jnp.broadcast_to(mean_bottom, (4, 8, 8, D)), False))
+        return top, bottom, model.apply(variables, x)["reconstruction"], by_hand, {
+            given: vqvae2.decode(model, variables, *codes) for given, codes in
+            (("both", (top, bottom)), ("top", (top, None)), ("bottom", (None, bottom)))}
+
+    top, bottom, reconstruction, by_hand, decoded = outputs(variables, x)
     assert top.shape == (4, 4, 4) and bottom.shape == (4, 8, 8) and top.dtype == jnp.int32
-    np.testing.assert_allclose(vqvae2.decode(model, variables, top, bottom),
-                               model.apply(variables, x)["reconstruction"], atol=1e-5)
-    # Top only: the bottom level's K code vectors averaged, at every position.
-    mean_bottom = variables["params"]["bottom_quantizer"]["embeddings"].mean(axis=0)
-    by_hand = model.apply(variables, method=lambda m: m._decode(
-        m.top_quantizer.lookup(top), jnp.broadcast_to(mean_bottom, (4, 8, 8, D)), False))
-    np.testing.assert_allclose(vqvae2.decode(model, variables, top, None), by_hand, atol=1e-6)
-    bottom_only = vqvae2.decode(model, variables, None, bottom)
+    np.testing.assert_allclose(decoded["both"], reconstruction, atol=1e-5)
+    np.testing.assert_allclose(decoded["top"], by_hand, atol=1e-6)
+    bottom_only = decoded["bottom"]
     assert bottom_only.shape == x.shape and not np.allclose(bottom_only, by_hand)
 
 
@@ -152,21 +166,27 @@ def test_every_quantizer_preset_applies_per_level(top, bottom):
     """A training step with a preset per level (each preset at each level across the
     cases): finite, the level's own statistics only where it has an EMA codebook, and
     decode(encode(x)) is the reconstruction."""
-    model = vqvae2.conv_vqvae2(IMAGE_SHAPE, vqvae.NUM_CODES, 32, WIDTH, bottom_factor=2,
-                               top_options=vqvae.QUANTIZER_PRESETS[top],
-                               bottom_options=vqvae.QUANTIZER_PRESETS[bottom])
-    x = images()
-    variables = jax.jit(model.init)(INIT_KEY, x)
-    params = variables.pop("params")
+    # No residual blocks: the quantizers are what differs between the cases.
+    model = tiny_model(0, vqvae.NUM_CODES, 32, top_options=vqvae.QUANTIZER_PRESETS[top],
+                       bottom_options=vqvae.QUANTIZER_PRESETS[bottom])
+
+    @jax.jit  # the whole case in one compiled call (each case compiles its own model)
+    def step(x):
+        variables = model.init(INIT_KEY, x)
+        params = variables.pop("params")
+        loss, (metrics, state) = vqvae2.loss_fn(model, params, variables, x, jax.random.key(2),
+                                                True)
+        trained = {"params": params, **state}
+        codes = model.apply(trained, x, method=vqvae2.VQVAE2.encode)
+        return (variables, loss, metrics, vqvae2.decode(model, trained, *codes),
+                model.apply(trained, x)["reconstruction"])
+
+    variables, loss, metrics, decoded, reconstruction = step(images())
     assert set(variables.get("vq_stats", {})) == {
         f"{level}_quantizer" for level, preset in (("top", top), ("bottom", bottom))
         if vqvae.QUANTIZER_PRESETS[preset].get("ema")}
-    loss, (metrics, state) = loss_fn(model, params, variables, x, jax.random.key(2), True)
     assert np.isfinite(loss) and all(np.isfinite(v) for v in metrics.values())
-    trained = {"params": params, **state}
-    codes = model.apply(trained, x, method=vqvae2.VQVAE2.encode)
-    np.testing.assert_allclose(vqvae2.decode(model, trained, *codes),
-                               model.apply(trained, x)["reconstruction"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(decoded, reconstruction, rtol=1e-4, atol=1e-5)
 
 
 def test_bottom_prior_pairs_hold_both_grids():
@@ -182,7 +202,9 @@ def test_bottom_prior_pairs_hold_both_grids():
     assert not unconditioned[..., 1].any()
 
 
-QUICK = ["--quick", "--no_progress"]
+# The notebook's VQ-VAE-2 (tests/test_notebook.py): the compiled programs of one are in the
+# compilation cache when the other runs.
+QUICK = ["--quick", "--no_progress", "--dataset", "mnist_embedded"]
 STAGES = ("vqvae2", "top_prior", "bottom_prior")
 
 
@@ -270,7 +292,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(quick_run, tmp_p
 def test_an_image_size_the_grids_do_not_divide_is_one_line(tmp_path, monkeypatch, capsys):
     load = vqvae2_experiment.common.load_dataset
 
-    def cropped(config):  # 28x28 photo patches: a multiple of 2 * --bottom_factor (4), not of 8
+    def cropped(config):  # 28x28 crops: a multiple of 2 * --bottom_factor (4), not of 8
         full = load(config)
         return data.Dataset(full.name, full.train[:, :28, :28], full.test[:, :28, :28],
                             full.kind)
