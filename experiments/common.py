@@ -129,6 +129,10 @@ class Config(configs.Config):
         None, "evaluate, checkpoint and sample with an exponential moving average of the "
               "parameters with this decay (e.g. 0.999); 0 turns it off", configs.DECAY_RATE)
     no_progress: bool = configs.setting(False, "hide the progress bar", may_change_on_resume=True)
+    checkpoint_interval: float = configs.setting(
+        60.0, "seconds at least between the checkpoints of epoch ends (0: every epoch); the "
+              "last epoch, a signal and a stop on a NaN or infinite loss always save",
+        configs.NON_NEGATIVE_FLOAT, may_change_on_resume=True)
     dtype: Literal["float32", "bfloat16"] = configs.setting(
         "float32", "dtype of the model's activations: bfloat16 runs the convolutions and matrix "
                    "multiplies at bfloat16 speed on GPUs and TPUs, while parameters, optimizer "
@@ -340,7 +344,8 @@ def train_config(config: Config) -> TrainConfig:
                        eval_batch_size=(CONVOLUTIONAL_EVAL_BATCH if config.CONVOLUTIONAL
                                         else TrainConfig.eval_batch_size),
                        grad_clip_norm=config.grad_clip, ema_decay=config.ema_decay or None,
-                       progress=not config.no_progress)
+                       progress=not config.no_progress,
+                       checkpoint_interval=config.checkpoint_interval)
 
 
 def train_steps(loop: TrainConfig, num_train: int) -> int:
@@ -360,3 +365,22 @@ def run_record(config: Config, experiment: str, example_shape, data_identity=Non
     identity = {"data": data_identity.to_json()} if data_identity is not None else {}
     return {"experiment": experiment, **config.record(),
             "example_shape": list(example_shape), **identity, **facts}
+
+
+def merged(base: dict, updates: dict) -> dict:
+    """`base` with `updates` merged in, recursively into the dicts both hold."""
+    out = dict(base)
+    for key, value in updates.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merged(out[key], value) if both else value
+    return out
+
+
+def update_json(path: str, updates: dict, replace=()) -> dict:
+    """Merges `updates` into the JSON object at `path` (created if absent) and returns it:
+    nested dicts merge key by key, but the top-level keys in `replace` (dicts the caller
+    owns whole) are replaced."""
+    base = records.read_record(path) if os.path.exists(path) else {}
+    obj = merged({k: v for k, v in base.items() if k not in replace}, updates)
+    records.write_json(path, obj)
+    return obj

@@ -215,7 +215,7 @@ def _evaluate_run(config: Config, workdir: str) -> dict:
     if other:  # apart from the run's own metrics, which are of other data
         name = dataset.identity.describe()
         results = {"other_data": {name: {**results, "data": dataset.identity.to_json()}}}
-    summary = records.update_json(summary_path, results)
+    summary = common.update_json(summary_path, results)
 
     bits = metrics.get("iwae_bits_per_dim")
     elbo = metrics.get("neg_elbo_iwae_examples", summary["test_metrics"].get("neg_elbo"))

@@ -35,7 +35,7 @@ from experiments import common, configs, runs
 from lvm_jax import data, evaluate, viz
 from lvm_jax.errors import ConfigError
 from lvm_jax.models import likelihoods, lvae
-from lvm_jax.train import Objective, fit, records
+from lvm_jax.train import Objective, fit
 
 NATS = "nats per example"
 INIT_EXAMPLES = 256  # training examples the data-dependent initialisation sees
@@ -256,7 +256,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     figures = save_figures(run, dataset.test[:50], workdir, title)
     viz.write_figures_to_tensorboard(workdir, figures, step)
     kl_per_layer = [metrics[f"kl_layer_{i}"] for i in range(1, config.latent_layers + 1)]
-    summary = records.update_json(os.path.join(workdir, "summary.json"), {
+    summary = common.update_json(os.path.join(workdir, "summary.json"), {
         "test_metrics": metrics, "units": units, "dataset": dataset.describe(),
         "kl_per_layer": kl_per_layer, "free_bits": free_bits,
         "num_parameters": int(sum(p.size for p in jax.tree.leaves(params))),

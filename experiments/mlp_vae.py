@@ -221,7 +221,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     with progress.planned({variant: steps for study in chosen for variant in variants[study]}):
         for study in chosen:
             studies[study] = STUDIES[study](config, dataset, root)
-    summary = records.update_json(os.path.join(root, "summary.json"), {
+    summary = common.update_json(os.path.join(root, "summary.json"), {
         "studies": studies, "units": UNITS, "dataset": dataset.describe(),
         "model_input": "the central 28x28 crop of each digit, 784 dimensions"})
     print(common.figure_title(f"MLP VAE studies on {dataset.name}", config, steps) + ":")

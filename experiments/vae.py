@@ -24,7 +24,7 @@ from experiments import common, configs, runs
 from lvm_jax import data, evaluate, viz
 from lvm_jax.models import likelihoods, vae
 from lvm_jax.models.priors import MADEFlowPrior, StandardNormalPrior
-from lvm_jax.train import Objective, fit, records
+from lvm_jax.train import Objective, fit
 
 LATENT_DIM = 16
 PRIORS = {"standard": StandardNormalPrior, "made": MADEFlowPrior}
@@ -139,7 +139,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None, experiment: s
     title = common.figure_title(f"{experiment.upper()} on {dataset.name}", config, step)
     figures = save_figures(run, dataset, workdir, title)
     viz.write_figures_to_tensorboard(workdir, figures, step)
-    summary = records.update_json(os.path.join(workdir, "summary.json"), {
+    summary = common.update_json(os.path.join(workdir, "summary.json"), {
         "test_metrics": metrics, "dataset": dataset.describe(),
         "units": {**UNITS, "bits_per_dim": evaluate.bits_per_dim_unit(run.model.likelihood)},
         "reference_results": common.REFERENCE_RESULTS.get((experiment, config.dataset)),

@@ -19,7 +19,7 @@ import numpy as np
 from experiments import common, configs, runs
 from lvm_jax import data, viz
 from lvm_jax.models import likelihoods, vae
-from lvm_jax.train import Objective, evaluate_test_set, fit, records
+from lvm_jax.train import Objective, evaluate_test_set, fit
 
 EXPERIMENT = "vae_2d"
 UNITS = {"neg_elbo": "nats per example", "recon": "nats per example", "kl": "nats per example",
@@ -115,7 +115,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
                         title=title),
     ]
     viz.write_figures_to_tensorboard(workdir, figures, step)
-    summary = records.update_json(os.path.join(workdir, "summary.json"), {
+    summary = common.update_json(os.path.join(workdir, "summary.json"), {
         "test_metrics": metrics, "units": UNITS, "dataset": dataset.describe(),
         "z_samples_per_test_point": {"test_metrics": EVAL_SAMPLES,
                                      "metrics.csv test rows": EPOCH_EVAL_SAMPLES},

@@ -326,7 +326,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     metrics = {**vq, **vqvae.code_statistics(test_codes, run.model.quantizer.num_codes),
                "reference_loss": vq["recon_mse"] + vq["codebook_loss"] + vq["commitment_loss"],
                "prior_nll": {name: entry["prior_nll"] for name, entry in priors.items()}}
-    summary = records.update_json(summary_path, {
+    summary = common.update_json(summary_path, {
         "config": stage1.summary["config"], "test_metrics": metrics, "units": UNITS,
         "dataset": dataset.describe(), "priors": priors,
         "reference_results": {"source": "CS294-158 official solutions, REFERENCE.md §4",

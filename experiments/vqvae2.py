@@ -34,7 +34,7 @@ from experiments import common, configs, runs
 from lvm_jax import data, errors, viz
 from lvm_jax.models import vqvae, vqvae2
 from lvm_jax.nn import ConditionalGatedPixelCNN, PixelSNAIL, sample_codes, sampling
-from lvm_jax.train import FitResult, Objective, fit, progress, records
+from lvm_jax.train import FitResult, Objective, fit, progress
 
 # --quick keeps the layers and shrinks the widths (cosine's lookup_dim is 32, hence the
 # code dimension).
@@ -398,7 +398,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
     metrics["bottom_prior_nll"] = stages.bottom_prior.test_metrics["prior_nll"]
     metrics["bits_per_image"] = (metrics["top_prior_nll"] * test_top[0].size
                                  + metrics["bottom_prior_nll"] * test_bottom[0].size) / math.log(2)
-    summary = records.update_json(os.path.join(workdir, "summary.json"), {
+    summary = common.update_json(os.path.join(workdir, "summary.json"), {
         "config": stages.vqvae2.summary["config"], "test_metrics": metrics, "units": UNITS,
         "dataset": dataset.describe(), "grids": {"top": list(test_top.shape[1:]),
                                                  "bottom": list(test_bottom.shape[1:])},

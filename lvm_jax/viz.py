@@ -10,6 +10,7 @@ import io
 import math
 import os
 import socket
+import time
 
 import matplotlib
 
@@ -17,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from lvm_jax.data.dataset import unscale_images  # noqa: E402
 from lvm_jax.train import records  # noqa: E402
@@ -229,9 +231,25 @@ def write_figures_to_tensorboard(workdir: str, figures, step: int) -> None:
     writer = events.open_event_file(partial)
     try:
         for tag, figure in zip(tags, figures):
-            writer.write(events.image_event(tag, figure, step))
+            writer.write(_image_event(tag, figure, step))
         writer.close()
         os.replace(partial, path)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
+
+
+def _image_event(tag: str, path: str, step: int) -> bytes:
+    """The serialized event of the figure file at `path` (a GIF's first frame) as a PNG image
+    tagged `tag` at `step`."""
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")
+    encoded = io.BytesIO()
+    rgb.save(encoded, format="PNG")
+    height, width = np.asarray(rgb).shape[:2]
+    image = summary_pb2.Summary.Image(height=height, width=width, colorspace=3,
+                                      encoded_image_string=encoded.getvalue())
+    return event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(
+        value=[summary_pb2.Summary.Value(tag=tag, image=image)])).SerializeToString()

@@ -115,7 +115,7 @@ def test_config_json_is_the_configs_record_plus_run_facts():
     record = common.run_record(config, "lvae", (32, 32, 1), free_bits=0.5)
     assert lvae.Config.may_change_on_resume() == (
         "epochs", "learning_rate", "data_dir", "input", "steps_per_call", "no_progress",
-        "iwae_samples", "iwae_examples", "iwae_chunk")
+        "checkpoint_interval", "iwae_samples", "iwae_examples", "iwae_chunk")
     assert set(record) == {f.name for f in dataclasses.fields(lvae.Config)} | {"experiment",
                                                                               "example_shape"}
     assert (record["latent_layers"], record["optimizer"], record["free_bits"]) == (2, "adam", 0.5)

@@ -451,7 +451,7 @@ def test_update_json_merges_nested_fields_and_replaces_owned_ones(tmp_path):
     path = str(tmp_path / "summary.json")
     records.write_json(path, {"test_metrics": {"iwae_nll": 1.5, "neg_elbo": 2.0},
                               "priors": {"old": 1}, "device": "cpu"})
-    merged = records.update_json(path, {"test_metrics": {"neg_elbo": 1.9}, "priors": {"new": 2}},
+    merged = common.update_json(path, {"test_metrics": {"neg_elbo": 1.9}, "priors": {"new": 2}},
                                  replace=("priors",))
     assert merged == {"test_metrics": {"iwae_nll": 1.5, "neg_elbo": 1.9}, "priors": {"new": 2},
                       "device": "cpu"}

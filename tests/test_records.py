@@ -504,7 +504,7 @@ def test_load_run_reads_a_committed_checkpoint_while_the_run_trains(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     trainer = subprocess.Popen(
         [sys.executable, "-m", "experiments.vae_2d", "--epochs", "4000", "--batch_size", "1000",
-         "--no_progress", "--workdir", str(run)], cwd=ROOT, env=env,
+         "--checkpoint_interval", "0", "--no_progress", "--workdir", str(run)], cwd=ROOT, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120

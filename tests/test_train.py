@@ -119,6 +119,15 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert [int(r["step"]) for r in rows if r["split"] == "train"] == list(range(1, 21))
 
 
+def test_checkpoints_wait_their_interval_but_the_last_epoch_always_saves(tmp_path):
+    """With a long `checkpoint_interval`, orbax's policy saves the first epoch (no save yet)
+    and the forced last one only; with 0, every epoch (the newest two are kept)."""
+    for interval, saved in ((1e6, ["10", "30"]), (0.0, ["20", "30"])):
+        config = TrainConfig(**{**CONFIG.__dict__, "epochs": 3, "checkpoint_interval": interval})
+        fit(tiny_objective(), TRAIN, TEST, config, str(tmp_path / str(interval)))
+        assert sorted(os.listdir(tmp_path / str(interval) / "checkpoints"), key=int) == saved
+
+
 def test_resume_from_mid_epoch_checkpoint(tmp_path):
     """Deleting the epoch-2 checkpoint and losing the log tail still resumes exactly."""
     full = fit(tiny_objective(), TRAIN, TEST, CONFIG, str(tmp_path / "a"))
@@ -294,10 +303,9 @@ def test_optimizer_operations_are_named_in_the_compiled_step():
     assert any("jvp(" in name for name in op_names)
 
 
-def test_a_checkpoint_of_flax_automatic_names_says_it_predates_named_submodules(tmp_path):
+def test_a_checkpoint_of_another_model_is_refused_in_one_line_naming_the_leaf(tmp_path):
     """A checkpoint whose tree differs from the model's is refused in one line naming the
-    first differing leaf; one holding Flax automatic names (Conv_0) the model lacks says it
-    predates lvm_jax's named submodules."""
+    first differing leaf."""
     state = initial_state(tiny_objective(), TRAIN[:1], CONFIG)
     kernel = jax.tree.leaves(state.params)[0]
     old = state.replace(params={"Conv_0": {"kernel": kernel}}, opt_state=(), ema_params=None)
@@ -307,12 +315,11 @@ def test_a_checkpoint_of_flax_automatic_names_says_it_predates_named_submodules(
     with pytest.raises(CheckpointError) as raised:
         checkpoint.restore_committed(str(tmp_path), new)
     message = str(raised.value)
-    assert "\n" not in message and "params/Conv_0/kernel" in message
-    assert "predates lvm_jax's named submodules and must be retrained" in message
-    assert checkpoint.mismatch({"params": {"decoder": {"kernel": kernel}}},
+    assert "\n" not in message
+    assert "(it holds params/Conv_0/kernel, which this model lacks)" in message
+    assert checkpoint.mismatch({"params": {"encoder": {"kernel": kernel[:1]}}},
                                {"params": {"encoder": {"kernel": kernel}}}) == (
-        "it holds params/decoder/kernel, which this model lacks")
-    # A model that itself uses Flax's names (the VAEs) gets the plain mismatch.
-    assert checkpoint.mismatch({"params": {"Conv_0": {"kernel": kernel}}},
-                               {"params": {"Conv_1": {"kernel": kernel}}}) == (
-        "it holds params/Conv_0/kernel, which this model lacks")
+        f"params/encoder/kernel has shape {kernel[:1].shape} there, {kernel.shape} here")
+    assert checkpoint.mismatch({"params": {"encoder": {"kernel": kernel}}},
+                               {"params": {"encoder": {"kernel": kernel}, "b": kernel}}) == (
+        "it lacks params/b")

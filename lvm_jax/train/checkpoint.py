@@ -8,7 +8,6 @@ that is training pick a step: docs/records.md.
 
 import hashlib
 import os
-import re
 import time
 
 import jax
@@ -25,8 +24,6 @@ STATE, RECORD, DATA = "state", "record", "data"
 RECORD_FILE = "record.json"
 # What a record holds, and the type of each.
 RECORD_KEYS = {"step": int, "config": dict, "timing": dict, "digest": str}
-# A Flax automatic name ("Conv_0", "MaskedConv_1"): lvm_jax's models name their submodules.
-AUTOMATIC_NAME = re.compile(r"[A-Z]\w*_\d+")
 
 
 def _handlers(streamed: bool) -> dict:
@@ -90,27 +87,11 @@ def _leaf_shapes(tree) -> dict[str, tuple]:
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _predates_names(path: str, target: dict[str, tuple]) -> bool:
-    """Whether `path` holds a Flax automatic name where the model's tree `target` names every
-    submodule at that level explicitly: a checkpoint from before the submodules were named.
-    (Models that still use Flax's names, such as the VAEs, get the plain mismatch.)"""
-    parts = path.split("/")
-    for depth, part in enumerate(parts):
-        if AUTOMATIC_NAME.fullmatch(part):
-            siblings = {p.split("/")[depth] for p in target
-                        if p.split("/")[:depth] == parts[:depth] and len(p.split("/")) > depth}
-            return bool(siblings) and not any(AUTOMATIC_NAME.fullmatch(n) for n in siblings)
-    return False
-
-
 def mismatch(saved, target) -> str | None:
     """Why a checkpoint's tree `saved` (orbax's metadata) cannot restore into `target`, naming
     the first differing leaf path, or None when they match."""
     saved, target = _leaf_shapes(saved), _leaf_shapes(target)
     for path in sorted(set(saved) | set(target)):
-        if path not in target and _predates_names(path, target):
-            return (f"it holds {path}, a Flax automatic name this model lacks: the checkpoint "
-                    "predates lvm_jax's named submodules and must be retrained")
         if path not in target:
             return f"it holds {path}, which this model lacks"
         if path not in saved:
@@ -262,11 +243,13 @@ def _refuse_other_data(workdir: str, saved: dict, config: dict) -> None:
 
 class Checkpointer:
     """Saves a run's TrainState with its record under <workdir>/checkpoints/<step>, keeping the
-    newest `keep` steps, and a `streamed` run's data iterator beside each. A save returns once
+    newest `keep` steps, and a `streamed` run's data iterator beside each; a save that is not
+    forced waits `interval_seconds` (0: none) after the previous one. A save returns once
     the state is copied to host memory; orbax writes it in the background and commits the
     step whole. Use it as a context manager, so that the last save is committed."""
 
-    def __init__(self, workdir: str, keep: int = 2, streamed: bool = False):
+    def __init__(self, workdir: str, keep: int = 2, streamed: bool = False,
+                 interval_seconds: float = 0.0):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         for name in ["", *(os.listdir(self.directory) if os.path.isdir(self.directory) else [])]:
             records.refuse_link(os.path.join(self.directory, name).rstrip("/"))  # orbax deletes
@@ -274,8 +257,10 @@ class Checkpointer:
             self.directory, item_handlers=_handlers(streamed),
             # An old step is deleted on orbax's thread: in the foreground, the next save waited
             # for it (40 ms a step, measured).
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                 enable_background_delete=True))
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, enable_background_delete=True,
+                save_decision_policy=ocp.checkpoint_managers.ContinuousCheckpointingPolicy(
+                    minimum_interval_secs=interval_seconds) if interval_seconds else None))
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -289,11 +274,14 @@ class Checkpointer:
     def step_directory(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
-    def save(self, state, config: dict, timing: dict, data_iterator=None) -> None:
-        """Starts saving `state` at its step, unless saved, with its record ({"step", "config",
-        "timing", "digest"}) and `data_iterator`'s state (grain's protocol) when given."""
+    def save(self, state, config: dict, timing: dict, data_iterator=None,
+             force: bool = True) -> None:
+        """Starts saving `state` at its step, unless saved or, without `force`, less than
+        `interval_seconds` after the previous save began or while it is written (orbax's
+        `ContinuousCheckpointingPolicy`), with its record ({"step", "config", "timing",
+        "digest"}) and `data_iterator`'s state (grain's protocol) when given."""
         step = int(jax.device_get(state.step))
-        if step in self.manager.all_steps():
+        if step in self.manager.all_steps() or not (force or self.manager.should_save(step)):
             return
         record = {"step": step, "config": config, "timing": timing,
                   "digest": state_digest(state)}
@@ -302,7 +290,7 @@ class Checkpointer:
             import grain
 
             items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-        self.manager.save(step, args=ocp.args.Composite(**items))
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def wait(self) -> None:
         """Blocks until the save in flight, if any, is committed."""

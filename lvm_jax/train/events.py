@@ -8,13 +8,10 @@ segment wrote, which this one redoes, so no tag and step is shown twice and no f
 rewritten.
 """
 
-import io
 import os
 import socket
 import time
 
-import numpy as np
-from PIL import Image
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
@@ -61,17 +58,3 @@ class Scalars:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
-
-
-def image_event(tag: str, path: str, step: int) -> bytes:
-    """The serialized event of the figure file at `path` (a GIF's first frame) as a PNG image
-    tagged `tag` at `step`."""
-    with Image.open(path) as image:
-        rgb = image.convert("RGB")
-    encoded = io.BytesIO()
-    rgb.save(encoded, format="PNG")
-    height, width = np.asarray(rgb).shape[:2]
-    image = summary_pb2.Summary.Image(height=height, width=width, colorspace=3,
-                                      encoded_image_string=encoded.getvalue())
-    return event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(
-        value=[summary_pb2.Summary.Value(tag=tag, image=image)])).SerializeToString()

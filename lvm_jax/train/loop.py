@@ -107,7 +107,8 @@ def fit(objective: Objective, train_data, test_data: np.ndarray, config: TrainCo
     """Trains `objective` on `train_data`, evaluating on `test_data`, in `workdir`.
 
     Evaluates before training and after every epoch, logs every step to metrics.csv and
-    TensorBoard, checkpoints every epoch, resumes from the workdir's newest checkpoint
+    TensorBoard, checkpoints at the end of an epoch (at most every `config.checkpoint_interval`
+    seconds; always the last), resumes from the workdir's newest checkpoint
     bit-identical to an uninterrupted run, and writes summary.json naming the checkpoint it
     describes; a finished run, rerun, changes none of its files. A resumed run's settings
     must match config.json's but those in `may_change`, whose changes config.json records.
@@ -139,7 +140,8 @@ def fit(objective: Objective, train_data, test_data: np.ndarray, config: TrainCo
             feed = feeds.feed_for(train_data, mesh, config.seed, sizes)
             stack.callback(feed.close)
             checkpointer = stack.enter_context(checkpoint.Checkpointer(
-                workdir, streamed=feed.iterator is not None))
+                workdir, streamed=feed.iterator is not None,
+                interval_seconds=config.checkpoint_interval))
             run, state, timing = _restore_or_initialise(
                 stack, objective, config, sizes, workdir, run_config, may_change, checkpointer,
                 feed, test_data, tx, mesh)
@@ -261,7 +263,7 @@ def _end_epoch(run: Run, state: TrainState, timing: dict, first: bool) -> dict[s
     if not all(math.isfinite(v) for v in metrics.values()):
         raise NonFiniteLossError(f"non-finite test metrics after epoch {epoch}: {metrics}. "
                                  f"{_resume_advice(run, run.checkpointer.latest_step())}")
-    _save(run, state, timing)
+    _save(run, state, timing, force=epoch == run.config.epochs)
     header = units_line(metrics, run.objective.units) if first else None
     if header:
         run.progress.note(header)
@@ -269,12 +271,13 @@ def _end_epoch(run: Run, state: TrainState, timing: dict, first: bool) -> dict[s
     return metrics
 
 
-def _save(run: Run, state: TrainState, timing: dict) -> None:
+def _save(run: Run, state: TrainState, timing: dict, force: bool = True) -> None:
     """Starts checkpointing `state` with its record (config.json without its "changes") and
-    the feed's iterator state."""
+    the feed's iterator state; unless `force`d, only `config.checkpoint_interval` seconds
+    after the previous save."""
     config = {k: v for k, v in run.config_json.items() if k != "changes"}
     run.checkpointer.save(state, config, {**timing, "elapsed_seconds": run.elapsed()},
-                          feeds.iterator_state(run.feed, int(jax.device_get(state.step))))
+                          feeds.iterator_state(run.feed, int(jax.device_get(state.step))), force)
 
 
 def _stop_if_requested(run: Run, state: TrainState, timing: dict) -> None:

@@ -174,25 +174,6 @@ def _too_deep(obj) -> bool:
     return any(isinstance(x, (dict, list)) for x in level)
 
 
-def merged(base: dict, updates: dict) -> dict:
-    """`base` with `updates` merged in, recursively into the dicts both hold."""
-    out = dict(base)
-    for key, value in updates.items():
-        both = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = merged(out[key], value) if both else value
-    return out
-
-
-def update_json(path: str, updates: dict, replace=()) -> dict:
-    """Merges `updates` into the JSON object at `path` (created if absent) and returns it:
-    nested dicts merge key by key, but the top-level keys in `replace` (dicts the caller
-    owns whole) are replaced."""
-    base = read_record(path) if os.path.exists(path) else {}
-    obj = merged({k: v for k, v in base.items() if k not in replace}, updates)
-    write_json(path, obj)
-    return obj
-
-
 def _read_text(path: str) -> str:
     try:
         with open(path, newline="") as f:

@@ -106,6 +106,10 @@ class TrainConfig:
       ema_decay: keep an exponential moving average of the parameters with this
         decay and evaluate, checkpoint and sample with it (None: off).
       progress: show a tqdm progress bar.
+      checkpoint_interval: seconds at least between the checkpoints taken at the ends of
+        epochs (0: every epoch), as orbax's `ContinuousCheckpointingPolicy` decides; the last
+        epoch, a signal and a non-finite stop always save. A resumed run redoes the epochs
+        since its checkpoint, to the same numbers.
     """
 
     epochs: int = dataclasses.field(default=10, metadata=MAY_CHANGE_ON_RESUME)
@@ -117,3 +121,4 @@ class TrainConfig:
     grad_clip_norm: float | None = None
     ema_decay: float | None = None
     progress: bool = dataclasses.field(default=True, metadata=MAY_CHANGE_ON_RESUME)
+    checkpoint_interval: float = dataclasses.field(default=0.0, metadata=MAY_CHANGE_ON_RESUME)
