@@ -58,7 +58,8 @@ def train_on(num_devices: int, epochs: int, seed: int) -> dict:
     from experiments import vae_2d
     from lvm_jax import data
     from lvm_jax.data import batching
-    from lvm_jax.train import TrainConfig, fit, records
+    from lvm_jax import files
+    from lvm_jax.train import TrainConfig, fit
 
     devices = jax.devices()
     if len(devices) != SIMULATED:
@@ -70,7 +71,7 @@ def train_on(num_devices: int, epochs: int, seed: int) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         result = fit(vae_2d.make_objective(vae_2d.build_model()), dataset.train, dataset.test,
                      config, workdir, mesh=batching.data_mesh(devices[:num_devices]))
-        test_losses = [float(r["loss"]) for r in records.MetricsLog.read(
+        test_losses = [float(r["loss"]) for r in files.read_csv(
             os.path.join(workdir, "metrics.csv")) if r["split"] == "test"]
     leaves = jax.tree.leaves(result.state.params)
     return {"steps_per_second": result.summary["train_steps_per_second"],

@@ -35,9 +35,9 @@ import numpy as np
 
 from experiments import common
 from experiments import vqvae as vqvae_experiment
-from lvm_jax import data, viz
+from lvm_jax import data, files, viz
 from lvm_jax.models import vqvae
-from lvm_jax.train import checkpoint, device_description, initial_state, records
+from lvm_jax.train import checkpoint, device_description, initial_state
 
 DATASET = "patches_embedded"
 PRIOR = "gated"
@@ -62,7 +62,7 @@ def _finished(summary_path: str, epochs: int, prior_epochs: int) -> dict | None:
     """The variant's summary if it holds both stages at this budget, else None."""
     if not os.path.exists(summary_path):
         return None
-    summary = records.read_json(summary_path)
+    summary = files.read_json(summary_path)
     prior = summary.get("priors", {}).get(PRIOR)
     if prior and summary["stage"]["epochs"] == epochs and prior["stage"]["epochs"] == prior_epochs:
         return summary
@@ -91,7 +91,7 @@ def median_step_seconds(metrics_csv: str) -> float | None:
     """Median wall seconds of one training step, from the time column of consecutive train
     rows of one epoch: unlike the stage's total, it leaves out compilation, evaluations,
     checkpoints and any pause of the process (None with fewer than two such rows)."""
-    rows = [r for r in records.MetricsLog.read(metrics_csv) if r["split"] == "train"]
+    rows = [r for r in files.read_csv(metrics_csv) if r["split"] == "train"]
     intervals = [(float(b["time"]) - float(a["time"])) / (int(b["step"]) - int(a["step"]))
                  for a, b in zip(rows, rows[1:])
                  if a["epoch"] == b["epoch"] and int(b["step"]) > int(a["step"])]
@@ -213,18 +213,18 @@ def main(argv=None) -> dict:
               f"{prior_epochs} epochs (Gated PixelCNN), batch 128, Adam 1e-3, seed "
               f"{args.seed}; test set; MSE per element, images in [-1, 1]; best first")
     text = f"{budget}\n\n{table}\n\nbest: {best[0]}\n"
-    records.write_atomic(os.path.join(args.workdir, "table.md"), text)
+    files.write_atomic(os.path.join(args.workdir, "table.md"), text)
     results = {"budget": budget, "rows": rows, "best": best[0],
                "figures": [os.path.basename(f) for f in figures],
                "device": device_description()}
-    records.write_json(os.path.join(args.workdir, "results.json"), results)
+    files.write_json(os.path.join(args.workdir, "results.json"), results)
     if not args.quick:
         os.makedirs(RESULTS_FIGURES, exist_ok=True)
         for figure in figures:
             shutil.copyfile(figure, os.path.join(RESULTS_FIGURES, os.path.basename(figure)))
         images = "\n".join(f"![{os.path.basename(f)}](vq_codebook/{os.path.basename(f)})"
                            for f in figures)
-        records.write_atomic(RESULTS_FILE, f"# Codebook study (issue 15)\n\n`python -m "
+        files.write_atomic(RESULTS_FILE, f"# Codebook study (issue 15)\n\n`python -m "
                                            f"benchmarks.vq_codebook {' '.join(argv or [])}`\n\n"
                                            + text + "\n" + images + "\n")
     print(text + f"table, results.json and figures in {args.workdir}")

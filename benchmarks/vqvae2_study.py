@@ -44,12 +44,12 @@ import optax
 from experiments import common
 from experiments import vqvae as vqvae_experiment
 from experiments import vqvae2 as vqvae2_experiment
-from lvm_jax import data
+from lvm_jax import data, files
 from lvm_jax.data import embedded
 from lvm_jax.models import vqvae, vqvae2
 from lvm_jax.nn.conv import StridedDecoder, StridedEncoder
 from lvm_jax.nn.masked_conv import GatedPixelCNN
-from lvm_jax.train import Objective, fit, interrupt, records
+from lvm_jax.train import Objective, fit, interrupt
 
 DATASET, PRESET, K = "patches_embedded", "kmeans", vqvae2.NUM_CODES
 USAGE_GOAL, PERPLEXITY_GOAL = 0.95, 0.5 * K
@@ -241,13 +241,13 @@ def main(argv=None) -> dict:
                "vqvae2": hierarchical(args), "single_level": single_level(args)}
     results["uptime_after"] = subprocess.run(["uptime"], capture_output=True,
                                              text=True).stdout.strip()
-    results["device"] = records.read_json(os.path.join(args.workdir, "vqvae2", "vqvae2",
+    results["device"] = files.read_json(os.path.join(args.workdir, "vqvae2", "vqvae2",
                                                        "summary.json"))["device"]
     markdown = table(results)
     for base in (os.path.join(args.workdir, "results"), RESULTS):
         os.makedirs(os.path.dirname(base), exist_ok=True)
-        records.write_atomic(base + ".md", markdown.encode())
-        records.write_atomic(base + ".json", json.dumps(results, indent=2).encode())
+        files.write_atomic(base + ".md", markdown.encode())
+        files.write_atomic(base + ".json", json.dumps(results, indent=2).encode())
     print(markdown)
     return results
 

@@ -16,9 +16,9 @@ from typing import Literal
 import jax
 
 from experiments import configs
-from lvm_jax import compilation_cache, cpu_devices, data, errors
+from lvm_jax import compilation_cache, cpu_devices, data, errors, files
 from lvm_jax.models import likelihoods
-from lvm_jax.train import TrainConfig, interrupt, records
+from lvm_jax.train import TrainConfig, interrupt
 from lvm_jax.train import workdir as workdir_lock
 
 # --quick: 2 epochs of 2 steps at the default batch of 128, and enough test examples for
@@ -175,7 +175,7 @@ def run(parser: argparse.ArgumentParser, config: type[Config], train_and_evaluat
     A value out of range is refused by argparse (exit status 2). Settings that contradict
     each other, and any problem with the data, the workdir or the numerics (an
     `lvm_jax.errors.UserError`), end the program with a one-line message (exit status 1)
-    instead of a traceback; so does a full disk or a refused write (`records.disk_error`).
+    instead of a traceback; so does a full disk or a refused write (`files.disk_error`).
     Any other exception is a bug and keeps its traceback.
 
     SIGINT and SIGTERM stop the run at its next step boundary, after saving the current
@@ -206,7 +206,7 @@ def run(parser: argparse.ArgumentParser, config: type[Config], train_and_evaluat
     except errors.UserError as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
     except Exception as err:
-        disk_error = records.disk_error(err)  # e.g. met while writing the figures
+        disk_error = files.disk_error(err)  # e.g. met while writing the figures
         if disk_error is None:
             raise
         parser.exit(1, f"{parser.prog}: error: {disk_error}\n")
@@ -214,13 +214,13 @@ def run(parser: argparse.ArgumentParser, config: type[Config], train_and_evaluat
 
 class QuietDiskErrors(logging.Filter):
     """Drops the log records (with their tracebacks) of a disk error from orbax's threads:
-    the run stops on it and names it in one line (`records.disk_error`)."""
+    the run stops on it and names it in one line (`files.disk_error`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        return not ((error is not None and records.disk_error(error) is not None)
-                    or any(int(code) in records.DISK_ERRORS for code in
-                           records.TENSORSTORE_OS_ERROR.findall(record.getMessage())))
+        return not ((error is not None and files.disk_error(error) is not None)
+                    or any(int(code) in files.DISK_ERRORS for code in
+                           files.TENSORSTORE_OS_ERROR.findall(record.getMessage())))
 
 
 @contextlib.contextmanager
@@ -285,7 +285,7 @@ def workdir(config: Config, experiment: str, workdir: str | None = None) -> str:
             raise errors.WorkdirError(
                 f"the workdir {path} holds a run of {', '.join(sorted(others))}, not of "
                 f"{experiment}: choose another --workdir for this {experiment} run.")
-        records.write_json(os.path.join(path, OWNER_FILE), {"experiment": experiment})
+        files.write_json(os.path.join(path, OWNER_FILE), {"experiment": experiment})
     return path
 
 
@@ -303,7 +303,7 @@ def workdir_owners(path: str) -> set[str]:
     for pattern in (OWNER_FILE, "config.json", "*/config.json", "*/*/config.json"):
         for found in sorted(glob.glob(os.path.join(glob.escape(path), pattern))):
             try:
-                experiment = records.read_record(found).get("experiment")
+                experiment = files.read_record(found).get("experiment")
             except errors.UserError:  # unreadable, not an object, nested too deep
                 continue
             if isinstance(experiment, str):
@@ -380,7 +380,7 @@ def update_json(path: str, updates: dict, replace=()) -> dict:
     """Merges `updates` into the JSON object at `path` (created if absent) and returns it:
     nested dicts merge key by key, but the top-level keys in `replace` (dicts the caller
     owns whole) are replaced."""
-    base = records.read_record(path) if os.path.exists(path) else {}
+    base = files.read_record(path) if os.path.exists(path) else {}
     obj = merged({k: v for k, v in base.items() if k not in replace}, updates)
-    records.write_json(path, obj)
+    files.write_json(path, obj)
     return obj

@@ -28,8 +28,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, Literal
 
-from lvm_jax import errors
-from lvm_jax.train import records
+from lvm_jax import errors, files
 from lvm_jax.train.state import MAY_CHANGE_ON_RESUME, may_change_on_resume
 
 
@@ -199,7 +198,7 @@ class Config:
             (truncated, nested too deep, an integer too long to read), or holds a setting
             that is out of range or of the wrong type.
         """
-        saved = records.read_record(path, errors.ConfigError)
+        saved = files.read_record(path, errors.ConfigError)
         try:
             return cls.from_saved(saved)
         except errors.ConfigError as err:

@@ -28,10 +28,10 @@ import numpy as np
 
 from experiments import common, configs, runs
 from experiments.runs import load_run
-from lvm_jax import cpu_devices, evaluate
+from lvm_jax import cpu_devices, evaluate, files
 from lvm_jax.errors import ConfigError, DataError, UserError
 from lvm_jax.models.priors import StandardNormalPrior
-from lvm_jax.train import CheckpointError, device_description, interrupt, records
+from lvm_jax.train import CheckpointError, device_description, interrupt
 from lvm_jax.train import workdir as workdir_lock
 
 # The experiments whose models give importance weights (`evaluate.iwae_log_weights`).
@@ -56,7 +56,7 @@ def bounded_run(workdir: str, data_dir: str | None = None) -> runs.BoundRun:
     config_path = os.path.join(workdir, "config.json")
     if not os.path.exists(config_path):
         raise CheckpointError(_no_config_message(workdir))
-    experiment = records.read_record(config_path).get("experiment")
+    experiment = files.read_record(config_path).get("experiment")
     if experiment not in EVALUATED:
         raise CheckpointError(_no_bound_message(workdir, [str(experiment)]))
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
@@ -77,7 +77,7 @@ def _no_bound_message(workdir: str, experiments: list[str]) -> str:
 def _no_config_message(workdir: str) -> str:
     """Why `workdir` is no run to evaluate, naming the runs inside it (a VQ-VAE's stages, an
     MLP-VAE study's variants)."""
-    inner = {os.path.dirname(path): records.read_record(path).get("experiment") for path in
+    inner = {os.path.dirname(path): files.read_record(path).get("experiment") for path in
              sorted(glob.glob(os.path.join(glob.escape(workdir), "**", "config.json"),
                               recursive=True))}
     evaluable = [run for run, experiment in inner.items() if experiment in EVALUATED]
@@ -134,7 +134,7 @@ def split_cpu(config: Config, workdir: str) -> int | None:
     count set, or None (also when config.json is missing or names no experiment, which
     `load_run` then reports)."""
     try:
-        run_config = records.read_record(os.path.join(workdir, "config.json"))
+        run_config = files.read_record(os.path.join(workdir, "config.json"))
         experiment = importlib.import_module(f"experiments.{run_config['experiment']}")
     except (UserError, ValueError, TypeError, KeyError, ImportError):
         return None
@@ -156,7 +156,7 @@ def _evaluate_run(config: Config, workdir: str) -> dict:
     start = time.perf_counter()
     summary_path = os.path.join(workdir, "summary.json")
     if os.path.exists(summary_path):
-        records.read_record(summary_path)  # malformed: refused before any compute
+        files.read_record(summary_path)  # malformed: refused before any compute
     _note(f"restoring the run in {workdir}")
     run = bounded_run(workdir, config.data_dir)
     dataset, model, params = run.dataset, run.model, run.params

@@ -31,9 +31,9 @@ import numpy as np
 from PIL import Image
 
 from experiments import common, configs, runs
-from lvm_jax import data, evaluate, viz
+from lvm_jax import data, evaluate, files, viz
 from lvm_jax.models import likelihoods, vae
-from lvm_jax.train import FitResult, Objective, fit, progress, records
+from lvm_jax.train import FitResult, Objective, fit, progress
 
 EXPERIMENT = "mlp_vae"
 NATS = "nats per example"
@@ -141,7 +141,7 @@ def limiting_chain(model, params, rng, num=64, steps=100) -> np.ndarray:
     return np.asarray(means)
 
 
-@records.primary_only
+@files.primary_only
 def save_gif(frames: np.ndarray, path: str) -> str:
     """(T, 64, 784) decoder means -> an animated GIF of the 8x8 tableau, 10 frames per second."""
     images = [Image.fromarray(viz.image_grid(data.unscale_images(to_images(f)), 8).squeeze(-1))
@@ -149,7 +149,7 @@ def save_gif(frames: np.ndarray, path: str) -> str:
     buffer = io.BytesIO()
     images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=100,
                    loop=0)
-    return records.write_atomic(path, buffer.getvalue())
+    return files.write_atomic(path, buffer.getvalue())
 
 
 def depth_study(config, dataset, root) -> dict:

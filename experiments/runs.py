@@ -34,10 +34,10 @@ import numpy as np
 import optax
 
 from experiments import common
-from lvm_jax import data, evaluate
+from lvm_jax import data, evaluate, files
 from lvm_jax.data import identity
 from lvm_jax.errors import CheckpointError, ConfigError, RecordError
-from lvm_jax.train import Objective, initial_state, records
+from lvm_jax.train import Objective, initial_state
 from lvm_jax.train.checkpoint import restore_committed
 
 
@@ -291,7 +291,7 @@ def load_run(workdir: str, data_dir: str | None = None) -> Run:
 
 
 def _read(path: str) -> dict:
-    record = records.read_record(path)
+    record = files.read_record(path)
     if not isinstance(record.get("experiment"), str):
         raise RecordError(f"{path} is malformed: its 'experiment' is "
                           f"{'missing' if 'experiment' not in record else 'no str'}.")
@@ -403,7 +403,7 @@ def _differences(config: dict, saved: dict | None, may_change) -> list[str]:
     ignored = {*may_change, "changes", "data"}
     return [f"{key}: config.json {config.get(key)!r}, checkpoint {saved.get(key)!r}"
             for key in sorted((set(config) | set(saved)) - ignored)
-            if records.to_json(config.get(key)) != records.to_json(saved.get(key))]
+            if files.to_json(config.get(key)) != files.to_json(saved.get(key))]
 
 
 def _contents(folder: str) -> str:

@@ -21,8 +21,7 @@ import jax
 import numpy as np
 
 from experiments import common, configs, runs
-from lvm_jax import errors, viz
-from lvm_jax.train import records
+from lvm_jax import errors, files, viz
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +68,7 @@ def draw(config: Config, workdir: str) -> dict:
         grid = viz.save_scatter(config.out, run.dataset.test, {"samples": samples}, title=title)
     buffer = io.BytesIO()
     np.save(buffer, samples)
-    array = records.write_atomic(os.path.splitext(config.out)[0] + ".npy", buffer.getvalue())
+    array = files.write_atomic(os.path.splitext(config.out)[0] + ".npy", buffer.getvalue())
     print(f"{title}: {grid} and {array} ({samples.dtype} {samples.shape}), "
           f"{seconds:.1f} s to load and draw")
     return {"grid": grid, "array": array, "seconds": seconds}

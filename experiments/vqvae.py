@@ -35,10 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import common, configs, runs
-from lvm_jax import data, viz
+from lvm_jax import data, files, viz
 from lvm_jax.models import vqvae
 from lvm_jax.nn import sampling
-from lvm_jax.train import Objective, fit, progress, records
+from lvm_jax.train import Objective, fit, progress
 
 # --quick keeps the layers and shrinks the widths: at full width one training
 # step of the VQ-VAE takes seconds on a CPU.
@@ -299,7 +299,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
 
         # Priors trained earlier in this workdir on the same codes stay in the summary.
         summary_path = os.path.join(workdir, "summary.json")
-        previous = records.read_json(summary_path) if os.path.exists(summary_path) else {}
+        previous = files.read_json(summary_path) if os.path.exists(summary_path) else {}
         priors = {name: entry for name, entry in previous.get("priors", {}).items()
                   if entry["vqvae_step"] == run.step}
         for prior_name in config.prior:

@@ -2,7 +2,7 @@
 
 Each `save_*` returns the path it wrote, and `write_figures_to_tensorboard` adds the
 figures to the run's TensorBoard events; in a multi-host run only process 0
-writes (`records.primary_only`), the others return the path alone.
+writes (`files.primary_only`), the others return the path alone.
 """
 
 import hashlib
@@ -20,9 +20,8 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from lvm_jax import files  # noqa: E402
 from lvm_jax.data.dataset import unscale_images  # noqa: E402
-from lvm_jax.train import records  # noqa: E402
-from lvm_jax.train.records import MetricsLog, primary_only, write_atomic  # noqa: E402
 
 
 def image_grid(images: np.ndarray, ncols: int, pad: int = 2) -> np.ndarray:
@@ -36,7 +35,7 @@ def image_grid(images: np.ndarray, ncols: int, pad: int = 2) -> np.ndarray:
     return grid
 
 
-@primary_only
+@files.primary_only
 def save_image_grid(images, path: str, ncols: int = 10, title: str | None = None) -> str:
     """Saves images in [-1, 1] (float) or [0, 255] (uint8), (N, H, W, C), as a PNG grid."""
     images = np.asarray(images)
@@ -76,7 +75,7 @@ def interleave_pairs(originals: np.ndarray, reconstructions: np.ndarray) -> np.n
     return np.stack([originals, reconstructions], axis=1).reshape(-1, *originals.shape[1:])
 
 
-@primary_only
+@files.primary_only
 def save_scatter(path: str, data: np.ndarray, panels: dict[str, np.ndarray], title: str) -> str:
     """One panel per entry of `panels`: its points (N, 2) over the data points (grey)."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False,
@@ -92,7 +91,7 @@ def save_scatter(path: str, data: np.ndarray, panels: dict[str, np.ndarray], tit
     return _save(fig, path)
 
 
-@primary_only
+@files.primary_only
 def save_curves(metrics_csv: str, path: str, names=("neg_elbo", "recon", "kl"),
                 unit: str | dict[str, str] = "nats per example", title: str = "",
                 log_scale: bool = False) -> str:
@@ -103,7 +102,7 @@ def save_curves(metrics_csv: str, path: str, names=("neg_elbo", "recon", "kl"),
     magnitude (the VQ-VAE's losses); otherwise a linear axis clipped to the
     bulk of the values, the panel's title saying how many points lie above it.
     """
-    rows = MetricsLog.read(metrics_csv)
+    rows = files.read_csv(metrics_csv)
     # Constrained layout keeps the figure title clear of the panel titles.
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False,
                              layout="constrained")
@@ -144,7 +143,7 @@ def clip_to_bulk(ax, values, percentile: float) -> str | None:
     return f"{len(above)} point{'s' * (len(above) > 1)} above the axis, up to {max(above):.4g}"
 
 
-@primary_only
+@files.primary_only
 def save_histogram(values: np.ndarray, path: str, threshold: float, title: str) -> str:
     """Histogram of per-dimension KL values (nats), marking those below `threshold` as collapsed."""
     values = np.asarray(values)
@@ -159,20 +158,20 @@ def save_histogram(values: np.ndarray, path: str, threshold: float, title: str) 
     return _save(fig, path)
 
 
-@primary_only
+@files.primary_only
 def save_curve_comparison(metrics_csvs: dict[str, str], path: str, name: str, unit: str,
                           title: str) -> str:
     """One metric of several runs: train per step (thin) and test per epoch (markers), one
     colour and one legend entry per run, the legend beside the axes."""
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     for i, (label, csv_path) in enumerate(metrics_csvs.items()):
-        rows = MetricsLog.read(csv_path)
+        rows = files.read_csv(csv_path)
         for split, style in (("train", dict(lw=0.5, alpha=0.5)),
                              ("test", dict(marker="o", lw=1.5, label=label))):
             points = [(int(r["step"]), float(r[name])) for r in rows if r["split"] == split and r[name]]
             steps, values = zip(*points)
             ax.plot(steps, values, color=f"C{i}", **style)
-    values = [float(r[name]) for p in metrics_csvs.values() for r in MetricsLog.read(p) if r[name]]
+    values = [float(r[name]) for p in metrics_csvs.values() for r in files.read_csv(p) if r[name]]
     clipped = clip_to_bulk(ax, values, 95)
     ax.set(xlabel="step", ylabel=unit, title=title + (f"\n({clipped})" if clipped else ""))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -181,7 +180,7 @@ def save_curve_comparison(metrics_csvs: dict[str, str], path: str, name: str, un
     return _save(fig, path)
 
 
-@primary_only
+@files.primary_only
 def save_code_usage(counts: dict[str, np.ndarray], path: str, title: str) -> str:
     """One panel per code grid (e.g. the VQ-VAE-2's levels): the frequency of each of its K
     codes, most used first, with the codes used and the perplexity in the panel's title."""
@@ -201,14 +200,14 @@ def save_code_usage(counts: dict[str, np.ndarray], path: str, title: str) -> str
 
 def _save(fig, path: str) -> str:
     """Writes `fig` as a PNG, whole or not at all, and leaves a file that already holds
-    the same image untouched (`records.write_atomic`). A figure without a layout engine is
+    the same image untouched (`files.write_atomic`). A figure without a layout engine is
     cropped to its contents; a constrained layout already fits them, and cropping would
     draw the figure twice (0.1 s for a 2D run's scatter plot, measured)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100,
                 bbox_inches=None if fig.get_layout_engine() else "tight")
     plt.close(fig)
-    return write_atomic(path, buffer.getvalue())
+    return files.write_atomic(path, buffer.getvalue())
 
 
 def write_figures_to_tensorboard(workdir: str, figures, step: int) -> None:
@@ -216,7 +215,7 @@ def write_figures_to_tensorboard(workdir: str, figures, step: int) -> None:
     step `step`, tagged figures/<file name without extension>, in an event file of their
     own, written whole or not at all. Figures already written under that name (a finished
     run, rerun) are not written again. Primary process only."""
-    if not records.is_primary():
+    if not files.is_primary():
         return
     from lvm_jax.train import events
 
@@ -224,10 +223,10 @@ def write_figures_to_tensorboard(workdir: str, figures, step: int) -> None:
     digest = hashlib.sha256("\n".join(tags).encode()).hexdigest()[:12]
     # "figures" sorts after the time-stamped files of training, as it is written after them.
     name = f"events.out.tfevents.figures.{step:012d}.{digest}.{socket.gethostname()}"
-    path = os.path.join(workdir, records.TENSORBOARD_DIR, name)
+    path = os.path.join(workdir, files.TENSORBOARD_DIR, name)
     if os.path.exists(path):
         return
-    partial = os.path.join(workdir, records.TENSORBOARD_DIR, f".tmp_{name}.{os.getpid()}")
+    partial = os.path.join(workdir, files.TENSORBOARD_DIR, f".tmp_{name}.{os.getpid()}")
     writer = events.open_event_file(partial)
     try:
         for tag, figure in zip(tags, figures):

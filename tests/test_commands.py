@@ -13,8 +13,7 @@ import pytest  # noqa: E402
 
 from experiments import (common, evaluate, lvae, mlp_vae, vae, vae_2d, vlae, vqvae,  # noqa: E402
                          vqvae2)
-from lvm_jax import viz  # noqa: E402
-from lvm_jax.train import records  # noqa: E402
+from lvm_jax import files, viz  # noqa: E402
 
 MAINS = {"vae": vae.main, "vlae": vlae.main, "vqvae": vqvae.main, "mlp_vae": mlp_vae.main,
          "lvae": lvae.main, "vae_2d": vae_2d.main, "vqvae2": vqvae2.main}
@@ -37,12 +36,12 @@ def make_run(workdir, experiment: str) -> None:
     `common.run_record` writes them), a summary, a figure and a metrics.csv."""
     settings = CONFIGS[experiment](quick=True)
     for path, name in LAYOUTS[experiment].items():
-        records.write_json(os.path.join(workdir, path),
+        files.write_json(os.path.join(workdir, path),
                            common.run_record(settings, name, (32, 32, 1)))
-        records.write_atomic(os.path.join(workdir, os.path.dirname(path), "metrics.csv"),
+        files.write_atomic(os.path.join(workdir, os.path.dirname(path), "metrics.csv"),
                              "split,epoch,step,time,loss\ntest,0,0,0.0,1.0\n")
-    records.write_json(os.path.join(workdir, "summary.json"), {"test_metrics": {"loss": 1.0}})
-    records.write_atomic(os.path.join(workdir, "samples.png"), b"\x89PNG not really")
+    files.write_json(os.path.join(workdir, "summary.json"), {"test_metrics": {"loss": 1.0}})
+    files.write_atomic(os.path.join(workdir, "samples.png"), b"\x89PNG not really")
 
 
 def file_states(workdir) -> dict[str, tuple[str, int]]:

@@ -12,7 +12,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from experiments import common, configs, evaluate, lvae, mlp_vae, vae, vae_2d, vlae, vqvae
-from lvm_jax import errors, viz
+from lvm_jax import errors, files, viz
 from lvm_jax.train import records
 
 MODULES = {"vae": vae, "vlae": vlae, "vae_2d": vae_2d, "vqvae": vqvae, "lvae": lvae,
@@ -100,7 +100,7 @@ def test_lists_become_tuples_so_configs_stay_hashable_and_comparable():
 def test_vqvae_quantizer_settings_survive_config_json():
     config = vqvae.Config(quantizer="cosine", ema_codebook=True, restart_dead_codes=5,
                           kmeans_iters=3, quick=True, seed=4, prior=("gated", "pixelcnn"))
-    saved = json.loads(records.to_json(common.run_record(config, "vqvae", (32, 32, 3))))
+    saved = json.loads(files.to_json(common.run_record(config, "vqvae", (32, 32, 3))))
     loaded = vqvae.Config.from_saved(saved)
     assert vqvae.quantizer_options(loaded) == vqvae.quantizer_options(config)
     assert (loaded.quick, loaded.seed, loaded.dataset) == (True, 4, "patches_embedded")
@@ -120,7 +120,7 @@ def test_config_json_is_the_configs_record_plus_run_facts():
                                                                               "example_shape"}
     assert (record["latent_layers"], record["optimizer"], record["free_bits"]) == (2, "adam", 0.5)
     assert record["example_shape"] == [32, 32, 1] and record["experiment"] == "lvae"
-    assert lvae.Config.from_saved(json.loads(records.to_json(record))) == config.replace(free_bits=0.5)
+    assert lvae.Config.from_saved(json.loads(files.to_json(record))) == config.replace(free_bits=0.5)
 
 
 def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
@@ -138,13 +138,13 @@ def test_event_files_read_back_through_tensorboard_bit_for_bit(tmp_path):
 
     from lvm_jax.train import events as event_files
 
-    writer = event_files.Scalars(str(tmp_path / records.TENSORBOARD_DIR), 0)
+    writer = event_files.Scalars(str(tmp_path / files.TENSORBOARD_DIR), 0)
     writer.write([({"train/loss": 1.25, "train/kl": -3e-8}, 3), ({"train/loss": 2 ** 40}, 2 ** 35)])
     writer.close()
     pixels = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "noise.png")
     viz.write_figures_to_tensorboard(str(tmp_path), [str(tmp_path / "noise.png")], 3)
-    scalars, accumulated = read_scalars(str(tmp_path / records.TENSORBOARD_DIR))
+    scalars, accumulated = read_scalars(str(tmp_path / files.TENSORBOARD_DIR))
     assert scalars == {"train/loss": [(3, 1.25), (2 ** 35, 2.0 ** 40)],
                        "train/kl": [(3, np.float32(-3e-8))]}
     (image,) = accumulated.Images("figures/noise")
@@ -159,7 +159,7 @@ def test_a_run_from_its_config_writes_tensorboard_events_that_match_metrics_csv(
 
     with open(tmp_path / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    scalars, events = read_scalars(str(tmp_path / records.TENSORBOARD_DIR))
+    scalars, events = read_scalars(str(tmp_path / files.TENSORBOARD_DIR))
     metric_names = [name for name in rows[0] if name not in ("split", "epoch", "step", "time")]
     logged = {f"{row['split']}/{name}": [] for row in rows for name in metric_names if row[name]}
     for row in rows:
@@ -192,7 +192,7 @@ def test_a_resumed_log_replaces_the_scalars_it_redoes_and_only_the_primary_write
     resumed = records.MetricsLog(path, ["loss"], resume_step=2)
     resumed.append([{**row, "loss": -row["loss"]} for row in rows[2:]])
     resumed.append([{"split": "test", "epoch": 1, "step": 4, "time": 0.0, "loss": 7.0}])
-    scalars, _ = read_scalars(str(tmp_path / records.TENSORBOARD_DIR))
+    scalars, _ = read_scalars(str(tmp_path / files.TENSORBOARD_DIR))
     assert scalars == {"train/loss": [(1, 1.0), (2, 2.0), (3, -3.0), (4, -4.0)],
                        "test/loss": [(4, 7.0)]}
 

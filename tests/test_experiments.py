@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from experiments import common, evaluate, load_run, lvae, mlp_vae, vae, vae_2d, vlae, vqvae
-from lvm_jax import viz
-from lvm_jax.train.records import MetricsLog
+from lvm_jax import files, viz
 from tests.helpers import drawn_figures
 
 PARSERS = {"vae_2d": vae_2d.parser, "vae": vae.parser,
@@ -41,7 +40,7 @@ def test_vae_2d_quick_run_and_rerun_and_its_loaded_run(tmp_path, capsys):
     # The final figure draws 100 z samples per point, the per-epoch curve 10: two estimates
     # of the same -ELBO, a few hundredths of a nat apart at most.
     assert summary["z_samples_per_test_point"] == {"test_metrics": 100, "metrics.csv test rows": 10}
-    last_epoch = [r for r in MetricsLog.read(str(tmp_path / "metrics.csv")) if r["split"] == "test"][-1]
+    last_epoch = [r for r in files.read_csv(str(tmp_path / "metrics.csv")) if r["split"] == "test"][-1]
     assert float(last_epoch["neg_elbo"]) != metrics["neg_elbo"]
     assert float(last_epoch["neg_elbo"]) == pytest.approx(metrics["neg_elbo"], abs=0.05)
     for name in summary["figures"]:
@@ -71,7 +70,7 @@ def test_vlae_quick_run_writes_metrics_in_every_unit_and_figures_its_run_redraws
     assert set(metrics) >= {"neg_elbo", "recon", "kl", "bits_per_dim", "recon_sse", "neg_elbo_sse"}
     assert metrics["neg_elbo_sse"] == pytest.approx(metrics["recon_sse"] + metrics["kl"])
     assert summary["units"]["bits_per_dim"] == "bits per dimension (8-bit scale)"
-    columns = set(MetricsLog.read(str(tmp_path / "metrics.csv"))[0]) - {"split", "epoch", "step"}
+    columns = set(files.read_csv(str(tmp_path / "metrics.csv"))[0]) - {"split", "epoch", "step"}
     assert columns <= set(summary["units"]), "every metrics.csv column has a unit"
     assert summary["config"]["prior"] == "made" and summary["config"]["experiment"] == "vlae"
     assert sorted(summary["figures"]) == ["curves.png", "interpolations.png",

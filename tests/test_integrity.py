@@ -25,12 +25,11 @@ import pytest
 
 from experiments import evaluate as evaluate_cli
 from experiments import common, vae, vae_2d
-from lvm_jax import data
+from lvm_jax import data, files
 from lvm_jax.data import toy2d
 from lvm_jax.errors import (CheckpointError, ConfigError, NonFiniteLossError, UserError,
                             WorkdirError)
-from lvm_jax.train import Checkpointer, TrainConfig, checkpoint, fit, initial_state, records
-from lvm_jax.train.records import MetricsLog
+from lvm_jax.train import Checkpointer, TrainConfig, checkpoint, fit, initial_state
 from lvm_jax.train.state import may_change_on_resume
 from tests.helpers import tiny_objective
 
@@ -177,7 +176,7 @@ def test_second_run_on_a_locked_workdir_is_refused_and_a_killed_run_frees_it(tmp
                            match=f"workdir {workdir} is in use by another run \\(process id "
                                  f"{holder.pid}\\)"):
             fit(tiny_objective(), TRAIN, TEST, with_config(seed=1), workdir)
-        rows = MetricsLog.read(os.path.join(workdir, "metrics.csv"))
+        rows = files.read_csv(os.path.join(workdir, "metrics.csv"))
         keys = [(r["split"], r["epoch"], r["step"]) for r in rows]
         assert len(keys) == len(set(keys)) == 20 + 3
     finally:
@@ -205,8 +204,8 @@ def test_two_experiments_started_on_one_new_workdir_run_one_and_refuse_the_other
     line = done[loser][1].strip()
     assert "\n" not in line and (f"holds a run of {winner}, not of {loser}" in line
                                  or "is in use by another run" in line), line
-    assert records.read_json(str(workdir / common.OWNER_FILE)) == {"experiment": winner}
-    summary = records.read_json(str(workdir / "summary.json"))
+    assert files.read_json(str(workdir / common.OWNER_FILE)) == {"experiment": winner}
+    summary = files.read_json(str(workdir / "summary.json"))
     # The winner's summary alone, not merged with the other's (mlp_vae's has no "config").
     assert ("studies" in summary, "config" in summary) == (winner == "mlp_vae",
                                                            winner == "vae_2d")
@@ -292,12 +291,12 @@ def test_last_good_state_is_finite_and_a_lower_learning_rate_resumes(tmp_path, l
 
     resumed = fit(tiny_objective(), TRAIN, TEST, with_config(learning_rate=1e-3), workdir)
     assert all(np.isfinite(v) for v in resumed.test_metrics.values())
-    saved = records.read_json(os.path.join(workdir, "config.json"))
+    saved = files.read_json(os.path.join(workdir, "config.json"))
     assert saved["learning_rate"] == 1e-3
     change, = [change for change in saved["changes"] if change["setting"] == "learning_rate"]
     assert change["step"] == saved_step
     assert change["now"] == 1e-3 and (np.isnan(change["saved"]) or change["saved"] == 1e9)
-    rows = MetricsLog.read(os.path.join(workdir, "metrics.csv"))
+    rows = files.read_csv(os.path.join(workdir, "metrics.csv"))
     keys = [(r["split"], r["step"]) for r in rows]
     assert len(keys) == len(set(keys)) == 20 + 3
 
@@ -382,7 +381,7 @@ def test_timings_add_up_over_resumed_segments(resumed_run):
     assert resumed.summary["resumed_from_step"] == 10
     assert resumed.summary["wall_time_seconds"] > first["wall_time_seconds"]
     assert resumed.summary["initial_test_metrics"] == first["initial_test_metrics"] is not None
-    rows = MetricsLog.read(str(workdir / "metrics.csv"))
+    rows = files.read_csv(str(workdir / "metrics.csv"))
     assert resumed.summary["wall_time_seconds"] >= max(float(r["time"]) for r in rows)
 
 
@@ -410,7 +409,7 @@ def test_a_different_run_is_named_before_its_epoch_count(resumed_run, tmp_path):
 
 
 def test_infinite_and_nan_settings_round_trip_through_config_json(resumed_run):
-    saved = records.read_json(str(resumed_run[0] / "config.json"))  # and the resume accepted them
+    saved = files.read_json(str(resumed_run[0] / "config.json"))  # and the resume accepted them
     assert saved["grad_clip_norm"] == float("inf") and np.isnan(saved["free_bits"])
     assert "changes" not in saved
 
@@ -449,10 +448,10 @@ def test_silent_phases_say_what_they_do(tmp_path, capsys):
 
 def test_update_json_merges_nested_fields_and_replaces_owned_ones(tmp_path):
     path = str(tmp_path / "summary.json")
-    records.write_json(path, {"test_metrics": {"iwae_nll": 1.5, "neg_elbo": 2.0},
+    files.write_json(path, {"test_metrics": {"iwae_nll": 1.5, "neg_elbo": 2.0},
                               "priors": {"old": 1}, "device": "cpu"})
     merged = common.update_json(path, {"test_metrics": {"neg_elbo": 1.9}, "priors": {"new": 2}},
                                  replace=("priors",))
     assert merged == {"test_metrics": {"iwae_nll": 1.5, "neg_elbo": 1.9}, "priors": {"new": 2},
                       "device": "cpu"}
-    assert records.read_json(path) == merged
+    assert files.read_json(path) == merged

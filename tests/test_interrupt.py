@@ -16,8 +16,8 @@ import time
 
 import pytest
 
+from lvm_jax import files
 from lvm_jax.train import checkpoint, interrupt
-from lvm_jax.train.records import MetricsLog, read_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,7 +83,7 @@ def wait_for_train_rows(proc, workdir, rows: int) -> None:
     """Waits until `workdir`'s metrics.csv holds `rows` training rows."""
     path = os.path.join(workdir, "metrics.csv")
     wait_until(proc, lambda: os.path.exists(path) and sum(
-        r["split"] == "train" for r in MetricsLog.read(path)) >= rows,
+        r["split"] == "train" for r in files.read_csv(path)) >= rows,
         f"no {rows} training rows")
 
 
@@ -101,7 +101,7 @@ def uninterrupted(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
     code, out, err = finish(start(workdir))
     assert code == 0, err
-    return params_digest(out), without_time(MetricsLog.read(str(workdir / "metrics.csv")))
+    return params_digest(out), without_time(files.read_csv(str(workdir / "metrics.csv")))
 
 
 def assert_stopped(proc, signum, workdir) -> int:
@@ -117,7 +117,7 @@ def assert_stopped(proc, signum, workdir) -> int:
     step, directory = int(match.group(1)), match.group(2)
     assert directory == os.path.join(workdir, "checkpoints", str(step))
     assert checkpoint.read_record(directory, step)["step"] == step  # committed with its record
-    rows = MetricsLog.read(os.path.join(workdir, "metrics.csv"))
+    rows = files.read_csv(os.path.join(workdir, "metrics.csv"))
     assert max(int(r["step"]) for r in rows) == step  # the log stops where the checkpoint does
     return step
 
@@ -148,7 +148,7 @@ def test_signals_at_every_phase_save_and_the_run_resumes_bit_identical(tmp_path,
     code, out, err = finish(start(workdir))
     assert code == 0, err
     assert params_digest(out) == uninterrupted[0]
-    assert without_time(MetricsLog.read(os.path.join(workdir, "metrics.csv"))) == uninterrupted[1]
+    assert without_time(files.read_csv(os.path.join(workdir, "metrics.csv"))) == uninterrupted[1]
     code, out, _ = finish(start(workdir))
     assert code == 0 and f"holds a finished run (step {STEPS} of {STEPS}): nothing to train" in out
 
@@ -232,7 +232,7 @@ def test_signals_while_writing_figures_and_evaluating_leave_whole_files(tmp_path
     code, out, err = finish(proc)
     assert code == 143 and err.strip() == ("python -m experiments.vae_2d: stopped by SIGTERM: "
                                            "the run finished, and its files are all written"), err
-    summary = read_json(os.path.join(workdir, "summary.json"))
+    summary = files.read_json(os.path.join(workdir, "summary.json"))
     assert summary["figures"]
     for figure in summary["figures"]:  # whole PNGs
         with open(os.path.join(workdir, figure), "rb") as f:

@@ -19,10 +19,10 @@ import jax
 import numpy as np
 import pytest
 
+from lvm_jax import files
 from lvm_jax.data import batching, toy2d
 from lvm_jax.train import TrainConfig
 from lvm_jax.train import steps as train_steps
-from lvm_jax.train.records import MetricsLog
 from tests.helpers import tiny_objective
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +81,8 @@ CHILD = textwrap.dedent("""
     import numpy as np
     from lvm_jax import viz
     from lvm_jax.data import stream
-    from lvm_jax.train import TrainConfig, fit, interrupt, records
+    from lvm_jax import files
+    from lvm_jax.train import TrainConfig, fit, interrupt
     from tests.helpers import tiny_objective
     from tests.test_multihost import CONFIG, TEST, TRAIN
 
@@ -104,7 +105,7 @@ CHILD = textwrap.dedent("""
             {"model": "tiny"})
         result = fit(tiny_objective(), train, TEST, CONFIG, run, {"model": "tiny"})
         own = os.path.join(run, f"process{process}")
-        written = [records.write_atomic(os.path.join(own, "a.txt"), "a"),
+        written = [files.write_atomic(os.path.join(own, "a.txt"), "a"),
                    viz.save_curves(os.path.join(run, "metrics.csv"), os.path.join(own, "b.png"))]
         outs[input] = {"params": params(result), "test_metrics": result.test_metrics,
                        "resumed_from_step": result.summary["resumed_from_step"],
@@ -205,7 +206,7 @@ def test_two_processes_train_like_one_on_the_same_global_batches(hosts, input):
     assert outs[0]["params"] == outs[1]["params"]
     assert outs[0]["test_metrics"] == outs[1]["test_metrics"]
 
-    rows = MetricsLog.read(str(run / "metrics.csv"))  # written once, by process 0
+    rows = files.read_csv(str(run / "metrics.csv"))  # written once, by process 0
     np.testing.assert_allclose([float(r["loss"]) for r in rows if r["split"] == "train"], losses,
                                rtol=1e-5)
     assert [int(r["step"]) for r in rows if r["split"] == "test"] == [0, 4, 8]

@@ -27,10 +27,11 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from experiments import configs, evaluate as evaluate_cli, vae, vae_2d
+from lvm_jax import files
 from lvm_jax.data import pickles
 from lvm_jax.errors import (CheckpointError, ConfigError, DataError, NonFiniteLossError,
                             RecordError, UserError, WorkdirError)
-from lvm_jax.train import checkpoint, events, fit, initial_state, records
+from lvm_jax.train import checkpoint, events, fit, initial_state
 from lvm_jax.train import workdir as workdir_lock
 from lvm_jax.train.checkpoint import RECORD, RECORD_FILE
 from lvm_jax.train.steps import non_finite_leaves
@@ -112,9 +113,9 @@ def test_write_atomic_replaces_no_link_and_follows_none(tmp_path):
     target.write_text("kept")
     (tmp_path / "link").symlink_to(target)
     with pytest.raises(WorkdirError, match="is a symbolic link"):
-        records.write_atomic(str(tmp_path / "link"), "new")
+        files.write_atomic(str(tmp_path / "link"), "new")
     with pytest.raises(WorkdirError, match="is a symbolic link"):
-        records.open_no_follow(str(tmp_path / "link"), "a")
+        files.open_no_follow(str(tmp_path / "link"), "a")
     assert target.read_text() == "kept" and os.path.islink(tmp_path / "link")
 
 
@@ -178,16 +179,16 @@ def test_tensorboard_never_shows_a_tag_and_step_twice_whatever_the_kill_point(tm
     run = tmp_path / "run"
     if checkpointed:
         refit(run, with_config(epochs=1))
-    killed = events.Scalars(str(run / records.TENSORBOARD_DIR), 11 if checkpointed else 0)
+    killed = events.Scalars(str(run / files.TENSORBOARD_DIR), 11 if checkpointed else 0)
     killed.write([({"train/loss": 1.0, "test/loss": 2.0}, step)
                   for step in range(0 if not checkpointed else 11, 14)])
     killed.close()
-    path = max((run / records.TENSORBOARD_DIR).iterdir())  # named by the time it opened
+    path = max((run / files.TENSORBOARD_DIR).iterdir())  # named by the time it opened
     with open(path, "ab") as f:
         f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00\x01")  # a frame cut short
     killed_bytes = path.read_bytes()
     refit(run)
-    points = tensorboard_points(run / records.TENSORBOARD_DIR)
+    points = tensorboard_points(run / files.TENSORBOARD_DIR)
     assert points["train/loss"] == list(range(1, 21))
     assert points["test/loss"] == [0, 10, 20]
     assert path.read_bytes() == killed_bytes
@@ -281,7 +282,7 @@ def test_a_row_torn_by_a_kill_is_dropped_and_the_run_resumes(finished, tmp_path)
     with open(run / "metrics.csv", "a") as f:
         f.write("train,3,21,0.5,1.")
     refit(run, with_config(epochs=3))
-    rows = records.MetricsLog.read(str(run / "metrics.csv"))
+    rows = files.read_csv(str(run / "metrics.csv"))
     logged = [(row["split"], int(row["step"])) for row in rows]
     assert len(logged) == len(set(logged))
     assert [step for split, step in logged if split == "train"] == list(range(1, 31))
@@ -428,20 +429,20 @@ def test_a_refused_write_mid_run_is_one_line_naming_the_path_and_the_run_resumes
         tmp_path, monkeypatch, code, cause):
     """summary.json cannot be written; the rerun resumes and writes it."""
     run = tmp_path / "run"
-    write_json = records.write_json
+    write_json = files.write_json
 
     def failing(path, obj):
         if path.endswith("summary.json"):
             raise OSError(code, os.strerror(code), path)
         write_json(path, obj)
 
-    monkeypatch.setattr(records, "write_json", failing)
+    monkeypatch.setattr(files, "write_json", failing)
     with pytest.raises(WorkdirError) as raised:
         refit(run)
     message = str(raised.value)
     assert message.startswith(f"cannot write {run / 'summary.json'}: {cause}")
     assert "rerun the same command" in message and "\n" not in message
-    monkeypatch.setattr(records, "write_json", write_json)
+    monkeypatch.setattr(files, "write_json", write_json)
     assert refit(run).summary["resumed_from_step"] == 20
 
 

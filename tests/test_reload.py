@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from experiments import common, evaluate, vae
-from lvm_jax.train import Checkpointer, initial_state, records
+from lvm_jax import files
+from lvm_jax.train import Checkpointer, initial_state
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def vae_workdir(tmp_path_factory):
     with Checkpointer(str(workdir)) as checkpointer:
         checkpointer.save(initial_state(vae.build(config, record).objective, dataset.train[:1],
                                         loop), record, {})
-    records.write_json(str(workdir / "config.json"), record)
+    files.write_json(str(workdir / "config.json"), record)
     return str(workdir)
 
 

@@ -23,11 +23,10 @@ import tensorflow_datasets as tfds
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lvm_jax import data
+from lvm_jax import data, files
 from lvm_jax.data import batching, shards, stream, toy2d
 from lvm_jax.errors import CheckpointError, DataError
 from lvm_jax.train import NonFiniteLossError, Objective, TrainConfig, feeds, fit, loop
-from lvm_jax.train.records import MetricsLog
 from tests.helpers import tiny_objective
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +44,7 @@ def write_folder(path, train=TRAIN, test=TEST) -> str:
 def rows_without_time(workdir) -> list[dict]:
     """metrics.csv's rows, less the wall-clock column."""
     return [{k: v for k, v in row.items() if k != "time"}
-            for row in MetricsLog.read(os.path.join(workdir, "metrics.csv"))]
+            for row in files.read_csv(os.path.join(workdir, "metrics.csv"))]
 
 
 def params_of(result):

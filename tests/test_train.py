@@ -12,13 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lvm_jax import files
 from lvm_jax.data import batching, toy2d
 from lvm_jax.models import likelihoods, vae
 from lvm_jax.train import (Checkpointer, CheckpointError, NonFiniteLossError, Objective,
                            TrainConfig, checkpoint, evaluate_test_set, fit, initial_state, loop,
                            steps)
 from lvm_jax.train.checkpoint import RECORD, RECORD_FILE, state_digest
-from lvm_jax.train.records import MetricsLog, read_json
 from tests.helpers import tiny_objective
 
 TRAIN, TEST = toy2d.sample("1", 640, 0), toy2d.sample("1", 100, 1)
@@ -31,7 +31,7 @@ def params_of(result):
 
 def test_fit_writes_metrics_summary_and_checkpoints(tmp_path):
     result = fit(tiny_objective(), TRAIN, TEST, CONFIG, str(tmp_path), {"model": "tiny"})
-    rows = MetricsLog.read(str(tmp_path / "metrics.csv"))
+    rows = files.read_csv(str(tmp_path / "metrics.csv"))
     train_rows = [r for r in rows if r["split"] == "train"]
     test_rows = [r for r in rows if r["split"] == "test"]
     assert [int(r["step"]) for r in train_rows] == list(range(1, 21))  # 10 steps per epoch
@@ -95,7 +95,7 @@ def test_a_save_commits_the_state_and_its_record_as_one_step(tmp_path):
     at_3 = state.replace(step=jnp.full_like(state.step, 3))
     with Checkpointer(str(tmp_path / "saved")) as checkpointer:
         checkpointer.save(at_3, {"model": "tiny"}, {"elapsed_seconds": 1.5})
-    record = read_json(os.path.join(checkpointer.step_directory(3), RECORD, RECORD_FILE))
+    record = files.read_json(os.path.join(checkpointer.step_directory(3), RECORD, RECORD_FILE))
     assert record == {"step": 3, "config": {"model": "tiny"}, "timing": {"elapsed_seconds": 1.5},
                       "digest": state_digest(at_3)}
     with Checkpointer(str(tmp_path / "saved")) as reopened:
@@ -115,7 +115,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     for a, b in zip(params_of(full), params_of(resumed)):
         np.testing.assert_array_equal(a, b)
     assert full.test_metrics == resumed.test_metrics
-    rows = MetricsLog.read(str(tmp_path / "resumed" / "metrics.csv"))
+    rows = files.read_csv(str(tmp_path / "resumed" / "metrics.csv"))
     assert [int(r["step"]) for r in rows if r["split"] == "train"] == list(range(1, 21))
 
 
@@ -136,7 +136,7 @@ def test_resume_from_mid_epoch_checkpoint(tmp_path):
     again = fit(tiny_objective(), TRAIN, TEST, CONFIG, str(tmp_path / "b"))
     for a, b in zip(params_of(full), params_of(again)):
         np.testing.assert_array_equal(a, b)
-    rows = MetricsLog.read(str(tmp_path / "b" / "metrics.csv"))
+    rows = files.read_csv(str(tmp_path / "b" / "metrics.csv"))
     assert len(rows) == 23  # 20 train rows and 3 evaluations, none duplicated
 
 
@@ -162,7 +162,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_state(tmp_path):
                        match=f"at step {bad_step} \\(epoch 2\\).*\\(step {last_good}\\)"):
         fit(Objective(init=good.init, loss=poisoned_loss), train, TEST, CONFIG, str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == sorted({"10", str(last_good)})
-    rows = MetricsLog.read(str(tmp_path / "metrics.csv"))
+    rows = files.read_csv(str(tmp_path / "metrics.csv"))
     assert [int(r["step"]) for r in rows if r["split"] == "train"] == list(range(1, bad_step))
 
 

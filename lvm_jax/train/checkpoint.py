@@ -16,9 +16,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from lvm_jax import files
 from lvm_jax.data import identity
 from lvm_jax.errors import CheckpointError, DataError, RecordError
-from lvm_jax.train import records
 
 STATE, RECORD, DATA = "state", "record", "data"
 RECORD_FILE = "record.json"
@@ -63,7 +63,7 @@ def read_record(step_directory: str, step: int) -> dict:
     if not os.path.isdir(step_directory):
         raise FileNotFoundError(step_directory)
     try:
-        record = records.read_record(os.path.join(step_directory, RECORD, RECORD_FILE),
+        record = files.read_record(os.path.join(step_directory, RECORD, RECORD_FILE),
                                      CheckpointError)
     except CheckpointError as err:
         raise CheckpointError(f"checkpoint {step_directory} is corrupted: {err}") from None
@@ -203,14 +203,14 @@ def resumed_config(workdir: str, config: dict, step: int, may_change=(),
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return config
-    saved = records.read_record(path)
+    saved = files.read_record(path)
     history = saved.pop("changes", [])
     if not isinstance(history, list):
         raise RecordError(f"{path} is malformed: its 'changes' is no list.")
     _refuse_other_data(workdir, saved, config)
     flat_saved, flat_now = _flatten(_without_data(saved)), _flatten(_without_data(config))
     differ = sorted(k for k in set(flat_saved) | set(flat_now)
-                    if records.to_json(flat_saved.get(k)) != records.to_json(flat_now.get(k)))
+                    if files.to_json(flat_saved.get(k)) != files.to_json(flat_now.get(k)))
     fixed = [k for k in differ if k not in may_change]
     if fixed:
         details = ", ".join(f"{k}: saved {flat_saved.get(k)!r}, now {flat_now.get(k)!r}"
@@ -252,7 +252,7 @@ class Checkpointer:
                  interval_seconds: float = 0.0):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         for name in ["", *(os.listdir(self.directory) if os.path.isdir(self.directory) else [])]:
-            records.refuse_link(os.path.join(self.directory, name).rstrip("/"))  # orbax deletes
+            files.refuse_link(os.path.join(self.directory, name).rstrip("/"))  # orbax deletes
         self.manager = ocp.CheckpointManager(
             self.directory, item_handlers=_handlers(streamed),
             # An old step is deleted on orbax's thread: in the foreground, the next save waited

@@ -15,13 +15,13 @@ import time
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
-from lvm_jax.train import records
+from lvm_jax import files
 
 
 def open_event_file(path: str) -> RecordWriter:
     """A record writer on a new file at `path` (O_EXCL: never an existing file or link, in a
     folder that is no link), holding the file-version event TensorBoard expects first."""
-    os.makedirs(records.refuse_link(os.path.dirname(path)), exist_ok=True)
+    os.makedirs(files.refuse_link(os.path.dirname(path)), exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     writer = RecordWriter(os.fdopen(fd, "wb"))
     writer.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")

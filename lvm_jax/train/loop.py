@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import optax
 
+from lvm_jax import files
 from lvm_jax.data import batching
 from lvm_jax.errors import ConfigError, NonFiniteLossError
 from lvm_jax.train import checkpoint, feeds, interrupt, records, steps, workdir as workdir_lock
@@ -173,7 +174,7 @@ def fit(objective: Objective, train_data, test_data: np.ndarray, config: TrainCo
     except Exception as err:
         # A full disk or a refused write met anywhere (orbax's threads wrap it): the
         # checkpointer has closed, waiting for the save in flight, so name the cause alone.
-        disk_error = records.disk_error(err)
+        disk_error = files.disk_error(err)
         if disk_error is None:
             raise
         raise disk_error from None
@@ -202,7 +203,7 @@ def _restore_or_initialise(stack, objective, config, sizes, workdir, run_config,
     if resume_step is not None:
         state, record, restored = checkpointer.restore(state, feed.iterator)
         timing.update(record["timing"])
-    records.write_json(os.path.join(workdir, "config.json"), run_config)
+    files.write_json(os.path.join(workdir, "config.json"), run_config)
     start_step = int(jax.device_get(state.step))
     feed.start(start_step, restored)
     keys = steps.keys(config.seed)
@@ -212,7 +213,7 @@ def _restore_or_initialise(stack, objective, config, sizes, workdir, run_config,
     log = stack.enter_context(contextlib.closing(
         records.MetricsLog(os.path.join(workdir, "metrics.csv"), names, resume_step)))
     progress = Progress(sizes.total_steps, start_step, os.path.basename(os.path.normpath(
-        workdir)), bar=config.progress, enabled=records.is_primary())
+        workdir)), bar=config.progress, enabled=files.is_primary())
     stack.callback(progress.close)
     if 0 < start_step < sizes.total_steps:
         progress.note(f"resuming from step {start_step} of {sizes.total_steps}")
@@ -337,7 +338,7 @@ def _finish(run: Run, state: TrainState, start_step: int, timing: dict, initial_
     step = int(jax.device_get(state.step))
     path = os.path.join(os.path.dirname(run.checkpointer.directory), "summary.json")
     if step == start_step and os.path.exists(path):
-        summary = records.read_record(path)
+        summary = files.read_record(path)
         if summary.get("checkpoint_step", step) == step:
             run.progress.note(f"{os.path.dirname(path)} holds a finished run (step {step} of "
                               f"{run.plan.total_steps}): nothing to train, and its files stay "
@@ -355,7 +356,7 @@ def _finish(run: Run, state: TrainState, start_step: int, timing: dict, initial_
         "device": device_description(), "jax_version": jax.__version__,
         "python": platform.python_version(),
     }
-    records.write_json(path, summary)
+    files.write_json(path, summary)
     return FitResult(state=state, test_metrics=test_metrics, summary=summary)
 
 

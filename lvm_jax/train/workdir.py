@@ -11,8 +11,8 @@ import errno
 import fcntl
 import os
 
+from lvm_jax import files
 from lvm_jax.errors import WorkdirError
-from lvm_jax.train import records
 
 LOCK_FILE = ".lock"
 
@@ -36,18 +36,18 @@ def locked(workdir: str, create: bool = True):
       WorkdirError: `workdir` is a file, cannot be written, holds a bracket, or another
         process holds it.
     """
-    if not records.is_primary() or not (create or os.path.isdir(workdir)):
+    if not files.is_primary() or not (create or os.path.isdir(workdir)):
         yield
         return
     try:
         os.makedirs(check_path(workdir), exist_ok=True)
-        lock_file = records.open_no_follow(os.path.join(workdir, LOCK_FILE), "a+")
+        lock_file = files.open_no_follow(os.path.join(workdir, LOCK_FILE), "a+")
     except WorkdirError:  # an OSError too
         raise
     except OSError as err:
         problem = {errno.EEXIST: "it exists and is not a directory",
                    errno.ENOTDIR: "a part of its path is a file"}.get(
-                       err.errno, records.DISK_ERRORS.get(err.errno, err.strerror))
+                       err.errno, files.DISK_ERRORS.get(err.errno, err.strerror))
         raise WorkdirError(f"cannot write into the workdir {workdir}: {problem}. Choose "
                            "another --workdir.") from None
     with lock_file:  # closing the file releases the lock
