@@ -196,7 +196,7 @@ def test_a_resumed_log_replaces_the_scalars_it_redoes_and_only_the_primary_write
     assert scalars == {"train/loss": [(1, 1.0), (2, 2.0), (3, -3.0), (4, -4.0)],
                        "test/loss": [(4, 7.0)]}
 
-    monkeypatch.setattr(records, "is_primary", lambda: False)
+    monkeypatch.setattr(files, "is_primary", lambda: False)
     other = tmp_path / "other"
     records.MetricsLog(str(other / "metrics.csv"), ["loss"], None).append(rows)
     viz.write_figures_to_tensorboard(str(other), [], 4)
