@@ -175,3 +175,31 @@ def test_evaluate_splits_before_jax_starts(tmp_path):
         print(json.dumps({{"count": count, "devices": jax.device_count()}}))
     """)
     assert out == {"count": 8, "devices": 8}
+
+
+def test_a_run_trained_on_eight_devices_loads_in_a_process_of_one(tmp_path):
+    """A checkpoint of a run whose CPU was split (every default convolutional run) restores
+    into a reader's `jax.eval_shape` state on a process with one device, the state it saved."""
+    out = run_python(f"""
+        import json, jax
+        from lvm_jax.data import toy2d
+        from lvm_jax.train import TrainConfig, checkpoint, fit
+        from tests.helpers import tiny_objective
+
+        assert jax.device_count() == 8
+        result = fit(tiny_objective(), toy2d.sample("2", 64, 0), toy2d.sample("2", 16, 1),
+                     TrainConfig(epochs=1, batch_size=16, progress=False), {str(tmp_path)!r})
+        print(json.dumps({{"digest": checkpoint.state_digest(result.state)}}))
+    """, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    import jax
+
+    from lvm_jax.data import toy2d
+    from lvm_jax.train import TrainConfig, checkpoint, initial_state
+    from tests.helpers import tiny_objective
+
+    assert jax.device_count() == 1
+    like = jax.eval_shape(lambda: initial_state(tiny_objective(), toy2d.sample("2", 1, 0),
+                                                TrainConfig(batch_size=16)))
+    state, step, _ = checkpoint.restore_committed(str(tmp_path), like)
+    assert step == 4 and checkpoint.state_digest(state) == out["digest"]
+    assert {leaf.sharding.device_set.pop() for leaf in jax.tree.leaves(state)} == {jax.devices()[0]}

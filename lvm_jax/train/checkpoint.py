@@ -101,6 +101,20 @@ def mismatch(saved, target) -> str | None:
     return None
 
 
+def _restore_target(leaf) -> jax.ShapeDtypeStruct:
+    """What orbax restores a leaf of `like` into: its shape, dtype and sharding, or, for a
+    shape without one (a reader's `jax.eval_shape`), this process's first device: else orbax
+    would take the saving run's sharding, whose devices (a CPU split into 8) this process
+    may lack."""
+    if not isinstance(leaf, jax.ShapeDtypeStruct):
+        # jnp.asarray: a Python scalar (a new TrainState's step) restores as the int32 it was.
+        return ocp.utils.to_shape_dtype_struct(jnp.asarray(leaf))
+    if leaf.sharding is None:
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                    sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    return leaf
+
+
 def _vanishing(step_directory: str, wait_seconds: float = 1.0) -> bool:
     """Whether a step whose read failed is gone or going: orbax deletes an old step in place,
     file by file, so a read it cuts short may find the folder for a moment more."""
@@ -121,9 +135,7 @@ def read_step(step_directory: str, step: int, like, data_iterator=None) -> tuple
     """
     try:
         record = read_record(step_directory, step)
-        # jnp.asarray: a Python scalar (a new TrainState's step) restores as the int32 it was.
-        target = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else
-                              ocp.utils.to_shape_dtype_struct(jnp.asarray(x)), like)
+        target = jax.tree.map(_restore_target, like)
         differs = mismatch(ocp.StandardCheckpointHandler().metadata(
             epath.Path(step_directory) / STATE), target)
         if differs:
