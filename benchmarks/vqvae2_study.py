@@ -44,12 +44,12 @@ import optax
 from experiments import common
 from experiments import vqvae as vqvae_experiment
 from experiments import vqvae2 as vqvae2_experiment
-from lvm_jax import data, files
+from lvm_jax import data, files, interrupt
 from lvm_jax.data import embedded
 from lvm_jax.models import vqvae, vqvae2
 from lvm_jax.nn.conv import StridedDecoder, StridedEncoder
 from lvm_jax.nn.masked_conv import GatedPixelCNN
-from lvm_jax.train import Objective, fit, interrupt
+from lvm_jax.train import Objective, fit
 
 DATASET, PRESET, K = "patches_embedded", "kmeans", vqvae2.NUM_CODES
 USAGE_GOAL, PERPLEXITY_GOAL = 0.95, 0.5 * K

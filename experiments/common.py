@@ -16,10 +16,10 @@ from typing import Literal
 import jax
 
 from experiments import configs
-from lvm_jax import compilation_cache, cpu_devices, data, errors, files
+from lvm_jax import compilation_cache, cpu_devices, data, errors, files, interrupt
+from lvm_jax import workdir as workdir_lock
 from lvm_jax.models import likelihoods
-from lvm_jax.train import TrainConfig, interrupt
-from lvm_jax.train import workdir as workdir_lock
+from lvm_jax.train import TrainConfig
 
 # --quick: 2 epochs of 2 steps at the default batch of 128, and enough test examples for
 # every figure (the VAE's take 70).
@@ -179,7 +179,7 @@ def run(parser: argparse.ArgumentParser, config: type[Config], train_and_evaluat
     Any other exception is a bug and keeps its traceback.
 
     SIGINT and SIGTERM stop the run at its next step boundary, after saving the current
-    step (`lvm_jax.train.interrupt`): one line says what was saved, and the exit status
+    step (`lvm_jax.interrupt`): one line says what was saved, and the exit status
     is 128 + the signal's number (130, 143). A second signal ends the process at once.
     """
     compilation_cache.enable()

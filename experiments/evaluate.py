@@ -28,11 +28,11 @@ import numpy as np
 
 from experiments import common, configs, runs
 from experiments.runs import load_run
-from lvm_jax import cpu_devices, evaluate, files
+from lvm_jax import cpu_devices, evaluate, files, interrupt
+from lvm_jax import workdir as workdir_lock
 from lvm_jax.errors import ConfigError, DataError, UserError
 from lvm_jax.models.priors import StandardNormalPrior
-from lvm_jax.train import CheckpointError, device_description, interrupt
-from lvm_jax.train import workdir as workdir_lock
+from lvm_jax.train import CheckpointError, device_description
 
 # The experiments whose models give importance weights (`evaluate.iwae_log_weights`).
 EVALUATED = ("vae", "vlae", "vae_2d", "mlp_vae", "lvae")

@@ -31,9 +31,9 @@ import numpy as np
 from PIL import Image
 
 from experiments import common, configs, runs
-from lvm_jax import data, evaluate, files, viz
+from lvm_jax import data, evaluate, files, progress, viz
 from lvm_jax.models import likelihoods, vae
-from lvm_jax.train import FitResult, Objective, fit, progress
+from lvm_jax.train import FitResult, Objective, fit
 
 EXPERIMENT = "mlp_vae"
 NATS = "nats per example"

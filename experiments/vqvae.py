@@ -35,10 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import common, configs, runs
-from lvm_jax import data, files, viz
+from lvm_jax import data, files, progress, viz
 from lvm_jax.models import vqvae
 from lvm_jax.nn import sampling
-from lvm_jax.train import Objective, fit, progress
+from lvm_jax.train import Objective, fit
 
 # --quick keeps the layers and shrinks the widths: at full width one training
 # step of the VQ-VAE takes seconds on a CPU.

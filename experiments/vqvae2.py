@@ -31,10 +31,10 @@ import numpy as np
 import optax
 
 from experiments import common, configs, runs
-from lvm_jax import data, errors, viz
+from lvm_jax import data, errors, progress, viz
 from lvm_jax.models import vqvae, vqvae2
 from lvm_jax.nn import ConditionalGatedPixelCNN, PixelSNAIL, sample_codes, sampling
-from lvm_jax.train import FitResult, Objective, fit, progress
+from lvm_jax.train import FitResult, Objective, fit
 
 # --quick keeps the layers and shrinks the widths (cosine's lookup_dim is 32, hence the
 # code dimension).

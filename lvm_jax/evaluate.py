@@ -27,14 +27,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lvm_jax import losses
+from lvm_jax import interrupt, losses
 from lvm_jax.data import batching
 from lvm_jax.models import vae
 from lvm_jax.models.likelihoods import Likelihood
 from lvm_jax.models.priors import StandardNormalPrior
-from lvm_jax.train import interrupt
+from lvm_jax.progress import Progress
 from lvm_jax.train.steps import dispatch_bounded
-from lvm_jax.train.progress import Progress
 
 
 def _identity(batch):

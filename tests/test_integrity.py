@@ -152,7 +152,8 @@ HOLDER = textwrap.dedent("""
     import functools, sys
     from lvm_jax.data import toy2d
     from lvm_jax.models import likelihoods, vae
-    from lvm_jax.train import Objective, TrainConfig, fit, workdir
+    from lvm_jax import workdir
+    from lvm_jax.train import Objective, TrainConfig, fit
     model = vae.mlp_vae(2, 2, (16,), likelihoods.get("gaussian"))
     objective = Objective.stateless(init=lambda rng, x: model.init(rng, x, rng),
                                     loss_fn=functools.partial(vae.loss_fn, model))
@@ -424,7 +425,7 @@ def test_outputs_get_the_umask_permissions(resumed_run):
 # 12.6 ------------------------------------------------------------------------------------------
 
 def test_progress_off_a_terminal_is_a_plain_line_now_and_then(capsys):
-    from lvm_jax.train.progress import Progress
+    from lvm_jax.progress import Progress
     quiet = Progress(1000, 0, "run", interval=3600)
     for _ in range(1000):
         quiet.update(1, loss="1.0")

@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from lvm_jax import files
-from lvm_jax.train import checkpoint, interrupt
+from lvm_jax import files, interrupt
+from lvm_jax.train import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -191,7 +191,7 @@ def test_nested_blocks_share_one_flag_and_restore_on_the_outermost_exit():
 def test_a_second_signal_ends_the_process_at_once():
     waiter = textwrap.dedent("""
         import time
-        from lvm_jax.train import interrupt
+        from lvm_jax import interrupt
         with interrupt.handled(second_ends_process=True):
             print("ready", flush=True)
             while interrupt.received() is None:

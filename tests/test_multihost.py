@@ -82,7 +82,8 @@ CHILD = textwrap.dedent("""
     from lvm_jax import viz
     from lvm_jax.data import stream
     from lvm_jax import files
-    from lvm_jax.train import TrainConfig, fit, interrupt
+    from lvm_jax import interrupt
+    from lvm_jax.train import TrainConfig, fit
     from tests.helpers import tiny_objective
     from tests.test_multihost import CONFIG, TEST, TRAIN
 

@@ -32,7 +32,7 @@ from lvm_jax.data import pickles
 from lvm_jax.errors import (CheckpointError, ConfigError, DataError, NonFiniteLossError,
                             RecordError, UserError, WorkdirError)
 from lvm_jax.train import checkpoint, events, fit, initial_state
-from lvm_jax.train import workdir as workdir_lock
+from lvm_jax import workdir as workdir_lock
 from lvm_jax.train.checkpoint import RECORD, RECORD_FILE
 from lvm_jax.train.steps import non_finite_leaves
 from tests.helpers import tiny_objective

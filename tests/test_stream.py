@@ -378,7 +378,7 @@ INTERRUPTED_CHILD = textwrap.dedent("""
 
 
 def test_ctrl_c_stops_a_streamed_run_and_its_reading_threads(tmp_path):
-    """fit saves the current step with its iterator state (`lvm_jax.train.interrupt`) and
+    """fit saves the current step with its iterator state (`lvm_jax.interrupt`) and
     the process ends: no reading thread holds it."""
     proc = run_until(INTERRUPTED_CHILD, (tmp_path,), tmp_path, 2, sig=signal.SIGINT)
     stopped = time.monotonic()

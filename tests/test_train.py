@@ -16,8 +16,7 @@ from lvm_jax import files
 from lvm_jax.data import batching, toy2d
 from lvm_jax.models import likelihoods, vae
 from lvm_jax.train import (Checkpointer, CheckpointError, NonFiniteLossError, Objective,
-                           TrainConfig, checkpoint, evaluate_test_set, fit, initial_state, loop,
-                           steps)
+                           TrainConfig, checkpoint, evaluate_test_set, fit, initial_state, steps)
 from lvm_jax.train.checkpoint import RECORD, RECORD_FILE, state_digest
 from tests.helpers import tiny_objective
 
@@ -184,8 +183,8 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
 
 def test_corrupted_checkpoint_is_reported(tmp_path):
     fit(tiny_objective(), TRAIN, TEST, TrainConfig(**{**CONFIG.__dict__, "epochs": 1}), str(tmp_path))
-    for root, _, files in os.walk(tmp_path / "checkpoints" / "10"):
-        for name in files:
+    for root, _, names in os.walk(tmp_path / "checkpoints" / "10"):
+        for name in names:
             if not name.startswith("_") and name != "commit_success.txt":
                 (tmp_path / root / name).write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="10 is corrupted"):
@@ -255,34 +254,6 @@ def test_dispatch_bounded_waits_for_the_oldest_call_once_the_queue_is_full():
     assert [r.i for r in results] == list(range(20))
     assert waited == list(range(20 - steps.MAX_EVAL_CALLS_IN_FLIGHT))  # the oldest, in order
     assert len(queued) == steps.MAX_EVAL_CALLS_IN_FLIGHT
-
-
-def test_epoch_lines_name_no_unit_and_the_units_line_names_each_once():
-    units = {"kl": "nats per example", "loss": "nats per example, the training objective",
-             "bits_per_dim": "bits per dimension (8-bit scale)"}
-    metrics = {"kl": 1.5, "loss": 2.25, "bits_per_dim": 3.0, "count": 4.0}
-    assert loop.metrics_line("test ", metrics) == ("test kl 1.5000, loss 2.2500, bits_per_dim 3.0000, "
-                                                   "count 4.0000")
-    assert loop.units_line(metrics, units) == (
-        "units: kl in nats per example; loss in nats per example, the training objective; "
-        "bits_per_dim in bits per dimension (8-bit scale)")  # each unit whole (issue 34 item 6)
-    assert loop.units_line({"count": 1.0}, units) is None
-
-
-def test_vqvae_epoch_lines_stay_under_160_characters():
-    """The VQ-VAE's seven test metrics, each with its own unit, ran to 390 characters."""
-    from experiments import vqvae
-
-    metrics = {name: 1234.5678 for name in ("batch_codebook_usage", "codebook_loss",
-                                            "commitment_loss", "loss", "perplexity", "recon_mse",
-                                            "vq_loss")}
-    lines = loop.metrics_line("epoch 20/20: test ", metrics).splitlines()
-    assert len(lines) == 2 and all(len(line) < 160 for line in lines)
-    assert lines[0].startswith("epoch 20/20: test batch_codebook_usage 1234.5678, codebook_loss")
-    assert lines[1] == "    recon_mse 1234.5678, vq_loss 1234.5678" and lines[0].endswith(",")
-    header = loop.units_line(metrics, vqvae.UNITS).splitlines()
-    assert header[0] == "units:" and all(len(line) < 160 for line in header)
-    assert f"  recon_mse: {vqvae.UNITS['recon_mse']}" in header
 
 
 def test_optimizer_operations_are_named_in_the_compiled_step():

@@ -13,17 +13,18 @@ import math
 import os
 import platform
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 
 import jax
 import numpy as np
 import optax
 
-from lvm_jax import files
+from lvm_jax import files, interrupt
+from lvm_jax import workdir as workdir_lock
 from lvm_jax.data import batching
 from lvm_jax.errors import ConfigError, NonFiniteLossError
-from lvm_jax.train import checkpoint, feeds, interrupt, records, steps, workdir as workdir_lock
-from lvm_jax.train.progress import Progress
+from lvm_jax.progress import Progress, metrics_line, units_line
+from lvm_jax.train import checkpoint, feeds, records, steps
 from lvm_jax.train.state import Objective, TrainConfig, TrainState, may_change_on_resume
 
 # The units of the metrics.csv columns `fit` adds to an objective's metrics.
@@ -364,41 +365,3 @@ def device_description() -> str:
     devices = jax.devices()
     hosts = f" on {jax.process_count()} hosts" if jax.process_count() > 1 else ""
     return f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform}){hosts}"
-
-
-# The longest line of a run's notes (epoch lines and the units line wrap before it).
-LINE_WIDTH = 160
-
-
-def metrics_line(prefix: str, metrics: dict[str, float]) -> str:
-    """`prefix` then "kl 12.6177, recon 986.1637": each metric and its value, with no unit
-    (`units_line` names them once), wrapped between metrics into lines shorter than
-    LINE_WIDTH."""
-    items = [f"{name} {value:.4f}" for name, value in metrics.items()]
-    lines = [prefix + items[0]]
-    for item in items[1:]:
-        if len(lines[-1]) + len(", ") + len(item) + len(",") < LINE_WIDTH:  # room for a comma
-            lines[-1] += ", " + item
-        else:
-            lines[-1] += ","
-            lines.append("    " + item)
-    return "\n".join(lines)
-
-
-def units_line(names, units: Mapping[str, str]) -> str | None:
-    """"units: kl, recon in nats per example; ...": the metrics `names` grouped by their whole
-    unit in `units` (never cut: its qualifiers say what the number is), printed once before
-    the epoch lines; when one line would not be shorter than LINE_WIDTH, "units:" then a
-    line "  kl, recon: nats per example" per unit. None when no metric has a unit."""
-    groups = {}
-    for name in names:
-        unit = units.get(name)
-        if unit:
-            groups.setdefault(unit, []).append(name)
-    if not groups:
-        return None
-    line = "units: " + "; ".join(f"{', '.join(group)} in {unit}" for unit, group in groups.items())
-    if len(line) < LINE_WIDTH:
-        return line
-    return "\n  ".join(["units:", *(f"{', '.join(group)}: {unit}" for unit, group in groups.items())])
-

@@ -13,6 +13,7 @@ steps are faster than its VQ-VAE's).
 import contextlib
 import sys
 import time
+from collections.abc import Mapping
 
 from tqdm.auto import tqdm
 
@@ -101,3 +102,41 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+# The longest line of a run's notes (epoch lines and the units line wrap before it).
+LINE_WIDTH = 160
+
+
+def metrics_line(prefix: str, metrics: dict[str, float]) -> str:
+    """`prefix` then "kl 12.6177, recon 986.1637": each metric and its value, with no unit
+    (`units_line` names them once), wrapped between metrics into lines shorter than
+    LINE_WIDTH."""
+    items = [f"{name} {value:.4f}" for name, value in metrics.items()]
+    lines = [prefix + items[0]]
+    for item in items[1:]:
+        if len(lines[-1]) + len(", ") + len(item) + len(",") < LINE_WIDTH:  # room for a comma
+            lines[-1] += ", " + item
+        else:
+            lines[-1] += ","
+            lines.append("    " + item)
+    return "\n".join(lines)
+
+
+def units_line(names, units: Mapping[str, str]) -> str | None:
+    """"units: kl, recon in nats per example; ...": the metrics `names` grouped by their whole
+    unit in `units` (never cut: its qualifiers say what the number is), printed once before
+    the epoch lines; when one line would not be shorter than LINE_WIDTH, "units:" then a
+    line "  kl, recon: nats per example" per unit. None when no metric has a unit."""
+    groups = {}
+    for name in names:
+        unit = units.get(name)
+        if unit:
+            groups.setdefault(unit, []).append(name)
+    if not groups:
+        return None
+    line = "units: " + "; ".join(f"{', '.join(group)} in {unit}" for unit, group in groups.items())
+    if len(line) < LINE_WIDTH:
+        return line
+    return "\n  ".join(["units:", *(f"{', '.join(group)}: {unit}" for unit, group in groups.items())])
+
