@@ -1,10 +1,12 @@
 """This tree against another (default /work/main), side by side: the warm end-to-end
-`python -m experiments.vae_2d --dataset 1` and `python -c "import experiments.vae_2d"`.
+`python -m experiments.vae_2d --dataset 1`, `python -c "import experiments.vae_2d"` and, with
+`--readme_repeats N`, the README's main command (`python -m experiments.vlae --epochs 5
+--batch_size 32`, about a minute a run).
 
-    python -m benchmarks.core_timing [--other /work/main] [--repeats 5]
+    python -m benchmarks.core_timing [--other /work/main] [--repeats 5] [--readme_repeats 3]
 
-Each run is a fresh process with PYTHONPATH and the working directory set to its tree, the
-2D runs each in a fresh workdir under /tmp. One warm-up run per tree fills the persistent
+Each run is a fresh process with PYTHONPATH and the working directory set to its tree, each
+training run in a fresh workdir under /tmp. One warm-up run per tree and command fills the persistent
 compilation cache first (not counted); then the trees alternate, and which goes first
 alternates too, so that a change of the machine's load falls on both. Prints and writes
 the medians and ranges (seconds) and the load average before and after to
@@ -25,12 +27,16 @@ THIS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(THIS, "benchmarks", "results", "core_timing")
 VAE_2D = ["-m", "experiments.vae_2d", "--dataset", "1", "--no_progress"]
 IMPORT = ["-c", "import experiments.vae_2d"]
+README_MAIN = ["-m", "experiments.vlae", "--epochs", "5", "--batch_size", "32", "--no_progress"]
+COMMANDS = {"vae_2d_dataset_1": "python -m experiments.vae_2d --dataset 1",
+            "import_experiments_vae_2d": 'python -c "import experiments.vae_2d"',
+            "readme_main_command": "python -m experiments.vlae --epochs 5 --batch_size 32"}
 
 
 def seconds(tree: str, argv: list[str]) -> float:
-    """Wall time of `python argv` run in `tree`, importing that tree's code; a 2D run gets a
-    fresh workdir under /tmp, removed afterwards."""
-    workdir = tempfile.mkdtemp(prefix="core_timing_") if argv is VAE_2D else None
+    """Wall time of `python argv` run in `tree`, importing that tree's code; a training run
+    (`-m experiments...`) gets a fresh workdir under /tmp, removed afterwards."""
+    workdir = tempfile.mkdtemp(prefix="core_timing_") if argv[0] == "-m" else None
     command = [sys.executable, *argv, *(["--workdir", workdir] if workdir else [])]
     tic = time.perf_counter()
     subprocess.run(command, cwd=tree, env={**os.environ, "PYTHONPATH": tree}, check=True,
@@ -62,27 +68,32 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--other", default="/work/main", help="the tree to compare with")
     parser.add_argument("--repeats", type=int, default=5, help="runs of each tree per command")
+    parser.add_argument("--readme_repeats", type=int, default=0,
+                        help="runs of each tree of the README's main command (0: not run)")
     args = parser.parse_args(argv)
     trees = {"this": THIS, "other": os.path.abspath(args.other)}
+    commands = {"vae_2d_dataset_1": (VAE_2D, args.repeats),
+                "import_experiments_vae_2d": (IMPORT, args.repeats),
+                "readme_main_command": (README_MAIN, args.readme_repeats)}
+    commands = {key: value for key, value in commands.items() if value[1] > 0}
     load_before = os.getloadavg()
-    for tree in trees.values():  # warm the compilation cache, not counted
-        seconds(tree, VAE_2D)
-    results = {"trees": trees, "load_average_before": load_before,
-               "vae_2d_dataset_1": summary(interleaved(
-                   trees, lambda tree: seconds(tree, VAE_2D), args.repeats)),
-               "import_experiments_vae_2d": summary(interleaved(
-                   trees, lambda tree: seconds(tree, IMPORT), args.repeats)),
-               "load_average_after": os.getloadavg()}
-    lines = [f"# This tree ({THIS}) against {trees['other']}, {args.repeats} interleaved runs each",
+    for argv_, _ in commands.values():  # warm the compilation cache, not counted
+        if argv_[0] == "-m":
+            for tree in trees.values():
+                seconds(tree, argv_)
+    results = {"trees": trees, "load_average_before": load_before}
+    for key, (argv_, repeats) in commands.items():
+        results[key] = summary(interleaved(trees, lambda tree: seconds(tree, argv_), repeats))
+    results["load_average_after"] = os.getloadavg()
+    lines = [f"# This tree ({THIS}) against {trees['other']}, interleaved runs",
              "", f"load average before {load_before}, after {results['load_average_after']}", "",
-             "| command | this: median (range) s | other: median (range) s | other / this |",
-             "|---|---|---|---|"]
-    for key, command in (("vae_2d_dataset_1", "python -m experiments.vae_2d --dataset 1"),
-                         ("import_experiments_vae_2d", 'python -c "import experiments.vae_2d"')):
+             "| command | runs | this: median (range) s | other: median (range) s | other / this |",
+             "|---|---|---|---|---|"]
+    for key, (_, repeats) in commands.items():
         row = results[key]
         cells = [f"{row[n]['median_s']:.2f} ({row[n]['min_s']:.2f}-{row[n]['max_s']:.2f})"
                  for n in ("this", "other")]
-        lines.append(f"| `{command}` | {cells[0]} | {cells[1]} | "
+        lines.append(f"| `{COMMANDS[key]}` | {repeats} | {cells[0]} | {cells[1]} | "
                      f"{row['speedup_this_over_other']:.2f}x |")
     text = "\n".join(lines) + "\n"
     print(text)

@@ -1,13 +1,18 @@
 """`experiments.load_run` and `python -m experiments.sample` (issue 34): every experiment's
 trained run loads in one call from its workdir's records, and its verbs give what the
 experiment itself drew, bit for bit. vae_2d and vlae are covered in test_experiments.py,
-vqvae in test_vqvae.py and vqvae2 in test_vqvae2.py, on the runs those files train."""
+vqvae in test_vqvae.py and vqvae2 in test_vqvae2.py, on the runs those files train; the LVAE
+experiment's one smoke run is here."""
 
+import contextlib
+import io
 import json
 import os
 
 import jax
+import matplotlib.image
 import numpy as np
+import optax
 import pytest
 
 from experiments import load_run, lvae, mlp_vae, runs, sample
@@ -17,19 +22,45 @@ from tests.helpers import drawn_figures
 
 @pytest.fixture(scope="module")
 def lvae_run(tmp_path_factory):
-    """A tiny LVAE --quick run with its importance-weighted NLL, and the figures it drew: the
-    model of test_lvae.py's quick run (whose compiled steps the compilation cache may hold),
-    without the data-dependent initialisation (a compilation of seconds, tested there)."""
+    """A tiny LVAE --quick run (with its data-dependent initialisation and importance-weighted
+    NLL), the figures it drew, the learning rates its optimizers were built with and what it
+    printed: the run of every LVAE experiment test."""
     workdir = str(tmp_path_factory.mktemp("lvae") / "run")
-    with drawn_figures() as drawn:
+    built, printed = [], io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, drawn_figures() as drawn, \
+            contextlib.redirect_stdout(printed):
+        patch.setitem(lvae.OPTIMIZERS, "adamax",
+                      lambda rate: built.append(rate) or optax.adamax(rate))
         summary = lvae.main(["--quick", "--no_progress", "--latent_layers", "2", "--hidden", "8",
-                             "--latent_channels", "4", "--blocks_per_layer", "1", "--no-data_init",
+                             "--latent_channels", "4", "--blocks_per_layer", "1",
                              "--iwae_samples", "4", "--iwae_examples", "6", "--workdir", workdir])
-    return workdir, summary, drawn
+    return workdir, summary, drawn, built, printed.getvalue()
+
+
+def test_an_lvae_quick_run_trains_with_adamax_and_writes_its_summary_and_figures(lvae_run):
+    workdir, summary, _, built, printed = lvae_run
+    assert built == [3e-4], "fit trains with the configured optimizer"
+    with open(os.path.join(workdir, "summary.json")) as f:
+        assert json.load(f) == summary
+    assert summary["config"]["optimizer"] == "adamax"
+    assert summary["config"]["batch_size"] == 64
+    metrics = summary["test_metrics"]
+    assert metrics["neg_elbo"] == pytest.approx(metrics["recon"] + metrics["kl"], rel=1e-5)
+    assert summary["kl_per_layer"] == [metrics["kl_layer_1"], metrics["kl_layer_2"]]
+    assert sum(summary["kl_per_layer"]) == pytest.approx(metrics["kl"], rel=1e-4)
+    assert summary["config"]["likelihood"] == "bernoulli" and summary["free_bits"] == 0.5
+    assert summary["units"]["kl_layer_2"].startswith("nats per example")
+    assert summary["units"]["bits_per_dim"].startswith("bits per dimension (binary scale)")
+    assert sorted(summary["figures"]) == ["curves.png", "kl_layers.png", "layer_1.png",
+                                          "layer_2.png", "reconstructions.png", "samples.png"]
+    for name in summary["figures"]:
+        image = matplotlib.image.imread(os.path.join(workdir, name))
+        assert image.shape[0] > 100 and image.std() > 0.05, f"{name} looks blank"
+    assert "test -ELBO" in printed
 
 
 def test_an_lvae_run_redraws_its_figures_and_evaluates_its_bound_bit_for_bit(lvae_run):
-    workdir, summary, drawn = lvae_run
+    workdir, summary, drawn, _, _ = lvae_run
     run = load_run(workdir)
     assert run.step == summary["checkpoint_step"] and run.config.latent_layers == 2
     np.testing.assert_array_equal(run.sample(100, jax.random.key(1)), drawn["samples.png"])
@@ -48,7 +79,7 @@ def test_an_lvae_run_redraws_its_figures_and_evaluates_its_bound_bit_for_bit(lva
 
 def test_the_sample_command_writes_the_grid_and_the_runs_own_samples(lvae_run, tmp_path,
                                                                      capsys):
-    workdir, _, drawn = lvae_run
+    workdir, _, drawn, _, _ = lvae_run
     out = tmp_path / "grid.png"
     sample.main(["--workdir", workdir, "--num", "100", "--out", str(out)])
     np.testing.assert_array_equal(np.load(tmp_path / "grid.npy"), drawn["samples.png"])

@@ -1,13 +1,11 @@
 """The Ladder VAE: shapes, the ELBO's bookkeeping, free bits, its reduction to a VAE, the
-importance-weighted bound, and a smoke run of the experiment. Tiny 8x8 models keep it fast."""
+importance-weighted bound; the experiment's smoke run is test_load_run.py's. Tiny 8x8 models keep it fast."""
 
-import json
 from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import matplotlib.image
 import numpy as np
 import optax
 import pytest
@@ -236,29 +234,3 @@ def test_experiment_defaults_are_the_seeds_adamax_at_3e_4_and_batch_64():
     config = lvae_experiment.Config()
     assert (config.optimizer, config.learning_rate, config.batch_size) == ("adamax", 3e-4, 64)
     assert lvae_experiment.OPTIMIZERS["adamax"] is optax.adamax
-
-
-def test_experiment_quick_run(tmp_path, capsys, monkeypatch):
-    built = []
-    monkeypatch.setitem(lvae_experiment.OPTIMIZERS, "adamax",
-                        lambda rate: built.append(rate) or optax.adamax(rate))
-    lvae_experiment.main(["--quick", "--no_progress", "--workdir", str(tmp_path),
-                          "--latent_layers", "2", "--hidden", "8", "--latent_channels", "4",
-                          "--blocks_per_layer", "1"])
-    assert built == [3e-4], "fit trains with the configured optimizer"
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["config"]["optimizer"] == "adamax"
-    assert summary["config"]["batch_size"] == 64
-    metrics = summary["test_metrics"]
-    assert metrics["neg_elbo"] == pytest.approx(metrics["recon"] + metrics["kl"], rel=1e-5)
-    assert summary["kl_per_layer"] == [metrics["kl_layer_1"], metrics["kl_layer_2"]]
-    assert sum(summary["kl_per_layer"]) == pytest.approx(metrics["kl"], rel=1e-4)
-    assert summary["config"]["likelihood"] == "bernoulli" and summary["free_bits"] == 0.5
-    assert summary["units"]["kl_layer_2"].startswith("nats per example")
-    assert summary["units"]["bits_per_dim"].startswith("bits per dimension (binary scale)")
-    assert sorted(summary["figures"]) == ["curves.png", "kl_layers.png", "layer_1.png", "layer_2.png",
-                                          "reconstructions.png", "samples.png"]
-    for name in summary["figures"]:
-        image = matplotlib.image.imread(str(tmp_path / name))
-        assert image.shape[0] > 100 and image.std() > 0.05, f"{name} looks blank"
-    assert "test -ELBO" in capsys.readouterr().out
