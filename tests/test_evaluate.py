@@ -316,15 +316,12 @@ EIGHT_DEVICES = """
     from lvm_jax import evaluate
     from lvm_jax.data import batching
     from lvm_jax.models import likelihoods, vae
+    from tests.helpers import random_variables
 
     model = vae.conv_vae((32, 32, 1), 4, likelihoods.get("bernoulli"))
     x = np.random.default_rng(0).uniform(-1, 1, (13, 32, 32, 1)).astype(np.float32)
-    # Random weights in init's shapes, drawn by numpy (LeCun normal kernels, zero biases):
-    # the bounds are compared across devices, and init would compile for seconds.
-    draw = np.random.default_rng(1).standard_normal
-    params = jax.tree.map(
-        lambda s: (draw(s.shape) / np.sqrt(np.prod(s.shape[:-1])) * (s.ndim > 1)).astype(s.dtype),
-        jax.eval_shape(model.init, jax.random.key(0), x[:1], jax.random.key(1))["params"])
+    # The bounds are compared across devices: any weights do, and init would compile for seconds.
+    params = random_variables(model, x[:1], jax.random.key(1), seed=1)["params"]
     rng = jax.random.key(2)
     one = evaluate.iwae_nll(model, params, x, rng, 80, batch_size=5,
                             mesh=batching.data_mesh(jax.devices()[:1]))

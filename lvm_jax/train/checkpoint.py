@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 
 from lvm_jax import files
 from lvm_jax.data import identity
@@ -190,15 +191,6 @@ def restore_committed(workdir: str, like, check=None) -> tuple:
                           "once it has saved one.")
 
 
-def _flatten(config: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}."""
-    flat = {}
-    for key, value in config.items():
-        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict)
-                    else {f"{prefix}{key}": value})
-    return flat
-
-
 def resumed_config(workdir: str, config: dict, step: int, may_change=(),
                    record_changes: bool = True) -> dict:
     """The config a run resumed from `step` saves in config.json, after refusing one whose
@@ -220,7 +212,8 @@ def resumed_config(workdir: str, config: dict, step: int, may_change=(),
     if not isinstance(history, list):
         raise RecordError(f"{path} is malformed: its 'changes' is no list.")
     _refuse_other_data(workdir, saved, config)
-    flat_saved, flat_now = _flatten(_without_data(saved)), _flatten(_without_data(config))
+    flat_saved, flat_now = (traverse_util.flatten_dict(_without_data(c), sep=".")  # "a.b"
+                            for c in (saved, config))
     differ = sorted(k for k in set(flat_saved) | set(flat_now)
                     if files.to_json(flat_saved.get(k)) != files.to_json(flat_now.get(k)))
     fixed = [k for k in differ if k not in may_change]
