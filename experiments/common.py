@@ -321,6 +321,13 @@ def load_dataset(config, name: str | None = None) -> data.Dataset:
     return dataset.head(QUICK_TRAIN, QUICK_TEST) if config.quick else dataset
 
 
+def encoding_line(dataset) -> str:
+    """The line a VQ experiment prints before it encodes its data for the priors: one compiled
+    call per batch, minutes at the default widths on a CPU, and nothing else would show."""
+    return (f"encoding the {len(dataset.train):,} training and {len(dataset.test):,} test images "
+            "into code grids for the priors")
+
+
 def figure_title(title: str, config: Config, steps: int) -> str:
     """The title of a run's figures: a --quick run's say that they show a smoke run of `steps`
     training steps, not a trained model."""

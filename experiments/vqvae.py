@@ -284,6 +284,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None) -> dict:
         stage1 = fit(run.objective, dataset.train, dataset.test, loop,
                      os.path.join(workdir, "vqvae"), record, config.may_change_on_resume())
         run.trained("vqvae", stage1.state)
+        print(common.encoding_line(dataset), flush=True)
         train_codes, test_codes = (
             vqvae.encode_dataset(model, run.variables["vqvae"], images, loop.eval_batch_size,
                                  data.scale_images)

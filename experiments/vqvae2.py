@@ -331,6 +331,7 @@ def train_stages(config: Config, workdir: str | None = None) -> Stages:
         stage1 = fit(run.objective, dataset.train, dataset.test, loop,
                      os.path.join(workdir, "vqvae2"), record, config.may_change_on_resume())
         run.trained("vqvae2", stage1.state)
+        print(common.encoding_line(dataset), flush=True)
         codes = {split: vqvae.encode_dataset(run.model, run.variables["vqvae2"], images,
                                              loop.eval_batch_size, data.scale_images)
                  for split, images in (("train", dataset.train), ("test", dataset.test))}

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import load_run, sample, vqvae as vqvae_experiment
+from experiments import common, load_run, sample, vqvae as vqvae_experiment
 from lvm_jax import data, viz
 from lvm_jax.errors import ConfigError
 from lvm_jax.models import vqvae
@@ -259,7 +259,7 @@ def test_prior_loss_is_the_cross_entropy_in_nats_and_samples_decode(tiny):
     np.testing.assert_allclose(images, vqvae.decode(model, variables, sampled), atol=1e-6)
 
 
-def test_experiment_quick_smoke(tmp_path):
+def test_experiment_quick_smoke(tmp_path, capsys):
     """`python -m experiments.vqvae --quick`: both stages, figures and summary; a second run
     with another prior reuses the VQ-VAE and adds its prior to the summary (about 30 s)."""
     workdir = str(tmp_path / "run")
@@ -271,6 +271,9 @@ def test_experiment_quick_smoke(tmp_path):
         summary = vqvae_experiment.main([*quick, "--prior", "gated"])
     with open(os.path.join(workdir, "summary.json")) as f:
         assert json.load(f) == summary
+    # Said before the encoding, which takes minutes at the default widths on a CPU.
+    assert (f"encoding the {common.QUICK_TRAIN} training and {common.QUICK_TEST} test images into "
+            "code grids for the priors") in capsys.readouterr().out
     metrics = summary["test_metrics"]
     for key in ("recon_mse", "vq_loss", "codebook_usage", "perplexity", "reference_loss"):
         assert np.isfinite(metrics[key]) and key in summary["units"], key
