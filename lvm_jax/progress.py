@@ -7,7 +7,8 @@ the rate and the time left:
 The rate leaves out the first call, which waits for compilation. A run of several stages
 declares them with `planned`; each stage then also estimates the time the whole run has
 left, counting the later stages' steps at this stage's rate (so it errs long: a prior's
-steps are faster than its VQ-VAE's).
+steps are faster than its VQ-VAE's). `metrics_line` and `units_line` are the epoch lines a
+run prints between the reports.
 """
 
 import contextlib
