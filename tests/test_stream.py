@@ -137,9 +137,9 @@ def test_the_last_good_state_is_saved_with_its_iterator_state(tmp_path):
     objective = Objective(init=good.init, loss=poisoned_loss)
     # Calls of 4 steps: the call of steps 5..8 fails at step 7; the state that began it, whose
     # own loss was finite, is saved, with the stream's iterator state at that step.
-    for name, data in (("memory", train), ("stream", stream.ArraySource(train, "toy"))):
+    for name, train_data in (("memory", train), ("stream", stream.ArraySource(train, "toy"))):
         with pytest.raises(NonFiniteLossError, match=r"at step 7 \(epoch 1\).*\(step 4\)"):
-            fit(objective, data, TEST, CONFIG, str(tmp_path / name))
+            fit(objective, train_data, TEST, CONFIG, str(tmp_path / name))
         assert os.listdir(tmp_path / name / "checkpoints") == ["4"]
     saved = tmp_path / "stream" / "checkpoints" / "4" / "data" / "process_0-of-1.json"
     assert json.loads(saved.read_text()) == {"next_index": 4}
