@@ -6,8 +6,8 @@
     python -m benchmarks.core_timing [--other /work/main] [--repeats 5] [--readme_repeats 3]
 
 Each run is a fresh process with PYTHONPATH and the working directory set to its tree, each
-training run in a fresh workdir under /tmp. One warm-up run per tree and command fills the persistent
-compilation cache first (not counted); then the trees alternate, and which goes first
+training run in a fresh workdir under /tmp. One warm-up run per tree and command fills the
+persistent compilation cache first (not counted); then the trees alternate, and which goes first
 alternates too, so that a change of the machine's load falls on both. Prints and writes
 the medians and ranges (seconds) and the load average before and after to
 benchmarks/results/core_timing.{json,md}. The machine may be shared: read the load average.
@@ -23,14 +23,19 @@ import sys
 import tempfile
 import time
 
+from benchmarks import startup
+
 THIS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(THIS, "benchmarks", "results", "core_timing")
-VAE_2D = ["-m", "experiments.vae_2d", "--dataset", "1", "--no_progress"]
-IMPORT = ["-c", "import experiments.vae_2d"]
-README_MAIN = ["-m", "experiments.vlae", "--epochs", "5", "--batch_size", "32", "--no_progress"]
-COMMANDS = {"vae_2d_dataset_1": "python -m experiments.vae_2d --dataset 1",
-            "import_experiments_vae_2d": 'python -c "import experiments.vae_2d"',
-            "readme_main_command": "python -m experiments.vlae --epochs 5 --batch_size 32"}
+# {results key: (the command as a user types it, the arguments run)}: the whole runs are
+# startup's, without the progress bar.
+COMMANDS = {
+    "vae_2d_dataset_1": ("python -m " + " ".join(startup.VAE_2D_RUN[0]),
+                         ["-m", *startup.VAE_2D_RUN[0], "--no_progress"]),
+    "import_experiments_vae_2d": ('python -c "import experiments.vae_2d"',
+                                  ["-c", "import experiments.vae_2d"]),
+    "readme_main_command": ("python -m " + " ".join(startup.MAIN_RUN[0]),
+                            ["-m", *startup.MAIN_RUN[0], "--no_progress"])}
 
 
 def seconds(tree: str, argv: list[str]) -> float:
@@ -72,28 +77,27 @@ def main(argv=None) -> dict:
                         help="runs of each tree of the README's main command (0: not run)")
     args = parser.parse_args(argv)
     trees = {"this": THIS, "other": os.path.abspath(args.other)}
-    commands = {"vae_2d_dataset_1": (VAE_2D, args.repeats),
-                "import_experiments_vae_2d": (IMPORT, args.repeats),
-                "readme_main_command": (README_MAIN, args.readme_repeats)}
-    commands = {key: value for key, value in commands.items() if value[1] > 0}
+    repeats = {key: args.readme_repeats if key == "readme_main_command" else args.repeats
+               for key in COMMANDS}
+    commands = {key: command for key, (_, command) in COMMANDS.items() if repeats[key] > 0}
     load_before = os.getloadavg()
-    for argv_, _ in commands.values():  # warm the compilation cache, not counted
-        if argv_[0] == "-m":
-            for tree in trees.values():
-                seconds(tree, argv_)
+    for command in commands.values():  # warm the compilation cache, not counted
+        for tree in trees.values():
+            seconds(tree, command)
     results = {"trees": trees, "load_average_before": load_before}
-    for key, (argv_, repeats) in commands.items():
-        results[key] = summary(interleaved(trees, lambda tree: seconds(tree, argv_), repeats))
+    for key, command in commands.items():
+        results[key] = summary(interleaved(trees, lambda tree: seconds(tree, command),
+                                           repeats[key]))
     results["load_average_after"] = os.getloadavg()
     lines = [f"# This tree ({THIS}) against {trees['other']}, interleaved runs",
              "", f"load average before {load_before}, after {results['load_average_after']}", "",
              "| command | runs | this: median (range) s | other: median (range) s | other / this |",
              "|---|---|---|---|---|"]
-    for key, (_, repeats) in commands.items():
+    for key in commands:
         row = results[key]
         cells = [f"{row[n]['median_s']:.2f} ({row[n]['min_s']:.2f}-{row[n]['max_s']:.2f})"
                  for n in ("this", "other")]
-        lines.append(f"| `{COMMANDS[key]}` | {repeats} | {cells[0]} | {cells[1]} | "
+        lines.append(f"| `{COMMANDS[key][0]}` | {repeats[key]} | {cells[0]} | {cells[1]} | "
                      f"{row['speedup_this_over_other']:.2f}x |")
     text = "\n".join(lines) + "\n"
     print(text)

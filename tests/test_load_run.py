@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import types
 
 import jax
 import matplotlib.image
@@ -34,12 +35,13 @@ def lvae_run(tmp_path_factory):
         summary = lvae.main(["--quick", "--no_progress", "--latent_layers", "2", "--hidden", "8",
                              "--latent_channels", "4", "--blocks_per_layer", "1",
                              "--iwae_samples", "4", "--iwae_examples", "6", "--workdir", workdir])
-    return workdir, summary, drawn, built, printed.getvalue()
+    return types.SimpleNamespace(workdir=workdir, summary=summary, drawn=drawn, built=built,
+                                 printed=printed.getvalue())
 
 
 def test_an_lvae_quick_run_trains_with_adamax_and_writes_its_summary_and_figures(lvae_run):
-    workdir, summary, _, built, printed = lvae_run
-    assert built == [3e-4], "fit trains with the configured optimizer"
+    workdir, summary = lvae_run.workdir, lvae_run.summary
+    assert lvae_run.built == [3e-4], "fit trains with the configured optimizer"
     with open(os.path.join(workdir, "summary.json")) as f:
         assert json.load(f) == summary
     assert summary["config"]["optimizer"] == "adamax"
@@ -56,11 +58,11 @@ def test_an_lvae_quick_run_trains_with_adamax_and_writes_its_summary_and_figures
     for name in summary["figures"]:
         image = matplotlib.image.imread(os.path.join(workdir, name))
         assert image.shape[0] > 100 and image.std() > 0.05, f"{name} looks blank"
-    assert "test -ELBO" in printed
+    assert "test -ELBO" in lvae_run.printed
 
 
 def test_an_lvae_run_redraws_its_figures_and_evaluates_its_bound_bit_for_bit(lvae_run):
-    workdir, summary, drawn, _, _ = lvae_run
+    workdir, summary, drawn = lvae_run.workdir, lvae_run.summary, lvae_run.drawn
     run = load_run(workdir)
     assert run.step == summary["checkpoint_step"] and run.config.latent_layers == 2
     np.testing.assert_array_equal(run.sample(100, jax.random.key(1)), drawn["samples.png"])
@@ -79,7 +81,7 @@ def test_an_lvae_run_redraws_its_figures_and_evaluates_its_bound_bit_for_bit(lva
 
 def test_the_sample_command_writes_the_grid_and_the_runs_own_samples(lvae_run, tmp_path,
                                                                      capsys):
-    workdir, _, drawn, _, _ = lvae_run
+    workdir, drawn = lvae_run.workdir, lvae_run.drawn
     out = tmp_path / "grid.png"
     sample.main(["--workdir", workdir, "--num", "100", "--out", str(out)])
     np.testing.assert_array_equal(np.load(tmp_path / "grid.npy"), drawn["samples.png"])
@@ -97,7 +99,7 @@ def test_the_sample_command_writes_the_grid_and_the_runs_own_samples(lvae_run, t
 ])
 def test_the_sample_command_refuses_in_one_line(lvae_run, flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        sample.main(["--workdir", lvae_run[0], "--out", str(tmp_path / "g.png"), *flags])
+        sample.main(["--workdir", lvae_run.workdir, "--out", str(tmp_path / "g.png"), *flags])
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not list(tmp_path.iterdir())
@@ -133,7 +135,7 @@ def test_a_workdir_without_a_trained_step_says_what_it_holds(lvae_run, tmp_path)
     untrained = tmp_path / "untrained"
     (untrained / "checkpoints").mkdir(parents=True)
     (untrained / "config.json").write_text(
-        (open(os.path.join(lvae_run[0], "config.json")).read()))
+        (open(os.path.join(lvae_run.workdir, "config.json")).read()))
     (untrained / "metrics.csv").write_text("split,epoch,step,time,loss\n")
     with pytest.raises(CheckpointError) as refused:
         load_run(str(untrained))

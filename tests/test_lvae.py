@@ -1,5 +1,6 @@
 """The Ladder VAE: shapes, the ELBO's bookkeeping, free bits, its reduction to a VAE, the
-importance-weighted bound; the experiment's smoke run is test_load_run.py's. Tiny 8x8 models keep it fast."""
+importance-weighted bound; the experiment's smoke run is test_load_run.py's. Tiny 8x8 models
+keep it fast."""
 
 from collections.abc import Callable
 

@@ -79,10 +79,8 @@ CHILD = textwrap.dedent("""
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process)
     import numpy as np
-    from lvm_jax import viz
+    from lvm_jax import files, interrupt, viz
     from lvm_jax.data import stream
-    from lvm_jax import files
-    from lvm_jax import interrupt
     from lvm_jax.train import TrainConfig, fit
     from tests.helpers import tiny_objective
     from tests.test_multihost import CONFIG, TEST, TRAIN
